@@ -1,0 +1,340 @@
+"""Checkpoints, read one tensor at a time, and the atomic sharded safetensors writer.
+
+Reading goes through the safetensors header plus plain positioned reads, not a memory map: a map
+keeps every page it touched resident in the process for as long as it is open, so merging n models
+would grow to n whole models. With reads, peak memory is the tensors we hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+)
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: {name: {dtype, shape, data_offsets}}."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                raise ValueError("header length is implausible")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if info.get("dtype") not in ST_DTYPES:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        info["start"] = 8 + n + info["data_offsets"][0]
+    return header
+
+
+class Checkpoint:
+    """A Hugging Face model folder opened lazily: names, shapes and dtypes from headers only."""
+
+    def __init__(self, path: Path, where: str, allow_pickle: bool = False):
+        self.path, self.where = Path(path), where
+        if not self.path.is_dir():
+            raise UserError(f"{where}: {path} is not a folder holding a Hugging Face checkpoint")
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise UserError(f"{where}: {path} has no config.json")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except ValueError as e:
+            raise UserError(f"{where}: {cfg} is not valid JSON ({e})") from None
+        self.index: dict[str, tuple[Path, dict | None]] = {}  # name -> (file, header entry)
+        st = self._shard_files("model.safetensors", "safetensors")
+        if st:
+            for f in st:
+                for name, info in read_header(f).items():
+                    self.index[name] = (f, info)
+        else:
+            bins = self._shard_files("pytorch_model.bin", "bin")
+            if not bins:
+                raise UserError(
+                    f"{where}: {path} holds no model.safetensors or pytorch_model.bin weights"
+                )
+            if not allow_pickle:
+                raise UserError(
+                    f"{where}: {path} holds only pickled .bin weights; convert them to safetensors "
+                    "or pass --allow-pickle (they are then read with torch.load(weights_only=True))"
+                )
+            self._bins: dict[Path, dict] = {}
+            for f in bins:
+                for name in self._load_bin(f):
+                    self.index[name] = (f, None)
+
+    def _shard_files(self, single: str, ext: str) -> list[Path]:
+        idx = self.path / f"{single}.index.json"
+        if idx.is_file():
+            try:
+                files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise UserError(f"{self.where}: {idx} is not a valid index ({e})") from None
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise UserError(f"{self.where}: {idx} names {missing[0]}, which does not exist")
+            return [self.path / f for f in files]
+        if (self.path / single).is_file():
+            return [self.path / single]
+        return sorted(self.path.glob(f"model-*.{ext}")) if ext == "safetensors" else []
+
+    def _load_bin(self, f: Path) -> dict:
+        if f not in self._bins:
+            try:
+                self._bins[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+                raise UserError(
+                    f"{self.where}: cannot read {f} safely ({str(e).splitlines()[0]})"
+                ) from None
+        return self._bins[f]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.index)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f, info = self.index[name]
+        return tuple(info["shape"]) if info else tuple(self._load_bin(f)[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        f, info = self.index[name]
+        return ST_DTYPES[info["dtype"]] if info else self._load_bin(f)[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk into memory of its stored dtype."""
+        f, info = self.index[name]
+        if info is None:
+            return self._load_bin(f)[name].clone()
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        with open(f, "rb") as fh:
+            fh.seek(info["start"])
+            if fh.readinto(buf) != len(buf):
+                raise UserError(f"{self.where}: {f} is truncated (tensor {name})")
+        dtype = ST_DTYPES[info["dtype"]]
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in {f for f, _ in self.index.values()})
+
+
+def open_checkpoint(ref: str, where: str, allow_pickle: bool = False) -> Checkpoint:
+    """A local folder, or a hub id resolved through huggingface_hub (needs a network or its cache)."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return Checkpoint(p, where, allow_pickle)
+    if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
+        raise UserError(f"{where}: {ref} does not exist (a local folder or a hub id like org/name)")
+    return Checkpoint(Path(_from_hub(ref, where, allow_pickle)), where, allow_pickle)
+
+
+def _from_hub(repo_id: str, where: str, allow_pickle: bool) -> str:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", *TOKENIZER_FILES] + (["*.bin"] if allow_pickle else [])
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached: try the network below
+        pass
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(
+            f"{where}: {repo_id} is not a local folder and the hub cannot be reached "
+            f"({type(e).__name__}); download it where a network exists and pass the local folder"
+        ) from None
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Group tensors, in order, into shards of at most max_bytes (a bigger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, n in sizes:
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += n
+    return shards
+
+
+class ShardWriter:
+    """Streams tensors into safetensors files whose headers are written first.
+
+    Shapes and dtypes are known before merging (from the inputs' headers), so each shard's header
+    is computed up front and tensors are appended as they are produced: memory holds one tensor.
+    """
+
+    def __init__(
+        self, folder: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], max_bytes: int
+    ):
+        self.folder, self.specs = folder, specs
+        sizes = [(n, _numel(s) * d.itemsize) for n, (s, d) in specs.items()]
+        self.shards = plan_shards(sizes, max_bytes)
+        k = len(self.shards)
+        self.files = (
+            ["model.safetensors"]
+            if k == 1
+            else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
+        )
+        self.where = {n: i for i, shard in enumerate(self.shards) for n in shard}
+        self._open: tuple[int, object] | None = None
+        self._next = 0  # index within the current shard of the next tensor expected
+        self.total = sum(n for _, n in sizes)
+
+    def _start(self, i: int):
+        if self._open:
+            self._open[1].close()
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for n in self.shards[i]:
+            shape, dtype = self.specs[n]
+            size = _numel(shape) * dtype.itemsize
+            header[n] = {
+                "dtype": TORCH_TO_ST[dtype],
+                "shape": list(shape),
+                "data_offsets": [off, off + size],
+            }
+            off += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        fh = open(self.folder / self.files[i], "wb")
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._open, self._next = (i, fh), 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Tensors must arrive in the order of `specs`."""
+        i = self.where[name]
+        if self._open is None or self._open[0] != i:
+            self._start(i)
+        expected = self.shards[i][self._next]
+        shape, dtype = self.specs[name]
+        if name != expected or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise RuntimeError(
+                f"writer expected {expected} {shape} {dtype}, got {name} {tuple(tensor.shape)}"
+            )
+        t = tensor.detach().to("cpu").contiguous()
+        self._open[1].write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._next += 1
+
+    def close(self) -> None:
+        if self._open:
+            self._open[1].close()
+            self._open = None
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": self.total},
+                "weight_map": {n: self.files[i] for n, i in self.where.items()},
+            }
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1.5G', '1000000' -> bytes (decimal units, as mergekit and transformers)."""
+    t = text.strip().upper().removesuffix("B")
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1]) * units[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        raise UserError(
+            f"--out-shard-size: {text!r} is not a size; use e.g. 5GB, 500MB or a byte count"
+        ) from None
+    if value < 1:
+        raise UserError(f"--out-shard-size: {text!r} must be positive")
+    return int(value)
+
+
+def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
+    """Refuse an existing OUT without --force, and any OUT that would replace or sit inside an input."""
+    out_r = out.resolve()
+    for p in inputs:
+        p = p.resolve()
+        if out_r == p or p.is_relative_to(out_r) or out_r.is_relative_to(p):
+            raise UserError(f"-o {out}: overlaps the input model {p}; choose another output folder")
+    if out.exists() and not force:
+        raise UserError(f"-o {out}: already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: exists and is not a folder")
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside OUT; on success it replaces OUT, on any failure it vanishes."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.divmerge-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.divmerge-old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
+    copied = []
+    for n in names:
+        if (src / n).is_file():
+            shutil.copy2(src / n, dst / n)
+            copied.append(n)
+    return copied

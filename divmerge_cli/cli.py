@@ -1,0 +1,179 @@
+"""The `divmerge` command line: the only module that prints or reads argv."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Merge fine-tuned language models that share one base (DivMerge, TIES, DARE, SLERP, ...).",
+)
+out = Console()
+err = Console(stderr=True)
+
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal and os.environ.get("DIVMERGE_PROGRESS") != "1",
+    )
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device: {choice!r} is not valid; use auto, cpu or cuda")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return (
+        "cuda"
+        if choice == "auto" and torch.cuda.is_available()
+        else ("cpu" if choice == "auto" else choice)
+    )
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="mergekit-style YAML recipe")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="output folder (written atomically)")
+    ],
+    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    device: Device = "auto",
+    seed: Annotated[int, typer.Option(help="seed for DARE masks and sampling")] = 0,
+    out_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB")] = "5GB",
+    allow_pickle: Annotated[
+        bool, typer.Option(help="read pickled .bin weights (weights_only)")
+    ] = False,
+) -> None:
+    """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
+    from .checkpoint import check_out, parse_size
+    from .merge import plan_merge, run_merge
+    from .recipe import load_recipe
+
+    shard = parse_size(out_shard_size)
+    r = load_recipe(recipe)
+    dev = _device(device)
+    plan = plan_merge(r, allow_pickle)
+    check_out(output, force, [c.path for c in plan.inputs])
+    random.seed(seed)
+    with _progress() as prog:
+        task = prog.add_task(f"{r.merge_method}", total=len(plan.names), info="")
+        run_merge(plan, output, force, seed, shard, dev, _tick(prog, task))
+    out.print(f"[green]merged[/] {len(plan.names)} tensors with {r.merge_method} -> {output}")
+
+
+def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:
+    return lambda done, total, name: prog.update(task, completed=done, info=name)
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="mergekit-style YAML recipe")],
+    allow_pickle: bool = False,
+) -> None:
+    """Check RECIPE and every checkpoint it names (headers and configs only, no weights)."""
+    from .merge import plan_merge
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    plan = plan_merge(r, allow_pickle)
+    size = sum(c.nbytes for c in plan.inputs) / 1e9
+    out.print(
+        f"[green]ok[/] {recipe}: {r.merge_method} over {len(plan.inputs)} checkpoints "
+        f"({len(plan.names)} tensors, {size:.2f} GB to read)"
+    )
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods, their parameters and papers."""
+    from .methods import METHODS
+
+    table = Table(title="divmerge methods")
+    for col in ("method", "per-model parameters", "global parameters", "paper"):
+        table.add_column(col)
+    for name, m in METHODS.items():
+        table.add_row(name, _fmt(m.model_params), _fmt(m.global_params), m.paper)
+    out.print(table)
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in d.items())
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"divmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True)
+    ] = False,
+) -> None:
+    pass
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Entry point: user errors exit 2 with one line, unexpected failures exit 1."""
+    signal.signal(signal.SIGTERM, _interrupt)  # so `kill` cleans up like Ctrl-C
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: nothing was written")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if os.environ.get("DIVMERGE_DEBUG"):
+            raise
+        err.print(
+            f"[red]unexpected failure:[/] {type(e).__name__}: {e} (set DIVMERGE_DEBUG=1 for a traceback)"
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

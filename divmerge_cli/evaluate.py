@@ -1,0 +1,211 @@
+"""Generation-based scoring (accuracy, ROUGE-1) and the paper's ANP (Eq. 5).
+
+A model is scored the way it is used: greedy generation on the labelled rows of a task, the
+generated text compared with the target field. Scores can be cached on disk by content hash,
+so the experts' reference scores are computed once per (model bytes, task, rows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rouge_score import rouge_scorer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import UserError
+from .hashing import hash_json, hash_model_dir
+from .tasks import TaskSpec
+
+# Bump when scoring changes meaning, so old cached scores stop matching.
+CACHE_VERSION = 1
+CACHE_FILE = "eval_scores.json"
+
+# Stripped from both ends of an answer: quotes, brackets and sentence punctuation. Signs
+# (+ - $ %) are kept so that "-3" and "3" stay different answers.
+_EDGE_CHARS = "\"'`“”‘’«»()[]{}<>.,;:!?*_ \t"
+
+
+def normalize_answer(s: str) -> str:
+    """First non-empty line, lowercased, whitespace collapsed, edge quotes/punctuation stripped.
+
+    A classification model that answers "Positive." and then keeps talking on the next line
+    has still answered "positive".
+    """
+    lines = [ln for ln in s.strip().splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    return re.sub(r"\s+", " ", first.lower()).strip(_EDGE_CHARS)
+
+
+def accuracy(preds: list[str], targets: list[str]) -> float:
+    """Fraction of predictions equal to their target after normalize_answer."""
+    _check_lengths(preds, targets)
+    hits = sum(normalize_answer(p) == normalize_answer(t) for p, t in zip(preds, targets))
+    return hits / len(preds)
+
+
+# No stemming: the `rouge-score` default, also the default of Hugging Face `evaluate`'s
+# "rouge", which is how such papers usually compute it. The paper only says ROUGE-1.
+_ROUGE = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+
+
+def rouge1(preds: list[str], targets: list[str]) -> float:
+    """Mean ROUGE-1 F1 (unigram overlap) over the whole generated text.
+
+    rouge-score lowercases and keeps only [a-z0-9] tokens, so non-ASCII letters are dropped.
+    """
+    _check_lengths(preds, targets)
+    # rouge-score's signature is score(target, prediction).
+    return sum(_ROUGE.score(t, p)["rouge1"].fmeasure for p, t in zip(preds, targets)) / len(preds)
+
+
+def _check_lengths(preds: list[str], targets: list[str]) -> None:
+    if len(preds) != len(targets):
+        raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
+    if not preds:
+        raise UserError("scoring: no labelled rows to score")
+
+
+METRICS: dict[str, Callable[[list[str], list[str]], float]] = {
+    "accuracy": accuracy,
+    "rouge1": rouge1,
+}
+
+
+def anp(scores: dict[str, float], references: dict[str, float]) -> float:
+    """Average Normalized Performance (Eq. 5): mean over tasks of score / expert's score.
+
+    `scores` are the merged model's per-task scores, `references` each task's expert on it.
+    """
+    if not scores:
+        raise UserError("ANP: no tasks to average over")
+    ratios = []
+    for task, score in scores.items():
+        if task not in references:
+            raise UserError(f"ANP: no reference (expert) score for task {task!r}")
+        if references[task] == 0:
+            raise UserError(
+                f"ANP: the expert scores 0 on task {task!r}, so its normalized performance is "
+                "undefined; check the expert and the task's target/metric"
+            )
+        ratios.append(score / references[task])
+    return sum(ratios) / len(ratios)
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    metric: str
+    score: float
+    n: int  # labelled rows scored
+
+
+def labelled_rows(
+    task: str, spec: TaskSpec, split: str, limit: int | None, seed: int
+) -> list[dict]:
+    """The split's rows that carry the target field (at most `limit`, sampled with `seed`)."""
+    from .tasks import load_rows
+
+    path = getattr(spec, split, None)
+    if not path:
+        raise UserError(f"tasks.{task}.{split}: no {split} file; scoring needs labelled rows")
+    if not spec.target:
+        raise UserError(f"tasks.{task}.target: not set; scoring needs the field holding the answer")
+    rows = [r for r in load_rows(path, limit=limit, seed=seed) if r.get(spec.target) is not None]
+    if not rows:
+        raise UserError(f"tasks.{task}.{split}: {path} has no rows with the field {spec.target!r}")
+    return rows
+
+
+def score_task(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    spec: TaskSpec,
+    rows: list[dict],
+    batch_size: int = 16,
+) -> TaskScore:
+    """Greedy-generate on `rows` and score with the task's metric (works on in-memory models)."""
+    from .generate import greedy_generate
+    from .tasks import render_prompt
+
+    prompts = [render_prompt(task, spec, r) for r in rows]
+    gens = greedy_generate(model, tokenizer, prompts, spec.max_new_tokens, batch_size=batch_size)
+    preds = [g.text for g in gens]
+    targets = [str(r[spec.target]) for r in rows]
+    return TaskScore(spec.metric, METRICS[spec.metric](preds, targets), len(rows))
+
+
+def _cache_key(model_hash: str, task: str, spec: TaskSpec, rows, split, limit, seed) -> str:
+    return hash_json(
+        {
+            "version": CACHE_VERSION,
+            "model": model_hash,
+            "task": task,
+            "spec": spec.model_dump(mode="json"),
+            "rows": rows,
+            "split": split,
+            "limit": limit,
+            "seed": seed,
+        }
+    )
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}  # a missing or torn cache only costs a recomputation
+
+
+def _write_cache(path: Path, entries: dict) -> None:
+    """Merge `entries` into the cache file atomically (re-read first: other runs may have written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = {**_read_cache(path), **entries}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".eval_scores.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(merged, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    tasks: dict[str, TaskSpec],
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+) -> dict[str, TaskScore]:
+    """Score the checkpoint in `model_dir` on every task's labelled `split` rows.
+
+    With `cache_dir`, each task's score is stored under a hash of (model files, task spec, rows,
+    split, limit, seed); a rerun with the same inputs loads neither the model nor generates.
+    """
+    rows = {t: labelled_rows(t, spec, split, limit, seed) for t, spec in tasks.items()}
+    cache_path = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
+    cached = _read_cache(cache_path) if cache_path else {}
+    model_hash = hash_model_dir(model_dir) if cache_path else ""
+    keys = {t: _cache_key(model_hash, t, tasks[t], rows[t], split, limit, seed) for t in tasks}
+
+    out: dict[str, TaskScore] = {}
+    fresh: dict[str, dict] = {}
+    model = tokenizer = None
+    for task, spec in tasks.items():
+        hit = cached.get(keys[task])
+        if hit is not None:
+            out[task] = TaskScore(**hit)
+            continue
+        if model is None:  # load lazily: a fully cached run never touches the weights
+            from .hf import load_model, load_tokenizer
+
+            model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+        out[task] = score_task(model, tokenizer, task, spec, rows[task], batch_size)
+        fresh[keys[task]] = asdict(out[task])
+    if cache_path and fresh:
+        _write_cache(cache_path, fresh)
+    return out

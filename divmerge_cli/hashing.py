@@ -1,0 +1,42 @@
+"""Content hashes for caches: a model folder's bytes plus whatever settings shape the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+# Files whose bytes decide what a model folder computes; README, recipes, cards do not.
+_MODEL_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "tokenizer.model",
+)
+
+
+def model_files(model_dir: str | Path) -> list[Path]:
+    d = Path(model_dir)
+    files = {p for g in _MODEL_GLOBS for p in d.glob(g)}
+    files |= {d / n for n in _TOKENIZER_FILES if (d / n).is_file()}
+    return sorted(files)
+
+
+def hash_model_dir(model_dir: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 over the names and bytes of the weight, config and tokenizer files."""
+    h = hashlib.sha256()
+    for p in model_files(model_dir):
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def hash_json(obj: object) -> str:
+    """sha256 of a JSON-serializable object, key order independent."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,44 @@
+"""Loading whole Hugging Face models, for the methods and commands that need one in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .errors import UserError
+
+
+def is_seq2seq(path: str | Path) -> bool:
+    """True for encoder-decoder checkpoints (T5), False for decoder-only ones."""
+    return bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a local checkpoint folder in eval mode; never runs remote code."""
+    auto = AutoModelForSeq2SeqLM if is_seq2seq(path) else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from e
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token; decoder-only models pad on the left for batched generation."""
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right" if is_seq2seq(path) else "left"
+    return tok

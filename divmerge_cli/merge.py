@@ -1,0 +1,294 @@
+"""The merge pipeline: check everything from headers, then stream tensors through a method."""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    DTYPES,
+    TOKENIZER_FILES,
+    Checkpoint,
+    ShardWriter,
+    atomic_folder,
+    check_out,
+    copy_side_files,
+    open_checkpoint,
+)
+from .errors import UserError
+from .methods import METHODS, Method
+from .recipe import FilterValue, ParamValue, Recipe, dump_recipe
+
+_BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|block|blocks))\.(\d+)\.")
+_EMBED = re.compile(r"embed|wte|wpe|shared|word_embeddings|position_embeddings")
+CHUNK_ELEMENTS = 1 << 22  # rows are merged in chunks of ~4M elements to bound temporaries
+
+
+def block_of(name: str) -> tuple[str, int] | None:
+    """('model.layers', 3) for a tensor inside transformer block 3, None outside any block."""
+    m = _BLOCK.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def group_of(name: str) -> str:
+    """The paper's layer-level group: one per transformer block, plus 'embeddings' and 'head'."""
+    b = block_of(name)
+    if b:
+        return f"{b[0]}.{b[1]}"
+    return "embeddings" if _EMBED.search(name) else "head"
+
+
+def block_counts(names: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in names:
+        b = block_of(n)
+        if b:
+            counts[b[0]] = max(counts.get(b[0], 0), b[1] + 1)
+    return counts
+
+
+def layer_position(name: str, counts: dict[str, int]) -> float:
+    """Where a tensor sits in its stack, in [0, 1]: block i of N -> i / (N - 1); embeddings -> 0;
+    final norm and head -> 1. Gradient (list) parameters are interpolated at this point."""
+    b = block_of(name)
+    if b:
+        n = counts[b[0]]
+        return b[1] / (n - 1) if n > 1 else 0.0
+    return 0.0 if _EMBED.search(name) else 1.0
+
+
+def resolve_value(value: ParamValue, name: str, t: float) -> float:
+    """A scalar; a list interpolated across layers at t; or [{filter, value}], first match wins."""
+    if isinstance(value, list) and value and isinstance(value[0], FilterValue):
+        for fv in value:
+            if fv.filter is None or fv.filter in name:
+                return resolve_value(fv.value, name, t)
+        raise UserError(
+            f"tensor {name}: no filter matches it and there is no fallback entry without a filter"
+        )
+    if isinstance(value, list):
+        if len(value) == 1:
+            return float(value[0])
+        x = t * (len(value) - 1)
+        i = min(int(x), len(value) - 2)
+        frac = x - i
+        return float(value[i] * (1 - frac) + value[i + 1] * frac)
+    return float(value)
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: Method
+    base: Checkpoint | None
+    models: list[Checkpoint]  # the models passed as xs (base excluded for task-vector methods)
+    entries: list  # their ModelEntry, same order
+    names: list[str]
+    out_specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    counts: dict[str, int]
+
+    @property
+    def inputs(self) -> list[Checkpoint]:
+        return ([self.base] if self.base else []) + self.models
+
+
+def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
+    """Open every checkpoint (headers only) and check they can be merged. Raises UserError."""
+    method = METHODS[recipe.merge_method]
+    base_ref = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
+    base = open_checkpoint(base_ref, "base_model", allow_pickle) if base_ref else None
+    models, entries = [], []
+    for i, m in enumerate(recipe.models):
+        ref = recipe.resolve_path(m.model)
+        if method.uses_base and base and Path(ref).resolve() == base.path.resolve():
+            continue  # the base's task vector is zero: listing it changes nothing but the divisor
+        models.append(open_checkpoint(ref, f"models[{i}].model", allow_pickle))
+        entries.append(m)
+    if not models:
+        raise UserError(f"{recipe.source}: models: no model besides the base to merge")
+    ref = base or models[0]
+    check_compatible(ref, [c for c in ([base] if base else []) + models if c is not ref])
+    names = ref.names
+    out_dtype = recipe.out_dtype or recipe.dtype
+    specs = {}
+    for n in names:
+        d = ref.dtype(n)
+        if out_dtype and d.is_floating_point:
+            d = DTYPES[out_dtype]
+        specs[n] = (ref.shape(n), d)
+    return MergePlan(
+        recipe,
+        method,
+        base if method.uses_base else None,
+        models,
+        entries,
+        names,
+        specs,
+        block_counts(names),
+    )
+
+
+def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
+    """Same architecture, tensor names and shapes as the reference checkpoint."""
+    mt = ref.config.get("model_type")
+    for c in others:
+        if c.config.get("model_type") != mt:
+            raise UserError(
+                f"{c.where}: model_type is {c.config.get('model_type')!r} but {ref.where} is {mt!r}; "
+                "only checkpoints of one architecture can be merged"
+            )
+        missing = [n for n in ref.names if n not in c.index]
+        extra = [n for n in c.names if n not in ref.index]
+        if missing or extra:
+            what = f"lacks tensor {missing[0]}" if missing else f"has an extra tensor {extra[0]}"
+            raise UserError(
+                f"{c.where}: {c.path} {what} that {ref.where} does not; tensor names must match"
+            )
+        for n in ref.names:
+            a, b = ref.shape(n), c.shape(n)
+            if a != b:
+                hint = ""
+                if _EMBED.search(n) or "lm_head" in n:
+                    hint = " (vocabulary sizes differ: resize both to one tokenizer before merging)"
+                raise UserError(
+                    f"{c.where}: tensor {n} has shape {list(b)} but {ref.where} has {list(a)}{hint}"
+                )
+
+
+def _params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
+    r, m = plan.recipe, plan.method
+    t = layer_position(name, plan.counts)
+    per_model = []
+    for e in plan.entries:
+        d = {}
+        for k, default in m.model_params.items():
+            v = e.parameters.get(k, r.parameters.get(k, default))
+            d[k] = resolve_value(v, name, t)
+        per_model.append(d)
+    glob = {
+        k: resolve_value(r.parameters.get(k, default), name, t)
+        for k, default in m.global_params.items()
+    }
+    return per_model, glob
+
+
+def merge_tensor(plan: MergePlan, name: str, gen: torch.Generator, device: str) -> torch.Tensor:
+    """Merge one tensor across the models; float32 compute, in row chunks when the method allows."""
+    p, g = _params(plan, name)
+    dtype = plan.out_specs[name][1]
+    base = plan.base.get(name).to(device) if plan.base else None
+    xs = [c.get(name).to(device) for c in plan.models]
+    ref = base if base is not None else xs[0]
+    if not ref.dtype.is_floating_point:
+        return ref  # integer buffers are copied from the base
+    f32 = torch.float32
+    m = plan.method
+    if not m.elementwise or ref.numel() <= CHUNK_ELEMENTS or ref.dim() == 0:
+        b = base.to(f32) if base is not None else None
+        return m.fn(b, [x.to(f32) for x in xs], p, g, gen).to(dtype)
+    prep = m.prepare(base.to(f32), [x.to(f32) for x in xs], p) if m.prepare else None
+    out = torch.empty(ref.shape, dtype=dtype, device=device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, ref[0].numel()))
+    for i in range(0, ref.shape[0], rows):
+        b = base[i : i + rows].to(f32) if base is not None else None
+        chunk_prep = dict(prep, offset=i * ref[0].numel()) if prep else None
+        out[i : i + rows] = m.fn(
+            b, [x[i : i + rows].to(f32) for x in xs], p, g, gen, chunk_prep
+        ).to(dtype)
+    return out
+
+
+def _not_finite(plan: MergePlan, name: str) -> UserError:
+    for c in plan.inputs:
+        if not torch.isfinite(c.get(name).float()).all():
+            return UserError(f"{c.where}: tensor {name} in {c.path} holds NaN or Inf values")
+    return UserError(
+        f"tensor {name}: the merge produced NaN or Inf (check the method's parameters)"
+    )
+
+
+def run_merge(
+    plan: MergePlan,
+    out: Path,
+    force: bool = False,
+    seed: int = 0,
+    shard_bytes: int = 5 * 10**9,
+    device: str = "cpu",
+    progress: Callable[[int, int, str], None] | None = None,
+    tensors: Callable[[str], torch.Tensor] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write the merged checkpoint to OUT atomically. `tensors` overrides how each tensor is made
+    (optimized methods pass their learned merge); `extra_files` are written beside the weights."""
+    check_out(out, force, [c.path for c in plan.inputs])
+    make = tensors or (lambda n: merge_tensor(plan, n, _generator(seed, n), device))
+    with atomic_folder(out) as tmp:
+        writer = ShardWriter(tmp, plan.out_specs, shard_bytes)
+        for i, name in enumerate(plan.names):
+            t = make(name)
+            if t.dtype.is_floating_point and not torch.isfinite(t).all():
+                raise _not_finite(plan, name)
+            writer.write(name, t.to(plan.out_specs[name][1]))
+            if progress:
+                progress(i + 1, len(plan.names), name)
+        writer.close()
+        write_side_files(plan, tmp)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    return out
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    # seeded per tensor, so a tensor's random mask does not depend on the order tensors are merged
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def write_side_files(plan: MergePlan, folder: Path) -> None:
+    """config.json (dtype updated), generation config, tokenizer, the resolved recipe, a model card."""
+    ref = plan.base or plan.models[0]
+    config = dict(ref.config)
+    out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
+    if out_dtype:
+        key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+        config[key] = out_dtype
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_side_files(ref.path, folder, ("generation_config.json",))
+    src = plan.recipe.tokenizer_source
+    tok_dir = ref.path if src in (None, "base") else Path(plan.recipe.resolve_path(src))
+    if not copy_side_files(tok_dir, folder, TOKENIZER_FILES):
+        raise UserError(f"tokenizer_source: {tok_dir} holds no tokenizer files")
+    (folder / "divmerge_recipe.yaml").write_text(dump_recipe(plan.recipe))
+    (folder / "README.md").write_text(model_card(plan))
+
+
+def model_card(plan: MergePlan, extra: str = "") -> str:
+    r = plan.recipe
+    lines = [
+        "---",
+        "tags: [merge, divmerge]",
+        *([f"base_model: {r.base_model}"] if r.base_model else []),
+        "---",
+        f"# Merged with divmerge {__version__}",
+        "",
+        f"Method: **{r.merge_method}** ({plan.method.paper}).",
+        "",
+        f"Base model: `{r.base_model}`" if r.base_model else "No base model.",
+        "",
+        "Models:",
+        *[f"- `{m.model}`" + (f" (task `{m.task}`)" if m.task else "") for m in r.models],
+        "",
+        "Recipe (`divmerge_recipe.yaml` reproduces this merge):",
+        "",
+        "```yaml",
+        dump_recipe(r).rstrip(),
+        "```",
+        extra,
+    ]
+    return "\n".join(lines) + "\n"

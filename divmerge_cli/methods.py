@@ -1,0 +1,292 @@
+"""Data-free merge methods as pure per-tensor functions, and METHODS, the one table of them.
+
+Semantics follow mergekit 0.1.5 for the same YAML keys (see README "Methods"). Every function
+takes float32 tensors: `base` (theta0, or None), `xs` (one per model, same shape), `p` (one dict of
+resolved per-model parameters per model), `g` (resolved global parameters) and a seeded
+torch.Generator, and returns the merged float32 tensor. Elementwise methods may be called on
+row-chunks of a tensor; whole-tensor statistics (TIES thresholds) arrive through `prep`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+
+def _weights(p: list[dict], like: Tensor) -> Tensor:
+    """Per-model weights shaped to broadcast against a stack of tensors."""
+    w = torch.tensor([m["weight"] for m in p], dtype=like.dtype)
+    return w.view(-1, *([1] * like.dim()))
+
+
+def linear(base, xs, p, g, gen, prep=None) -> Tensor:
+    """Weighted average of the models: sum w_i theta_i / sum w_i."""
+    w = _weights(p, xs[0])
+    out = (torch.stack(xs) * w).sum(0)
+    if g["normalize"]:
+        out /= w.sum()
+    return out
+
+
+def task_arithmetic(base, xs, p, g, gen, prep=None) -> Tensor:
+    """theta0 + lambda * sum w_i tau_i (Ilharco et al., 2022)."""
+    return _disjoint_merge(base, [x - base for x in xs], p, g, elect=False)
+
+
+def ties(base, xs, p, g, gen, prep=None) -> Tensor:
+    """TIES (Yadav et al., 2023): trim to the top-density magnitudes, elect signs, disjoint merge."""
+    prep = prep or ties_prepare(base, xs, p)
+    offset = prep.get("offset", 0)
+    taus = [_trim(x - base, thr, offset) for x, thr in zip(xs, prep["thresholds"])]
+    return _disjoint_merge(base, taus, p, g, elect=True)
+
+
+def dare_linear(base, xs, p, g, gen, prep=None) -> Tensor:
+    """DARE (Yu et al., 2024): drop each delta entry with prob 1-density, rescale by 1/density."""
+    return _disjoint_merge(
+        base, [_dare(x - base, m["density"], gen) for x, m in zip(xs, p)], p, g, False
+    )
+
+
+def dare_ties(base, xs, p, g, gen, prep=None) -> Tensor:
+    """DARE's random drop, then TIES's sign election and disjoint merge."""
+    return _disjoint_merge(
+        base, [_dare(x - base, m["density"], gen) for x, m in zip(xs, p)], p, g, True
+    )
+
+
+def ties_prepare(base: Tensor, xs: list[Tensor], p: list[dict]) -> dict:
+    """Whole-tensor statistics TIES needs before it can run on row chunks."""
+    return {"thresholds": [magnitude_threshold(x - base, m["density"]) for x, m in zip(xs, p)]}
+
+
+def magnitude_threshold(tau: Tensor, density: float) -> tuple[float, int]:
+    """(thr, last): keep |tau| > thr, and |tau| == thr up to flat index `last`, so that exactly
+    k = int(density * numel) entries survive, as with mergekit's torch.topk.
+
+    numpy's introselect is ~25x faster than torch.kthvalue on CPU.
+    """
+    n = tau.numel()
+    k = int(density * n)
+    if k >= n:
+        return (-1.0, n)
+    if k <= 0:
+        return (float("inf"), -1)
+    a = tau.abs().reshape(-1).numpy().copy()
+    a.partition(n - k)
+    thr = float(a[n - k])
+    need_equal = k - int(np.count_nonzero(a[n - k + 1 :] > thr))
+    equal = np.flatnonzero(tau.abs().reshape(-1).numpy() == thr)
+    return (thr, int(equal[need_equal - 1]) if need_equal < len(equal) else n)
+
+
+def _trim(tau: Tensor, threshold: tuple[float, int], offset: int = 0) -> Tensor:
+    """Zero every entry below the magnitude threshold (ties broken by flat index)."""
+    thr, last = threshold
+    if thr < 0:
+        return tau
+    a = tau.abs()
+    mask = a > thr
+    if last >= 0:
+        idx = torch.arange(offset, offset + a.numel()).view_as(a)
+        mask |= (a == thr) & (idx <= last)
+    return tau * mask
+
+
+def _dare(tau: Tensor, density: float, gen: torch.Generator) -> Tensor:
+    if density >= 1:
+        return tau
+    keep = torch.rand(tau.shape, generator=gen) < density
+    return tau * keep / density
+
+
+def _disjoint_merge(
+    base: Tensor, taus: list[Tensor], p: list[dict], g: dict, elect: bool
+) -> Tensor:
+    """theta0 + lambda * sum(w_i tau_i [agree_i]) / sum(w_i [agree_i]) (divisor 0 -> 1)."""
+    t = torch.stack(taus)
+    w = _weights(p, taus[0])
+    wt = t * w
+    if elect:
+        # elect the sign of the weighted sum; zero entries never agree
+        sign = torch.where(wt.sum(0) >= 0, 1.0, -1.0)
+        agree = torch.sign(wt) == sign
+        wt = wt * agree
+    mixed = wt.sum(0)
+    if g["normalize"]:
+        div = (w * agree).sum(0) if elect else w.sum(0).expand_as(mixed)
+        div = torch.where(div == 0, torch.ones_like(div), div)
+        mixed = mixed / div
+    return base + g["lambda"] * mixed
+
+
+def _normalize(v: Tensor, eps: float) -> Tensor:
+    n = torch.linalg.vector_norm(v)
+    return v / n if n > eps else v
+
+
+def slerp(base, xs, p, g, gen, prep=None) -> Tensor:
+    """Spherical interpolation between the base (t=0) and the other model (t=1)."""
+    v0, v1, t = base, xs[0], g["t"]
+    dot = float((_normalize(v0, 1e-8) * _normalize(v1, 1e-8)).sum())
+    if abs(dot) > 0.9995:  # nearly colinear: slerp degenerates, lerp is exact enough
+        return (1 - t) * v0 + t * v1
+    theta0 = np.arccos(dot)
+    s0 = np.sin(theta0 - theta0 * t) / np.sin(theta0)
+    s1 = np.sin(theta0 * t) / np.sin(theta0)
+    return float(s0) * v0 + float(s1) * v1
+
+
+def multislerp(base, xs, p, g, gen, prep=None, eps: float = 1e-8) -> Tensor:
+    """Barycentric interpolation on the hypersphere (Goddard et al., 2024), of task vectors when a
+    base is given: project to the tangent space at the weighted mean direction, average, map back,
+    and rescale to the weighted mean norm."""
+    w = torch.tensor([m["weight"] for m in p], dtype=torch.float32)
+    if g["normalize_weights"]:
+        w = w / w.sum()
+    shape = xs[0].shape
+    v = torch.stack([(x - base) if base is not None else x for x in xs]).reshape(len(xs), -1)
+    norms = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    unit = v / (norms + eps)
+    mean = (unit * w[:, None]).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:  # opposite directions cancel: fall back to the weighted mean
+        out = (v * w[:, None]).sum(0)
+    else:
+        mean = mean / mean_norm
+        dots = (unit @ mean).clamp(-1.0, 1.0)
+        theta = torch.arccos(dots)
+        tangent = unit - dots[:, None] * mean
+        tnorm = torch.linalg.vector_norm(tangent, dim=1, keepdim=True)
+        scale = torch.where(tnorm > eps, theta[:, None] / (tnorm + eps), torch.zeros_like(tnorm))
+        avg = ((tangent * scale) * w[:, None]).sum(0)
+        avg_norm = torch.linalg.vector_norm(avg)
+        direction = (
+            mean
+            if avg_norm < eps
+            else torch.cos(avg_norm) * mean + torch.sin(avg_norm) * avg / avg_norm
+        )
+        out = direction * (norms.squeeze(1) * w).sum()
+    out = out.reshape(shape)
+    return out + base if base is not None else out
+
+
+# --- the table ------------------------------------------------------------------------------
+
+_unit = (lambda v: v > 0, lambda v: v <= 1, "(0, 1]")
+_nonneg = (lambda v: v >= 0, lambda v: True, "[0, inf)")
+_t = (lambda v: v >= 0, lambda v: v <= 1, "[0, 1]")
+
+
+def _needs_base(name: str):
+    def check(recipe: Recipe) -> None:
+        if not recipe.base_model:
+            raise ValueError(
+                f"base_model: {name} needs a base model (task vectors are theta_t - theta0)"
+            )
+
+    return check
+
+
+def _slerp_check(recipe: Recipe) -> None:
+    others = [m for m in recipe.models if m.model != recipe.base_model]
+    if not recipe.base_model:
+        raise ValueError(
+            "base_model: slerp needs a base_model (the t=0 end) and exactly one other model"
+        )
+    if len(others) != 1:
+        raise ValueError(
+            f"models: slerp interpolates exactly two models (base_model and one other), got {len(others)} "
+            "besides the base; use multislerp for more"
+        )
+
+
+def _ok(recipe: Recipe) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Method:
+    fn: Callable[..., Tensor]
+    paper: str
+    model_params: dict[str, float] = field(default_factory=dict)  # per model, with defaults
+    global_params: dict[str, float] = field(default_factory=dict)
+    ranges: dict = field(default_factory=dict)
+    check: Callable[[Recipe], None] = _ok
+    uses_base: bool = True  # the base tensor is read (and passed as `base`)
+    elementwise: bool = True  # may be applied to row-chunks
+    prepare: Callable | None = None  # whole-tensor statistics for chunked runs
+    optimized: bool = False  # learns coefficients from data (divmerge, adamerging)
+
+
+_ta_params = {"weight": 1.0}
+_ranges = {"density": _unit, "t": _t, "lambda": (lambda v: True, lambda v: True, "any number")}
+
+METHODS: dict[str, Method] = {
+    "linear": Method(
+        linear,
+        "Wortsman et al., 2022 (model soups)",
+        {"weight": 1.0},
+        {"normalize": 1.0},
+        _ranges,
+        uses_base=False,
+    ),
+    "task_arithmetic": Method(
+        task_arithmetic,
+        "Ilharco et al., 2022",
+        _ta_params,
+        {"normalize": 0.0, "lambda": 1.0},
+        _ranges,
+        _needs_base("task_arithmetic"),
+    ),
+    "ties": Method(
+        ties,
+        "Yadav et al., 2023",
+        {"weight": 1.0, "density": 1.0},
+        {"normalize": 1.0, "lambda": 1.0},
+        _ranges,
+        _needs_base("ties"),
+        prepare=ties_prepare,
+    ),
+    "dare_linear": Method(
+        dare_linear,
+        "Yu et al., 2024",
+        {"weight": 1.0, "density": 1.0},
+        {"normalize": 0.0, "lambda": 1.0},
+        _ranges,
+        _needs_base("dare_linear"),
+    ),
+    "dare_ties": Method(
+        dare_ties,
+        "Yu et al., 2024 + Yadav et al., 2023",
+        {"weight": 1.0, "density": 1.0},
+        {"normalize": 1.0, "lambda": 1.0},
+        _ranges,
+        _needs_base("dare_ties"),
+    ),
+    "slerp": Method(
+        slerp,
+        "Shoemake, 1985; Jang et al., 2024",
+        {},
+        {"t": 0.5},
+        _ranges,
+        _slerp_check,
+        elementwise=False,
+    ),
+    "multislerp": Method(
+        multislerp,
+        "Goddard et al., 2024 (mergekit)",
+        {"weight": 1.0},
+        {"normalize_weights": 1.0},
+        _ranges,
+        elementwise=False,
+    ),
+}

@@ -1,0 +1,207 @@
+"""Recipe schema (mergekit-compatible keys + divmerge's tasks) and load_recipe().
+
+Validated once, at load: every error names the file and the field and says what would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+from .methods import METHODS
+
+DTYPES = ("float32", "float16", "bfloat16")
+# mergekit keys we recognise but do not implement: a clear error beats a silent ignore.
+UNSUPPORTED = {
+    "slices": "list the checkpoints under `models:` (whole-model merges only)",
+    "tokenizer": "use `tokenizer_source: base` or a model path",
+    "chat_template": "copy the template into the output's tokenizer_config.json yourself",
+}
+
+
+class FilterValue(BaseModel):
+    """One entry of a filtered parameter: the first entry whose `filter` is in the tensor name wins."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: float | list[float]
+
+
+ParamValue = float | list[float] | list[FilterValue]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    task: str | None = None  # divmerge / adamerging: the task this expert was fine-tuned on
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    tokenizer_source: str | None = None  # "base" (default) or a model path
+    tasks: dict[str, Any] | str | None = (
+        None  # inline mapping or a YAML file (divmerge, adamerging)
+    )
+
+    # Set by load_recipe, not by the user: where relative paths are resolved from.
+    source: Path = Field(default=Path("recipe.yaml"), exclude=True)
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(
+                f"unknown method '{v}'{_suggest(v, METHODS)}; valid: {', '.join(METHODS)}"
+            )
+        return v
+
+    def resolve_path(self, ref: str) -> str:
+        """Relative paths are tried against the recipe's folder first, then the working directory."""
+        p = Path(ref).expanduser()
+        if p.is_absolute():
+            return str(p)
+        beside = self.source.parent / p
+        if beside.exists() or not p.exists():
+            return str(beside.resolve()) if beside.exists() else ref
+        return str(p.resolve())
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _pydantic_message(err: ValidationError, raw: dict) -> str:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
+    where = _loc(loc)
+    if e["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        parent = loc[:-1]
+        fields = _fields_at(parent)
+        if not parent and key in UNSUPPORTED:
+            return f"{where}: not supported by divmerge; {UNSUPPORTED[key]}"
+        return f"{where}: unknown key{_suggest(key, fields)}; valid keys: {', '.join(fields)}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "missing":
+        return f"{where}: required field is missing"
+    return (
+        f"{where}: {msg} (got {e.get('input')!r})"
+        if "input" in e and e["type"] != "value_error"
+        else f"{where}: {msg}"
+    )
+
+
+_UNION_TAGS = {
+    "float",
+    "list[float]",
+    "list[FilterValue]",
+    "str",
+    "dict[str,any]",
+    "function-after",
+}
+
+
+def _fields_at(parent: tuple) -> list[str]:
+    if not parent:
+        return [f for f in Recipe.model_fields if f != "source"]
+    if parent[0] == "models":
+        return list(ModelEntry.model_fields)
+    return list(FilterValue.model_fields)
+
+
+def _check_parameters(recipe: Recipe) -> None:
+    """Parameter names must exist for the method, and values must be in range."""
+    spec = METHODS[recipe.merge_method]
+    allowed_model = set(spec.model_params)
+    allowed_global = allowed_model | set(spec.global_params)
+    for key, value in recipe.parameters.items():
+        if key not in allowed_global:
+            raise ValueError(_bad_param("parameters", key, allowed_global, recipe.merge_method))
+        _check_value(f"parameters.{key}", key, value, spec.ranges)
+    for i, m in enumerate(recipe.models):
+        for key, value in m.parameters.items():
+            if key not in allowed_model:
+                raise ValueError(
+                    _bad_param(f"models[{i}].parameters", key, allowed_model, recipe.merge_method)
+                )
+            _check_value(f"models[{i}].parameters.{key}", key, value, spec.ranges)
+
+
+def _bad_param(where: str, key: str, allowed: set[str], method: str) -> str:
+    valid = ", ".join(sorted(allowed)) or "none"
+    return f"{where}.{key}: not a parameter of {method}{_suggest(key, allowed)}; valid: {valid}"
+
+
+def _check_value(where: str, key: str, value: ParamValue, ranges: dict) -> None:
+    if isinstance(value, list) and value and isinstance(value[0], FilterValue):
+        for j, fv in enumerate(value):
+            _check_value(f"{where}[{j}].value", key, fv.value, ranges)
+        return
+    values = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{where}: an empty list; give a number or a list of numbers")
+    for v in values:
+        if not math.isfinite(v):
+            raise ValueError(f"{where}: {v} is not a finite number")
+        if key in ranges:
+            lo, hi, text = ranges[key]
+            if not (lo(v) and hi(v)):
+                raise ValueError(f"{where}: {v} is out of range; {key} must be in {text}")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file. Raises UserError naming the file and field at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping with merge_method, models, ...")
+    return recipe_from_dict(raw, path)
+
+
+def recipe_from_dict(raw: dict, source: Path) -> Recipe:
+    try:
+        recipe = Recipe.model_validate({**raw, "source": source})
+        _check_parameters(recipe)
+        METHODS[recipe.merge_method].check(recipe)
+    except ValidationError as e:
+        raise UserError(f"{source}: {_pydantic_message(e, raw)}") from None
+    except ValueError as e:
+        raise UserError(f"{source}: {e}") from None
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML, as the user wrote it plus the method's defaults made explicit."""
+    data = recipe.model_dump(mode="json", exclude_none=True, exclude={"source"})
+    defaults = dict(METHODS[recipe.merge_method].global_params)
+    data["parameters"] = {**defaults, **data.get("parameters", {})}
+    return yaml.safe_dump(data, sort_keys=False)

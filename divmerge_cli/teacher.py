@@ -1,0 +1,207 @@
+"""Teacher targets for DivMerge and their content-addressed cache on disk.
+
+Each expert (teacher) greedily generates on its task's prompts once; the distribution at every
+generated position is kept (paper B.1). Generation is the slow part and is identical across
+runs that share the expert, the prompts and the settings, so it is cached under a sha256 of
+exactly those inputs. One entry is a folder named by the key:
+
+    tensors.safetensors   the samples' tensors concatenated along the token axis, plus offsets
+    meta.json             format, counts, texts, and the sha256 of tensors.safetensors
+
+An entry is built in a temporary folder and renamed into place, so a crash leaves no half entry.
+A damaged entry (truncated, bad header, checksum or shape mismatch) is deleted and rebuilt.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import hf
+from .generate import Generation, greedy_generate
+from .hashing import hash_json, hash_model_dir
+
+FORMAT_VERSION = 1  # bump when the entry layout or the generation procedure changes
+TENSORS, META = "tensors.safetensors", "meta.json"
+
+
+@dataclass(kw_only=True)
+class TeacherSample(Generation):
+    """A teacher generation and the task whose prompt produced it."""
+
+    task: str
+
+
+def default_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("divmerge")) / "teacher"
+
+
+def teacher_cache_key(
+    model_dir: Path, prompts: list[str], max_new_tokens: int, top_k: int | str
+) -> str:
+    """sha256 over everything that decides the targets: weights, config, tokenizer, prompts, settings.
+
+    The rendered prompts carry both the data rows and the prompt template.
+    """
+    return hash_json(
+        {
+            "format": FORMAT_VERSION,
+            "model": hash_model_dir(model_dir),
+            "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+            "max_new_tokens": int(max_new_tokens),
+            "top_k": top_k,
+        }
+    )
+
+
+def load_or_build_teacher(
+    model_dir: Path,
+    task: str,
+    prompts: list[str],
+    max_new_tokens: int,
+    top_k: int | str,
+    cache_dir: Path,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[TeacherSample], bool]:
+    """The teacher samples for `prompts`, from the cache when possible; returns (samples, cache_hit).
+
+    On a miss the expert is loaded in float32, generates, and is freed before returning, so only
+    one expert is in memory at a time.
+    """
+    if not prompts:
+        raise ValueError(f"task '{task}': no prompts to generate on")
+    key = teacher_cache_key(Path(model_dir), prompts, max_new_tokens, top_k)
+    entry = Path(cache_dir) / key
+    if entry.exists():
+        gens = _read_entry(entry, len(prompts), top_k)
+        if gens is not None:
+            return [_with_task(g, task) for g in gens], True
+        shutil.rmtree(entry, ignore_errors=True)  # damaged: rebuild below
+    model = hf.load_model(model_dir, torch.float32)
+    tokenizer = hf.load_tokenizer(model_dir)
+    try:
+        gens = greedy_generate(
+            model, tokenizer, prompts, max_new_tokens, batch_size, top_k, progress
+        )
+    finally:
+        del model
+        gc.collect()
+    _write_entry(entry, gens, top_k, max_new_tokens, str(model_dir))
+    return [_with_task(g, task) for g in gens], False
+
+
+def _with_task(g: Generation, task: str) -> TeacherSample:
+    return TeacherSample(**vars(g), task=task)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry layout
+
+
+def _flatten(gens: list[Generation], top_k: int | str) -> dict[str, torch.Tensor]:
+    def offsets(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
+
+    prompts, gen = [g.prompt_ids for g in gens], [g.gen_ids for g in gens]
+    t = {
+        "prompt_ids": torch.cat(prompts),
+        "prompt_offsets": offsets(prompts),
+        "gen_ids": torch.cat(gen),
+        "gen_offsets": offsets(gen),
+    }
+    if top_k == "full":
+        t["probs"] = torch.cat([g.probs for g in gens])
+    else:
+        # int32 halves the ids on disk; vocabularies are far below 2**31.
+        t["topk_ids"] = torch.cat([g.topk_ids for g in gens]).to(torch.int32)
+        t["topk_probs"] = torch.cat([g.topk_probs for g in gens])
+        t["tail"] = torch.cat([g.tail for g in gens])
+    return {k: v.contiguous() for k, v in t.items()}
+
+
+def _write_entry(
+    entry: Path, gens: list[Generation], top_k, max_new_tokens: int, source: str
+) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name[:16]}-", dir=entry.parent))
+    try:
+        save_file(_flatten(gens, top_k), str(tmp / TENSORS))
+        meta = {
+            "format": FORMAT_VERSION,
+            "n": len(gens),
+            "top_k": top_k,
+            "max_new_tokens": max_new_tokens,
+            "source": source,  # informational only; the key holds the content hash
+            "texts": [g.text for g in gens],
+            "sha256": _file_sha256(tmp / TENSORS),
+        }
+        (tmp / META).write_text(json.dumps(meta), encoding="utf-8")
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not entry.exists():  # another process may have written the same entry first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_entry(entry: Path, n: int, top_k) -> list[Generation] | None:
+    """The entry's generations, or None when anything about it is wrong."""
+    try:
+        meta = json.loads((entry / META).read_text(encoding="utf-8"))
+        if (meta.get("format"), meta.get("n"), meta.get("top_k")) != (FORMAT_VERSION, n, top_k):
+            return None
+        if _file_sha256(entry / TENSORS) != meta["sha256"]:
+            return None
+        return _unflatten(load_file(str(entry / TENSORS)), meta["texts"], n, top_k)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        # json, safetensors and torch all report damage as one of these
+        return None
+
+
+def _unflatten(
+    t: dict[str, torch.Tensor], texts: list[str], n: int, top_k
+) -> list[Generation] | None:
+    po, go = t["prompt_offsets"], t["gen_offsets"]
+    dist = ["probs"] if top_k == "full" else ["topk_ids", "topk_probs", "tail"]
+    total = int(go[-1]) if len(go) else -1
+    ok = (
+        len(texts) == n
+        and po.shape == go.shape == (n + 1,)
+        and int(po[0]) == int(go[0]) == 0
+        and bool((po.diff() >= 0).all() and (go.diff() >= 1).all())
+        and int(po[-1]) == len(t["prompt_ids"])
+        and total == len(t["gen_ids"])
+        and all(len(t[k]) == total for k in dist)
+        and (top_k == "full" or t["topk_ids"].shape[1:] == t["topk_probs"].shape[1:] == (top_k,))
+    )
+    if not ok:
+        return None
+    gens = []
+    for i in range(n):
+        p, g = slice(int(po[i]), int(po[i + 1])), slice(int(go[i]), int(go[i + 1]))
+        fields = {k: t[k][g] for k in dist}
+        if "topk_ids" in fields:
+            fields["topk_ids"] = fields["topk_ids"].long()
+        gens.append(Generation(t["prompt_ids"][p], t["gen_ids"][g], texts[i], **fields))
+    return gens

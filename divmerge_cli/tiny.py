@@ -1,0 +1,100 @@
+"""Tiny models and tokenizers built from scratch: test fixtures and the offline demo."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]  # ids 0..3
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`; pad=0, eos=1, bos=2, unk=3."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="<s>",
+        unk_token="<unk>",
+    )
+
+
+def tiny_llama(
+    vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, **kw
+) -> PreTrainedModel:
+    """A random Llama with `layers` blocks of width `hidden` (mergekit's test model shape)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=kw.pop("tie_word_embeddings", False),
+        **kw,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_t5(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0) -> PreTrainedModel:
+    """A random T5 with `layers` encoder and `layers` decoder blocks."""
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=vocab_size,
+        d_model=hidden,
+        d_kv=8,
+        d_ff=2 * hidden,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
+    """Save model (safetensors) and tokenizer into one Hugging Face folder."""
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def perturbed(model: PreTrainedModel, scale: float, seed: int) -> PreTrainedModel:
+    """A copy of `model` with Gaussian noise of std `scale` added to every parameter (a fake expert)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return out
