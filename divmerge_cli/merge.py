@@ -123,7 +123,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         if out_dtype and d.is_floating_point:
             d = DTYPES[out_dtype]
         specs[n] = (ref.shape(n), d)
-    return MergePlan(
+    plan = MergePlan(
         recipe,
         method,
         base if method.uses_base else None,
@@ -133,6 +133,9 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         specs,
         block_counts(names),
     )
+    for n in names:  # every parameter resolves for every tensor, before any heavy work
+        _params(plan, n)
+    return plan
 
 
 def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:

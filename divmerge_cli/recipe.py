@@ -93,7 +93,9 @@ def _loc(loc: tuple) -> str:
 
 
 def _pydantic_message(err: ValidationError, raw: dict) -> str:
-    e = err.errors()[0]
+    errors = err.errors()
+    # an unknown key explains a "missing" one next to it (modle vs model): report it first
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
     where = _loc(loc)
     if e["type"] == "extra_forbidden":

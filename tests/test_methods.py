@@ -1,0 +1,139 @@
+"""Each data-free method against values worked out by hand or by a plain formula."""
+
+import math
+
+import pytest
+import torch
+
+from divmerge_cli import methods as M
+from divmerge_cli.merge import group_of, layer_position, resolve_value
+from divmerge_cli.recipe import FilterValue
+
+G = torch.Generator()
+
+
+def t(*v):
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def test_linear_weighted_average_normalized_and_not():
+    xs = [t(1, 2), t(3, 4)]
+    p = [{"weight": 1.0}, {"weight": 3.0}]
+    assert torch.allclose(
+        M.linear(None, xs, p, {"normalize": 1.0}, G), t(2.5, 3.5)
+    )  # (1+9)/4, (2+12)/4
+    assert torch.allclose(M.linear(None, xs, p, {"normalize": 0.0}, G), t(10, 14))
+
+
+def test_task_arithmetic_is_base_plus_lambda_weighted_task_vectors():
+    base = t(1, 1)
+    xs = [t(2, 1), t(1, 3)]  # tau = (1, 0), (0, 2)
+    p = [{"weight": 0.5}, {"weight": 2.0}]
+    out = M.task_arithmetic(base, xs, p, {"normalize": 0.0, "lambda": 0.5}, G)
+    assert torch.allclose(out, t(1 + 0.5 * 0.5, 1 + 0.5 * 4))
+    out = M.task_arithmetic(base, xs, p, {"normalize": 1.0, "lambda": 1.0}, G)
+    assert torch.allclose(out, t(1 + 0.5 / 2.5, 1 + 4 / 2.5))
+
+
+def test_ties_trim_elect_disjoint_merge_by_hand():
+    base = torch.zeros(4)
+    tau1, tau2 = t(3, -1, 0.5, 2), t(-2, -2, 1, 1.5)
+    p = [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]
+    # trim (k=2): tau1 -> (3, 0, 0, 2); tau2 -> (-2, -2, 0, 0)
+    # elected sign of the sum (1, -2, 0, 2): (+, -, +, +); zeros never agree
+    # agreeing: position 0 -> tau1 only (3), 1 -> tau2 only (-2), 2 -> none, 3 -> tau1 only (2)
+    out = M.ties(base, [tau1, tau2], p, {"normalize": 1.0, "lambda": 1.0}, G)
+    assert torch.allclose(out, t(3, -2, 0, 2))
+    # two agreeing entries: normalize divides by the sum of their weights
+    p2 = [{"weight": 1.0, "density": 1.0}, {"weight": 3.0, "density": 1.0}]
+    out = M.ties(torch.ones(2), [t(3, 2), t(5, -1)], p2, {"normalize": 1.0, "lambda": 2.0}, G)
+    # taus (2, 1), (4, -2); weighted (2, 1), (12, -6); signs (+, -): pos0 both agree, pos1 only model 2
+    assert torch.allclose(out, t(1 + 2 * (2 + 12) / 4, 1 + 2 * (-6) / 3))
+
+
+def test_ties_chunked_equals_whole_and_keeps_exactly_k_with_ties():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 10, generator=g)
+    xs = [
+        base + torch.randn(64, 10, generator=g).round(decimals=1) for _ in range(3)
+    ]  # many equal |tau|
+    p = [{"weight": w, "density": 0.3} for w in (1.0, 0.5, 2.0)]
+    gl = {"normalize": 1.0, "lambda": 1.0}
+    whole = M.ties(base, xs, p, gl, G)
+    prep = M.ties_prepare(base, xs, p)
+    parts = [
+        M.ties(base[i : i + 7], [x[i : i + 7] for x in xs], p, gl, G, dict(prep, offset=i * 10))
+        for i in range(0, 64, 7)
+    ]
+    assert torch.equal(torch.cat(parts), whole)
+    for x in xs:
+        thr = M.magnitude_threshold(x - base, 0.3)
+        assert int((M._trim(x - base, thr) != 0).sum()) == int(0.3 * 640)
+
+
+def test_dare_drops_with_density_and_rescales():
+    base = torch.zeros(200_000)
+    x = torch.full((200_000,), 0.1)
+    p = [{"weight": 1.0, "density": 0.25}]
+    out = M.dare_linear(
+        base, [x], p, {"normalize": 0.0, "lambda": 1.0}, torch.Generator().manual_seed(3)
+    )
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.25) < 0.01
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 0.4))  # 0.1 / 0.25
+    assert abs(out.mean().item() - 0.1) < 0.002  # unbiased in expectation
+    again = M.dare_linear(
+        base, [x], p, {"normalize": 0.0, "lambda": 1.0}, torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(out, again)
+
+
+def test_slerp_orthogonal_midpoint_and_colinear_lerp():
+    out = M.slerp(t(1, 0), [t(0, 1)], [], {"t": 0.5}, G)
+    assert torch.allclose(out, t(math.sqrt(0.5), math.sqrt(0.5)))
+    out = M.slerp(t(1, 0), [t(0, 1)], [], {"t": 0.0}, G)
+    assert torch.allclose(out, t(1, 0))
+    out = M.slerp(t(1, 1), [t(2, 2)], [], {"t": 0.25}, G)  # colinear: plain lerp
+    assert torch.allclose(out, t(1.25, 1.25))
+
+
+def test_multislerp_of_orthogonal_task_vectors_is_the_spherical_midpoint():
+    base = t(1, 1)
+    xs = [t(3, 1), t(1, 3)]  # tau = (2, 0), (0, 2)
+    p = [{"weight": 1.0}, {"weight": 1.0}]
+    out = M.multislerp(base, xs, p, {"normalize_weights": 1.0}, G)
+    assert torch.allclose(out, base + 2 * t(math.sqrt(0.5), math.sqrt(0.5)), atol=1e-6)
+    # unequal weights lean towards the heavier model along the arc, keeping the mean norm
+    p = [{"weight": 3.0}, {"weight": 1.0}]
+    out = M.multislerp(base, xs, p, {"normalize_weights": 1.0}, G) - base
+    assert torch.allclose(torch.linalg.vector_norm(out), torch.tensor(2.0), atol=1e-5)
+    assert torch.allclose(torch.atan2(out[1], out[0]), torch.tensor(math.pi / 8), atol=1e-5)
+
+
+def test_parameter_values_scalar_gradient_and_filters():
+    assert resolve_value(0.3, "x", 0.7) == 0.3
+    assert resolve_value([0.0, 1.0], "x", 0.25) == 0.25
+    assert resolve_value([0.0, 1.0, 0.0], "x", 0.5) == 1.0
+    assert resolve_value([0.0, 1.0, 0.0], "x", 1.0) == 0.0
+    fv = [FilterValue(filter="self_attn", value=0.7), FilterValue(value=[0.0, 1.0])]
+    assert resolve_value(fv, "model.layers.0.self_attn.q_proj.weight", 0.0) == 0.7
+    assert resolve_value(fv, "model.layers.1.mlp.up_proj.weight", 1.0) == 1.0
+
+
+def test_layer_position_and_groups():
+    counts = {"model.layers": 3}
+    assert layer_position("model.layers.0.mlp.up_proj.weight", counts) == 0.0
+    assert layer_position("model.layers.1.mlp.up_proj.weight", counts) == 0.5
+    assert layer_position("model.layers.2.mlp.up_proj.weight", counts) == 1.0
+    assert layer_position("model.embed_tokens.weight", counts) == 0.0
+    assert layer_position("lm_head.weight", counts) == 1.0
+    assert group_of("model.layers.2.mlp.up_proj.weight") == "model.layers.2"
+    assert group_of("decoder.block.1.layer.0.SelfAttention.q.weight") == "decoder.block.1"
+    assert group_of("shared.weight") == "embeddings"
+    assert group_of("model.norm.weight") == "head"
+
+
+@pytest.mark.parametrize("name", list(M.METHODS))
+def test_every_method_documents_a_paper_and_defaults(name):
+    m = M.METHODS[name]
+    assert m.paper and callable(m.fn)
