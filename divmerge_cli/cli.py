@@ -70,15 +70,24 @@ def run(
     allow_pickle: Annotated[
         bool, typer.Option(help="read pickled .bin weights (weights_only)")
     ] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="teacher cache (default: the user cache dir)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue an interrupted divmerge/adamerging run")
+    ] = False,
 ) -> None:
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
     from .checkpoint import check_out, parse_size
     from .merge import plan_merge, run_merge
+    from .methods import METHODS
     from .recipe import load_recipe
 
     shard = parse_size(out_shard_size)
     r = load_recipe(recipe)
     dev = _device(device)
+    if METHODS[r.merge_method].optimized:
+        return _run_optimized(r, output, force, seed, dev, cache_dir, resume, shard, allow_pickle)
     plan = plan_merge(r, allow_pickle)
     check_out(output, force, [c.path for c in plan.inputs])
     random.seed(seed)
@@ -86,6 +95,42 @@ def run(
         task = prog.add_task(f"{r.merge_method}", total=len(plan.names), info="")
         run_merge(plan, output, force, seed, shard, dev, _tick(prog, task))
     out.print(f"[green]merged[/] {len(plan.names)} tensors with {r.merge_method} -> {output}")
+
+
+def _run_optimized(r, output, force, seed, dev, cache_dir, resume, shard, allow_pickle) -> None:
+    from .optimize import run_optimized
+
+    with _progress() as prog:
+        tasks: dict[str, object] = {}
+
+        def report(phase: str, done: int, total: int, info: str) -> None:
+            key = f"{phase}:{info}" if phase == "teacher" else phase
+            if key not in tasks:
+                label = {
+                    "teacher": f"teacher {info}",
+                    "optimize": r.merge_method,
+                    "write": "write",
+                }[phase]
+                tasks[key] = prog.add_task(label, total=total, info="")
+            prog.update(
+                tasks[key], completed=done, total=total, info="" if phase == "teacher" else info
+            )
+
+        summary = run_optimized(
+            r, output, force, seed, dev, cache_dir, resume, shard, allow_pickle, report
+        )
+    table = Table(title=f"{r.merge_method}: objective ({summary['objective']}) per task")
+    for col in ("task", "at init", "learned", "mean Gamma"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for t, row in zip(summary["tasks"], summary["gamma"]):
+        table.add_row(
+            t,
+            f"{summary['before'][t]:.5f}",
+            f"{summary['after'][t]:.5f}",
+            f"{sum(row) / len(row):.4f}",
+        )
+    out.print(table)
+    out.print(f"[green]merged[/] with {r.merge_method} ({summary['steps']} steps) -> {output}")
 
 
 def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:
@@ -124,7 +169,7 @@ def methods() -> None:
 
 
 def _fmt(d: dict) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in d.items())
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
 
 
 def version_callback(value: bool) -> None:
@@ -159,13 +204,11 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # click/typer usage errors
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(130)
         if os.environ.get("DIVMERGE_DEBUG"):
             raise

@@ -133,7 +133,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         specs,
         block_counts(names),
     )
-    for n in names:  # every parameter resolves for every tensor, before any heavy work
+    for n in names if not method.optimized else ():  # every parameter resolves, before heavy work
         _params(plan, n)
     return plan
 
@@ -227,6 +227,7 @@ def run_merge(
     progress: Callable[[int, int, str], None] | None = None,
     tensors: Callable[[str], torch.Tensor] | None = None,
     extra_files: dict[str, str] | None = None,
+    card_extra: str = "",
 ) -> Path:
     """Write the merged checkpoint to OUT atomically. `tensors` overrides how each tensor is made
     (optimized methods pass their learned merge); `extra_files` are written beside the weights."""
@@ -242,7 +243,7 @@ def run_merge(
             if progress:
                 progress(i + 1, len(plan.names), name)
         writer.close()
-        write_side_files(plan, tmp)
+        write_side_files(plan, tmp, card_extra)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
     return out
@@ -253,7 +254,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def write_side_files(plan: MergePlan, folder: Path) -> None:
+def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> None:
     """config.json (dtype updated), generation config, tokenizer, the resolved recipe, a model card."""
     ref = plan.base or plan.models[0]
     config = dict(ref.config)
@@ -268,7 +269,7 @@ def write_side_files(plan: MergePlan, folder: Path) -> None:
     if not copy_side_files(tok_dir, folder, TOKENIZER_FILES):
         raise UserError(f"tokenizer_source: {tok_dir} holds no tokenizer files")
     (folder / "divmerge_recipe.yaml").write_text(dump_recipe(plan.recipe))
-    (folder / "README.md").write_text(model_card(plan))
+    (folder / "README.md").write_text(model_card(plan, card_extra))
 
 
 def model_card(plan: MergePlan, extra: str = "") -> str:

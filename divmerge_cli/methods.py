@@ -215,7 +215,7 @@ def _ok(recipe: Recipe) -> None:
 
 @dataclass(frozen=True)
 class Method:
-    fn: Callable[..., Tensor]
+    fn: Callable[..., Tensor] | None  # None: optimized, see optimize.py
     paper: str
     model_params: dict[str, float] = field(default_factory=dict)  # per model, with defaults
     global_params: dict[str, float] = field(default_factory=dict)
@@ -290,3 +290,18 @@ METHODS: dict[str, Method] = {
         elementwise=False,
     ),
 }
+
+# Optimized methods learn task-arithmetic coefficients from data (optimize.py); their parameters
+# are validated by recipe.OptimizeParams, with these method defaults (paper, Table 9).
+METHODS["divmerge"] = Method(
+    None,
+    "Touayouch et al., 2026 (DivMerge, EACL)",
+    global_params={"divergence": "js", "lr": 0.01, "epochs": 4},
+    optimized=True,
+)
+METHODS["adamerging"] = Method(
+    None,
+    "Yang et al., 2024 (AdaMerging, ICLR)",
+    global_params={"lr": 0.001, "epochs": 5},
+    optimized=True,
+)

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from .errors import UserError
 from .methods import METHODS
@@ -34,12 +43,28 @@ class FilterValue(BaseModel):
 
 
 ParamValue = float | list[float] | list[FilterValue]
+_param_value = TypeAdapter(ParamValue)
+
+
+class OptimizeParams(BaseModel):
+    """`parameters:` of the optimized methods (divmerge, adamerging); defaults follow Table 9."""
+
+    model_config = ConfigDict(extra="forbid")
+    divergence: Literal["js", "kl"] = "js"  # divmerge only
+    granularity: Literal["task", "layer", "tensor"] = "layer"
+    init: float | Literal["uniform"] = 0.5  # Table 9; Algorithm 1 uses 1/n ("uniform")
+    lr: PositiveFloat = 0.01
+    epochs: PositiveInt = 4
+    batch_size: PositiveInt | None = None  # default 4 x number of tasks
+    samples: PositiveInt = 200  # validation rows per task
+    top_k: PositiveInt | Literal["full"] = 64
+    gen_batch_size: PositiveInt = 16  # teacher generation batch
 
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict)
     task: str | None = None  # divmerge / adamerging: the task this expert was fine-tuned on
 
 
@@ -49,7 +74,7 @@ class Recipe(BaseModel):
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = Field(min_length=1)
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     tokenizer_source: str | None = None  # "base" (default) or a model path
@@ -136,19 +161,73 @@ def _fields_at(parent: tuple) -> list[str]:
 def _check_parameters(recipe: Recipe) -> None:
     """Parameter names must exist for the method, and values must be in range."""
     spec = METHODS[recipe.merge_method]
+    if spec.optimized:
+        return _check_optimized(recipe)
     allowed_model = set(spec.model_params)
     allowed_global = allowed_model | set(spec.global_params)
     for key, value in recipe.parameters.items():
         if key not in allowed_global:
             raise ValueError(_bad_param("parameters", key, allowed_global, recipe.merge_method))
-        _check_value(f"parameters.{key}", key, value, spec.ranges)
+        recipe.parameters[key] = _typed(f"parameters.{key}", value)
+        _check_value(f"parameters.{key}", key, recipe.parameters[key], spec.ranges)
     for i, m in enumerate(recipe.models):
         for key, value in m.parameters.items():
             if key not in allowed_model:
                 raise ValueError(
                     _bad_param(f"models[{i}].parameters", key, allowed_model, recipe.merge_method)
                 )
-            _check_value(f"models[{i}].parameters.{key}", key, value, spec.ranges)
+            m.parameters[key] = _typed(f"models[{i}].parameters.{key}", value)
+            _check_value(f"models[{i}].parameters.{key}", key, m.parameters[key], spec.ranges)
+
+
+def _typed(where: str, value: Any) -> ParamValue:
+    try:
+        return _param_value.validate_python(value)
+    except ValidationError:
+        raise ValueError(
+            f"{where}: {value!r} is not a number, a list of numbers or a list of {{filter, value}}"
+        ) from None
+
+
+def _check_optimized(recipe: Recipe) -> None:
+    name = recipe.merge_method
+    defaults = METHODS[name].global_params
+    if name == "adamerging" and "divergence" in recipe.parameters:
+        raise ValueError(
+            "parameters.divergence: adamerging minimizes entropy; divergence is for divmerge"
+        )
+    try:
+        OptimizeParams.model_validate({**defaults, **recipe.parameters})
+    except ValidationError as e:
+        e0 = e.errors()[0]
+        key = str(e0["loc"][0])
+        if e0["type"] == "extra_forbidden":
+            raise ValueError(
+                _bad_param("parameters", key, set(OptimizeParams.model_fields), name)
+            ) from None
+        raise ValueError(f"parameters.{key}: {e0['msg']} (got {e0.get('input')!r})") from None
+    if not recipe.base_model:
+        raise ValueError(
+            f"base_model: {name} needs a base model (task vectors are theta_t - theta0)"
+        )
+    if recipe.tasks is None:
+        raise ValueError(
+            f"tasks: {name} needs a tasks mapping (or file) with validation data per task"
+        )
+    for i, m in enumerate(recipe.models):
+        if m.parameters:
+            raise ValueError(f"models[{i}].parameters: {name} learns the coefficients; remove them")
+        if not m.task:
+            raise ValueError(
+                f"models[{i}].task: {name} needs the task each expert was fine-tuned on"
+            )
+
+
+def optimize_params(recipe: Recipe) -> OptimizeParams:
+    """The resolved parameters of an optimized method (defaults filled in)."""
+    return OptimizeParams.model_validate(
+        {**METHODS[recipe.merge_method].global_params, **recipe.parameters}
+    )
 
 
 def _bad_param(where: str, key: str, allowed: set[str], method: str) -> str:
@@ -204,6 +283,11 @@ def recipe_from_dict(raw: dict, source: Path) -> Recipe:
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as YAML, as the user wrote it plus the method's defaults made explicit."""
     data = recipe.model_dump(mode="json", exclude_none=True, exclude={"source"})
-    defaults = dict(METHODS[recipe.merge_method].global_params)
+    if METHODS[recipe.merge_method].optimized:
+        defaults = optimize_params(recipe).model_dump(exclude_none=True)
+        if recipe.merge_method == "adamerging":
+            defaults.pop("divergence")
+    else:
+        defaults = dict(METHODS[recipe.merge_method].global_params)
     data["parameters"] = {**defaults, **data.get("parameters", {})}
     return yaml.safe_dump(data, sort_keys=False)

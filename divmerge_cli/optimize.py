@@ -1,0 +1,393 @@
+"""DivMerge and AdaMerging: learn task-arithmetic coefficients Gamma with Adam through accelerate.
+
+DivMerge (Eq. 4): min_Gamma sum_t D_{X_t}(theta_t || theta0 + sum Gamma tau), D = JS or KL, on the
+teachers' greedy generations (Algorithm 1, B.1). AdaMerging: min_Gamma entropy of the merged
+model's predictions at the same positions (the tokens each expert generated on its task's inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch.func import functional_call
+
+from . import hf
+from .checkpoint import check_out
+from .coefficients import TaskVectors, groups_for, initial_gamma
+from .errors import UserError
+from .merge import MergePlan, plan_merge, run_merge
+from .objectives import OBJECTIVES, collate
+from .recipe import OptimizeParams, Recipe, optimize_params
+from .tasks import check_task, load_rows, load_tasks, render_prompt
+from .teacher import TeacherSample, default_cache_dir, load_or_build_teacher
+
+Progress = Callable[[str, int, int, str], None]  # (phase, done, total, info)
+
+
+@dataclass
+class Problem:
+    """Everything the loop needs: teacher samples, task vectors, the model to call functionally."""
+
+    plan: MergePlan
+    params: OptimizeParams
+    tasks: list[str]  # task of each expert, in the order of Gamma's rows
+    samples: list[TeacherSample]
+    tv: TaskVectors
+    groups: list[str]
+    model: torch.nn.Module
+    pad_id: int
+    seq2seq: bool
+    start_id: int | None
+    objective: str
+
+
+def prepare(
+    recipe: Recipe,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+    main_first=None,
+) -> Problem:
+    """Check the recipe's tasks, build or reuse the teacher cache, load theta0 and the taus."""
+    plan = plan_merge(recipe, allow_pickle)
+    params = optimize_params(recipe)
+    where = str(recipe.source)
+    tasks = load_tasks(recipe.tasks, recipe.source.parent, where)
+    names = []
+    for i, e in enumerate(plan.entries):
+        if e.task not in tasks:
+            raise UserError(
+                f"{where}: models[{i}].task: '{e.task}' is not defined under tasks (defined: {', '.join(tasks)})"
+            )
+        check_task(e.task, tasks[e.task], "validation")
+        names.append(e.task)
+    if len(set(names)) != len(names):
+        raise UserError(
+            f"{where}: models: two experts name the same task; each task needs its own expert"
+        )
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    samples: list[TeacherSample] = []
+    for i, (ckpt, task) in enumerate(zip(plan.models, names)):
+        spec = tasks[task]
+        rows = load_rows(spec.validation, limit=params.samples, seed=seed)
+        prompts = [render_prompt(task, spec, r) for r in rows]
+        tick = (lambda d, t, task=task: progress("teacher", d, t, task)) if progress else None
+        with main_first() if main_first else _null():
+            got, _hit = load_or_build_teacher(
+                ckpt.path,
+                task,
+                prompts,
+                spec.max_new_tokens,
+                params.top_k,
+                cache,
+                params.gen_batch_size,
+                tick,
+            )
+        samples.extend(got)
+    model = hf.load_model(plan.base.path, torch.float32).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    state = set(model.state_dict())
+    float_names = [n for n in plan.names if plan.base.dtype(n).is_floating_point]
+    unknown = [n for n in float_names if n not in state]
+    if unknown:
+        raise UserError(
+            f"base_model: tensor {unknown[0]} is not a parameter of the {type(model).__name__} it loads as"
+        )
+    groups, gidx = groups_for(float_names, params.granularity)
+    tv = TaskVectors.load(plan.base, plan.models, float_names, gidx, device)
+    tok = hf.load_tokenizer(plan.base.path)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    objective = "entropy" if recipe.merge_method == "adamerging" else params.divergence
+    return Problem(
+        plan,
+        params,
+        names,
+        samples,
+        tv,
+        groups,
+        model,
+        tok.pad_token_id,
+        seq2seq,
+        getattr(model.config, "decoder_start_token_id", None),
+        objective,
+    )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def per_sample_loss(
+    pb: Problem, gamma: torch.Tensor, samples: list[TeacherSample], device: str
+) -> torch.Tensor:
+    """The objective of each sample: mean over its generated positions (B.1)."""
+    batch = collate(samples, pb.pad_id, pb.seq2seq, pb.start_id).to(device)
+    out = functional_call(pb.model, pb.tv.merged(gamma), args=(), kwargs=batch.model_inputs)
+    student = batch.student_logits(out.logits)
+    per_pos = OBJECTIVES[pb.objective](batch.teacher, student)
+    mask = batch.mask
+    return torch.where(mask, per_pos, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def task_objectives(
+    pb: Problem, gamma: torch.Tensor, device: str, batch_size: int = 16
+) -> dict[str, float]:
+    """Mean objective per task over all its samples (no gradient): reported at init and at the end."""
+    out = {}
+    with torch.no_grad():
+        for task in dict.fromkeys(pb.tasks):
+            s = [x for x in pb.samples if x.task == task]
+            vals = [
+                per_sample_loss(pb, gamma, s[i : i + batch_size], device)
+                for i in range(0, len(s), batch_size)
+            ]
+            out[task] = float(torch.cat(vals).mean())
+    return out
+
+
+def batches(n_samples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Every step's sample indices: a fresh seeded shuffle of all tasks' samples each epoch."""
+    steps = []
+    for e in range(epochs):
+        perm = torch.randperm(
+            n_samples, generator=torch.Generator().manual_seed(seed * 7919 + e)
+        ).tolist()
+        steps += [perm[i : i + batch_size] for i in range(0, n_samples, batch_size)]
+    return steps
+
+
+def train(
+    pb: Problem,
+    seed: int,
+    state_dir: Path,
+    resume: bool,
+    accelerator,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Adam on Gamma. Each process takes a share of every batch; Gamma's gradient is summed across
+    processes, so n processes take the same steps as one. Gamma is checkpointed after every step."""
+    p = pb.params
+    device = accelerator.device
+    gamma = torch.nn.Parameter(initial_gamma(p.init, len(pb.tasks), len(pb.groups)).to(device))
+    opt = torch.optim.Adam([gamma], lr=p.lr)
+    bs = p.batch_size or 4 * len(pb.tasks)
+    plan = batches(len(pb.samples), bs, p.epochs, seed)
+    key = run_key(pb, seed)
+    log: list[dict] = []
+    start = 0
+    state_file = state_dir / "state.pt"
+    if resume and state_file.is_file():
+        st = torch.load(state_file, weights_only=True)
+        if st["key"] != key:
+            raise UserError(
+                f"--resume: {state_file} belongs to a different recipe, data or seed; rerun without --resume"
+            )
+        gamma.data.copy_(st["gamma"])
+        opt.load_state_dict(st["opt"])
+        start, log = st["step"], json.loads(st["log"])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for step in range(start, len(plan)):
+        idx = plan[step]
+        mine = idx[rank::world]
+        loss = (
+            per_sample_loss(pb, gamma, [pb.samples[i] for i in mine], device).sum() / len(idx)
+            if mine
+            else gamma.sum() * 0
+        )
+        opt.zero_grad()
+        loss.backward()
+        total = loss.detach().clone()
+        if world > 1:
+            gamma.grad = accelerator.reduce(gamma.grad, reduction="sum")
+            total = accelerator.reduce(total, reduction="sum")
+        if not math.isfinite(float(total)) or not torch.isfinite(gamma.grad).all():
+            raise UserError(
+                f"step {step + 1}: the loss is not finite ({float(total)}); stopped with the last good Gamma "
+                f"kept in {state_file}; lower parameters.lr and rerun with --resume"
+            )
+        opt.step()
+        log.append(
+            {
+                "step": step + 1,
+                "epoch": step * p.epochs // len(plan) + 1,
+                "loss": float(total),
+                "gamma": gamma.detach().cpu().tolist(),
+            }
+        )
+        if accelerator.is_main_process:
+            _save_state(
+                state_file,
+                {
+                    "key": key,
+                    "gamma": gamma.detach().cpu(),
+                    "opt": opt.state_dict(),
+                    "step": step + 1,
+                    "log": json.dumps(log),
+                },
+            )
+        if progress:
+            progress("optimize", step + 1, len(plan), f"loss {float(total):.4f}")
+    return gamma.detach().cpu(), log
+
+
+def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def run_key(pb: Problem, seed: int) -> str:
+    from .hashing import hash_json
+
+    return hash_json(
+        {
+            "recipe": pb.plan.recipe.model_dump(mode="json", exclude={"source"}),
+            "seed": seed,
+            "samples": [(s.task, s.prompt_ids.tolist(), s.gen_ids.tolist()) for s in pb.samples],
+        }
+    )
+
+
+def state_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.divmerge-state"
+
+
+def run_optimized(
+    recipe: Recipe,
+    out: Path,
+    force: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    cache_dir: Path | None = None,
+    resume: bool = False,
+    shard_bytes: int = 5 * 10**9,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Learn Gamma, then write theta0 + sum Gamma tau like any merge, plus coefficients.json, a
+    mergekit recipe that reproduces it, and the training log. Returns a summary."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=device == "cpu")
+    torch.manual_seed(seed)
+    plan0 = plan_merge(recipe, allow_pickle)
+    check_out(out, force, [c.path for c in plan0.inputs])
+    pb = prepare(
+        recipe, seed, cache_dir, str(acc.device), allow_pickle, progress, acc.main_process_first
+    )
+    init = initial_gamma(pb.params.init, len(pb.tasks), len(pb.groups))
+    before = task_objectives(pb, init.to(acc.device), str(acc.device))
+    gamma, log = train(pb, seed, state_dir_for(out), resume, acc, progress)
+    after = task_objectives(pb, gamma.to(acc.device), str(acc.device))
+    summary = {
+        "tasks": pb.tasks,
+        "groups": pb.groups,
+        "gamma": gamma.tolist(),
+        "objective": pb.objective,
+        "before": before,
+        "after": after,
+        "steps": len(log),
+    }
+    if acc.is_main_process:
+        files = {
+            "coefficients.json": json.dumps(coefficients_json(pb, gamma), indent=2) + "\n",
+            "mergekit_task_arithmetic.yaml": mergekit_yaml(pb, gamma),
+            "train_log.jsonl": "".join(json.dumps(x) + "\n" for x in log),
+        }
+
+        def tensor(name: str) -> torch.Tensor:
+            if name in pb.tv.base:
+                with torch.no_grad():
+                    return pb.tv.tensor(name, gamma.to(acc.device))
+            return pb.plan.base.get(name)
+
+        run_merge(
+            pb.plan,
+            out,
+            force,
+            seed,
+            shard_bytes,
+            str(acc.device),
+            _merge_tick(progress),
+            tensor,
+            files,
+            card_extra(pb, gamma, before, after),
+        )
+        shutil.rmtree(state_dir_for(out), ignore_errors=True)
+    acc.wait_for_everyone()
+    return summary
+
+
+def _merge_tick(progress: Progress | None):
+    return (lambda d, t, n: progress("write", d, t, n)) if progress else None
+
+
+def coefficients_json(pb: Problem, gamma: torch.Tensor) -> dict:
+    return {
+        "granularity": pb.params.granularity,
+        "objective": pb.objective,
+        "groups": pb.groups,
+        "gamma": {t: dict(zip(pb.groups, row)) for t, row in zip(pb.tasks, gamma.tolist())},
+    }
+
+
+def mergekit_yaml(pb: Problem, gamma: torch.Tensor) -> str:
+    """A mergekit task_arithmetic recipe giving the same tensors: per-group weights via filters."""
+    names, gidx = pb.tv.names, pb.tv.group_index
+    models = []
+    for e, ckpt, row in zip(pb.plan.entries, pb.plan.models, gamma.tolist()):
+        if len(pb.groups) == 1:
+            weight = row[0]
+        else:
+            entries = []
+            for g, group in enumerate(pb.groups):
+                members = [n for n, i in zip(names, gidx) if i == g]
+                if pb.params.granularity == "layer" and group not in ("embeddings", "head"):
+                    filters = [group + "."]
+                else:
+                    filters = sorted(members, key=len, reverse=True)
+                entries += [{"filter": f, "value": row[g]} for f in filters]
+            weight = entries
+        models.append({"model": str(ckpt.path), "parameters": {"weight": weight}})
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(pb.plan.base.path),
+        "models": models,
+        "parameters": {"lambda": 1.0, "normalize": False},
+        "dtype": "float32",
+        "out_dtype": pb.plan.recipe.out_dtype or pb.plan.recipe.dtype or "float32",
+    }
+    head = "# Reproduces this DivMerge result with mergekit or `divmerge run` (task arithmetic, learned weights)\n"
+    return head + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def card_extra(pb: Problem, gamma: torch.Tensor, before: dict, after: dict) -> str:
+    lines = [
+        "",
+        f"## Learned coefficients ({pb.params.granularity} level, objective {pb.objective})",
+        "",
+        "| task | objective at init | objective at end | mean Gamma |",
+        "|---|---|---|---|",
+    ]
+    for t, row in zip(pb.tasks, gamma.tolist()):
+        lines.append(f"| {t} | {before[t]:.5f} | {after[t]:.5f} | {sum(row) / len(row):.4f} |")
+    lines.append(
+        "\nPer-group values: `coefficients.json`. Mergekit recipe: `mergekit_task_arithmetic.yaml`."
+    )
+    return "\n".join(lines)

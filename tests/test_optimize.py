@@ -1,0 +1,333 @@
+"""DivMerge / AdaMerging on two real toy experts: a tiny base trained a few dozen steps per task."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_recipe
+from divmerge_cli import optimize, tiny
+from divmerge_cli.coefficients import TaskVectors, groups_for, initial_gamma
+from divmerge_cli.errors import UserError
+from divmerge_cli.recipe import load_recipe
+from divmerge_cli.sft import finetune
+
+WORDS_POS = ["great", "superb", "lovely", "fine", "good"]
+WORDS_NEG = ["awful", "boring", "bad", "dull", "poor"]
+LETTERS = list("abcdefgh")
+
+
+def _sentiment(rng):
+    pos = rng.random() < 0.5
+    w = rng.choice(WORDS_POS if pos else WORDS_NEG)
+    return {"text": f"the film was {w}", "label": "positive" if pos else "negative"}
+
+
+def _reverse(rng):
+    s = rng.sample(LETTERS, 3)
+    return {"seq": " ".join(s), "out": " ".join(reversed(s))}
+
+
+TASKS = {
+    "sent": (_sentiment, "Review: {text}\nSentiment:", "label"),
+    "rev": (_reverse, "Reverse: {seq}\nAnswer:", "out"),
+}
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Path:
+    """base + 2 experts fine-tuned ~40 steps on two toy tasks, their data and a tasks file."""
+    root = tmp_path_factory.mktemp("toy")
+    rng = random.Random(0)
+    data = {}
+    for name, (make, prompt, target) in TASKS.items():
+        rows = [make(rng) for _ in range(120)]
+        data[name] = rows
+        (root / f"{name}.val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+    texts = [TASKS[n][1].format(**r) + " " + r[TASKS[n][2]] for n in TASKS for r in data[n]]
+    tok = tiny.build_tokenizer(texts, vocab_size=200)
+    torch.manual_seed(0)
+    base = tiny.tiny_llama(len(tok), hidden=32, layers=2)
+    tiny.save(base, tok, root / "base")
+    for name, (_, prompt, target) in TASKS.items():
+        expert = tiny.tiny_llama(len(tok), hidden=32, layers=2)
+        expert.load_state_dict(base.state_dict())
+        ex = [(prompt.format(**r), " " + r[target]) for r in data[name]]
+        finetune(expert, tok, ex, steps=40, batch_size=8, lr=3e-3, seed=1)
+        tiny.save(expert, tok, root / name)
+    tasks = {
+        n: {
+            "validation": f"{n}.val.jsonl",
+            "prompt": TASKS[n][1],
+            "target": TASKS[n][2],
+            "max_new_tokens": 6,
+        }
+        for n in TASKS
+    }
+    write_recipe(root / "tasks.yaml", tasks)
+    return root
+
+
+def recipe(toy: Path, tmp: Path, method="divmerge", **params) -> Path:
+    return write_recipe(
+        tmp / "r.yaml",
+        {
+            "merge_method": method,
+            "base_model": str(toy / "base"),
+            "models": [{"model": str(toy / n), "task": n} for n in TASKS],
+            "tasks": str(toy / "tasks.yaml"),
+            "parameters": {"epochs": 3, "samples": 16, "top_k": 16, "lr": 0.05, **params},
+            "dtype": "float32",
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("divergence", "granularity"),
+    [("js", "task"), ("js", "layer"), ("kl", "task"), ("kl", "layer")],
+)
+def test_learned_gamma_lowers_the_objective(toy, tmp_path, divergence, granularity):
+    r = load_recipe(recipe(toy, tmp_path, divergence=divergence, granularity=granularity))
+    s = optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
+    assert sum(s["after"].values()) < sum(s["before"].values()) * 0.98, s
+    n_groups = 1 if granularity == "task" else 4  # embeddings, 2 blocks, head
+    assert torch.tensor(s["gamma"]).shape == (2, n_groups)
+    coeffs = json.loads((tmp_path / "m" / "coefficients.json").read_text())
+    assert coeffs["gamma"]["sent"] == dict(zip(coeffs["groups"], s["gamma"][0]))
+    log = [json.loads(x) for x in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == s["steps"] == 3 * 4  # 32 samples, batch 4 x 2 tasks
+    assert "objective at init" in (tmp_path / "m" / "README.md").read_text()
+
+
+def test_written_weights_are_theta0_plus_gamma_tau_and_the_mergekit_yaml_reproduces_them(
+    toy, tmp_path, cli
+):
+    r = recipe(toy, tmp_path, granularity="layer", epochs=1)
+    code, out, err = cli("run", r, "-o", tmp_path / "m", "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    gamma = json.loads((tmp_path / "m" / "coefficients.json").read_text())
+    w = load_file(tmp_path / "m" / "model.safetensors")
+    b, e = (
+        load_file(toy / "base" / "model.safetensors"),
+        {n: load_file(toy / n / "model.safetensors") for n in TASKS},
+    )
+    from divmerge_cli.merge import group_of
+
+    for name in b:
+        g = group_of(name)
+        expect = b[name] + sum(gamma["gamma"][t][g] * (e[t][name] - b[name]) for t in TASKS)
+        assert torch.allclose(w[name], expect, atol=1e-6), name
+    code, _, err = cli(
+        "run", tmp_path / "m" / "mergekit_task_arithmetic.yaml", "-o", tmp_path / "mk"
+    )
+    assert code == 0, err
+    mk = load_file(tmp_path / "mk" / "model.safetensors")
+    assert all(torch.allclose(mk[k], w[k], atol=1e-6) for k in w)
+
+
+def test_adamerging_runs_and_lowers_entropy(toy, tmp_path):
+    r = load_recipe(recipe(toy, tmp_path, method="adamerging", granularity="layer"))
+    s = optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
+    assert s["objective"] == "entropy"
+    assert sum(s["after"].values()) < sum(s["before"].values())
+
+
+def test_one_expert_js_goes_to_zero_at_gamma_one(toy, tmp_path):
+    r = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "divmerge",
+            "base_model": str(toy / "base"),
+            "models": [{"model": str(toy / "sent"), "task": "sent"}],
+            "tasks": str(toy / "tasks.yaml"),
+            "parameters": {"granularity": "task", "samples": 16, "top_k": "full"},
+        },
+    )
+    pb = optimize.prepare(load_recipe(r), cache_dir=tmp_path / "cache")
+    at = lambda g: optimize.task_objectives(pb, torch.tensor([[g]]), "cpu")["sent"]  # noqa: E731
+    assert at(1.0) < 1e-6 < at(0.5) and at(0.0) > at(0.5)
+
+
+def test_an_expert_equal_to_the_base_leaves_the_objective_flat_in_its_gamma(toy, tmp_path):
+    shutil.copytree(toy / "base", tmp_path / "same")
+    r = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "divmerge",
+            "base_model": str(toy / "base"),
+            "models": [
+                {"model": str(toy / "sent"), "task": "sent"},
+                {"model": str(tmp_path / "same"), "task": "rev"},
+            ],
+            "tasks": str(toy / "tasks.yaml"),
+            "parameters": {"granularity": "layer", "samples": 8, "top_k": 16},
+        },
+    )
+    pb = optimize.prepare(load_recipe(r), cache_dir=tmp_path / "cache")
+    gamma = initial_gamma(0.5, 2, len(pb.groups)).requires_grad_()
+    optimize.per_sample_loss(pb, gamma, pb.samples, "cpu").sum().backward()
+    assert gamma.grad[0].abs().sum() > 1e-4
+    assert torch.all(gamma.grad[1] == 0)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(toy, tmp_path, monkeypatch):
+    r = load_recipe(recipe(toy, tmp_path, granularity="layer", epochs=2))
+    full = optimize.run_optimized(r, tmp_path / "full", cache_dir=tmp_path / "cache")
+    real, calls = optimize.per_sample_loss, []
+
+    def interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(optimize, "per_sample_loss", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        optimize.run_optimized(r, tmp_path / "part", cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(optimize, "per_sample_loss", real)
+    assert not (tmp_path / "part").exists() and optimize.state_dir_for(tmp_path / "part").exists()
+    resumed = optimize.run_optimized(
+        r, tmp_path / "part", cache_dir=tmp_path / "cache", resume=True
+    )
+    assert torch.allclose(torch.tensor(resumed["gamma"]), torch.tensor(full["gamma"]), atol=1e-7)
+    assert not optimize.state_dir_for(tmp_path / "part").exists()
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_gamma(
+    toy, tmp_path, monkeypatch
+):
+    r = load_recipe(recipe(toy, tmp_path, granularity="task", epochs=1))
+    real, calls = optimize.per_sample_loss, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        return out * float("nan") if len(calls) == 5 else out  # 2 init evals + 2 good steps
+
+    monkeypatch.setattr(optimize, "per_sample_loss", poisoned)
+    with pytest.raises(UserError, match="step 3: the loss is not finite"):
+        optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
+    state = torch.load(optimize.state_dir_for(tmp_path / "m") / "state.pt", weights_only=True)
+    assert state["step"] == 2 and torch.isfinite(state["gamma"]).all()
+    assert not (tmp_path / "m").exists()
+
+
+def test_optimized_recipe_errors(toy, tmp_path, cli):
+    base = {
+        "merge_method": "divmerge",
+        "base_model": str(toy / "base"),
+        "tasks": str(toy / "tasks.yaml"),
+    }
+    cases = {
+        "undefined task": (
+            {**base, "models": [{"model": str(toy / "sent"), "task": "nope"}]},
+            "models[0].task: 'nope' is not defined",
+        ),
+        "no task": ({**base, "models": [{"model": str(toy / "sent")}]}, "models[0].task"),
+        "bad divergence": (
+            {
+                **base,
+                "models": [{"model": str(toy / "sent"), "task": "sent"}],
+                "parameters": {"divergence": "l2"},
+            },
+            "parameters.divergence",
+        ),
+        "bad granularity": (
+            {
+                **base,
+                "models": [{"model": str(toy / "sent"), "task": "sent"}],
+                "parameters": {"granularity": "row"},
+            },
+            "parameters.granularity",
+        ),
+        "no tasks": (
+            {**base, "tasks": None, "models": [{"model": str(toy / "sent"), "task": "sent"}]},
+            "tasks:",
+        ),
+    }
+    for name, (rec, expected) in cases.items():
+        path = write_recipe(tmp_path / "r.yaml", {k: v for k, v in rec.items() if v is not None})
+        code, _, err = cli("run", path, "-o", tmp_path / "o")
+        assert code == 2 and expected in err, (name, err)
+        assert not (tmp_path / "o").exists()
+
+
+def test_groups_and_gamma_shapes():
+    names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.a",
+        "model.layers.1.a",
+        "model.layers.10.a",
+        "model.norm.weight",
+    ]
+    groups, idx = groups_for(names, "layer")
+    assert groups == ["embeddings", "model.layers.0", "model.layers.1", "model.layers.10", "head"]
+    assert idx == [0, 1, 2, 3, 4]
+    assert groups_for(names, "task") == (["all"], [0] * 5)
+    assert initial_gamma("uniform", 4, 2).eq(0.25).all()
+
+
+def test_task_vectors_merge_matches_formula_and_keeps_storage_dtype():
+    from divmerge_cli.checkpoint import Checkpoint  # noqa: F401 - the type loaded in real runs
+
+    class Fake:
+        def __init__(self, d):
+            self.d = d
+
+        def get(self, n):
+            return self.d[n]
+
+    b = {"w": torch.randn(3, 2).to(torch.bfloat16)}
+    es = [
+        Fake({"w": (b["w"].float() + torch.randn(3, 2) * 0.1).to(torch.bfloat16)}) for _ in range(2)
+    ]
+    tv = TaskVectors.load(Fake(b), es, ["w"], [0])
+    assert tv.taus["w"].dtype == torch.bfloat16
+    gamma = torch.tensor([[0.3], [0.9]])
+    expect = b["w"].float() + sum(
+        g * (e.get("w").float() - b["w"].float()) for g, e in zip([0.3, 0.9], es)
+    )
+    assert torch.allclose(tv.merged(gamma)["w"], expect, atol=1e-2)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo CPU processes")
+def test_two_cpu_processes_under_accelerate_give_the_same_gamma(toy, tmp_path):
+    r = recipe(toy, tmp_path, granularity="layer", epochs=1)
+    one = optimize.run_optimized(load_recipe(r), tmp_path / "one", cache_dir=tmp_path / "cache")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "divmerge_cli.cli",
+        "run",
+        str(r),
+        "-o",
+        str(tmp_path / "two"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "coefficients.json").read_text())
+    got = torch.tensor([list(two["gamma"][t].values()) for t in TASKS])
+    assert torch.allclose(got, torch.tensor(one["gamma"]), atol=1e-5)
