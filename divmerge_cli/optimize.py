@@ -77,7 +77,7 @@ def prepare(
         )
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     samples: list[TeacherSample] = []
-    for i, (ckpt, task) in enumerate(zip(plan.models, names)):
+    for ckpt, task in zip(plan.models, names):
         spec = tasks[task]
         rows = load_rows(spec.validation, limit=params.samples, seed=seed)
         prompts = [render_prompt(task, spec, r) for r in rows]
@@ -351,7 +351,7 @@ def mergekit_yaml(pb: Problem, gamma: torch.Tensor) -> str:
     """A mergekit task_arithmetic recipe giving the same tensors: per-group weights via filters."""
     names, gidx = pb.tv.names, pb.tv.group_index
     models = []
-    for e, ckpt, row in zip(pb.plan.entries, pb.plan.models, gamma.tolist()):
+    for ckpt, row in zip(pb.plan.models, gamma.tolist()):
         if len(pb.groups) == 1:
             weight = row[0]
         else:

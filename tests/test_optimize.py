@@ -48,7 +48,7 @@ def toy(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("toy")
     rng = random.Random(0)
     data = {}
-    for name, (make, prompt, target) in TASKS.items():
+    for name, (make, _, _) in TASKS.items():
         rows = [make(rng) for _ in range(120)]
         data[name] = rows
         (root / f"{name}.val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
