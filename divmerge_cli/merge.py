@@ -24,7 +24,7 @@ from .checkpoint import (
 )
 from .errors import UserError
 from .methods import METHODS, Method
-from .recipe import FilterValue, ParamValue, Recipe, dump_recipe
+from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe
 
 _BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|block|blocks))\.(\d+)\.")
 _EMBED = re.compile(r"embed|wte|wpe|shared|word_embeddings|position_embeddings")
@@ -55,24 +55,25 @@ def block_counts(names: list[str]) -> dict[str, int]:
 
 
 def layer_position(name: str, counts: dict[str, int]) -> float:
-    """Where a tensor sits in its stack, in [0, 1]: block i of N -> i / (N - 1); embeddings -> 0;
-    final norm and head -> 1. Gradient (list) parameters are interpolated at this point."""
+    """Where a tensor sits in its stack of blocks, in [0, 1], for gradient (list) parameters:
+    block i of N -> i / (N - 1) (1 when N = 1); tensors outside blocks (embeddings, final norm,
+    head) -> 0, as mergekit 0.1.5 plans them. Encoder and decoder stacks count separately."""
     b = block_of(name)
-    if b:
-        n = counts[b[0]]
-        return b[1] / (n - 1) if n > 1 else 0.0
-    return 0.0 if _EMBED.search(name) else 1.0
+    if not b:
+        return 0.0
+    n = counts[b[0]]
+    return b[1] / (n - 1) if n > 1 else 1.0
 
 
-def resolve_value(value: ParamValue, name: str, t: float) -> float:
-    """A scalar; a list interpolated across layers at t; or [{filter, value}], first match wins."""
+def resolve_value(value: ParamValue, name: str, t: float) -> float | None:
+    """A scalar; a list interpolated across layers at t; or [{filter, value}], first entry whose
+    filter is a substring of the tensor name (or has no filter) wins. None when no filter matches:
+    the caller falls through to the global parameters, then the method's default (as mergekit)."""
     if isinstance(value, list) and value and isinstance(value[0], FilterValue):
         for fv in value:
-            if fv.filter is None or fv.filter in name:
+            if fv.filter in (None, "*") or fv.filter in name:
                 return resolve_value(fv.value, name, t)
-        raise UserError(
-            f"tensor {name}: no filter matches it and there is no fallback entry without a filter"
-        )
+        return None
     if isinstance(value, list):
         if len(value) == 1:
             return float(value[0])
@@ -81,6 +82,13 @@ def resolve_value(value: ParamValue, name: str, t: float) -> float:
         frac = x - i
         return float(value[i] * (1 - frac) + value[i + 1] * frac)
     return float(value)
+
+
+def _first(name: str, t: float, default: float, *values: ParamValue | None) -> float:
+    for v in values:
+        if v is not None and (r := resolve_value(v, name, t)) is not None:
+            return r
+    return default
 
 
 @dataclass
@@ -104,13 +112,18 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     method = METHODS[recipe.merge_method]
     base_ref = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
     base = open_checkpoint(base_ref, "base_model", allow_pickle) if base_ref else None
-    models, entries = [], []
+    models, entries, base_listed = [], [], False
     for i, m in enumerate(recipe.models):
         ref = recipe.resolve_path(m.model)
-        if method.uses_base and base and Path(ref).resolve() == base.path.resolve():
+        is_base = bool(base) and Path(ref).resolve() == base.path.resolve()
+        base_listed |= is_base
+        if is_base and not method.base_as_input:
             continue  # the base's task vector is zero: listing it changes nothing but the divisor
-        models.append(open_checkpoint(ref, f"models[{i}].model", allow_pickle))
+        models.append(base if is_base else open_checkpoint(ref, f"models[{i}].model", allow_pickle))
         entries.append(m)
+    if base and method.base_as_input and not base_listed:
+        models.append(base)  # mergekit averages a base_model in, with the global weight
+        entries.append(ModelEntry(model=recipe.base_model))
     if not models:
         raise UserError(f"{recipe.source}: models: no model besides the base to merge")
     ref = base or models[0]
@@ -168,17 +181,14 @@ def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
 def _params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
     r, m = plan.recipe, plan.method
     t = layer_position(name, plan.counts)
-    per_model = []
-    for e in plan.entries:
-        d = {}
-        for k, default in m.model_params.items():
-            v = e.parameters.get(k, r.parameters.get(k, default))
-            d[k] = resolve_value(v, name, t)
-        per_model.append(d)
-    glob = {
-        k: resolve_value(r.parameters.get(k, default), name, t)
-        for k, default in m.global_params.items()
-    }
+    per_model = [
+        {
+            k: _first(name, t, d, e.parameters.get(k), r.parameters.get(k))
+            for k, d in m.model_params.items()
+        }
+        for e in plan.entries
+    ]
+    glob = {k: _first(name, t, d, r.parameters.get(k)) for k, d in m.global_params.items()}
     return per_model, glob
 
 

@@ -50,17 +50,15 @@ def ties(base, xs, p, g, gen, prep=None) -> Tensor:
 
 
 def dare_linear(base, xs, p, g, gen, prep=None) -> Tensor:
-    """DARE (Yu et al., 2024): drop each delta entry with prob 1-density, rescale by 1/density."""
-    return _disjoint_merge(
-        base, [_dare(x - base, m["density"], gen) for x, m in zip(xs, p)], p, g, False
-    )
+    """DARE (Yu et al., 2024): drop each delta entry with prob 1-density, rescale the survivors."""
+    taus = [_dare(x - base, m["density"], g["rescale"], gen) for x, m in zip(xs, p)]
+    return _disjoint_merge(base, taus, p, g, elect=False)
 
 
 def dare_ties(base, xs, p, g, gen, prep=None) -> Tensor:
     """DARE's random drop, then TIES's sign election and disjoint merge."""
-    return _disjoint_merge(
-        base, [_dare(x - base, m["density"], gen) for x, m in zip(xs, p)], p, g, True
-    )
+    taus = [_dare(x - base, m["density"], g["rescale"], gen) for x, m in zip(xs, p)]
+    return _disjoint_merge(base, taus, p, g, elect=True)
 
 
 def ties_prepare(base: Tensor, xs: list[Tensor], p: list[dict]) -> dict:
@@ -70,16 +68,14 @@ def ties_prepare(base: Tensor, xs: list[Tensor], p: list[dict]) -> dict:
 
 def magnitude_threshold(tau: Tensor, density: float) -> tuple[float, int]:
     """(thr, last): keep |tau| > thr, and |tau| == thr up to flat index `last`, so that exactly
-    k = int(density * numel) entries survive, as with mergekit's torch.topk.
+    k = max(1, int(density * numel)) entries survive, as with mergekit's argsort.
 
     numpy's introselect is ~25x faster than torch.kthvalue on CPU.
     """
     n = tau.numel()
-    k = int(density * n)
-    if k >= n:
+    k = max(1, int(density * n))  # mergekit keeps at least one entry
+    if density >= 1 or k >= n:
         return (-1.0, n)
-    if k <= 0:
-        return (float("inf"), -1)
     a = tau.abs().reshape(-1).numpy().copy()
     a.partition(n - k)
     thr = float(a[n - k])
@@ -101,11 +97,16 @@ def _trim(tau: Tensor, threshold: tuple[float, int], offset: int = 0) -> Tensor:
     return tau * mask
 
 
-def _dare(tau: Tensor, density: float, gen: torch.Generator) -> Tensor:
+def _dare(tau: Tensor, density: float, rescale: float, gen: torch.Generator) -> Tensor:
+    """Bernoulli(density) mask; with `rescale`, survivors are scaled so the tensor keeps its L1
+    norm (mergekit 0.1.5; about 1/density on large tensors, as in the DARE paper)."""
     if density >= 1:
         return tau
-    keep = torch.rand(tau.shape, generator=gen) < density
-    return tau * keep / density
+    kept = tau * (torch.rand(tau.shape, generator=gen) < density)
+    if not rescale:
+        return kept
+    before, after = tau.abs().sum(), kept.abs().sum()
+    return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
 
 
 def _disjoint_merge(
@@ -122,8 +123,12 @@ def _disjoint_merge(
         wt = wt * agree
     mixed = wt.sum(0)
     if g["normalize"]:
-        div = (w * agree).sum(0) if elect else w.sum(0).expand_as(mixed)
-        div = torch.where(div == 0, torch.ones_like(div), div)
+        if elect:
+            div = (w * agree).sum(0)
+            div = torch.where(div == 0, torch.ones_like(div), div)
+        else:
+            div = w.sum(0)
+            div = torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
         mixed = mixed / div
     return base + g["lambda"] * mixed
 
@@ -136,7 +141,7 @@ def _normalize(v: Tensor, eps: float) -> Tensor:
 def slerp(base, xs, p, g, gen, prep=None) -> Tensor:
     """Spherical interpolation between the base (t=0) and the other model (t=1)."""
     v0, v1, t = base, xs[0], g["t"]
-    dot = float((_normalize(v0, 1e-8) * _normalize(v1, 1e-8)).sum())
+    dot = float((_normalize(v0, 1e-8) * _normalize(v1, 1e-8)).sum().clamp(-1.0, 1.0))
     if abs(dot) > 0.9995:  # nearly colinear: slerp degenerates, lerp is exact enough
         return (1 - t) * v0 + t * v1
     theta0 = np.arccos(dot)
@@ -145,37 +150,33 @@ def slerp(base, xs, p, g, gen, prep=None) -> Tensor:
     return float(s0) * v0 + float(s1) * v1
 
 
-def multislerp(base, xs, p, g, gen, prep=None, eps: float = 1e-8) -> Tensor:
-    """Barycentric interpolation on the hypersphere (Goddard et al., 2024), of task vectors when a
-    base is given: project to the tangent space at the weighted mean direction, average, map back,
-    and rescale to the weighted mean norm."""
+def multislerp(base, xs, p, g, gen, prep=None) -> Tensor:
+    """Multi-SLERP as mergekit 0.1.5 computes it: the weighted mean direction of the (task) vectors,
+    moved along the weighted mean of their tangent components at it, scaled to the weighted mean
+    norm. Task vectors when a base is given."""
+    if len(xs) == 1:
+        return xs[0]
+    eps = g["eps"]
     w = torch.tensor([m["weight"] for m in p], dtype=torch.float32)
     if g["normalize_weights"]:
         w = w / w.sum()
-    shape = xs[0].shape
     v = torch.stack([(x - base) if base is not None else x for x in xs]).reshape(len(xs), -1)
-    norms = torch.linalg.vector_norm(v, dim=1, keepdim=True)
-    unit = v / (norms + eps)
+    norms = torch.linalg.vector_norm(v, dim=1)
+    unit = v / (norms[:, None] + eps)
     mean = (unit * w[:, None]).sum(0)
-    mean_norm = torch.linalg.vector_norm(mean)
-    if mean_norm < eps:  # opposite directions cancel: fall back to the weighted mean
-        out = (v * w[:, None]).sum(0)
+    if torch.linalg.vector_norm(mean) < eps:
+        if len(xs) != 2:
+            raise ValueError(
+                "multislerp: the task vectors cancel out; the mean direction is undefined"
+            )
+        out = w[0] * v[0] + w[1] * v[1]
     else:
-        mean = mean / mean_norm
-        dots = (unit @ mean).clamp(-1.0, 1.0)
-        theta = torch.arccos(dots)
-        tangent = unit - dots[:, None] * mean
-        tnorm = torch.linalg.vector_norm(tangent, dim=1, keepdim=True)
-        scale = torch.where(tnorm > eps, theta[:, None] / (tnorm + eps), torch.zeros_like(tnorm))
-        avg = ((tangent * scale) * w[:, None]).sum(0)
-        avg_norm = torch.linalg.vector_norm(avg)
-        direction = (
-            mean
-            if avg_norm < eps
-            else torch.cos(avg_norm) * mean + torch.sin(avg_norm) * avg / avg_norm
-        )
-        out = direction * (norms.squeeze(1) * w).sum()
-    out = out.reshape(shape)
+        mean = mean / torch.linalg.vector_norm(mean)
+        tangent = unit - (unit @ mean)[:, None] * mean
+        r = (tangent * w[:, None]).sum(0)
+        s = torch.linalg.vector_norm(r) + eps
+        out = (mean * torch.cos(s) + r * torch.sin(s) / s) * (norms * w).sum()
+    out = out.reshape(xs[0].shape)
     return out + base if base is not None else out
 
 
@@ -222,13 +223,14 @@ class Method:
     ranges: dict = field(default_factory=dict)
     check: Callable[[Recipe], None] = _ok
     uses_base: bool = True  # the base tensor is read (and passed as `base`)
+    base_as_input: bool = False  # linear: a base_model not listed in models joins them (mergekit)
     elementwise: bool = True  # may be applied to row-chunks
     prepare: Callable | None = None  # whole-tensor statistics for chunked runs
     optimized: bool = False  # learns coefficients from data (divmerge, adamerging)
 
 
-_ta_params = {"weight": 1.0}
-_ranges = {"density": _unit, "t": _t, "lambda": (lambda v: True, lambda v: True, "any number")}
+_ranges = {"density": _unit, "t": _t}
+_gta = {"lambda": 1.0, "int8_mask": 0.0}  # int8_mask only changes mergekit's mask dtype
 
 METHODS: dict[str, Method] = {
     "linear": Method(
@@ -238,12 +240,13 @@ METHODS: dict[str, Method] = {
         {"normalize": 1.0},
         _ranges,
         uses_base=False,
+        base_as_input=True,
     ),
     "task_arithmetic": Method(
         task_arithmetic,
         "Ilharco et al., 2022",
-        _ta_params,
-        {"normalize": 0.0, "lambda": 1.0},
+        {"weight": 1.0},
+        {"normalize": 0.0, **_gta},
         _ranges,
         _needs_base("task_arithmetic"),
     ),
@@ -251,7 +254,7 @@ METHODS: dict[str, Method] = {
         ties,
         "Yadav et al., 2023",
         {"weight": 1.0, "density": 1.0},
-        {"normalize": 1.0, "lambda": 1.0},
+        {"normalize": 1.0, **_gta},
         _ranges,
         _needs_base("ties"),
         prepare=ties_prepare,
@@ -260,17 +263,19 @@ METHODS: dict[str, Method] = {
         dare_linear,
         "Yu et al., 2024",
         {"weight": 1.0, "density": 1.0},
-        {"normalize": 0.0, "lambda": 1.0},
+        {"normalize": 0.0, "rescale": 1.0, **_gta},
         _ranges,
         _needs_base("dare_linear"),
+        elementwise=False,
     ),
     "dare_ties": Method(
         dare_ties,
         "Yu et al., 2024 + Yadav et al., 2023",
         {"weight": 1.0, "density": 1.0},
-        {"normalize": 1.0, "lambda": 1.0},
+        {"normalize": 0.0, "rescale": 1.0, **_gta},
         _ranges,
         _needs_base("dare_ties"),
+        elementwise=False,
     ),
     "slerp": Method(
         slerp,
@@ -285,7 +290,7 @@ METHODS: dict[str, Method] = {
         multislerp,
         "Goddard et al., 2024 (mergekit)",
         {"weight": 1.0},
-        {"normalize_weights": 1.0},
+        {"normalize_weights": 1.0, "eps": 1e-8},
         _ranges,
         elementwise=False,
     ),

@@ -132,10 +132,13 @@ def test_slerp_multislerp_linear_dare_run(tmp_path, llama_zoo, cli):
         assert code == 0, (name, err)
     lin, e0, e1 = weights(tmp_path / "linear"), weights(z["e0"]), weights(z["e1"])
     assert all(torch.allclose(lin[k], (e0[k] + e1[k]) / 2, atol=1e-6) for k in lin)
-    # slerp's t runs from 0 at the embeddings to 1 at the head: the ends are the base and the expert
+    # slerp's t runs from 0 at block 0 to 1 at the last block; outside the blocks t = 0 (mergekit)
     s, b = weights(tmp_path / "slerp"), weights(z["base"])
-    assert torch.allclose(s["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
-    assert torch.allclose(s["lm_head.weight"], e0["lm_head.weight"], atol=1e-6)
+    for k in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert torch.allclose(s[k], b[k], atol=1e-6), k
+    assert torch.allclose(
+        s["model.layers.1.mlp.up_proj.weight"], e0["model.layers.1.mlp.up_proj.weight"], atol=1e-6
+    )
     # dare is seeded: the same seed gives the same tensors, another seed different ones
     r = tmp_path / "dare_ties.yaml"
     assert cli("run", r, "-o", tmp_path / "d2", "--seed", "0")[0] == 0
@@ -247,17 +250,13 @@ def _mutants(z: dict, tmp: Path) -> dict[str, tuple[dict | str, str]]:
         "not a mapping": ("- just\n- a list\n", "must be a YAML mapping"),
         "bad yaml": ("merge_method: ties\n  models: [\n", "not valid YAML"),
         "nan tensor": ({**ok, "models": models(nan)}, "model.layers.1.mlp.up_proj.weight"),
-        "filter without fallback": (
-            {
-                **ok,
-                "models": [
-                    {
-                        "model": str(z["e0"]),
-                        "parameters": {"weight": [{"filter": "mlp", "value": 1}]},
-                    }
-                ],
-            },
-            "no filter matches",
+        "empty gradient": (
+            {**ok, "models": [{"model": str(z["e0"]), "parameters": {"weight": []}}]},
+            "an empty list",
+        ),
+        "string weight": (
+            {**ok, "models": [{"model": str(z["e0"]), "parameters": {"weight": "heavy"}}]},
+            "is not a number",
         ),
         "model type": ({**ok, "models": models(z["t5"])}, "model_type"),
     }
@@ -287,7 +286,8 @@ def bad_zoo(llama_zoo, t5_zoo, tmp_path_factory):
         "not a mapping",
         "bad yaml",
         "nan tensor",
-        "filter without fallback",
+        "empty gradient",
+        "string weight",
         "model type",
     ],
 )
