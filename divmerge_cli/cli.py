@@ -148,6 +148,10 @@ def validate(
 
     r = load_recipe(recipe)
     plan = plan_merge(r, allow_pickle)
+    if plan.method.optimized:
+        from .optimize import check_tasks
+
+        check_tasks(r, plan)
     size = sum(c.nbytes for c in plan.inputs) / 1e9
     out.print(
         f"[green]ok[/] {recipe}: {r.merge_method} over {len(plan.inputs)} checkpoints "

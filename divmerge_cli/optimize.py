@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,21 +61,7 @@ def prepare(
 ) -> Problem:
     """Check the recipe's tasks, build or reuse the teacher cache, load theta0 and the taus."""
     plan = plan_merge(recipe, allow_pickle)
-    params = optimize_params(recipe)
-    where = str(recipe.source)
-    tasks = load_tasks(recipe.tasks, recipe.source.parent, where)
-    names = []
-    for i, e in enumerate(plan.entries):
-        if e.task not in tasks:
-            raise UserError(
-                f"{where}: models[{i}].task: '{e.task}' is not defined under tasks (defined: {', '.join(tasks)})"
-            )
-        check_task(e.task, tasks[e.task], "validation")
-        names.append(e.task)
-    if len(set(names)) != len(names):
-        raise UserError(
-            f"{where}: models: two experts name the same task; each task needs its own expert"
-        )
+    params, tasks, names = check_tasks(recipe, plan)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     samples: list[TeacherSample] = []
     for ckpt, task in zip(plan.models, names):
@@ -82,7 +69,7 @@ def prepare(
         rows = load_rows(spec.validation, limit=params.samples, seed=seed)
         prompts = [render_prompt(task, spec, r) for r in rows]
         tick = (lambda d, t, task=task: progress("teacher", d, t, task)) if progress else None
-        with main_first() if main_first else _null():
+        with main_first() if main_first else nullcontext():
             got, _hit = load_or_build_teacher(
                 ckpt.path,
                 task,
@@ -124,12 +111,25 @@ def prepare(
     )
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def check_tasks(recipe: Recipe, plan: MergePlan) -> tuple[OptimizeParams, dict, list[str]]:
+    """Every expert names a defined task whose validation rows exist and render (no model loaded)."""
+    params = optimize_params(recipe)
+    where = str(recipe.source)
+    tasks = load_tasks(recipe.tasks, recipe.source.parent, where)
+    names = []
+    for i, e in enumerate(plan.entries):
+        if e.task not in tasks:
+            raise UserError(
+                f"{where}: models[{i}].task: '{e.task}' is not defined under tasks "
+                f"(defined: {', '.join(tasks)})"
+            )
+        check_task(e.task, tasks[e.task], "validation")
+        names.append(e.task)
+    if len(set(names)) != len(names):
+        raise UserError(
+            f"{where}: models: two experts name the same task; each task needs its own expert"
+        )
+    return params, tasks, names
 
 
 def per_sample_loss(

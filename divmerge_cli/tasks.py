@@ -65,10 +65,8 @@ def load_tasks(raw: dict | str | None, base_dir: Path, where: str) -> dict[str, 
                 f"{where}: the file is empty; expected a mapping of task name -> fields"
             )
     if not isinstance(raw, dict):
-        got = type(raw).__name__
-        raise UserError(
-            f"{where}: {prefix or 'tasks'}: expected a mapping of task name -> fields, got {got}"
-        )
+        got, at = type(raw).__name__, prefix.rstrip(".") or "top level"
+        raise UserError(f"{where}: {at}: expected a mapping of task name -> fields, got {got}")
     return {
         str(name): _task_spec(str(name), fields, Path(base_dir), where, prefix)
         for name, fields in raw.items()
@@ -97,7 +95,8 @@ def _task_spec(name: str, fields: object, base_dir: Path, where: str, prefix: st
 
 def _pydantic_message(e: ValidationError) -> str:
     """`field: what is wrong` for the first error, with a spelling suggestion for unknown keys."""
-    err = e.errors()[0]
+    # A misspelled key also makes its field "missing"; the misspelling is the one to report.
+    err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
     field = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
         valid = list(TaskSpec.model_fields)

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ def load_or_build_teacher(
         gens = _read_entry(entry, len(prompts), top_k)
         if gens is not None:
             return [_with_task(g, task) for g in gens], True
-        shutil.rmtree(entry, ignore_errors=True)  # damaged: rebuild below
+        _remove(entry)  # damaged: rebuild below
     model = hf.load_model(model_dir, torch.float32)
     tokenizer = hf.load_tokenizer(model_dir)
     try:
@@ -96,8 +97,10 @@ def load_or_build_teacher(
             model, tokenizer, prompts, max_new_tokens, batch_size, top_k, progress
         )
     finally:
+        alive = weakref.ref(model)
         del model
-        gc.collect()
+        if alive() is not None:  # freed by refcount normally; a full gc pass costs ~0.5 s
+            gc.collect()
     _write_entry(entry, gens, top_k, max_new_tokens, str(model_dir))
     return [_with_task(g, task) for g in gens], False
 
@@ -155,6 +158,13 @@ def _write_entry(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
 
 
 def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
