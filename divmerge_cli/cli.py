@@ -159,6 +159,146 @@ def validate(
     )
 
 
+def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:
+    """(tasks, reference expert per task, where) from a tasks YAML or a recipe with tasks."""
+    import yaml
+
+    from .recipe import load_recipe
+    from .tasks import load_tasks
+
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        raw = None  # load_recipe below reports the YAML error with its position
+    if isinstance(raw, dict) and "merge_method" in raw:
+        r = load_recipe(path)
+        if r.tasks is None:
+            raise UserError(f"--tasks {path}: the recipe has no tasks")
+        tasks = load_tasks(r.tasks, r.source.parent, str(path))
+        refs = {m.task: Path(r.resolve_path(m.model)) for m in r.models if m.task}
+        return tasks, refs, path
+    if not path.is_file():
+        raise UserError(f"--tasks {path}: file not found (a tasks YAML or a recipe with tasks)")
+    return load_tasks(str(path.resolve()), path.parent, str(path)), {}, path
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[Path], typer.Argument(help="merged or expert checkpoint folders")],
+    tasks: Annotated[
+        Path, typer.Option(help="a tasks YAML, or a recipe (its experts are the references)")
+    ],
+    split: Annotated[str, typer.Option(help="validation | test")] = "test",
+    limit: Annotated[
+        int | None, typer.Option(help="at most N rows per task (seeded sample)")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="write the scores as JSON")
+    ] = None,
+    reference: Annotated[
+        list[str] | None, typer.Option(help="TASK=PATH: the expert for ANP")
+    ] = None,
+    divergence: Annotated[
+        bool, typer.Option(help="also JS and KL of each expert to the model")
+    ] = False,
+    batch_size: int = 16,
+    seed: int = 0,
+    cache_dir: Annotated[Path | None, typer.Option(help="score and teacher cache")] = None,
+) -> None:
+    """Score MODELS on the tasks' labelled rows (accuracy / ROUGE-1) and their ANP vs the experts."""
+    import json
+
+    from .evaluate import anp, evaluate_model
+
+    if split not in ("validation", "test"):
+        raise UserError(f"--split: {split!r} is not valid; use validation or test")
+    specs, refs, where = _eval_tasks(tasks)
+    for item in reference or []:
+        task, sep, p = item.partition("=")
+        if not sep or task not in specs:
+            raise UserError(
+                f"--reference {item}: use TASK=PATH with TASK one of {', '.join(specs)}"
+            )
+        refs[task] = Path(p)
+    for m in [*models, *refs.values()]:
+        if not (Path(m) / "config.json").is_file():
+            raise UserError(f"{m}: not a Hugging Face model folder (no config.json)")
+    cache = cache_dir or _default_cache("eval")
+    ref_scores = {
+        t: evaluate_model(p, {t: specs[t]}, split, limit, batch_size, seed, cache)[t].score
+        for t, p in refs.items()
+    }
+    report: dict = {"models": {}}
+    for m in models:
+        scores = evaluate_model(m, specs, split, limit, batch_size, seed, cache)
+        entry: dict = {"tasks": {t: vars(s) for t, s in scores.items()}}
+        known = {t: s.score for t, s in scores.items() if t in ref_scores}
+        entry["anp"] = anp(known, ref_scores) if known else None
+        if divergence:
+            entry["divergence"] = _divergences(m, refs, specs, limit, seed, batch_size, cache_dir)
+        report["models"][str(m)] = entry
+        out.print(_score_table(str(m), entry, ref_scores))
+    if refs:
+        report["references"] = {
+            t: {"model": str(p), "score": ref_scores[t]} for t, p in refs.items()
+        }
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _default_cache(kind: str) -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("divmerge")) / kind
+
+
+def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir) -> dict:
+    from .optimize import model_divergences
+    from .tasks import load_rows, render_prompt
+    from .teacher import default_cache_dir, load_or_build_teacher
+
+    out = {}
+    for task, expert in refs.items():
+        spec = specs[task]
+        if not spec.validation:
+            continue
+        rows = load_rows(spec.validation, limit=limit or 200, seed=seed)
+        prompts = [render_prompt(task, spec, r) for r in rows]
+        samples, _ = load_or_build_teacher(
+            expert,
+            task,
+            prompts,
+            spec.max_new_tokens,
+            64,
+            cache_dir or default_cache_dir(),
+            batch_size,
+        )
+        out[task] = model_divergences(model, samples, batch_size)
+    return out
+
+
+def _score_table(name: str, entry: dict, refs: dict[str, float]) -> Table:
+    table = Table(title=name)
+    for col in ("task", "metric", "score", "n", "expert", "normalized"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for t, s in entry["tasks"].items():
+        ref = refs.get(t)
+        norm = f"{s['score'] / ref:.3f}" if ref else "-"
+        table.add_row(
+            t,
+            s["metric"],
+            f"{s['score']:.4f}",
+            str(s["n"]),
+            f"{ref:.4f}" if ref is not None else "-",
+            norm,
+        )
+    if entry.get("anp") is not None:
+        table.add_row("[bold]ANP[/]", "", "", "", "", f"[bold]{entry['anp']:.4f}[/]")
+    for t, d in entry.get("divergence", {}).items():
+        table.add_row(f"JS / KL ({t} expert)", "", "", "", "", f"{d['js']:.4f} / {d['kl']:.4f}")
+    return table
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods, their parameters and papers."""

@@ -19,8 +19,10 @@ from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import UserError
+from .generate import greedy_generate
 from .hashing import hash_json, hash_model_dir
-from .tasks import TaskSpec
+from .hf import load_model, load_tokenizer
+from .tasks import TaskSpec, load_rows, render_prompt
 
 # Bump when scoring changes meaning, so old cached scores stop matching.
 CACHE_VERSION = 1
@@ -108,8 +110,6 @@ def labelled_rows(
     task: str, spec: TaskSpec, split: str, limit: int | None, seed: int
 ) -> list[dict]:
     """The split's rows that carry the target field (at most `limit`, sampled with `seed`)."""
-    from .tasks import load_rows
-
     path = getattr(spec, split, None)
     if not path:
         raise UserError(f"tasks.{task}.{split}: no {split} file; scoring needs labelled rows")
@@ -130,9 +130,6 @@ def score_task(
     batch_size: int = 16,
 ) -> TaskScore:
     """Greedy-generate on `rows` and score with the task's metric (works on in-memory models)."""
-    from .generate import greedy_generate
-    from .tasks import render_prompt
-
     prompts = [render_prompt(task, spec, r) for r in rows]
     gens = greedy_generate(model, tokenizer, prompts, spec.max_new_tokens, batch_size=batch_size)
     preds = [g.text for g in gens]
@@ -201,8 +198,6 @@ def evaluate_model(
             out[task] = TaskScore(**hit)
             continue
         if model is None:  # load lazily: a fully cached run never touches the weights
-            from .hf import load_model, load_tokenizer
-
             model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
         out[task] = score_task(model, tokenizer, task, spec, rows[task], batch_size)
         fresh[keys[task]] = asdict(out[task])

@@ -13,8 +13,13 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from .errors import UserError
+
+# Library code does not print: transformers' own progress bars ("Loading weights") stay off.
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
 
 
 def is_seq2seq(path: str | Path) -> bool:

@@ -132,16 +132,65 @@ def check_tasks(recipe: Recipe, plan: MergePlan) -> tuple[OptimizeParams, dict, 
     return params, tasks, names
 
 
+def objective_per_sample(
+    forward: Callable[[dict], torch.Tensor],
+    samples: list[TeacherSample],
+    objective: str,
+    pad_id: int,
+    seq2seq: bool,
+    start_id: int | None,
+    device: str,
+) -> torch.Tensor:
+    """The objective of each sample: its mean over the generated positions (B.1). `forward` maps
+    the model inputs to logits."""
+    batch = collate(samples, pad_id, seq2seq, start_id).to(device)
+    student = batch.student_logits(forward(batch.model_inputs))
+    per_pos = OBJECTIVES[objective](batch.teacher, student)
+    mask = batch.mask
+    return torch.where(mask, per_pos, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
 def per_sample_loss(
     pb: Problem, gamma: torch.Tensor, samples: list[TeacherSample], device: str
 ) -> torch.Tensor:
-    """The objective of each sample: mean over its generated positions (B.1)."""
-    batch = collate(samples, pb.pad_id, pb.seq2seq, pb.start_id).to(device)
-    out = functional_call(pb.model, pb.tv.merged(gamma), args=(), kwargs=batch.model_inputs)
-    student = batch.student_logits(out.logits)
-    per_pos = OBJECTIVES[pb.objective](batch.teacher, student)
-    mask = batch.mask
-    return torch.where(mask, per_pos, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
+    """The objective of each sample under the merged model theta0 + sum Gamma tau."""
+
+    def forward(inputs: dict) -> torch.Tensor:
+        return functional_call(pb.model, pb.tv.merged(gamma), args=(), kwargs=inputs).logits
+
+    return objective_per_sample(
+        forward, samples, pb.objective, pb.pad_id, pb.seq2seq, pb.start_id, device
+    )
+
+
+def model_divergences(
+    model_dir: Path,
+    samples: list[TeacherSample],
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """D_X(teacher || model) for D = JS and KL over the teacher's samples (paper Table 2, Fig. 5)."""
+    model = hf.load_model(model_dir, torch.float32).to(device)
+    tok = hf.load_tokenizer(model_dir)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    start = getattr(model.config, "decoder_start_token_id", None)
+    out = {}
+    with torch.no_grad():
+        for name in ("js", "kl"):
+            vals = [
+                objective_per_sample(
+                    lambda kw: model(**kw).logits,
+                    samples[i : i + batch_size],
+                    name,
+                    tok.pad_token_id,
+                    seq2seq,
+                    start,
+                    device,
+                )
+                for i in range(0, len(samples), batch_size)
+            ]
+            out[name] = float(torch.cat(vals).mean())
+    return out
 
 
 def task_objectives(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 import yaml
 
 from divmerge_cli import tiny
+from divmerge_cli.sft import finetune
 
 # Tiny models gain nothing from intra-op threads; on a shared 2-core machine they lose a lot.
 torch.set_num_threads(1)
@@ -70,3 +73,64 @@ def cli(monkeypatch, capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+# --- two real toy experts: a tiny base fine-tuned a few dozen steps per task ---
+
+WORDS_POS = ["great", "superb", "lovely", "fine", "good"]
+WORDS_NEG = ["awful", "boring", "bad", "dull", "poor"]
+LETTERS = ["red", "blue", "green", "cat", "dog", "sun", "tree", "book"]
+
+
+def _sentiment(rng):
+    pos = rng.random() < 0.5
+    w = rng.choice(WORDS_POS if pos else WORDS_NEG)
+    return {"text": f"the film was {w}", "label": "positive" if pos else "negative"}
+
+
+def _reverse(rng):
+    s = rng.sample(LETTERS, 3)
+    return {"seq": " ".join(s), "out": " ".join(reversed(s))}
+
+
+TASKS = {
+    "sent": (_sentiment, "Review: {text}\nSentiment:", "label"),
+    "rev": (_reverse, "Reverse: {seq}\nAnswer:", "out"),
+}
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Path:
+    """base + 2 experts fine-tuned ~40 steps on two toy tasks, their data and a tasks file."""
+    root = tmp_path_factory.mktemp("toy")
+    rng = random.Random(0)
+    data = {}
+    for name, (make, _, _) in TASKS.items():
+        rows = [make(rng) for _ in range(120)]
+        data[name] = rows
+        (root / f"{name}.val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+        (root / f"{name}.test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[-12:]))
+    texts = [TASKS[n][1].format(**r) + " " + r[TASKS[n][2]] for n in TASKS for r in data[n]]
+    tok = tiny.build_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    base = tiny.tiny_llama(len(tok), hidden=32, layers=2)
+    tiny.save(base, tok, root / "base")
+    for name, (_, prompt, target) in TASKS.items():
+        expert = tiny.tiny_llama(len(tok), hidden=32, layers=2)
+        expert.load_state_dict(base.state_dict())
+        ex = [(prompt.format(**r), " " + r[target]) for r in data[name]]
+        finetune(expert, tok, ex, steps=60, batch_size=8, lr=3e-3, seed=1)
+        tiny.save(expert, tok, root / name)
+    tasks = {
+        n: {
+            "validation": f"{n}.val.jsonl",
+            "test": f"{n}.test.jsonl",
+            "metric": "accuracy" if n == "sent" else "rouge1",
+            "prompt": TASKS[n][1],
+            "target": TASKS[n][2],
+            "max_new_tokens": 8,
+        }
+        for n in TASKS
+    }
+    write_recipe(root / "tasks.yaml", tasks)
+    return root

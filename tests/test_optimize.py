@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -13,67 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_recipe
-from divmerge_cli import optimize, tiny
+from conftest import TASKS, write_recipe
+from divmerge_cli import optimize
 from divmerge_cli.coefficients import TaskVectors, groups_for, initial_gamma
 from divmerge_cli.errors import UserError
 from divmerge_cli.recipe import load_recipe
-from divmerge_cli.sft import finetune
-
-WORDS_POS = ["great", "superb", "lovely", "fine", "good"]
-WORDS_NEG = ["awful", "boring", "bad", "dull", "poor"]
-LETTERS = list("abcdefgh")
-
-
-def _sentiment(rng):
-    pos = rng.random() < 0.5
-    w = rng.choice(WORDS_POS if pos else WORDS_NEG)
-    return {"text": f"the film was {w}", "label": "positive" if pos else "negative"}
-
-
-def _reverse(rng):
-    s = rng.sample(LETTERS, 3)
-    return {"seq": " ".join(s), "out": " ".join(reversed(s))}
-
-
-TASKS = {
-    "sent": (_sentiment, "Review: {text}\nSentiment:", "label"),
-    "rev": (_reverse, "Reverse: {seq}\nAnswer:", "out"),
-}
-
-
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory) -> Path:
-    """base + 2 experts fine-tuned ~40 steps on two toy tasks, their data and a tasks file."""
-    root = tmp_path_factory.mktemp("toy")
-    rng = random.Random(0)
-    data = {}
-    for name, (make, _, _) in TASKS.items():
-        rows = [make(rng) for _ in range(120)]
-        data[name] = rows
-        (root / f"{name}.val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
-    texts = [TASKS[n][1].format(**r) + " " + r[TASKS[n][2]] for n in TASKS for r in data[n]]
-    tok = tiny.build_tokenizer(texts, vocab_size=200)
-    torch.manual_seed(0)
-    base = tiny.tiny_llama(len(tok), hidden=32, layers=2)
-    tiny.save(base, tok, root / "base")
-    for name, (_, prompt, target) in TASKS.items():
-        expert = tiny.tiny_llama(len(tok), hidden=32, layers=2)
-        expert.load_state_dict(base.state_dict())
-        ex = [(prompt.format(**r), " " + r[target]) for r in data[name]]
-        finetune(expert, tok, ex, steps=40, batch_size=8, lr=3e-3, seed=1)
-        tiny.save(expert, tok, root / name)
-    tasks = {
-        n: {
-            "validation": f"{n}.val.jsonl",
-            "prompt": TASKS[n][1],
-            "target": TASKS[n][2],
-            "max_new_tokens": 6,
-        }
-        for n in TASKS
-    }
-    write_recipe(root / "tasks.yaml", tasks)
-    return root
 
 
 def recipe(toy: Path, tmp: Path, method="divmerge", **params) -> Path:
