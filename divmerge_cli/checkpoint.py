@@ -137,21 +137,28 @@ class Checkpoint:
         f, info = self.index[name]
         return ST_DTYPES[info["dtype"]] if info else self._load_bin(f)[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from disk into memory of its stored dtype."""
+    def get(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """One tensor, or rows [start, stop) of it, read from disk in its stored dtype."""
         f, info = self.index[name]
         if info is None:
-            return self._load_bin(f)[name].clone()
-        start, end = info["data_offsets"]
-        buf = bytearray(end - start)
+            t = self._load_bin(f)[name]
+            return (t if start is None else t[start:stop]).clone()
+        shape = list(info["shape"])
+        dtype = ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        if start is not None:  # rows of a C-contiguous tensor are one contiguous byte range
+            row = (end - begin) // shape[0] if shape and shape[0] else 0
+            start, stop = max(0, start), min(shape[0], stop if stop is not None else shape[0])
+            begin, end = begin + start * row, begin + max(start, stop) * row
+            shape[0] = max(0, stop - start)
+        buf = bytearray(end - begin)
         with open(f, "rb") as fh:
-            fh.seek(info["start"])
+            fh.seek(info["start"] + begin - info["data_offsets"][0])
             if fh.readinto(buf) != len(buf):
                 raise UserError(f"{self.where}: {f} is truncated (tensor {name})")
-        dtype = ST_DTYPES[info["dtype"]]
         if not buf:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     @property
     def nbytes(self) -> int:

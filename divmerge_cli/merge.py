@@ -28,7 +28,7 @@ from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe
 
 _BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|block|blocks))\.(\d+)\.")
 _EMBED = re.compile(r"embed|wte|wpe|shared|word_embeddings|position_embeddings")
-CHUNK_ELEMENTS = 1 << 22  # rows are merged in chunks of ~4M elements to bound temporaries
+CHUNK_ELEMENTS = 1 << 17  # row chunks of ~128K elements: the per-chunk work stays in cache
 
 
 def block_of(name: str) -> tuple[str, int] | None:
@@ -192,29 +192,45 @@ def _params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
     return per_model, glob
 
 
+class Rows:
+    """A tensor left on disk: `rows[a:b]` reads rows a..b-1. Elementwise methods stream through
+    these, so no input tensor is ever whole in memory."""
+
+    def __init__(self, ckpt: Checkpoint, name: str):
+        self.ckpt, self.name, self.shape = ckpt, name, ckpt.shape(name)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.ckpt.get(self.name, rows.start, rows.stop)
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
 def merge_tensor(plan: MergePlan, name: str, gen: torch.Generator, device: str) -> torch.Tensor:
-    """Merge one tensor across the models; float32 compute, in row chunks when the method allows."""
+    """Merge one tensor across the models in float32; elementwise methods stream row chunks."""
     p, g = _params(plan, name)
     dtype = plan.out_specs[name][1]
-    base = plan.base.get(name).to(device) if plan.base else None
-    xs = [c.get(name).to(device) for c in plan.models]
-    ref = base if base is not None else xs[0]
-    if not ref.dtype.is_floating_point:
-        return ref  # integer buffers are copied from the base
-    f32 = torch.float32
-    m = plan.method
-    if not m.elementwise or ref.numel() <= CHUNK_ELEMENTS or ref.dim() == 0:
-        b = base.to(f32) if base is not None else None
-        return m.fn(b, [x.to(f32) for x in xs], p, g, gen).to(dtype)
-    prep = m.prepare(base.to(f32), [x.to(f32) for x in xs], p) if m.prepare else None
-    out = torch.empty(ref.shape, dtype=dtype, device=device)
-    rows = max(1, CHUNK_ELEMENTS // max(1, ref[0].numel()))
-    for i in range(0, ref.shape[0], rows):
-        b = base[i : i + rows].to(f32) if base is not None else None
-        chunk_prep = dict(prep, offset=i * ref[0].numel()) if prep else None
-        out[i : i + rows] = m.fn(
-            b, [x[i : i + rows].to(f32) for x in xs], p, g, gen, chunk_prep
-        ).to(dtype)
+    m, f32 = plan.method, torch.float32
+    ref = plan.base or plan.models[0]
+    shape = ref.shape(name)
+    if not ref.dtype(name).is_floating_point:
+        return ref.get(name)  # integer buffers are copied from the base
+    numel = Rows(ref, name).numel()
+    if not m.elementwise or numel <= CHUNK_ELEMENTS or len(shape) < 2:
+        base = plan.base.get(name).to(device, f32) if plan.base else None
+        return m.fn(base, [c.get(name).to(device, f32) for c in plan.models], p, g, gen).to(dtype)
+    base = Rows(plan.base, name) if plan.base else None
+    xs = [Rows(c, name) for c in plan.models]
+    prep = m.prepare(base, xs, p) if m.prepare else None  # whole-tensor statistics, streamed too
+    out = torch.empty(shape, dtype=dtype, device=device)
+    rows = max(1, CHUNK_ELEMENTS // (numel // shape[0]))
+    for i in range(0, shape[0], rows):
+        b = base[i : i + rows].to(device, f32) if base is not None else None
+        chunk = [x[i : i + rows].to(device, f32) for x in xs]
+        out[i : i + rows] = m.fn(b, chunk, p, g, gen, prep).to(dtype)
     return out
 
 

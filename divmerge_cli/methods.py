@@ -10,6 +10,7 @@ row-chunks of a tensor; whole-tensor statistics (TIES thresholds) arrive through
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,101 +37,120 @@ def linear(base, xs, p, g, gen, prep=None) -> Tensor:
     return out
 
 
+def _taus(base: Tensor, xs: list[Tensor]) -> Tensor:
+    """The task vectors tau_i = x_i - base, stacked into one fresh tensor (worked on in place)."""
+    return torch.stack(xs).sub_(base)
+
+
 def task_arithmetic(base, xs, p, g, gen, prep=None) -> Tensor:
     """theta0 + lambda * sum w_i tau_i (Ilharco et al., 2022)."""
-    return _disjoint_merge(base, [x - base for x in xs], p, g, elect=False)
+    return _disjoint_merge(base, _taus(base, xs), p, g, elect=False)
 
 
 def ties(base, xs, p, g, gen, prep=None) -> Tensor:
     """TIES (Yadav et al., 2023): trim to the top-density magnitudes, elect signs, disjoint merge."""
     prep = prep or ties_prepare(base, xs, p)
-    offset = prep.get("offset", 0)
-    taus = [_trim(x - base, thr, offset) for x, thr in zip(xs, prep["thresholds"])]
-    return _disjoint_merge(base, taus, p, g, elect=True)
+    t = _taus(base, xs)
+    for tau, thr in zip(t, prep["thresholds"]):
+        _trim(tau, thr)
+    return _disjoint_merge(base, t, p, g, elect=True)
 
 
 def dare_linear(base, xs, p, g, gen, prep=None) -> Tensor:
     """DARE (Yu et al., 2024): drop each delta entry with prob 1-density, rescale the survivors."""
-    taus = [_dare(x - base, m["density"], g["rescale"], gen) for x, m in zip(xs, p)]
-    return _disjoint_merge(base, taus, p, g, elect=False)
+    t = _taus(base, xs)
+    for tau, m in zip(t, p):
+        _dare(tau, m["density"], g["rescale"], gen)
+    return _disjoint_merge(base, t, p, g, elect=False)
 
 
 def dare_ties(base, xs, p, g, gen, prep=None) -> Tensor:
     """DARE's random drop, then TIES's sign election and disjoint merge."""
-    taus = [_dare(x - base, m["density"], g["rescale"], gen) for x, m in zip(xs, p)]
-    return _disjoint_merge(base, taus, p, g, elect=True)
+    t = _taus(base, xs)
+    for tau, m in zip(t, p):
+        _dare(tau, m["density"], g["rescale"], gen)
+    return _disjoint_merge(base, t, p, g, elect=True)
 
 
 def ties_prepare(base: Tensor, xs: list[Tensor], p: list[dict]) -> dict:
-    """Whole-tensor statistics TIES needs before it can run on row chunks."""
-    return {"thresholds": [magnitude_threshold(x - base, m["density"]) for x, m in zip(xs, p)]}
+    """Whole-tensor statistics TIES needs before it can run on row chunks. Takes tensors in any
+    dtype and holds one float32 |tau| per worker; two workers, since numpy releases the GIL
+    while it partitions."""
+    jobs = [(x, m["density"]) for x, m in zip(xs, p)]
+    with ThreadPoolExecutor(max_workers=min(2, len(jobs))) as pool:
+        return {"thresholds": list(pool.map(lambda j: magnitude_threshold(j[0], base, j[1]), jobs))}
 
 
-def magnitude_threshold(tau: Tensor, density: float) -> tuple[float, int]:
-    """(thr, last): keep |tau| > thr, and |tau| == thr up to flat index `last`, so that exactly
-    k = max(1, int(density * numel)) entries survive, as with mergekit's argsort.
-
-    numpy's introselect is ~25x faster than torch.kthvalue on CPU.
-    """
-    n = tau.numel()
+def magnitude_threshold(x, base, density: float) -> float:
+    """The k-th largest |x - base|, k = max(1, int(density * numel)) as in mergekit: TIES keeps
+    every entry at least that large (entries tied with it too). numpy's introselect is ~25x
+    faster than torch.kthvalue on CPU."""
+    n = x.numel()
     k = max(1, int(density * n))  # mergekit keeps at least one entry
     if density >= 1 or k >= n:
-        return (-1.0, n)
-    a = tau.abs().reshape(-1).numpy().copy()
+        return -1.0
+    a = _abs_delta(x, base)  # one float32 copy, partitioned in place
     a.partition(n - k)
-    thr = float(a[n - k])
-    need_equal = k - int(np.count_nonzero(a[n - k + 1 :] > thr))
-    equal = np.flatnonzero(tau.abs().reshape(-1).numpy() == thr)
-    return (thr, int(equal[need_equal - 1]) if need_equal < len(equal) else n)
+    return float(a[n - k])
 
 
-def _trim(tau: Tensor, threshold: tuple[float, int], offset: int = 0) -> Tensor:
-    """Zero every entry below the magnitude threshold (ties broken by flat index)."""
-    thr, last = threshold
-    if thr < 0:
-        return tau
-    a = tau.abs()
-    mask = a > thr
-    if last >= 0:
-        idx = torch.arange(offset, offset + a.numel()).view_as(a)
-        mask |= (a == thr) & (idx <= last)
-    return tau * mask
+def _abs_delta(x, base, chunk: int = 1 << 20) -> np.ndarray:
+    """|x - base| as a flat float32 array, filled by row chunks (x and base may be tensors or
+    merge.Rows read from disk), so no other full-size copy exists."""
+    rows = x.shape[0] if len(x.shape) else 1
+    per_row = x.numel() // max(rows, 1)
+    out = torch.empty(x.numel(), dtype=torch.float32)
+    step = max(1, chunk // max(per_row, 1))
+    for i in range(0, rows, step):
+        o = out[i * per_row : (i + step) * per_row].view(-1)
+        torch.sub(
+            x[i : i + step].float().reshape(-1), base[i : i + step].float().reshape(-1), out=o
+        )
+    return out.abs_().numpy()
+
+
+def _trim(tau: Tensor, thr: float) -> Tensor:
+    """Zero, in place, every entry whose magnitude is below the threshold."""
+    return tau if thr < 0 else tau.masked_fill_(tau.abs() < thr, 0.0)
 
 
 def _dare(tau: Tensor, density: float, rescale: float, gen: torch.Generator) -> Tensor:
-    """Bernoulli(density) mask; with `rescale`, survivors are scaled so the tensor keeps its L1
-    norm (mergekit 0.1.5; about 1/density on large tensors, as in the DARE paper)."""
+    """In place: Bernoulli(density) mask; with `rescale`, survivors are scaled so the tensor keeps
+    its L1 norm (mergekit 0.1.5; about 1/density on large tensors, as in the DARE paper)."""
     if density >= 1:
         return tau
-    kept = tau * (torch.rand(tau.shape, generator=gen) < density)
-    if not rescale:
-        return kept
-    before, after = tau.abs().sum(), kept.abs().sum()
-    return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
+    before = tau.abs().sum() if rescale else None
+    tau.mul_(torch.rand(tau.shape, generator=gen) < density)
+    if rescale:
+        after = tau.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            tau.mul_(before / after)
+    return tau
 
 
-def _disjoint_merge(
-    base: Tensor, taus: list[Tensor], p: list[dict], g: dict, elect: bool
-) -> Tensor:
-    """theta0 + lambda * sum(w_i tau_i [agree_i]) / sum(w_i [agree_i]) (divisor 0 -> 1)."""
-    t = torch.stack(taus)
-    w = _weights(p, taus[0])
-    wt = t * w
+def _disjoint_merge(base: Tensor, t: Tensor, p: list[dict], g: dict, elect: bool) -> Tensor:
+    """theta0 + lambda * sum(w_i tau_i [agree_i]) / sum(w_i [agree_i]) (divisor 0 -> 1), from the
+    stacked task vectors `t` (modified in place)."""
+    w = _weights(p, t[0])
+    unit = bool((w == 1).all())
+    if not unit:
+        t.mul_(w)
     if elect:
-        # elect the sign of the weighted sum; zero entries never agree
-        sign = torch.where(wt.sum(0) >= 0, 1.0, -1.0)
-        agree = torch.sign(wt) == sign
-        wt = wt * agree
-    mixed = wt.sum(0)
+        # elect the sign of the weighted sum (>= 0 counts as +); zero entries never agree
+        agree = torch.where(t.sum(0) >= 0, t > 0, t < 0)
+        t.mul_(agree)
+    mixed = t.sum(0)
     if g["normalize"]:
         if elect:
-            div = (w * agree).sum(0)
-            div = torch.where(div == 0, torch.ones_like(div), div)
+            div = agree.sum(0, dtype=t.dtype) if unit else (agree * w).sum(0)
+            div.masked_fill_(div == 0, 1.0)
         else:
-            div = w.sum(0)
-            div = torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
-        mixed = mixed / div
-    return base + g["lambda"] * mixed
+            div = w.sum()
+            div = div if div.abs() >= 1e-8 else torch.ones_like(div)
+        mixed /= div
+    if g["lambda"] != 1:
+        mixed *= g["lambda"]
+    return mixed.add_(base)
 
 
 def _normalize(v: Tensor, eps: float) -> Tensor:

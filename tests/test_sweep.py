@@ -1,0 +1,363 @@
+"""Sweeps (sweep.py): schema errors, ANP tables by hand, an end-to-end sweep, resume after a crash."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from divmerge_cli import sft, sweep, tiny
+from divmerge_cli.demo_zoo import TASKS as ZOO_TASKS
+from divmerge_cli.demo_zoo import build_zoo
+from divmerge_cli.errors import UserError
+from divmerge_cli.hf import load_model, load_tokenizer
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "recipes" / "sweep.example.yaml"
+TASKS3 = ("sentiment", "topic", "translation")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run 10x slower on two threads when the cores are busy.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def small_zoo(tmp_path_factory):
+    return build_zoo(tmp_path_factory.mktemp("sweep_zoo") / "zoo", "small")
+
+
+@pytest.fixture(scope="session")
+def experts(small_zoo, tmp_path_factory) -> dict[str, Path]:
+    """The small zoo's base fine-tuned 50 steps on three of its tasks. The zoo's own small experts
+    (6 steps) mostly score 0 on their task, which leaves ANP undefined (see test below)."""
+    root = tmp_path_factory.mktemp("sweep_experts")
+    tok = load_tokenizer(small_zoo.base)
+    out = {}
+    for i, name in enumerate(TASKS3):
+        task = ZOO_TASKS[name]
+        rows = [json.loads(x) for x in small_zoo.train_file(name).read_text().splitlines()]
+        model = load_model(small_zoo.base)
+        examples = [(task.prompt.format(**r), " " + r[task.target]) for r in rows]
+        sft.finetune(model, tok, examples, steps=50, batch_size=8, lr=3e-3, seed=1 + i)
+        out[name] = tiny.save(model, tok, root / name)
+    return out
+
+
+def write_sweep(folder: Path, zoo, experts: dict[str, Path], **fields) -> Path:
+    specs = zoo.task_specs()
+    raw = {
+        "base_model": str(zoo.base),
+        "experts": {t: str(p) for t, p in experts.items()},
+        "tasks": {t: specs[t].model_dump(exclude_none=True) for t in experts},
+        "k": [2, 3],
+        "methods": {"average": {"merge_method": "linear"}},
+        "eval": {"limit": 6, "batch_size": 8},
+        **fields,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def lines_of(path: Path, kind: str) -> list[dict]:
+    return [r for r in sweep.read_results(path) if r.get("type") == kind]
+
+
+# ----------------------------------------------------------------------------- tables by hand
+
+
+def cell(label: str, subset: str, anp: float) -> dict:
+    s = subset.split("+")
+    return {"type": "cell", "label": label, "key": "h", "subset": s, "k": len(s), "anp": anp}
+
+
+HAND_ROWS = [
+    {"type": "reference", "task": "a", "metric": "accuracy", "score": 0.8, "n": 10, "expert": "e"},
+    cell("avg", "a+b", 0.9),
+    cell("avg", "a+c", 0.8),
+    cell("avg", "b+c", 1.0),
+    cell("avg", "a+b+c", 0.7),
+    cell("ties", "a+b", 0.5),
+    cell("ties", "a+c", 0.7),
+]
+
+
+def test_pairwise_table_is_mean_std_and_ci_over_pairs_by_hand():
+    t = sweep.pairwise_table(HAND_ROWS)
+    assert t.columns == ["method", "pairs", "mean", "std", "ci95"]
+    (a_label, a_n, a_mean, a_sd, a_ci), (b_label, b_n, b_mean, b_sd, b_ci) = t.rows
+    # avg: 90, 80, 100 -> mean 90, sample std sqrt((0 + 100 + 100) / 2) = 10
+    assert (a_label, a_n) == ("avg", 3)
+    assert a_mean == pytest.approx(90) and a_sd == pytest.approx(10)
+    assert a_ci == pytest.approx(1.96 * 10 / math.sqrt(3))
+    # ties: 50, 70 -> mean 60, std sqrt((100 + 100) / 1) = 14.142, ci 1.96 * 14.142 / sqrt(2)
+    assert (b_label, b_n) == ("ties", 2)
+    assert b_mean == pytest.approx(60) and b_sd == pytest.approx(math.sqrt(200))
+    assert b_ci == pytest.approx(19.6)
+
+
+def test_per_k_table_average_is_mean_of_per_k_means():
+    t = sweep.per_k_table(HAND_ROWS)
+    assert t.columns == ["k", "avg", "ties"]
+    assert t.rows[0] == [2, pytest.approx(90), pytest.approx(60)]
+    assert t.rows[1] == [3, pytest.approx(70), None]  # no k = 3 cell for ties
+    # (90 + 70) / 2 = 80, as the paper's tables; the mean over all 4 subsets would be 85
+    assert t.rows[2] == ["Average", pytest.approx(80), pytest.approx(60)]
+    md = sweep.to_markdown(t)
+    assert "| k | avg | ties |" in md
+    assert "| 3 | 70.00 | - |" in md and "| Average | 80.00 | 60.00 |" in md
+    parsed = list(csv.reader(io.StringIO(sweep.to_csv(t))))
+    assert parsed[0] == ["k", "avg", "ties"] and parsed[2] == ["3", "70.0", ""]
+    assert float(parsed[3][1]) == pytest.approx(80)
+
+
+def test_paper_table7_average_row():
+    """Table 7, model averaging: per-k ANP 97.92, 82.62, 53.38 -> Average 77.97."""
+    rows = [
+        cell("avg", "+".join("abcd"[:k]), v) for k, v in ((2, 0.9792), (3, 0.8262), (4, 0.5338))
+    ]
+    assert sweep.per_k_table(rows).rows[-1][1] == pytest.approx(77.97, abs=0.005)
+
+
+def test_parse_k():
+    assert sweep.parse_k("2..4", 4) == [2, 3, 4]
+    assert sweep.parse_k(3, 4) == [3]
+    assert sweep.parse_k([3, 2, 2], 4) == [2, 3]
+    with pytest.raises(ValueError, match=r"k must be in \[1, 4\]"):
+        sweep.parse_k([0, 2], 4)
+
+
+# ----------------------------------------------------------------------------- sweep files
+
+
+def test_example_sweep_validates_against_the_small_zoo(tmp_path, small_zoo):
+    shutil.copy(EXAMPLE, tmp_path / "sweep.yaml")
+    shutil.copy(small_zoo.tasks_yaml, tmp_path / "tasks.yaml")
+    for name in ("base", "experts", "data"):
+        (tmp_path / name).symlink_to(small_zoo.root / name)
+    cfg = sweep.load_sweep(tmp_path / "sweep.yaml")
+    assert list(cfg.tasks) == list(ZOO_TASKS)
+    assert cfg.ks == [2, 3, 4]
+    assert cfg.results == (tmp_path / "results.jsonl").resolve()
+    assert cfg.experts["topic"] == (small_zoo.root / "experts" / "topic").resolve()
+    assert len(cfg.subsets()) == 6 + 4 + 1
+    assert len(cfg.cells()) == 11 * len(cfg.methods)
+    assert cfg.methods["ties"] == {
+        "merge_method": "ties",
+        "parameters": {"density": 0.2, "lambda": 1.0},
+    }
+    sweep.check_checkpoints(cfg)  # headers of base and experts agree
+
+
+@pytest.fixture
+def fake(tmp_path) -> Path:
+    """Folders and data enough to validate a sweep file (no weights are loaded)."""
+    for d in ("base", "ea", "eb", "ec"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "a.jsonl").write_text('{"x": "1", "y": "2"}\n')
+    task = {"validation": "a.jsonl", "test": "a.jsonl", "prompt": "{x}", "target": "y"}
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump({t: task for t in "abc"}))
+    return tmp_path
+
+
+GOOD = {
+    "base_model": "./base",
+    "experts": {"a": "./ea", "b": "./eb", "c": "./ec"},
+    "tasks": "tasks.yaml",
+    "k": [2],
+    "methods": {"avg": {"merge_method": "linear"}},
+}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"method": {}}, "method: unknown key (did you mean 'methods'?)"),
+        ({"base_model": None}, "base_model: Input should be a valid string"),
+        ({"k": 4}, "k: 4 is out of range; there are 3 tasks, so k must be in [1, 3]"),
+        ({"k": "3..2"}, "k: '3..2' is empty"),
+        ({"k": "two"}, "k: 'two' is not a range"),
+        ({"experts": {"a": "./ea", "b": "./eb"}}, "experts: no expert for task 'c'"),
+        ({"experts": {**GOOD["experts"], "d": "./ea"}}, "experts.d: no task 'd' under tasks"),
+        ({"experts": {**GOOD["experts"], "a": "./nope"}}, "experts.a: folder not found"),
+        ({"eval": {"split": "dev"}}, "eval.split: Input should be 'validation' or 'test'"),
+        ({"eval": {"limt": 3}}, "eval.limt: unknown key (did you mean 'limit'?)"),
+        (
+            {"methods": {"x": {"merge_method": "tie"}}},
+            "methods.x: merge_method: unknown method 'tie' (did you mean 'ties'?)",
+        ),
+        (
+            {"methods": {"x": {"merge_method": "linear", "params": {}}}},
+            "methods.x.params: unknown key (did you mean 'parameters'?)",
+        ),
+        (
+            {"methods": {"t": {"merge_method": "ties", "parameters": {"density": 1.5}}}},
+            "methods.t: parameters.density: 1.5 is out of range; density must be in (0, 1]",
+        ),
+        (
+            {"methods": {"d": {"merge_method": "divmerge", "parameters": {"epoch": 1}}}},
+            "methods.d: parameters.epoch: not a parameter of divmerge (did you mean 'epochs'?)",
+        ),
+        (
+            {"k": [1, 2], "methods": {"s": {"merge_method": "slerp"}}},
+            "methods.s: models: slerp interpolates exactly two models",  # base + one expert
+        ),
+        ({"methods": {"a/b": {"merge_method": "linear"}}}, "methods.a/b: a label names a folder"),
+    ],
+)
+def test_bad_sweep_files_name_the_field(fake, change, message):
+    path = fake / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, **change}))
+    with pytest.raises(UserError) as e:
+        sweep.load_sweep(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+
+
+def test_good_fake_sweep_loads(fake):
+    path = fake / "sweep.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    cfg = sweep.load_sweep(path)
+    assert cfg.subsets() == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert cfg.base_model == (fake / "base").resolve()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def test_sweep_end_to_end(tmp_path, small_zoo, experts):
+    dm = {"granularity": "task", "epochs": 1, "samples": 4, "batch_size": 4, "top_k": 8}
+    methods = {
+        "average": {"merge_method": "linear"},
+        "ta": {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}},
+        "dm": {"merge_method": "divmerge", "parameters": dm},
+    }
+    path = write_sweep(tmp_path / "s", small_zoo, experts, methods=methods, k=[1, 2, 3])
+    cfg = sweep.load_sweep(path)
+    events = []
+    out = sweep.run_sweep(cfg, lambda *a: events.append(a), cache_dir=tmp_path / "cache")
+    rows = sweep.cell_rows(out)
+
+    refs = {r["task"]: r["score"] for r in lines_of(cfg.results, "reference")}
+    assert list(refs) == list(TASKS3) and all(s > 0 for s in refs.values())
+    assert lines_of(cfg.results, "cell") == rows
+    assert out[:3] == lines_of(cfg.results, "reference")
+    assert len(rows) == (3 + 3 + 1) * 3
+    assert [(r["label"], tuple(r["subset"])) for r in rows] == cfg.cells()
+    for r in rows:  # Eq. 5 by hand from the stored scores
+        want = sum(r["scores"][t] / refs[t] for t in r["subset"]) / r["k"]
+        assert r["anp"] == pytest.approx(want)
+        assert r["k"] == len(r["subset"]) and r["seconds"] > 0
+    # one expert averaged alone, or added to theta0 with lambda 1, is that expert: ANP 1
+    # (the base is not averaged in: the paper's model averaging is the mean of the experts)
+    assert [r["anp"] for r in rows if r["k"] == 1 and r["label"] != "dm"] == [1.0] * 6
+    for r in (r for r in rows if r["label"] == "dm"):
+        assert list(r["gamma"]) == r["subset"] and r["groups"] == ["all"]
+        # 4 samples per task, batch 4, 1 epoch -> k steps; the trace ends at the learned Gamma
+        assert [x["step"] for x in r["trace"]] == list(range(1, r["k"] + 1))
+        assert r["trace"][-1]["gamma"] == list(r["gamma"].values())
+    assert not (tmp_path / "s" / "results-merged").exists()  # merged models were deleted
+    assert sum(e[0] == "cell" for e in events) == len(rows)
+
+    written = sweep.write_reports(out, tmp_path / "report")
+    names = {p.name for p in written}
+    assert names == {"tables.md", "pairwise.csv", "per_k.csv", "anp_vs_k.png", "gamma_trace.png"}
+    assert all(p.stat().st_size > 0 for p in written)
+    per_k = list(csv.reader((tmp_path / "report" / "per_k.csv").open()))
+    assert per_k[0] == ["k", "average", "ta", "dm"] and [r[0] for r in per_k[1:]] == [
+        "1",
+        "2",
+        "3",
+        "Average",
+    ]
+    md = (tmp_path / "report" / "tables.md").read_text()
+    assert "| sentiment | accuracy |" in md  # the references table
+
+
+def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, small_zoo, experts, monkeypatch):
+    methods = {
+        "ties": {"merge_method": "ties", "parameters": {"density": 0.2}},
+        "ta": {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.5}},
+    }
+    real = sweep.evaluate_model
+    expert_dirs = {p.resolve() for p in experts.values()}
+    calls = {"expert": 0, "merged": 0}
+    fail_after = {"n": None}
+
+    def counting(model_dir, *args, **kw):
+        kind = "expert" if Path(model_dir).resolve() in expert_dirs else "merged"
+        if kind == "merged" and calls["merged"] == fail_after["n"]:
+            raise RuntimeError("killed")
+        calls[kind] += 1
+        return real(model_dir, *args, **kw)
+
+    monkeypatch.setattr(sweep, "evaluate_model", counting)
+    n_cells = (3 + 1) * 2
+
+    # uninterrupted, for comparison
+    full_cfg = sweep.load_sweep(write_sweep(tmp_path / "full", small_zoo, experts, methods=methods))
+    full = sweep.cell_rows(sweep.run_sweep(full_cfg))
+    assert calls == {"expert": 3, "merged": n_cells}
+    assert any(r["anp"] > 0 for r in full)  # so that equal tables below say something
+
+    cfg = sweep.load_sweep(write_sweep(tmp_path / "cut", small_zoo, experts, methods=methods))
+    calls.update(expert=0, merged=0)
+    fail_after["n"] = 2
+    with pytest.raises(RuntimeError, match="killed"):
+        sweep.run_sweep(cfg)
+    assert len(lines_of(cfg.results, "cell")) == 2  # the third cell wrote nothing
+    assert list((tmp_path / "cut" / "results-merged").iterdir()) == []  # its model was deleted
+    with cfg.results.open("a") as f:
+        f.write('{"type": "cell", "label": "ta", "ke')  # a crash in the middle of a write
+
+    calls.update(expert=0, merged=0)
+    fail_after["n"] = None
+    resumed = sweep.cell_rows(sweep.run_sweep(cfg))
+    assert calls == {"expert": 0, "merged": n_cells - 2}  # references and 2 cells were reused
+    assert len(lines_of(cfg.results, "cell")) == n_cells
+    assert sweep.per_k_table(resumed) == sweep.per_k_table(full)
+    assert sweep.pairwise_table(resumed) == sweep.pairwise_table(full)
+    assert [r["scores"] for r in resumed] == [r["scores"] for r in full]
+
+    calls.update(expert=0, merged=0)
+    assert sweep.cell_rows(sweep.run_sweep(cfg)) == resumed
+    assert calls == {"expert": 0, "merged": 0}
+
+    # a changed parameter is a new cell key: only that method's cells run again
+    methods["ta"]["parameters"]["lambda"] = 0.7
+    cfg2 = sweep.load_sweep(write_sweep(tmp_path / "cut", small_zoo, experts, methods=methods))
+    rows2 = sweep.cell_rows(sweep.run_sweep(cfg2))
+    assert calls == {"expert": 0, "merged": n_cells // 2}
+    assert len(rows2) == n_cells  # the lambda 0.5 cells stay in the file but not in the tables
+    assert len(lines_of(cfg.results, "cell")) == n_cells + n_cells // 2
+    assert [r["key"] for r in rows2 if r["label"] == "ta"] == [
+        sweep.method_key(sweep.build_recipe(cfg2, "ta", ("sentiment", "topic")))
+    ] * (n_cells // 2)
+
+
+def test_results_file_from_other_eval_settings_is_refused(tmp_path, small_zoo, experts):
+    cfg = sweep.load_sweep(write_sweep(tmp_path, small_zoo, experts))
+    sweep.append_row(cfg.results, {**sweep._header(cfg), "eval": {"split": "test", "limit": 99}})
+    with pytest.raises(UserError, match="written with eval = .* use another `results:` file"):
+        sweep.run_sweep(cfg)
+
+
+def test_expert_scoring_zero_makes_anp_undefined(tmp_path, small_zoo):
+    """The small zoo's topic expert (6 SFT steps) answers nothing right: refused before merging."""
+    zoo_experts = {t: small_zoo.experts[t] for t in ("sentiment", "topic")}
+    cfg = sweep.load_sweep(write_sweep(tmp_path, small_zoo, zoo_experts, k=[2]))
+    with pytest.raises(UserError, match="experts.topic scores 0 on its own task 'topic'"):
+        sweep.run_sweep(cfg)
+    assert lines_of(cfg.results, "cell") == []
