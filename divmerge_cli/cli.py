@@ -299,6 +299,139 @@ def _score_table(name: str, entry: dict, refs: dict[str, float]) -> Table:
     return table
 
 
+def _rich_table(t) -> Table:
+    """A sweep.Table (ANP in %) as a rich table."""
+    from .sweep import _fmt
+
+    table = Table(title=t.title)
+    for i, col in enumerate(t.columns):
+        table.add_column(str(col), justify="left" if i == 0 else "right")
+    for row in t.rows:
+        table.add_row(*[_fmt(v) for v in row])
+    return table
+
+
+def _sweep_reporter(prog: Progress) -> Callable[[str, int, int, str], None]:
+    bars: dict[str, object] = {}
+
+    def report(phase: str, done: int, total: int, info: str) -> None:
+        key = "cells" if phase in ("start", "cell", "skip") else phase
+        label = {
+            "cells": "cells",
+            "reference": "experts",
+            "teacher": "teacher",
+            "optimize": "optimize",
+            "write": "write",
+        }.get(key, key)
+        if key not in bars:
+            bars[key] = prog.add_task(label, total=total, info="")
+        prog.update(bars[key], completed=done, total=total, info=info[-60:])
+
+    return report
+
+
+def _run_sweep(cfg, cache_dir: Path | None, device: str) -> list[dict]:
+    from .sweep import run_sweep, write_reports
+
+    with _progress() as prog:
+        rows = run_sweep(
+            cfg, _sweep_reporter(prog), cache_dir=cache_dir or _default_cache(""), device=device
+        )
+    written = write_reports(rows, cfg.results.parent)
+    return rows, written
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="sweep YAML (see recipes/sweep.example.yaml)")],
+    device: Device = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(help="teacher and score cache")] = None,
+) -> None:
+    """Merge every k-subset of tasks with every method, score, and tabulate ANP (resumable)."""
+    from .sweep import load_sweep, pairwise_table, per_k_table
+
+    cfg = load_sweep(sweep_file)
+    rows, written = _run_sweep(cfg, cache_dir, _device(device))
+    if any(r.get("k") == 2 for r in rows):
+        out.print(_rich_table(pairwise_table(rows)))
+    out.print(_rich_table(per_k_table(rows)))
+    out.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def demo(
+    size: Annotated[
+        str, typer.Option(help="default (about 3-5 min on 2 cores) | small (seconds)")
+    ] = "default",
+    root: Annotated[Path | None, typer.Option(help="where the zoo and results go")] = None,
+    k: Annotated[str, typer.Option(help="subset sizes to merge, e.g. 4, 2..4")] = "4",
+) -> None:
+    """Build a tiny base and four toy experts offline, merge them with five methods, print ANP."""
+    import torch
+    import yaml
+
+    from .demo_zoo import build_zoo
+    from .sweep import load_sweep, per_k_table
+
+    root = root or _default_cache("demo") / size
+    torch.set_num_threads(1)  # tiny models: threads cost more than they give on shared cores
+    with _progress() as prog:
+        bars: dict[str, object] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = prog.add_task(f"zoo: {stage}", total=total, info="")
+            prog.update(bars[stage], completed=done, total=total)
+
+        zoo = build_zoo(root / "zoo", size=size, progress=report)
+    spec = {
+        "base_model": str(zoo.base),
+        "experts": {t: str(p) for t, p in zoo.experts.items()},
+        "tasks": str(zoo.tasks_yaml),
+        "k": int(k) if k.isdigit() else k,
+        "methods": DEMO_METHODS,
+        "eval": {"split": "test", "limit": 100 if size == "default" else 20, "batch_size": 32},
+        "results": "results.jsonl",
+        "seed": 0,
+    }
+    sweep_file = root / "demo_sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    cfg = load_sweep(sweep_file)
+    rows, written = _run_sweep(cfg, root / "cache", "cpu")
+    scores = Table(title="demo: score per task (merged over all tasks)")
+    cells = [r for r in rows if r.get("type") == "cell" and r["k"] == len(zoo.experts)]
+    refs = {r["task"]: r["score"] for r in rows if r.get("type") == "reference"}
+    if cells:
+        tasks_ = list(cells[0]["scores"])
+        scores.add_column("model")
+        for t in tasks_:
+            scores.add_column(t, justify="right")
+        scores.add_column("ANP %", justify="right")
+        scores.add_row("experts", *[f"{refs[t]:.3f}" for t in tasks_], "100.0")
+        for r in cells:
+            scores.add_row(
+                r["label"], *[f"{r['scores'][t]:.3f}" for t in tasks_], f"{100 * r['anp']:.1f}"
+            )
+        out.print(scores)
+    out.print(_rich_table(per_k_table(rows)))
+    out.print(f"zoo: {zoo.root}; results and plots: " + ", ".join(str(p) for p in written))
+
+
+DEMO_METHODS = {
+    "average": {"merge_method": "linear"},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}},
+    "ties": {"merge_method": "ties", "parameters": {"density": 0.2, "lambda": 1.0}},
+    "adamerging_layer": {
+        "merge_method": "adamerging",
+        "parameters": {"granularity": "layer", "samples": 100},
+    },
+    "divmerge_js_layer": {
+        "merge_method": "divmerge",
+        "parameters": {"granularity": "layer", "samples": 100},
+    },
+}
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods, their parameters and papers."""

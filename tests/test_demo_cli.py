@@ -1,0 +1,36 @@
+"""`divmerge demo` in its reduced size, and `divmerge sweep` resuming the demo's finished cells."""
+
+from __future__ import annotations
+
+import json
+
+from divmerge_cli import sweep
+
+
+def test_demo_small_runs_every_method_and_a_rerun_resumes(tmp_path, cli, monkeypatch):
+    code, out, err = cli("demo", "--size", "small", "--root", tmp_path)
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    cells = [r for r in rows if r["type"] == "cell"]
+    assert sorted(r["label"] for r in cells) == sorted(
+        ["average", "task_arithmetic", "ties", "adamerging_layer", "divmerge_js_layer"]
+    )
+    refs = {r["task"]: r["score"] for r in rows if r["type"] == "reference"}
+    for r in cells:
+        assert (
+            r["k"] == 4 and abs(r["anp"] - sum(r["scores"][t] / refs[t] for t in refs) / 4) < 1e-9
+        )
+    assert "ANP" in out and (tmp_path / "tables.md").is_file()
+    # `divmerge sweep` on the demo's sweep file finds every cell done and merges nothing
+    monkeypatch.setattr(
+        sweep, "run_cell", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran"))
+    )
+    code, out, err = cli("sweep", tmp_path / "demo_sweep.yaml", "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    assert "divmerge_js_layer" in out or "divmerge_js_l" in out
+
+
+def test_sweep_bad_file_exits_2(tmp_path, cli):
+    (tmp_path / "s.yaml").write_text("base_model: ./nowhere\nexperts: {}\n")
+    code, _, err = cli("sweep", tmp_path / "s.yaml")
+    assert code == 2 and "s.yaml" in err
