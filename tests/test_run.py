@@ -340,3 +340,17 @@ def test_validate_reads_headers_only(tmp_path, llama_zoo, cli, monkeypatch):
 def test_methods_lists_every_method(cli):
     code, out, _ = cli("methods")
     assert code == 0 and all(m in out for m in ("ties", "dare_linear", "multislerp"))
+
+
+def test_hub_id_offline_says_to_pass_a_local_folder(tmp_path, llama_zoo, cli, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = write_recipe(
+        tmp_path / "r.yaml", {**ta_recipe(llama_zoo), "base_model": "some-org/some-model"}
+    )
+    code, _, err = cli("validate", r)
+    assert code == 2 and "some-org/some-model" in err and "pass the local folder" in err
+
+
+def test_unknown_option_is_a_usage_error(cli):
+    code, _, err = cli("run", "--bogus")
+    assert code == 2 and "No such option" in err
