@@ -354,8 +354,17 @@ def test_results_file_from_other_eval_settings_is_refused(tmp_path, small_zoo, e
         sweep.run_sweep(cfg)
 
 
-def test_expert_scoring_zero_makes_anp_undefined(tmp_path, small_zoo):
-    """The small zoo's topic expert (6 SFT steps) answers nothing right: refused before merging."""
+def test_expert_scoring_zero_makes_anp_undefined(tmp_path, small_zoo, monkeypatch):
+    """An expert that answers nothing right on its task: refused before any merge."""
+    from divmerge_cli.evaluate import TaskScore
+
+    real = sweep.evaluate_model
+
+    def zero_topic(model_dir, tasks, *a, **k):
+        out = real(model_dir, tasks, *a, **k)
+        return {t: TaskScore(s.metric, 0.0, s.n) if t == "topic" else s for t, s in out.items()}
+
+    monkeypatch.setattr(sweep, "evaluate_model", zero_topic)
     zoo_experts = {t: small_zoo.experts[t] for t in ("sentiment", "topic")}
     cfg = sweep.load_sweep(write_sweep(tmp_path, small_zoo, zoo_experts, k=[2]))
     with pytest.raises(UserError, match="experts.topic scores 0 on its own task 'topic'"):
