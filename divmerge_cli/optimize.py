@@ -239,16 +239,21 @@ def train(
     key = run_key(pb, seed)
     log: list[dict] = []
     start = 0
-    state_file = state_dir / "state.pt"
+    state_file, log_file = state_dir / "state.pt", state_dir / "train_log.jsonl"
     if resume and state_file.is_file():
         st = torch.load(state_file, weights_only=True)
         if st["key"] != key:
             raise UserError(
-                f"--resume: {state_file} belongs to a different recipe, data or seed; rerun without --resume"
+                f"--resume: {state_file} belongs to a different recipe, data or seed; "
+                "rerun without --resume"
             )
         gamma.data.copy_(st["gamma"])
         opt.load_state_dict(st["opt"])
-        start, log = st["step"], json.loads(st["log"])
+        start = st["step"]
+        log = [json.loads(x) for x in log_file.read_text().splitlines()[:start]]
+    if accelerator.is_main_process:  # the log is followable while the run goes (tail -f)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("".join(json.dumps(x) + "\n" for x in log))
     rank, world = accelerator.process_index, accelerator.num_processes
     for step in range(start, len(plan)):
         idx = plan[step]
@@ -279,6 +284,8 @@ def train(
             }
         )
         if accelerator.is_main_process:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(log[-1]) + "\n")
             _save_state(
                 state_file,
                 {
@@ -286,7 +293,6 @@ def train(
                     "gamma": gamma.detach().cpu(),
                     "opt": opt.state_dict(),
                     "step": step + 1,
-                    "log": json.dumps(log),
                 },
             )
         if progress:
