@@ -5,7 +5,6 @@ Validated once, at load: every error names the file and the field and says what 
 
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-from .errors import UserError
+from .errors import UserError, read_yaml, suggest
 from .methods import METHODS
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -90,7 +89,7 @@ class Recipe(BaseModel):
     def _known_method(cls, v: str) -> str:
         if v not in METHODS:
             raise ValueError(
-                f"unknown method '{v}'{_suggest(v, METHODS)}; valid: {', '.join(METHODS)}"
+                f"unknown method '{v}'{suggest(v, METHODS)}; valid: {', '.join(METHODS)}"
             )
         return v
 
@@ -103,11 +102,6 @@ class Recipe(BaseModel):
         if beside.exists() or not p.exists():
             return str(beside.resolve()) if beside.exists() else ref
         return str(p.resolve())
-
-
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _loc(loc: tuple) -> str:
@@ -129,7 +123,7 @@ def _pydantic_message(err: ValidationError, raw: dict) -> str:
         fields = _fields_at(parent)
         if not parent and key in UNSUPPORTED:
             return f"{where}: not supported by divmerge; {UNSUPPORTED[key]}"
-        return f"{where}: unknown key{_suggest(key, fields)}; valid keys: {', '.join(fields)}"
+        return f"{where}: unknown key{suggest(key, fields)}; valid keys: {', '.join(fields)}"
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "missing":
         return f"{where}: required field is missing"
@@ -232,7 +226,7 @@ def optimize_params(recipe: Recipe) -> OptimizeParams:
 
 def _bad_param(where: str, key: str, allowed: set[str], method: str) -> str:
     valid = ", ".join(sorted(allowed)) or "none"
-    return f"{where}.{key}: not a parameter of {method}{_suggest(key, allowed)}; valid: {valid}"
+    return f"{where}.{key}: not a parameter of {method}{suggest(key, allowed)}; valid: {valid}"
 
 
 def _check_value(where: str, key: str, value: ParamValue, ranges: dict) -> None:
@@ -255,14 +249,7 @@ def _check_value(where: str, key: str, value: ParamValue, ranges: dict) -> None:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file. Raises UserError naming the file and field at fault."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, "recipe")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping with merge_method, models, ...")
     return recipe_from_dict(raw, path)

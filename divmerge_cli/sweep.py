@@ -15,7 +15,6 @@ Line types of the results file:
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import itertools
 import json
@@ -31,11 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from .checkpoint import open_checkpoint
-from .errors import UserError
+from .errors import UserError, read_yaml, suggest
 from .evaluate import anp, evaluate_model
 from .hashing import hash_json
 from .merge import check_compatible, plan_merge, run_merge
@@ -121,14 +119,7 @@ class SweepConfig:
 def load_sweep(path: str | Path) -> SweepConfig:
     """Read and validate a sweep file. Raises UserError naming the file and the field at fault."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, "sweep")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a sweep file must be a YAML mapping (base_model, experts, ...)")
     return sweep_from_dict(raw, path)
@@ -259,7 +250,7 @@ def _experts(
     for t in given:
         if t not in tasks:
             raise UserError(
-                f"{source}: experts.{t}: no task '{t}' under tasks{_suggest(t, tasks)}; "
+                f"{source}: experts.{t}: no task '{t}' under tasks{suggest(t, tasks)}; "
                 f"tasks: {', '.join(tasks)}"
             )
     missing = [t for t in tasks if t not in given]
@@ -282,11 +273,6 @@ def _existing(folder: Path, ref: str, source: Path, field: str) -> Path:
     return p.resolve()
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _pydantic_message(err: ValidationError) -> str:
     # an unknown key explains a "missing" one next to it (experts vs expert): report it first
     errors = sorted(err.errors(), key=lambda x: x["type"] != "extra_forbidden")
@@ -297,7 +283,7 @@ def _pydantic_message(err: ValidationError) -> str:
         parent = loc[:1] if loc[:1] in (("methods",), ("eval",)) else ()
         fields = _FIELDS[parent]
         return (
-            f"{where}: unknown key{_suggest(str(loc[-1]), fields)}; valid keys: {', '.join(fields)}"
+            f"{where}: unknown key{suggest(str(loc[-1]), fields)}; valid keys: {', '.join(fields)}"
         )
     if e["type"] == "missing":
         return f"{where}: required field is missing"

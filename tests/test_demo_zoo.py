@@ -14,15 +14,6 @@ from divmerge_cli.tasks import check_task, load_rows, render_prompt
 TEXTS = ["Review: the plot was dull. Answer: negative", "Review: great acting. Answer: positive"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run 10x slower on two threads when the cores are busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny.build_tokenizer(TEXTS * 4, vocab_size=300)

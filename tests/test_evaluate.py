@@ -13,16 +13,6 @@ from divmerge_cli.errors import UserError
 from divmerge_cli.generate import Generation
 from divmerge_cli.tasks import TaskSpec
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run 10x slower on two threads when the cores are busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- metrics
 
 

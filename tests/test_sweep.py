@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from divmerge_cli import sft, sweep, tiny
@@ -21,15 +20,6 @@ from divmerge_cli.hf import load_model, load_tokenizer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "recipes" / "sweep.example.yaml"
 TASKS3 = ("sentiment", "topic", "translation")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run 10x slower on two threads when the cores are busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
