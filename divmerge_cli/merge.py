@@ -229,7 +229,7 @@ def merge_tensor(plan: MergePlan, name: str, gen: torch.Generator, device: str) 
     rows = max(1, CHUNK_ELEMENTS // (numel // shape[0]))
     for i in range(0, shape[0], rows):
         b = base[i : i + rows].to(device, f32) if base is not None else None
-        chunk = [x[i : i + rows].to(device, f32) for x in xs]
+        chunk = [x[i : i + rows].to(device) for x in xs]  # methods upcast while subtracting
         out[i : i + rows] = m.fn(b, chunk, p, g, gen, prep).to(dtype)
     return out
 

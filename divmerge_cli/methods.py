@@ -38,8 +38,12 @@ def linear(base, xs, p, g, gen, prep=None) -> Tensor:
 
 
 def _taus(base: Tensor, xs: list[Tensor]) -> Tensor:
-    """The task vectors tau_i = x_i - base, stacked into one fresh tensor (worked on in place)."""
-    return torch.stack(xs).sub_(base)
+    """The task vectors tau_i = x_i - base in float32, stacked into one fresh tensor (worked on in
+    place); the models may arrive in their storage dtype, upcast on the way."""
+    t = torch.empty((len(xs), *base.shape), dtype=torch.float32, device=base.device)
+    for i, x in enumerate(xs):
+        torch.sub(x, base, out=t[i])
+    return t
 
 
 def task_arithmetic(base, xs, p, g, gen, prep=None) -> Tensor:
@@ -51,8 +55,8 @@ def ties(base, xs, p, g, gen, prep=None) -> Tensor:
     """TIES (Yadav et al., 2023): trim to the top-density magnitudes, elect signs, disjoint merge."""
     prep = prep or ties_prepare(base, xs, p)
     t = _taus(base, xs)
-    for tau, thr in zip(t, prep["thresholds"]):
-        _trim(tau, thr)
+    thr = torch.tensor(prep["thresholds"], dtype=t.dtype).view(-1, *([1] * base.dim()))
+    t.masked_fill_(t.abs() < thr, 0.0)  # trim: density 1 has threshold -1, keeping everything
     return _disjoint_merge(base, t, p, g, elect=True)
 
 
@@ -74,9 +78,12 @@ def dare_ties(base, xs, p, g, gen, prep=None) -> Tensor:
 
 def ties_prepare(base: Tensor, xs: list[Tensor], p: list[dict]) -> dict:
     """Whole-tensor statistics TIES needs before it can run on row chunks. Takes tensors in any
-    dtype and holds one float32 |tau| per worker; two workers, since numpy releases the GIL
-    while it partitions."""
+    dtype (or merge.Rows) and holds one float32 |tau| per worker; big tensors use two workers,
+    since numpy releases the GIL while it partitions. (A long-lived pool whose threads also call
+    torch made the rest of the merge slower: OpenMP threads from several callers contend.)"""
     jobs = [(x, m["density"]) for x, m in zip(xs, p)]
+    if xs[0].numel() < 1 << 20:
+        return {"thresholds": [magnitude_threshold(x, base, d) for x, d in jobs]}
     with ThreadPoolExecutor(max_workers=min(2, len(jobs))) as pool:
         return {"thresholds": list(pool.map(lambda j: magnitude_threshold(j[0], base, j[1]), jobs))}
 
@@ -137,7 +144,8 @@ def _disjoint_merge(base: Tensor, t: Tensor, p: list[dict], g: dict, elect: bool
         t.mul_(w)
     if elect:
         # elect the sign of the weighted sum (>= 0 counts as +); zero entries never agree
-        agree = torch.where(t.sum(0) >= 0, t > 0, t < 0)
+        sign = torch.where(t.sum(0) >= 0, 1.0, -1.0)
+        agree = (t * sign) > 0
         t.mul_(agree)
     mixed = t.sum(0)
     if g["normalize"]:
