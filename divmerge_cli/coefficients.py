@@ -78,17 +78,22 @@ class TaskVectors:
 
     def tensor(self, name: str, gamma: Tensor, group: int | None = None) -> Tensor:
         g = self.group_index[self.names.index(name)] if group is None else group
-        return self.base[name] + _Combine.apply(gamma[:, g], self.taus[name])
+        return _Combine.apply(gamma[:, g], self.base[name], self.taus[name])
 
 
 class _Combine(torch.autograd.Function):
-    """sum_t c_t tau_t in float32 from tau in its storage dtype. Autograd would keep an fp32 copy
-    of every tau for the backward pass; this keeps only tau and upcasts one task at a time."""
+    """theta0 + sum_t c_t tau_t in float32, with tau in its storage dtype. Plain autograd would
+    keep an fp32 copy of every tau for the backward pass and make a temporary per task; here a
+    float32 tau is one BLAS addmv forward and one gemv backward, and a bf16/fp16 tau is upcast
+    one task at a time."""
 
     @staticmethod
-    def forward(ctx, coeff: Tensor, tau: Tensor) -> Tensor:
+    def forward(ctx, coeff: Tensor, base: Tensor, tau: Tensor) -> Tensor:
         ctx.save_for_backward(coeff, tau)
-        out = torch.zeros(tau.shape[1:], dtype=torch.float32, device=tau.device)
+        flat = tau.reshape(tau.shape[0], -1)
+        if tau.dtype == torch.float32:
+            return torch.addmv(base.reshape(-1), flat.t(), coeff).view(base.shape)
+        out = base.clone()
         for t in range(tau.shape[0]):
             out.add_(tau[t].float(), alpha=float(coeff[t]))
         return out
@@ -96,5 +101,9 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         coeff, tau = ctx.saved_tensors
-        g = torch.stack([(grad * tau[t].float()).sum() for t in range(tau.shape[0])])
-        return g.to(coeff.dtype), None
+        flat, g = tau.reshape(tau.shape[0], -1), grad.reshape(-1)
+        if tau.dtype == torch.float32:
+            dc = torch.mv(flat, g)
+        else:
+            dc = torch.stack([torch.dot(flat[t].float(), g) for t in range(tau.shape[0])])
+        return dc.to(coeff.dtype), None, None
