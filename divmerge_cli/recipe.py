@@ -56,7 +56,7 @@ class OptimizeParams(BaseModel):
     epochs: PositiveInt = 4
     batch_size: PositiveInt | None = None  # default 4 x number of tasks
     samples: PositiveInt = 200  # validation rows per task
-    top_k: PositiveInt | Literal["full"] = 64
+    top_k: PositiveInt | Literal["full"] = 256  # 0.8% of dense bytes for SmolLM2 (bench_optimize)
     gen_batch_size: PositiveInt = 16  # teacher generation batch
 
 
