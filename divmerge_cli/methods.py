@@ -62,18 +62,19 @@ def ties(base, xs, p, g, gen, prep=None) -> Tensor:
 
 def dare_linear(base, xs, p, g, gen, prep=None) -> Tensor:
     """DARE (Yu et al., 2024): drop each delta entry with prob 1-density, rescale the survivors."""
-    t = _taus(base, xs)
-    for tau, m in zip(t, p):
-        _dare(tau, m["density"], g["rescale"], gen)
-    return _disjoint_merge(base, t, p, g, elect=False)
+    return _dare_merge(base, xs, p, g, gen, elect=False)
 
 
 def dare_ties(base, xs, p, g, gen, prep=None) -> Tensor:
     """DARE's random drop, then TIES's sign election and disjoint merge."""
+    return _dare_merge(base, xs, p, g, gen, elect=True)
+
+
+def _dare_merge(base, xs, p, g, gen, elect: bool) -> Tensor:
     t = _taus(base, xs)
     for tau, m in zip(t, p):
         _dare(tau, m["density"], g["rescale"], gen)
-    return _disjoint_merge(base, t, p, g, elect=True)
+    return _disjoint_merge(base, t, p, g, elect)
 
 
 def ties_prepare(base: Tensor, xs: list[Tensor], p: list[dict]) -> dict:
