@@ -292,7 +292,7 @@ def test_an_interrupted_build_resumes_from_its_checkpoint(tmp_path, llama_zoo, m
     assert not (zoo / "experts" / "rt").exists()
 
     monkeypatch.setattr(build, "log_line", real_log)
-    assert build.build_expert(zoo, "rt", specs["rt"], args)
+    build.build_expert(zoo, "rt", specs["rt"], args)
     info = json.loads((zoo / "experts" / "rt" / "expert.json").read_text())
     assert info["losses"][:2] == state["losses"] and len(info["losses"]) == 4
     assert not (zoo / "experts" / ".work" / "rt").exists()

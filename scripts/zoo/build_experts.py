@@ -41,7 +41,7 @@ from pathlib import Path
 SEED = 0
 WORK = ".work"  # in-progress checkpoints, under ZOO_DIR/experts/
 MAKE_BASE = Path(__file__).resolve().parents[1] / "make_smollm2_base.py"
-# Loss-free cap on example length: prompts here are < 130 tokens, answers < 45.
+# A cap on tokens per example that the zoo's data never reaches (prompts < 130, answers < 45).
 MAX_LENGTH = 192
 
 
@@ -135,8 +135,8 @@ def log_line(path: Path, text: str) -> None:
     print(f"{stamp} {path.stem}: {text}", flush=True)
 
 
-def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace) -> bool:
-    """Fine-tune (or resume) one expert; True when ZOO_DIR/experts/<task> holds it afterwards."""
+def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace) -> None:
+    """Fine-tune (or resume) the expert ZOO_DIR/experts/<task>; nothing to do when it exists."""
     from divmerge_cli import sft
     from divmerge_cli.hf import load_model, load_tokenizer
 
@@ -144,7 +144,7 @@ def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace) -> bool:
     log = zoo / "logs" / f"{task}.log"
     if has_weights(out):
         print(f"{task}: {out} exists, skipped", flush=True)
-        return True
+        return
     train_path = zoo / "data" / task / "train.jsonl"
     rows = read_rows(train_path)
     examples = train_examples(task, spec, rows)
@@ -189,7 +189,6 @@ def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace) -> bool:
     shutil.rmtree(work, ignore_errors=True)
     first, last = _mean(losses[:10]), _mean(losses[-10:])
     log_line(log, f"saved {out}: mean loss first 10 steps {first:.4f}, last 10 {last:.4f}")
-    return True
 
 
 def _mean(xs: list[float]) -> float:
