@@ -37,6 +37,7 @@ import csv
 import importlib.util
 import io
 import json
+import os
 import random
 import re
 import resource
@@ -505,6 +506,7 @@ def main() -> None:
     ap.add_argument("--experts", default="2,5")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--noise", type=float, default=0.02, help="expert noise std / mean |w|")
+    ap.add_argument("--threads", type=int, help="torch threads in the children (default: torch's)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of one step")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 experts, 4 samples, 1 step")
     ap.add_argument("--json", type=Path)
@@ -516,6 +518,8 @@ def main() -> None:
     import torch
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         out = cache_error(args) if args.child == "cache" else step_vs_floor(args, int(args.child))
         print(json.dumps(out))
@@ -528,6 +532,7 @@ def main() -> None:
         f"--max-new-tokens={args.max_new_tokens}",
         f"--noise={args.noise}",
         *([f"--base={args.base}"] if args.base else []),
+        *([f"--threads={args.threads}"] if args.threads else []),
         *(["--profile"] if args.profile else []),
     ]
     result = {
@@ -548,13 +553,19 @@ def main() -> None:
         result["steps"].append(run_child([*child, "--child", str(n)]))
     result["cache"] = run_child([*child, "--child", "cache"])
     result["wall_s"] = time.perf_counter() - t0
+    result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     print_steps(result["steps"])
     print_cache(result["cache"])
     print_targets(result)
     for r in result["steps"]:
         if "profile" in r:
             print(f"\nprofile of one step, {r['experts']} experts\n{r['profile']}")
-    print(f"\nwall time {result['wall_s']:.0f} s")
+    m = result["machine"]
+    print(
+        f"\nwall time {result['wall_s']:.0f} s; load average (1, 5, 15 min) at start "
+        f"{' '.join(m['loadavg_start'])}, at end {' '.join(m['loadavg_end'])} "
+        f"({os.cpu_count()} CPUs); phases alternate so that other load falls on all of them"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
