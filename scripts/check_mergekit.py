@@ -644,9 +644,9 @@ def main(argv: list[str] | None = None) -> int:
             fx_t = {k: load_dir(Path(p)) for k, p in fxs[case.fixture].items()}
             ok, detail = dare_verdict(case, dm, mk, fx_t)
             rows.append((case.name, "-", "-", "PASS" if ok else "FAIL", detail))
-        if not ok:
+        if ok is False:  # None = a documented difference, reported but not a failure
             failed.append(case.name)
-        if case.note:
+        if case.note and ok is not None:  # a DIFF row already carries its note
             rows[-1] = rows[-1][:4] + (rows[-1][4] + f"  [{case.note}]",)
 
     print_table(rows)
