@@ -174,23 +174,35 @@ def model_divergences(
     tok = hf.load_tokenizer(model_dir)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     start = getattr(model.config, "decoder_start_token_id", None)
-    out = {}
+    vals: dict[str, list[torch.Tensor]] = {"js": [], "kl": []}
     with torch.no_grad():
-        for name in ("js", "kl"):
-            vals = [
-                objective_per_sample(
-                    lambda kw: model(**kw).logits,
-                    samples[i : i + batch_size],
-                    name,
-                    tok.pad_token_id,
-                    seq2seq,
-                    start,
-                    device,
+        for i in range(0, len(samples), batch_size):
+            forward = _once(lambda kw: model(**kw).logits)  # one pass serves both divergences
+            for name, got in vals.items():
+                got.append(
+                    objective_per_sample(
+                        forward,
+                        samples[i : i + batch_size],
+                        name,
+                        tok.pad_token_id,
+                        seq2seq,
+                        start,
+                        device,
+                    )
                 )
-                for i in range(0, len(samples), batch_size)
-            ]
-            out[name] = float(torch.cat(vals).mean())
-    return out
+    return {name: float(torch.cat(got).mean()) for name, got in vals.items()}
+
+
+def _once(fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
+    """`fn`'s first result, returned again on every later call."""
+    memo: list[torch.Tensor] = []
+
+    def call(kw: dict) -> torch.Tensor:
+        if not memo:
+            memo.append(fn(kw))
+        return memo[0]
+
+    return call
 
 
 def task_objectives(

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import statistics
@@ -78,6 +79,7 @@ class SweepFile(BaseModel):
     experts: dict[str, str] = Field(min_length=1)  # task -> fine-tuned checkpoint folder
     tasks: Any  # inline mapping or a YAML file, as in recipes
     k: Any = Field(default_factory=lambda: [2])  # int, list of ints, or "a..b"
+    subsets_per_k: PositiveInt | None = None  # a seeded sample of at most this many per k
     methods: dict[str, MethodEntry] = Field(min_length=1)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     results: str = "results.jsonl"
@@ -106,14 +108,27 @@ class SweepConfig:
     results: Path
     seed: int = 0
     keep_merged: bool = False
+    subsets_per_k: int | None = None
 
     def cells(self) -> list[tuple[str, tuple[str, ...]]]:
         """(label, subset) for every k, every subset (itertools.combinations order), every method."""
         return [(label, s) for s in self.subsets() for label in self.methods]
 
     def subsets(self) -> list[tuple[str, ...]]:
+        """Every k-subset in itertools.combinations order, or a seeded sample of `subsets_per_k`
+        of them (kept in that order; the same for a given seed, k and task list)."""
         names = list(self.tasks)
-        return [s for k in self.ks for s in itertools.combinations(names, k)]
+        out = []
+        for k in self.ks:
+            combos = list(itertools.combinations(names, k))
+            n = self.subsets_per_k
+            if n is not None and n < len(combos):
+                keep = random.Random(f"{self.seed}:{k}:{','.join(names)}").sample(
+                    range(len(combos)), n
+                )
+                combos = [combos[i] for i in sorted(keep)]
+            out += combos
+        return out
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
@@ -155,6 +170,7 @@ def sweep_from_dict(raw: dict, source: Path) -> SweepConfig:
         results=(folder / f.results).resolve(),
         seed=f.seed,
         keep_merged=f.keep_merged,
+        subsets_per_k=f.subsets_per_k,
     )
     for label, fields in cfg.methods.items():
         if not LABEL.match(label):

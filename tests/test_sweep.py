@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import shutil
@@ -222,6 +223,28 @@ def test_good_fake_sweep_loads(fake):
     cfg = sweep.load_sweep(path)
     assert cfg.subsets() == [("a", "b"), ("a", "c"), ("b", "c")]
     assert cfg.base_model == (fake / "base").resolve()
+
+
+def test_subsets_per_k_is_a_seeded_sample_in_combination_order(fake):
+    path = fake / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "k": "1..3", "subsets_per_k": 2}))
+    cfg = sweep.load_sweep(path)
+    got = cfg.subsets()
+    by_k = {k: [s for s in got if len(s) == k] for k in (1, 2, 3)}
+    assert [len(v) for v in by_k.values()] == [2, 2, 1]  # C(3,3) = 1 < 2: kept whole
+    for k, picked in by_k.items():
+        combos = list(itertools.combinations("abc", k))
+        assert all(s in combos for s in picked)
+        assert picked == sorted(picked, key=combos.index)  # combination order
+    assert sweep.load_sweep(path).subsets() == got  # the same sample on every load
+    seeds = {tuple(sweep.load_sweep(_with(path, seed=s)).subsets()) for s in range(20)}
+    assert len(seeds) > 1  # the seed decides the sample
+
+
+def _with(path: Path, **fields) -> Path:
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, **fields}))
+    return path
 
 
 # ----------------------------------------------------------------------------- running

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -299,3 +300,102 @@ def test_an_interrupted_build_resumes_from_its_checkpoint(tmp_path, llama_zoo, m
     log = (zoo / "logs" / "rt.log").read_text()
     assert f"start at step 2/4 from {zoo / 'experts' / '.work' / 'rt'}" in log
     assert "step 4/4 loss" in log
+
+
+# ----------------------------------------------------------------------------- table2.py
+
+
+def test_spearman_by_hand():
+    t2 = _load("table2")
+    assert t2.ranks([10.0, 30.0, 20.0, 20.0]) == [1.0, 4.0, 2.5, 2.5]
+    assert t2.spearman([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    assert t2.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1,2,3) vs (1,3,2): d^2 sum = 2, rho = 1 - 6*2/(3*8) = 0.5
+    assert t2.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    assert math.isnan(t2.spearman([1, 2, 3], [5, 5, 5]))
+
+
+def test_table2_correlates_minus_divergence_with_perf_over_experts_only():
+    t2 = _load("table2")
+    rows = [
+        # task a: a lower divergence goes with a higher score -> +1 for both divergences
+        {"task": "a", "model": "a", "perf": 0.9, "js": 0.0, "kl": 0.0},
+        {"task": "a", "model": "b", "perf": 0.5, "js": 0.2, "kl": 0.9},
+        {"task": "a", "model": "c", "perf": 0.7, "js": 0.1, "kl": 0.3},
+        {"task": "a", "model": "base", "perf": 0.0, "js": 9.0, "kl": 0.0},  # not an expert
+        # task b: JS ranks perfectly, KL backwards on b/c
+        {"task": "b", "model": "a", "perf": 0.1, "js": 0.3, "kl": 0.2},
+        {"task": "b", "model": "b", "perf": 0.8, "js": 0.0, "kl": 0.0},
+        {"task": "b", "model": "c", "perf": 0.4, "js": 0.1, "kl": 0.3},
+        {"task": "c", "model": "a", "perf": 0.2, "js": 0.1, "kl": 0.1},
+        {"task": "c", "model": "b", "perf": 0.2, "js": 0.2, "kl": 0.2},
+        {"task": "c", "model": "c", "perf": 0.2, "js": 0.0, "kl": 0.0},
+    ]
+    corr = t2.correlations(rows, ["a", "b", "c"])
+    assert corr["a"] == {"kl": pytest.approx(1.0), "js": pytest.approx(1.0)}
+    assert corr["b"]["js"] == pytest.approx(1.0)
+    assert corr["b"]["kl"] == pytest.approx(0.5)  # ranks (2,3,1) vs (1,3,2): 1 - 6*2/24
+    assert math.isnan(corr["c"]["js"])  # constant performance: undefined
+    md = t2.to_markdown(corr)
+    assert "| **Avg.** | **0.750** | **1.000** |" in md  # NaN rows left out of the mean
+
+
+# ----------------------------------------------------------------------------- docs/zoo/sweeps
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "docs/zoo/sweeps").glob("*.yaml")))
+def test_zoo_sweep_files_validate(tmp_path, name):
+    from divmerge_cli.sweep import load_sweep
+
+    zoo = tmp_path / "zoo"
+    (zoo / "sweeps").mkdir(parents=True)
+    (zoo / "tasks.yaml").write_text((ROOT / "docs/zoo/tasks.yaml").read_text())
+    specs = load_tasks(str(zoo / "tasks.yaml"), zoo, "tasks.yaml")
+    row = (
+        '{"text": "t", "label": "fresh", "word": "w", "pos": "noun", "gloss": "g", "headline": "h"}'
+    )
+    for task, spec in specs.items():
+        for path in (spec.validation, spec.test):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(row + "\n")
+        (zoo / "experts" / task).mkdir(parents=True)
+    (zoo / "base").mkdir()
+    (zoo / "sweeps" / name).write_text((ROOT / "docs/zoo/sweeps" / name).read_text())
+    cfg = load_sweep(zoo / "sweeps" / name)
+    assert list(cfg.experts) == list(specs)
+    assert cfg.results.parent == (zoo / "results").resolve()
+    assert cfg.eval.limit == 50
+    assert len(cfg.subsets()) == (10 if name.startswith("pairwise") else 16)
+
+
+# ----------------------------------------------------------------------------- report.py
+
+
+def _cell(label: str, subset: str, anp: float, seconds: float = 10.0) -> dict:
+    s = subset.split("+")
+    return {
+        "type": "cell",
+        "label": label,
+        "subset": s,
+        "k": len(s),
+        "anp": anp,
+        "seconds": seconds,
+    }
+
+
+def test_report_puts_the_papers_numbers_beside_ours():
+    rep = _load("report")
+    rows = [
+        {"type": "reference", "task": "a", "score": 1.0},
+        _cell("average", "a+b", 0.8, 4.0),
+        _cell("average", "a+c", 1.0, 6.0),
+        _cell("average", "a+b+c", 0.95, 9.0),
+        _cell("task_arithmetic", "a+b", 0.5),
+    ]
+    md = rep.paper_tables(rows)
+    # mean 90, sample std sqrt(((80-90)^2 + (100-90)^2) / 1) = 14.14; Table 3: 88.48 / 94.38
+    assert "| average | 90.00 ± 14.14 | 2 | 88.48 | 94.38 |" in md
+    assert "| task_arithmetic | 50.00 | 1 | - | - |" in md  # not in the paper
+    assert "| average | 90.00 / 93.89 / 97.92 | 95.00 / 89.10 / 82.62 |" in md
+    assert "| average | 5 | 9 |" in rep.timing_table(rows)
+    assert [r.get("task") for r in rep.collect([])] == []

@@ -27,6 +27,7 @@ to ZOO_DIR/logs/<task>.log. torch uses --threads threads (1 by default: the mach
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -209,9 +210,12 @@ def score_expert(zoo: Path, task: str, spec, limit: int, batch_size: int) -> dic
         scores[name] = s.score
     entry = {"metric": spec.metric, "n": s.n, "split": "test", **scores}
     path = zoo / "scores.json"
-    all_scores = json.loads(path.read_text()) if path.is_file() else {}
-    all_scores[task] = entry
-    write_json_atomic(path, all_scores)
+    # Several builds (--only) may run side by side: read-modify-write under a lock.
+    with open(zoo / ".scores.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        all_scores = json.loads(path.read_text()) if path.is_file() else {}
+        all_scores[task] = entry
+        write_json_atomic(path, all_scores)
     return entry
 
 

@@ -317,6 +317,7 @@ def write_zoo_data(zoo: Path, splits: dict[str, dict[str, list[dict]]], seed: in
             entry[split] = {"rows": len(by_split[split]), "sha256": digest}
         manifest["tasks"][task] = entry
     shutil.copyfile(REPO_TASKS, zoo / "tasks.yaml")
+    shutil.copytree(REPO_TASKS.parent / "sweeps", zoo / "sweeps", dirs_exist_ok=True)
     write_atomic(zoo / "data" / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
 

@@ -1,0 +1,161 @@
+"""Collect the zoo's sweep results into docs/results/: raw JSONL, tables, CSV, plots, paper side by side.
+
+    python scripts/zoo/report.py ZOO_DIR [--out docs/results]
+
+Reads ZOO_DIR/results/*.jsonl (written by `divmerge sweep ZOO_DIR/sweeps/*.yaml`) and
+ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to --out:
+- the raw results files, copied as they are;
+- tables.md, pairwise.csv, per_k.csv, anp_vs_k.png, gamma_trace.png (divmerge_cli.sweep.write_reports
+  over the cells of every file);
+- paper.md: our pairwise and per-k ANP beside the paper's Tables 3, 6 and 7; wall time per cell;
+- experts.md / experts.csv: base vs expert on each task's test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+# Our labels -> the paper's rows. Table 3: (classification, generation) mean ANP over pairs.
+PAPER_TABLE3 = {
+    "average": (88.48, 94.38),
+    "multislerp": (91.54, 76.39),
+    "ties": (94.06, 95.53),
+    "adamerging_task": (93.62, 93.42),
+    "adamerging_layer": (94.06, 83.20),
+    "divmerge_kl_task": (97.68, 93.97),
+    "divmerge_kl_layer": (99.16, 97.50),
+    "divmerge_js_task": (97.73, 97.29),
+    "divmerge_js_layer": (99.18, 98.93),
+}
+# Table 6 (GLUE classification) and Table 7 (T5 generation): k -> label -> ANP (%).
+_T6_COLS = ["average", "multislerp", "ties", "adamerging_task", "divmerge_kl_task"]
+_T6_COLS += ["divmerge_js_task", "adamerging_layer", "divmerge_kl_layer", "divmerge_js_layer"]
+PAPER_TABLE6 = {
+    k: dict(zip(_T6_COLS, v))
+    for k, v in {
+        2: (93.89, 94.20, 96.02, 91.16, 98.18, 98.28, 92.41, 98.85, 98.85),
+        3: (89.10, 92.18, 94.08, 90.86, 97.40, 97.39, 90.26, 98.42, 98.26),
+        4: (75.12, 79.31, 79.37, 78.73, 80.12, 79.21, 78.47, 95.20, 95.19),
+        5: (60.92, 66.86, 73.61, 66.84, 83.82, 85.37, 64.93, 95.60, 95.50),
+    }.items()
+}
+PAPER_TABLE7 = {
+    k: dict(zip(_T6_COLS, v))
+    for k, v in {
+        2: (97.92, 98.96, 98.43, 99.74, 96.34, 98.96, 100.00, 98.96, 99.48),
+        3: (82.62, 67.89, 87.87, 79.92, 92.99, 96.36, 89.26, 95.91, 97.79),
+        4: (53.38, 64.85, 56.42, 60.88, 87.52, 91.75, 83.15, 94.97, 97.44),
+    }.items()
+}
+
+
+def collect(files: list[Path]) -> list[dict]:
+    """References (first seen per task) then every cell, in file order."""
+    from divmerge_cli.sweep import read_results
+
+    refs: dict[str, dict] = {}
+    cells: list[dict] = []
+    for f in files:
+        for r in read_results(f):
+            if r.get("type") == "reference":
+                refs.setdefault(r["task"], r)
+            elif r.get("type") == "cell":
+                cells.append(r)
+    return [*refs.values(), *cells]
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def paper_tables(rows: list[dict]) -> str:
+    from divmerge_cli.sweep import summarize
+
+    summary = summarize(rows)
+    out = [
+        "**Pairwise: mean ANP (%) ± std over our 10 pairs, beside the paper's Table 3**",
+        "",
+        "| method | ours | pairs | paper classif. (GLUE) | paper gen. (T5) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, by_k in summary.items():
+        s = by_k.get(2)
+        if s is None:
+            continue
+        paper = PAPER_TABLE3.get(label, (None, None))
+        ours = f"{s.mean:.2f}" + (f" ± {s.std:.2f}" if s.std is not None else "")
+        out.append(f"| {label} | {ours} | {s.n} | {_f(paper[0])} | {_f(paper[1])} |")
+    ks = sorted({k for by_k in summary.values() for k in by_k})
+    out += ["", "**Mean ANP (%) by k: ours / paper Table 6 (GLUE) / paper Table 7 (T5)**", ""]
+    out.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
+    out.append("|---|" + "---|" * len(ks))
+    for label, by_k in summary.items():
+        cells = []
+        for k in ks:
+            ours = _f(by_k[k].mean) if k in by_k else "-"
+            t6 = PAPER_TABLE6.get(k, {}).get(label)
+            t7 = PAPER_TABLE7.get(k, {}).get(label)
+            cells.append(f"{ours} / {_f(t6)} / {_f(t7)}")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def timing_table(rows: list[dict]) -> str:
+    """Mean wall seconds per cell (merge or optimize + merge, then scoring) by method and k."""
+    by: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        if r.get("type") == "cell":
+            by.setdefault(r["label"], {}).setdefault(int(r["k"]), []).append(r["seconds"])
+    ks = sorted({k for d in by.values() for k in d})
+    out = ["**Wall time per cell (s, mean over subsets; 1 torch thread)**", ""]
+    out.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
+    out.append("|---|" + "---|" * len(ks))
+    for label, d in by.items():
+        vals = [f"{statistics.fmean(d[k]):.0f}" if k in d else "-" for k in ks]
+        out.append(f"| {label} | " + " | ".join(vals) + " |")
+    return "\n".join(out) + "\n"
+
+
+def experts_table(scores: dict) -> tuple[str, str]:
+    md = ["| task | metric | n | base | expert |", "|---|---|---|---|---|"]
+    csv = ["task,metric,n,base,expert"]
+    for t, e in scores.items():
+        md.append(f"| {t} | {e['metric']} | {e['n']} | {e['base']:.4f} | {e['expert']:.4f} |")
+        csv.append(f"{t},{e['metric']},{e['n']},{e['base']},{e['expert']}")
+    return "\n".join(md) + "\n", "\n".join(csv) + "\n"
+
+
+ORDER = ["pairwise_datafree", "pairwise_divmerge_js", "pairwise_adamerging", "pairwise_divmerge_kl"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("zoo_dir", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("docs/results"))
+    a = ap.parse_args(argv)
+    from divmerge_cli.sweep import write_reports
+
+    found = sorted((a.zoo_dir / "results").glob("*.jsonl"))
+    files = sorted(found, key=lambda p: (ORDER + [p.stem]).index(p.stem))
+    a.out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, a.out / f.name)
+    rows = collect(files)
+    written = write_reports(rows, a.out)
+    (a.out / "paper.md").write_text(paper_tables(rows) + "\n" + timing_table(rows))
+    scores = a.zoo_dir / "scores.json"
+    if scores.is_file():
+        md, csv = experts_table(json.loads(scores.read_text()))
+        (a.out / "experts.md").write_text(md)
+        (a.out / "experts.csv").write_text(csv)
+    print("wrote " + ", ".join(str(p) for p in [*written, a.out / "paper.md"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
