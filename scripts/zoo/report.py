@@ -8,7 +8,9 @@ ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to
 - tables.md, pairwise.csv, per_k.csv, anp_vs_k.png, gamma_trace.png (divmerge_cli.sweep.write_reports
   over the cells of every file);
 - paper.md: our pairwise and per-k ANP beside the paper's Tables 3, 6 and 7; wall time per cell;
-- experts.md / experts.csv: base vs expert on each task's test split.
+- experts.md / experts.csv: base vs expert on each task's test split;
+- zoo.json: sha256 of the base's and each expert's files (divmerge_cli.hashing.hash_model_dir) and
+  of the data manifest, so a rebuilt zoo can be checked against the one these numbers came from.
 """
 
 from __future__ import annotations
@@ -130,6 +132,21 @@ def experts_table(scores: dict) -> tuple[str, str]:
     return "\n".join(md) + "\n", "\n".join(csv) + "\n"
 
 
+def zoo_hashes(zoo: Path) -> dict[str, str]:
+    import hashlib
+
+    from divmerge_cli.hashing import hash_model_dir
+
+    out = {
+        "data/manifest.json": hashlib.sha256((zoo / "data/manifest.json").read_bytes()).hexdigest()
+    }
+    out["base"] = hash_model_dir(zoo / "base")
+    for d in sorted((zoo / "experts").iterdir()):
+        if not d.name.startswith("."):
+            out[f"experts/{d.name}"] = hash_model_dir(d)
+    return out
+
+
 ORDER = ["pairwise_datafree", "pairwise_divmerge_js", "pairwise_adamerging", "pairwise_divmerge_kl"]
 
 
@@ -153,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         md, csv = experts_table(json.loads(scores.read_text()))
         (a.out / "experts.md").write_text(md)
         (a.out / "experts.csv").write_text(csv)
+    (a.out / "zoo.json").write_text(json.dumps(zoo_hashes(a.zoo_dir), indent=2) + "\n")
     print("wrote " + ", ".join(str(p) for p in [*written, a.out / "paper.md"]))
     return 0
 
