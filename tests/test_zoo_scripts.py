@@ -365,7 +365,7 @@ def test_zoo_sweep_files_validate(tmp_path, name):
     assert list(cfg.experts) == list(specs)
     assert cfg.results.parent == (zoo / "results").resolve()
     assert cfg.eval.limit == 50
-    assert len(cfg.subsets()) == (10 if name.startswith("pairwise") else 16)
+    assert len(cfg.subsets()) == (10 if name.startswith("pairwise") else 3 + 3 + 1)
 
 
 # ----------------------------------------------------------------------------- report.py

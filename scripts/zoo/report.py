@@ -10,7 +10,7 @@ ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to
 - paper.md: our pairwise and per-k ANP beside the paper's Tables 3, 6 and 7; wall time per cell;
 - experts.md / experts.csv: base vs expert on each task's test split;
 - zoo.json: sha256 of the base's and each expert's files (divmerge_cli.hashing.hash_model_dir) and
-  of the data manifest, so a rebuilt zoo can be checked against the one these numbers came from.
+  of the data manifest (copied as data_manifest.json), so a rebuilt zoo can be checked against the one these numbers came from.
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         md, csv = experts_table(json.loads(scores.read_text()))
         (a.out / "experts.md").write_text(md)
         (a.out / "experts.csv").write_text(csv)
+    shutil.copyfile(a.zoo_dir / "data" / "manifest.json", a.out / "data_manifest.json")
     (a.out / "zoo.json").write_text(json.dumps(zoo_hashes(a.zoo_dir), indent=2) + "\n")
     print("wrote " + ", ".join(str(p) for p in [*written, a.out / "paper.md"]))
     return 0

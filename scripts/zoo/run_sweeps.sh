@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Table 2 and every zoo sweep, in two lanes of one torch thread each (a 2-core machine); resumable:
+# rerun after an interruption and finished cells are skipped. Logs in ZOO_DIR/logs/.
+#   scripts/zoo/run_sweeps.sh ZOO_DIR
+set -euo pipefail
+ZOO=$(realpath "$1")
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
+mkdir -p "$ZOO/logs"
+sweep() { divmerge sweep "$ZOO/sweeps/$1.yaml" --cache-dir "$ZOO/cache" >>"$ZOO/logs/sweep_$1.log" 2>&1; }
+(
+  python "$REPO/scripts/zoo/table2.py" "$ZOO" --out "$REPO/docs/results/table2" >"$ZOO/logs/table2.log" 2>&1
+  sweep pairwise_divmerge_js
+  sweep pairwise_divmerge_kl
+) &
+(
+  sweep pairwise_datafree
+  sweep pairwise_adamerging
+  sweep per_k
+) &
+wait
+python "$REPO/scripts/zoo/report.py" "$ZOO" --out "$REPO/docs/results"
