@@ -302,6 +302,31 @@ def test_an_interrupted_build_resumes_from_its_checkpoint(tmp_path, llama_zoo, m
     assert "step 4/4 loss" in log
 
 
+def test_score_base_chat_wraps_prompts_and_keeps_other_scores(tmp_path, llama_zoo, monkeypatch):
+    import json
+
+    import divmerge_cli.generate as generate
+
+    zoo, _ = _tiny_zoo(tmp_path, llama_zoo)
+    cfg = zoo / "base" / "tokenizer_config.json"
+    template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "chat_template": template}))
+    (zoo / "scores.json").write_text(json.dumps({"rt": {"metric": "accuracy", "base": 0.25}}))
+    seen, real = [], generate.greedy_generate
+    monkeypatch.setattr(
+        generate,
+        "greedy_generate",
+        lambda m, t, prompts, *a: seen.extend(prompts) or real(m, t, prompts, *a),
+    )
+    assert build.main([str(zoo), "--score-base-chat", "--eval-limit", "3"]) == 0
+    assert len(seen) == 3 and all(
+        p.startswith("<u>Review: film") and p.endswith("</u><a>") for p in seen
+    )
+    entry = json.loads((zoo / "scores.json").read_text())["rt"]
+    assert entry["base"] == 0.25 and entry["metric"] == "accuracy"
+    assert 0.0 <= entry["base_chat"] <= 1.0
+
+
 # ----------------------------------------------------------------------------- table2.py
 
 
@@ -399,3 +424,20 @@ def test_report_puts_the_papers_numbers_beside_ours():
     assert "| average | 90.00 / 93.89 / 97.92 | 95.00 / 89.10 / 82.62 |" in md
     assert "| average | 5 | 9 |" in rep.timing_table(rows)
     assert [r.get("task") for r in rep.collect([])] == []
+
+
+def test_experts_table_shows_the_chat_base_only_where_scored():
+    rep = _load("report")
+    md, csv = rep.experts_table(
+        {
+            "a": {"metric": "accuracy", "n": 4, "base": 0.0, "expert": 0.75, "base_chat": 0.5},
+            "b": {"metric": "rouge1", "n": 4, "base": 0.125, "expert": 0.25},
+        }
+    )
+    assert "| a | accuracy | 4 | 0.0000 | 0.5000 | 0.7500 |" in md
+    assert "| b | rouge1 | 4 | 0.1250 | - | 0.2500 |" in md
+    assert csv.splitlines() == [
+        "task,metric,n,base,base_chat,expert",
+        "a,accuracy,4,0.0,0.5,0.75",
+        "b,rouge1,4,0.125,,0.25",
+    ]

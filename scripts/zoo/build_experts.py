@@ -21,7 +21,8 @@ resume point). --steps may grow between runs.
 
 After an expert is saved, base and expert are scored on the task's test split (greedy
 generation, accuracy / ROUGE-1, --eval-limit rows) into ZOO_DIR/scores.json. Per-step losses go
-to ZOO_DIR/logs/<task>.log. torch uses --threads threads (1 by default: the machine is shared).
+to ZOO_DIR/logs/<task>.log. --score-base-chat only scores the base again with its prompts wrapped
+in its chat template (base_chat in scores.json): on the raw prompts it answers end-of-turn. torch uses --threads threads (1 by default: the machine is shared).
 """
 
 from __future__ import annotations
@@ -208,13 +209,52 @@ def score_expert(zoo: Path, task: str, spec, limit: int, batch_size: int) -> dic
     for name, model_dir in (("base", zoo / "base"), ("expert", zoo / "experts" / task)):
         s = evaluate_model(model_dir, {task: spec}, "test", limit, batch_size, 0, cache)[task]
         scores[name] = s.score
-    entry = {"metric": spec.metric, "n": s.n, "split": "test", **scores}
+    return merge_scores(zoo, task, {"metric": spec.metric, "n": s.n, "split": "test", **scores})
+
+
+def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as the one user turn of the tokenizer's chat template, assistant turn opened."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+
+
+def score_base_chat(zoo: Path, specs: dict, limit: int, batch_size: int) -> dict[str, float]:
+    """The base on the same test rows, its prompts wrapped in its chat template.
+
+    The experts are trained and every model is scored on the raw prompts (the paper's setting);
+    the instruct base answers those with end-of-turn at once, so this is its fairer baseline.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from divmerge_cli.evaluate import METRICS, labelled_rows
+    from divmerge_cli.generate import greedy_generate
+    from divmerge_cli.tasks import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo / "base")
+    model = AutoModelForCausalLM.from_pretrained(zoo / "base").eval()
+    out = {}
+    for task, spec in specs.items():
+        rows = labelled_rows(task, spec, "test", limit, 0)
+        prompts = chat_prompts(tokenizer, [render_prompt(task, spec, r) for r in rows])
+        gens = greedy_generate(model, tokenizer, prompts, spec.max_new_tokens, batch_size)
+        score = METRICS[spec.metric]([g.text for g in gens], [str(r[spec.target]) for r in rows])
+        merge_scores(zoo, task, {"base_chat": score})
+        out[task] = score
+    return out
+
+
+def merge_scores(zoo: Path, task: str, fields: dict) -> dict:
+    """Update ZOO_DIR/scores.json[task] with `fields`; returns the task's entry."""
     path = zoo / "scores.json"
     # Several builds (--only) may run side by side: read-modify-write under a lock.
     with open(zoo / ".scores.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         all_scores = json.loads(path.read_text()) if path.is_file() else {}
-        all_scores[task] = entry
+        entry = all_scores[task] = {**all_scores.get(task, {}), **fields}
         write_json_atomic(path, all_scores)
     return entry
 
@@ -242,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", help="build only this task (repeatable)")
     ap.add_argument("--eval-limit", type=int, default=100, help="test rows scored; 0: no scoring")
     ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument(
+        "--score-base-chat",
+        action="store_true",
+        help="only score the base with its chat template (base_chat in scores.json)",
+    )
     a = ap.parse_args(argv)
 
     import torch
@@ -259,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--only {', '.join(unknown)}: not a task; tasks: {', '.join(specs)}")
     (zoo / "logs").mkdir(parents=True, exist_ok=True)
     ensure_base(zoo)
+    if a.score_base_chat:
+        chosen = {t: s for t, s in specs.items() if not a.only or t in a.only}
+        for task, score in score_base_chat(zoo, chosen, a.eval_limit, a.eval_batch_size).items():
+            print(f"{task}: {specs[task].metric} base with chat template {score:.4f}", flush=True)
+        return 0
     for task, spec in specs.items():
         if a.only and task not in a.only:
             continue

@@ -124,12 +124,25 @@ def timing_table(rows: list[dict]) -> str:
 
 
 def experts_table(scores: dict) -> tuple[str, str]:
-    md = ["| task | metric | n | base | expert |", "|---|---|---|---|---|"]
-    csv = ["task,metric,n,base,expert"]
+    """Base (raw prompt, and chat template when scored) vs expert on each task's test rows."""
+    md = [
+        "| task | metric | n | base | base, chat template | expert |",
+        "|---|---|---|---|---|---|",
+    ]
+    csv = ["task,metric,n,base,base_chat,expert"]
     for t, e in scores.items():
-        md.append(f"| {t} | {e['metric']} | {e['n']} | {e['base']:.4f} | {e['expert']:.4f} |")
-        csv.append(f"{t},{e['metric']},{e['n']},{e['base']},{e['expert']}")
+        chat = e.get("base_chat")
+        md.append(
+            f"| {t} | {e['metric']} | {e['n']} | {e['base']:.4f} | {_f4(chat)} | {e['expert']:.4f} |"
+        )
+        csv.append(
+            f"{t},{e['metric']},{e['n']},{e['base']},{'' if chat is None else chat},{e['expert']}"
+        )
     return "\n".join(md) + "\n", "\n".join(csv) + "\n"
+
+
+def _f4(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def zoo_hashes(zoo: Path) -> dict[str, str]:
