@@ -403,6 +403,7 @@ def _cell(label: str, subset: str, anp: float, seconds: float = 10.0) -> dict:
         "label": label,
         "subset": s,
         "k": len(s),
+        "metrics": {t: "rouge1" if t in "cd" else "accuracy" for t in s},  # a, b classify
         "anp": anp,
         "seconds": seconds,
     }
@@ -416,11 +417,14 @@ def test_report_puts_the_papers_numbers_beside_ours():
         _cell("average", "a+c", 1.0, 6.0),
         _cell("average", "a+b+c", 0.95, 9.0),
         _cell("task_arithmetic", "a+b", 0.5),
+        _cell("ties", "c+d", 0.7),
     ]
     md = rep.paper_tables(rows)
     # mean 90, sample std sqrt(((80-90)^2 + (100-90)^2) / 1) = 14.14; Table 3: 88.48 / 94.38
-    assert "| average | 90.00 ± 14.14 | 2 | 88.48 | 94.38 |" in md
-    assert "| task_arithmetic | 50.00 | 1 | - | - |" in md  # not in the paper
+    # a+b is a classification pair, a+c a mixed one, c+d a generation one
+    assert "| average | 90.00 ± 14.14 | 2 | 80.00 / 100.00 / - | 88.48 | 94.38 |" in md
+    assert "| task_arithmetic | 50.00 | 1 | 50.00 / - / - | - | - |" in md  # not in the paper
+    assert "| ties | 70.00 | 1 | - / - / 70.00 | 94.06 | 95.53 |" in md
     assert "| average | 90.00 / 93.89 / 97.92 | 95.00 / 89.10 / 82.62 |" in md
     assert "| average | 5 | 9 |" in rep.timing_table(rows)
     assert [r.get("task") for r in rep.collect([])] == []

@@ -71,6 +71,26 @@ def collect(files: list[Path]) -> list[dict]:
     return [*refs.values(), *cells]
 
 
+_KINDS = ("classif.", "mixed", "gen.")
+
+
+def _pair_kinds(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """(label, kind) -> ANP (%) of the pairwise cells whose tasks are both classification
+    (accuracy), both generation, or one of each."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.get("type") != "cell" or int(r["k"]) != 2:
+            continue
+        n_acc = sum(m == "accuracy" for m in r["metrics"].values())
+        kind = _KINDS[0] if n_acc == 2 else _KINDS[2] if n_acc == 0 else _KINDS[1]
+        out.setdefault((r["label"], kind), []).append(100 * r["anp"])
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
 def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -82,16 +102,19 @@ def paper_tables(rows: list[dict]) -> str:
     out = [
         "**Pairwise: mean ANP (%) ± std over our 10 pairs, beside the paper's Table 3**",
         "",
-        "| method | ours | pairs | paper classif. (GLUE) | paper gen. (T5) |",
-        "|---|---|---|---|---|",
+        "| method | ours | pairs | ours: classif. / mixed / gen. pairs | paper classif. (GLUE)"
+        " | paper gen. (T5) |",
+        "|---|---|---|---|---|---|",
     ]
+    kinds = _pair_kinds(rows)
     for label, by_k in summary.items():
         s = by_k.get(2)
         if s is None:
             continue
         paper = PAPER_TABLE3.get(label, (None, None))
         ours = f"{s.mean:.2f}" + (f" ± {s.std:.2f}" if s.std is not None else "")
-        out.append(f"| {label} | {ours} | {s.n} | {_f(paper[0])} | {_f(paper[1])} |")
+        split = " / ".join(_f(_mean(kinds.get((label, kind), []))) for kind in _KINDS)
+        out.append(f"| {label} | {ours} | {s.n} | {split} | {_f(paper[0])} | {_f(paper[1])} |")
     ks = sorted({k for by_k in summary.values() for k in by_k})
     out += ["", "**Mean ANP (%) by k: ours / paper Table 6 (GLUE) / paper Table 7 (T5)**", ""]
     out.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
