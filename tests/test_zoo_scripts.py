@@ -447,3 +447,20 @@ def test_experts_table_shows_the_chat_base_only_where_scored():
         "a,accuracy,4,0.0,0.5,0.75",
         "b,rouge1,4,0.125,,0.25",
     ]
+
+
+def test_paired_table_compares_on_shared_subsets_only():
+    rep = _load("report")
+    rows = [
+        _cell("ties", "a+b", 0.90),
+        _cell("ties", "a+c", 0.80),
+        _cell("dm", "a+b", 0.95),  # +5
+        _cell("dm", "a+c", 0.80),  # tie
+        _cell("dm", "b+c", 0.10),  # no ties cell: left out
+        _cell("ta", "a+b", 0.85),  # -5, one subset: no interval
+    ]
+    md = rep.paired_table(rows, "ties")
+    # differences +5 and 0: mean 2.5, sd 3.536, 1.96 * 3.536 / sqrt(2) = 4.90
+    assert "| dm | 2 | 2 | +2.50 | -2.40 .. +7.40 | 1 / 1 / 0 |" in md
+    assert "| ta | 2 | 1 | -5.00 | - | 0 / 0 / 1 |" in md
+    assert "| ties |" not in md

@@ -7,7 +7,8 @@ ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to
 - the raw results files, copied as they are;
 - tables.md, pairwise.csv, per_k.csv, anp_vs_k.png, gamma_trace.png (divmerge_cli.sweep.write_reports
   over the cells of every file);
-- paper.md: our pairwise and per-k ANP beside the paper's Tables 3, 6 and 7; wall time per cell;
+- paper.md: our pairwise and per-k ANP beside the paper's Tables 3, 6 and 7; paired differences
+  against task arithmetic and TIES on the same subsets; wall time per cell;
 - experts.md / experts.csv: base vs expert on each task's test split;
 - zoo.json: sha256 of the base's and each expert's files (divmerge_cli.hashing.hash_model_dir) and
   of the data manifest (copied as data_manifest.json), so a rebuilt zoo can be checked against the one these numbers came from.
@@ -91,6 +92,11 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+# Paired comparisons: task arithmetic is the merge whose coefficients DivMerge and AdaMerging
+# learn (λ = 1 for every task before learning), TIES the paper's strongest data-free baseline.
+PAIRED_BASELINES = ("task_arithmetic", "ties")
+
+
 def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -127,6 +133,30 @@ def paper_tables(rows: list[dict]) -> str:
             t7 = PAPER_TABLE7.get(k, {}).get(label)
             cells.append(f"{ours} / {_f(t6)} / {_f(t7)}")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def paired_table(rows: list[dict], baseline: str = "average") -> str:
+    """Each method against `baseline` on the same subsets: mean difference of ANP (points) with a
+    normal 95% interval, and wins / ties / losses. Pairing removes the subsets' own spread."""
+    from divmerge_cli.sweep import stats
+
+    anp: dict[tuple[str, int], dict[tuple[str, ...], float]] = {}
+    for r in rows:
+        if r.get("type") == "cell":
+            anp.setdefault((r["label"], int(r["k"])), {})[tuple(r["subset"])] = 100 * r["anp"]
+    out = [f"**Against {baseline} on the same subsets: ANP difference (points)**", ""]
+    out += ["| method | k | subsets | mean Δ | 95% interval | wins / ties / losses |"]
+    out += ["|---|---|---|---|---|---|"]
+    for (label, k), cells in anp.items():
+        base = anp.get((baseline, k), {})
+        d = [cells[s] - base[s] for s in cells if s in base]
+        if label == baseline or not d:
+            continue
+        st = stats(d)
+        ci = "-" if st.ci95 is None else f"{st.mean - st.ci95:+.2f} .. {st.mean + st.ci95:+.2f}"
+        wtl = f"{sum(x > 1e-9 for x in d)} / {sum(abs(x) <= 1e-9 for x in d)} / {sum(x < -1e-9 for x in d)}"
+        out.append(f"| {label} | {k} | {st.n} | {st.mean:+.2f} | {ci} | {wtl} |")
     return "\n".join(out) + "\n"
 
 
@@ -200,7 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(f, a.out / f.name)
     rows = collect(files)
     written = write_reports(rows, a.out)
-    (a.out / "paper.md").write_text(paper_tables(rows) + "\n" + timing_table(rows))
+    (a.out / "paper.md").write_text(
+        "\n".join(
+            [
+                paper_tables(rows),
+                *(paired_table(rows, b) for b in PAIRED_BASELINES),
+                timing_table(rows),
+            ]
+        )
+    )
     scores = a.zoo_dir / "scores.json"
     if scores.is_file():
         md, csv = experts_table(json.loads(scores.read_text()))
