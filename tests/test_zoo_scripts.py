@@ -464,3 +464,35 @@ def test_paired_table_compares_on_shared_subsets_only():
     assert "| dm | 2 | 2 | +2.50 | -2.40 .. +7.40 | 1 / 1 / 0 |" in md
     assert "| ta | 2 | 1 | -5.00 | - | 0 / 0 / 1 |" in md
     assert "| ties |" not in md
+
+
+# ----------------------------------------------------------------------------- task_vectors.py
+
+
+class _FakeCheckpoint:
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    @property
+    def names(self) -> list[str]:  # a property, as on divmerge_cli.checkpoint.Checkpoint
+        return list(self.tensors)
+
+    def get(self, name: str):
+        return self.tensors[name]
+
+
+def test_task_vector_norms_and_cosines_by_hand():
+    import torch
+
+    tv = _load("task_vectors")
+    base = {"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}  # ‖θ_0‖ = 5
+    moves = {"a": ([1.0, 0.0], [0.0]), "b": ([0.0, 0.0], [2.0]), "c": ([2.0, 0.0], [0.0])}
+    experts = {
+        n: _FakeCheckpoint({"w": base["w"] + torch.tensor(w), "b": base["b"] + torch.tensor(b)})
+        for n, (w, b) in moves.items()
+    }
+    s = tv.task_vector_stats(_FakeCheckpoint(base), experts)
+    assert s["relative_norm"] == pytest.approx({"a": 0.2, "b": 0.4, "c": 0.4})
+    assert s["cosine"] == pytest.approx({"a|b": 0.0, "a|c": 1.0, "b|c": 0.0})
+    md = tv.to_markdown(s, ["a", "b", "c"])
+    assert "| a | 0.2000 | 1 | 0.000 | 1.000 |" in md
