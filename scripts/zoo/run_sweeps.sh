@@ -12,6 +12,7 @@ sweep() { divmerge sweep "$ZOO/sweeps/$1.yaml" --cache-dir "$ZOO/cache" >>"$ZOO/
   python "$REPO/scripts/zoo/table2.py" "$ZOO" --out "$REPO/docs/results/table2" >"$ZOO/logs/table2.log" 2>&1
   sweep pairwise_divmerge_js
   sweep per_k5
+  sweep lr_k5
   sweep per_k3
   sweep pairwise_divmerge_kl
 ) &
