@@ -22,7 +22,8 @@ resume point). --steps may grow between runs.
 After an expert is saved, base and expert are scored on the task's test split (greedy
 generation, accuracy / ROUGE-1, --eval-limit rows) into ZOO_DIR/scores.json. Per-step losses go
 to ZOO_DIR/logs/<task>.log. --score-base-chat only scores the base again with its prompts wrapped
-in its chat template (base_chat in scores.json): on the raw prompts it answers end-of-turn. torch uses --threads threads (1 by default: the machine is shared).
+in its chat template (base_chat in scores.json): on the raw prompts it answers end-of-turn. torch
+uses --threads threads (1 by default: the machine is shared).
 """
 
 from __future__ import annotations

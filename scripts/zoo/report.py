@@ -11,7 +11,8 @@ ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to
   against task arithmetic and TIES on the same subsets; wall time per cell;
 - experts.md / experts.csv: base vs expert on each task's test split;
 - zoo.json: sha256 of the base's and each expert's files (divmerge_cli.hashing.hash_model_dir) and
-  of the data manifest (copied as data_manifest.json), so a rebuilt zoo can be checked against the one these numbers came from.
+  of the data manifest (copied as data_manifest.json), so a rebuilt zoo can be checked against
+  the one these numbers came from.
 """
 
 from __future__ import annotations
@@ -38,23 +39,27 @@ PAPER_TABLE3 = {
 # Table 6 (GLUE classification) and Table 7 (T5 generation): k -> label -> ANP (%).
 _T6_COLS = ["average", "multislerp", "ties", "adamerging_task", "divmerge_kl_task"]
 _T6_COLS += ["divmerge_js_task", "adamerging_layer", "divmerge_kl_layer", "divmerge_js_layer"]
-PAPER_TABLE6 = {
-    k: dict(zip(_T6_COLS, v))
-    for k, v in {
+
+
+def _by_k(table: dict[int, tuple[float, ...]]) -> dict[int, dict[str, float]]:
+    return {k: dict(zip(_T6_COLS, v)) for k, v in table.items()}
+
+
+PAPER_TABLE6 = _by_k(
+    {
         2: (93.89, 94.20, 96.02, 91.16, 98.18, 98.28, 92.41, 98.85, 98.85),
         3: (89.10, 92.18, 94.08, 90.86, 97.40, 97.39, 90.26, 98.42, 98.26),
         4: (75.12, 79.31, 79.37, 78.73, 80.12, 79.21, 78.47, 95.20, 95.19),
         5: (60.92, 66.86, 73.61, 66.84, 83.82, 85.37, 64.93, 95.60, 95.50),
-    }.items()
-}
-PAPER_TABLE7 = {
-    k: dict(zip(_T6_COLS, v))
-    for k, v in {
+    }
+)
+PAPER_TABLE7 = _by_k(
+    {
         2: (97.92, 98.96, 98.43, 99.74, 96.34, 98.96, 100.00, 98.96, 99.48),
         3: (82.62, 67.89, 87.87, 79.92, 92.99, 96.36, 89.26, 95.91, 97.79),
         4: (53.38, 64.85, 56.42, 60.88, 87.52, 91.75, 83.15, 94.97, 97.44),
-    }.items()
-}
+    }
+)
 
 
 def collect(files: list[Path]) -> list[dict]:
@@ -97,8 +102,8 @@ def _mean(xs: list[float]) -> float | None:
 PAIRED_BASELINES = ("task_arithmetic", "ties")
 
 
-def _f(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def _f(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def paper_tables(rows: list[dict]) -> str:
@@ -136,7 +141,7 @@ def paper_tables(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def paired_table(rows: list[dict], baseline: str = "average") -> str:
+def paired_table(rows: list[dict], baseline: str) -> str:
     """Each method against `baseline` on the same subsets: mean difference of ANP (points) with a
     normal 95% interval, and wins / ties / losses. Pairing removes the subsets' own spread."""
     from divmerge_cli.sweep import stats
@@ -186,16 +191,12 @@ def experts_table(scores: dict) -> tuple[str, str]:
     for t, e in scores.items():
         chat = e.get("base_chat")
         md.append(
-            f"| {t} | {e['metric']} | {e['n']} | {e['base']:.4f} | {_f4(chat)} | {e['expert']:.4f} |"
+            f"| {t} | {e['metric']} | {e['n']} | {e['base']:.4f} | {_f(chat, 4)} | {e['expert']:.4f} |"
         )
         csv.append(
             f"{t},{e['metric']},{e['n']},{e['base']},{'' if chat is None else chat},{e['expert']}"
         )
     return "\n".join(md) + "\n", "\n".join(csv) + "\n"
-
-
-def _f4(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
 
 
 def zoo_hashes(zoo: Path) -> dict[str, str]:
