@@ -128,9 +128,15 @@ def score_task(
     spec: TaskSpec,
     rows: list[dict],
     batch_size: int = 16,
+    wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> TaskScore:
-    """Greedy-generate on `rows` and score with the task's metric (works on in-memory models)."""
+    """Greedy-generate on `rows` and score with the task's metric (works on in-memory models).
+
+    `wrap` rewrites the rendered prompts first (e.g. into a chat template).
+    """
     prompts = [render_prompt(task, spec, r) for r in rows]
+    if wrap is not None:
+        prompts = wrap(prompts)
     gens = greedy_generate(model, tokenizer, prompts, spec.max_new_tokens, batch_size=batch_size)
     preds = [g.text for g in gens]
     targets = [str(r[spec.target]) for r in rows]

@@ -305,18 +305,18 @@ def test_an_interrupted_build_resumes_from_its_checkpoint(tmp_path, llama_zoo, m
 def test_score_base_chat_wraps_prompts_and_keeps_other_scores(tmp_path, llama_zoo, monkeypatch):
     import json
 
-    import divmerge_cli.generate as generate
+    import divmerge_cli.evaluate as evaluate
 
     zoo, _ = _tiny_zoo(tmp_path, llama_zoo)
     cfg = zoo / "base" / "tokenizer_config.json"
     template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "chat_template": template}))
     (zoo / "scores.json").write_text(json.dumps({"rt": {"metric": "accuracy", "base": 0.25}}))
-    seen, real = [], generate.greedy_generate
+    seen, real = [], evaluate.greedy_generate
     monkeypatch.setattr(
-        generate,
+        evaluate,
         "greedy_generate",
-        lambda m, t, prompts, *a: seen.extend(prompts) or real(m, t, prompts, *a),
+        lambda m, t, prompts, *a, **kw: seen.extend(prompts) or real(m, t, prompts, *a, **kw),
     )
     assert build.main([str(zoo), "--score-base-chat", "--eval-limit", "3"]) == 0
     assert len(seen) == 3 and all(

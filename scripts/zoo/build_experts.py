@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 SEED = 0
@@ -231,18 +232,15 @@ def score_base_chat(zoo: Path, specs: dict, limit: int, batch_size: int) -> dict
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from divmerge_cli.evaluate import METRICS, labelled_rows
-    from divmerge_cli.generate import greedy_generate
-    from divmerge_cli.tasks import render_prompt
+    from divmerge_cli.evaluate import labelled_rows, score_task
 
     tokenizer = AutoTokenizer.from_pretrained(zoo / "base")
     model = AutoModelForCausalLM.from_pretrained(zoo / "base").eval()
     out = {}
     for task, spec in specs.items():
         rows = labelled_rows(task, spec, "test", limit, 0)
-        prompts = chat_prompts(tokenizer, [render_prompt(task, spec, r) for r in rows])
-        gens = greedy_generate(model, tokenizer, prompts, spec.max_new_tokens, batch_size)
-        score = METRICS[spec.metric]([g.text for g in gens], [str(r[spec.target]) for r in rows])
+        wrap = partial(chat_prompts, tokenizer)
+        score = score_task(model, tokenizer, task, spec, rows, batch_size, wrap).score
         merge_scores(zoo, task, {"base_chat": score})
         out[task] = score
     return out
