@@ -15,11 +15,13 @@ sweep() { divmerge sweep "$ZOO/sweeps/$1.yaml" --cache-dir "$ZOO/cache" >>"$ZOO/
   sweep lr_k5
   sweep per_k3
   sweep pairwise_divmerge_kl
+  sweep epochs4_k5_divmerge
 ) &
 (
   sweep pairwise_datafree
   sweep pairwise_adamerging
   sweep per_k4
+  sweep epochs4_k5_adamerging
 ) &
 wait
 python "$REPO/scripts/zoo/report.py" "$ZOO" --out "$REPO/docs/results"
