@@ -83,9 +83,11 @@ _KINDS = ("classif.", "mixed", "gen.")
 def _pair_kinds(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
     """(label, kind) -> ANP (%) of the pairwise cells whose tasks are both classification
     (accuracy), both generation, or one of each."""
+    from divmerge_cli.sweep import cell_rows
+
     out: dict[tuple[str, str], list[float]] = {}
-    for r in rows:
-        if r.get("type") != "cell" or int(r["k"]) != 2:
+    for r in cell_rows(rows):
+        if int(r["k"]) != 2:
             continue
         n_acc = sum(m == "accuracy" for m in r["metrics"].values())
         kind = _KINDS[0] if n_acc == 2 else _KINDS[2] if n_acc == 0 else _KINDS[1]
@@ -144,12 +146,11 @@ def paper_tables(rows: list[dict]) -> str:
 def paired_table(rows: list[dict], baseline: str) -> str:
     """Each method against `baseline` on the same subsets: mean difference of ANP (points) with a
     normal 95% interval, and wins / ties / losses. Pairing removes the subsets' own spread."""
-    from divmerge_cli.sweep import stats
+    from divmerge_cli.sweep import cell_rows, stats
 
     anp: dict[tuple[str, int], dict[tuple[str, ...], float]] = {}
-    for r in rows:
-        if r.get("type") == "cell":
-            anp.setdefault((r["label"], int(r["k"])), {})[tuple(r["subset"])] = 100 * r["anp"]
+    for r in cell_rows(rows):
+        anp.setdefault((r["label"], int(r["k"])), {})[tuple(r["subset"])] = 100 * r["anp"]
     out = [f"**Against {baseline} on the same subsets: ANP difference (points)**", ""]
     out += ["| method | k | subsets | mean Δ | 95% interval | wins / ties / losses |"]
     out += ["|---|---|---|---|---|---|"]
@@ -160,17 +161,19 @@ def paired_table(rows: list[dict], baseline: str) -> str:
             continue
         st = stats(d)
         ci = "-" if st.ci95 is None else f"{st.mean - st.ci95:+.2f} .. {st.mean + st.ci95:+.2f}"
-        wtl = f"{sum(x > 1e-9 for x in d)} / {sum(abs(x) <= 1e-9 for x in d)} / {sum(x < -1e-9 for x in d)}"
+        signs = [(x > 1e-9) - (x < -1e-9) for x in d]  # float noise counts as a tie
+        wtl = f"{signs.count(1)} / {signs.count(0)} / {signs.count(-1)}"
         out.append(f"| {label} | {k} | {st.n} | {st.mean:+.2f} | {ci} | {wtl} |")
     return "\n".join(out) + "\n"
 
 
 def timing_table(rows: list[dict]) -> str:
     """Mean wall seconds per cell (merge or optimize + merge, then scoring) by method and k."""
+    from divmerge_cli.sweep import cell_rows
+
     by: dict[str, dict[int, list[float]]] = {}
-    for r in rows:
-        if r.get("type") == "cell":
-            by.setdefault(r["label"], {}).setdefault(int(r["k"]), []).append(r["seconds"])
+    for r in cell_rows(rows):
+        by.setdefault(r["label"], {}).setdefault(int(r["k"]), []).append(r["seconds"])
     ks = sorted({k for d in by.values() for k in d})
     out = ["**Wall time per cell (s, mean over subsets; 1 torch thread)**", ""]
     out.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")

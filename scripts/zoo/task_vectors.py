@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     stats = task_vector_stats(open_checkpoint(str(zoo / "base"), "base_model"), experts)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(stats, indent=1) + "\n")
-    a.out.with_suffix(".md").write_text(to_markdown(stats, list(experts)))
-    print(to_markdown(stats, list(experts)))
+    md = to_markdown(stats, list(experts))
+    a.out.with_suffix(".md").write_text(md)
+    print(md)
     return 0
 
 
