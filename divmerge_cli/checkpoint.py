@@ -160,6 +160,10 @@ class Checkpoint:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
+    def tau(self, name: str, base) -> torch.Tensor:
+        """The task vector theta_t - theta0 on one tensor, float32 (see taskvectors.py)."""
+        return self.get(name).float() - base.get(name).float()
+
     @property
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in {f for f, _ in self.index.values()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -86,10 +87,10 @@ def run(
     shard = parse_size(out_shard_size)
     r = load_recipe(recipe)
     dev = _device(device)
-    if METHODS[r.merge_method].optimized:
-        return _run_optimized(r, output, force, seed, dev, cache_dir, resume, shard, allow_pickle)
     plan = plan_merge(r, allow_pickle)
     check_out(output, force, [c.path for c in plan.inputs])
+    if METHODS[r.merge_method].optimized:
+        return _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard)
     if "OMP_NUM_THREADS" not in os.environ:
         import torch
 
@@ -103,9 +104,27 @@ def run(
     out.print(f"[green]merged[/] {len(plan.names)} tensors with {r.merge_method} -> {output}")
 
 
-def _run_optimized(r, output, force, seed, dev, cache_dir, resume, shard, allow_pickle) -> None:
-    from .optimize import run_optimized
+def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard) -> None:
+    from .optimize import preflight, run_optimized
+    from .taskvectors import pick_mode
 
+    r = plan.recipe
+    est = preflight(plan, seed)
+    mode, reason = pick_mode(plan_params(plan).task_vectors, est.memory_bytes, est.available)
+    if est.peak(mode) > est.available:
+        raise UserError(
+            f"{r.source}: this merge needs about {est.peak(mode) / 1e9:.2f} GB of memory "
+            f"({mode} task vectors), {est.available / 1e9:.2f} GB available; lower "
+            "parameters.batch_size or parameters.samples, set parameters.task_vectors: stream, "
+            "or use dtype: bfloat16"
+        )
+    free = shutil.disk_usage(_existing_parent(output)).free
+    if est.disk_bytes > free:
+        raise UserError(
+            f"-o {output}: the output needs about {est.disk_bytes / 1e9:.2f} GB of disk, "
+            f"{free / 1e9:.2f} GB free there"
+        )
+    err.print(reason, highlight=False)
     with _progress() as prog:
         tasks: dict[str, object] = {}
 
@@ -123,7 +142,15 @@ def _run_optimized(r, output, force, seed, dev, cache_dir, resume, shard, allow_
             )
 
         summary = run_optimized(
-            r, output, force, seed, dev, cache_dir, resume, shard, allow_pickle, report
+            plan,
+            output,
+            force=force,
+            seed=seed,
+            device=dev,
+            cache_dir=cache_dir,
+            resume=resume,
+            shard_bytes=shard,
+            progress=report,
         )
     table = Table(title=f"{r.merge_method}: objective ({summary['objective']}) per task")
     for col in ("task", "at init", "learned", "mean Gamma"):
@@ -139,6 +166,19 @@ def _run_optimized(r, output, force, seed, dev, cache_dir, resume, shard, allow_
     out.print(f"[green]merged[/] with {r.merge_method} ({summary['steps']} steps) -> {output}")
 
 
+def plan_params(plan):
+    from .recipe import optimize_params
+
+    return optimize_params(plan.recipe)
+
+
+def _existing_parent(path: Path) -> Path:
+    p = path.resolve().parent
+    while not p.exists():
+        p = p.parent
+    return p
+
+
 def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:
     return lambda done, total, name: prog.update(task, completed=done, info=name)
 
@@ -147,6 +187,9 @@ def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:
 def validate(
     recipe: Annotated[Path, typer.Argument(help="mergekit-style YAML recipe")],
     allow_pickle: bool = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="write the checks and estimates as JSON")
+    ] = None,
 ) -> None:
     """Check RECIPE and every checkpoint it names (headers and configs only, no weights)."""
     from .merge import plan_merge
@@ -154,15 +197,37 @@ def validate(
 
     r = load_recipe(recipe)
     plan = plan_merge(r, allow_pickle)
+    report: dict = {"recipe": str(recipe), "merge_method": r.merge_method, "ok": True}
     if plan.method.optimized:
-        from .optimize import check_tasks
+        from .optimize import preflight
+        from .taskvectors import pick_mode
 
-        check_tasks(r, plan)
+        est = preflight(plan)
+        mode, reason = pick_mode(plan_params(plan).task_vectors, est.memory_bytes, est.available)
+        report.update(
+            peak_memory_bytes=est.peak(mode),
+            device_memory_bytes=est.peak(mode),
+            disk_bytes=est.disk_bytes,
+            task_vectors=mode,
+            task_vectors_reason=reason,
+            available_memory_bytes=est.available,
+        )
     size = sum(c.nbytes for c in plan.inputs) / 1e9
     out.print(
         f"[green]ok[/] {recipe}: {r.merge_method} over {len(plan.inputs)} checkpoints "
         f"({len(plan.names)} tensors, {size:.2f} GB to read)"
     )
+    if "peak_memory_bytes" in report:
+        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        out.print(
+            f"estimate: peak memory {gb(report['peak_memory_bytes'])} "
+            f"(available {gb(report['available_memory_bytes'])}), "
+            f"disk {gb(report['disk_bytes'])}; {report['task_vectors_reason']}"
+        )
+    if json_out:
+        import json
+
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:

@@ -18,49 +18,56 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.func import functional_call
 
 from . import hf
-from .checkpoint import check_out
-from .coefficients import TaskVectors, groups_for, initial_gamma
+from .checkpoint import DTYPES
+from .coefficients import groups_for, initial_gamma
 from .errors import UserError
-from .merge import MergePlan, plan_merge, run_merge
+from .estimate import Estimate, estimate_learned
+from .merge import MergePlan, run_merge
 from .objectives import OBJECTIVES, collate
 from .recipe import OptimizeParams, Recipe, optimize_params
 from .tasks import check_task, load_rows, load_tasks, render_prompt
+from .taskvectors import MergedModel, TaskVectors, dense_tau, pick_mode
 from .teacher import TeacherSample, default_cache_dir, load_or_build_teacher
 
 Progress = Callable[[str, int, int, str], None]  # (phase, done, total, info)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Problem:
-    """Everything the loop needs: teacher samples, task vectors, the model to call functionally."""
+    """Everything the loop needs: teacher samples, the merged model as a function of Gamma."""
 
     plan: MergePlan
     params: OptimizeParams
     tasks: list[str]  # task of each expert, in the order of Gamma's rows
     samples: list[TeacherSample]
-    tv: TaskVectors
     groups: list[str]
-    model: torch.nn.Module
+    student: MergedModel
+    mode_reason: str  # which task_vectors mode runs, and why
     pad_id: int
     seq2seq: bool
     start_id: int | None
     objective: str
 
+    @property
+    def tv(self) -> TaskVectors:
+        return self.student.tv
+
 
 def prepare(
-    recipe: Recipe,
+    plan: MergePlan,
+    *,
     seed: int = 0,
     cache_dir: Path | None = None,
     device: str = "cpu",
-    allow_pickle: bool = False,
     progress: Progress | None = None,
     main_first=None,
+    available: int | None = None,
 ) -> Problem:
-    """Check the recipe's tasks, build or reuse the teacher cache, load theta0 and the taus."""
-    plan = plan_merge(recipe, allow_pickle)
+    """Check the recipe's tasks, build or reuse the teacher cache, load theta0 once (the model's
+    own parameters, in the compute dtype) and the task vectors in the chosen mode."""
+    recipe = plan.recipe
     params, tasks, names = check_tasks(recipe, plan)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     samples: list[TeacherSample] = []
@@ -81,10 +88,13 @@ def prepare(
                 tick,
             )
         samples.extend(got)
-    model = hf.load_model(plan.base.path, torch.float32).to(device)
+    seq_len = max((len(x.prompt_ids) + len(x.gen_ids) for x in samples), default=1)
+    est = estimate_learned(plan, params, compute_dtype(recipe), seq_len, _world())
+    mode, reason = pick_mode(params.task_vectors, est.memory_bytes, available or est.available)
+    model = hf.load_model(plan.base.path, compute_dtype(recipe)).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    state = set(model.state_dict())
+    state = dict(model.state_dict(keep_vars=True))
     float_names = [n for n in plan.names if plan.base.dtype(n).is_floating_point]
     unknown = [n for n in float_names if n not in state]
     if unknown:
@@ -92,23 +102,46 @@ def prepare(
             f"base_model: tensor {unknown[0]} is not a parameter of the {type(model).__name__} it loads as"
         )
     groups, gidx = groups_for(float_names, params.granularity)
-    tv = TaskVectors.load(plan.base, plan.models, float_names, gidx, device)
+    theta0 = {n: state[n] for n in float_names}
+    tv = TaskVectors.load(plan.models, theta0, plan.base, float_names, gidx, mode)
     tok = hf.load_tokenizer(plan.base.path)
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     objective = "entropy" if recipe.merge_method == "adamerging" else params.divergence
     return Problem(
-        plan,
-        params,
-        names,
-        samples,
-        tv,
-        groups,
-        model,
-        tok.pad_token_id,
-        seq2seq,
-        getattr(model.config, "decoder_start_token_id", None),
-        objective,
+        plan=plan,
+        params=params,
+        tasks=names,
+        samples=samples,
+        groups=groups,
+        student=MergedModel(model, tv),
+        mode_reason=reason,
+        pad_id=tok.pad_token_id,
+        seq2seq=bool(getattr(model.config, "is_encoder_decoder", False)),
+        start_id=getattr(model.config, "decoder_start_token_id", None),
+        objective=objective,
     )
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def preflight(plan: MergePlan, seed: int = 0) -> Estimate:
+    """The estimate before any weight is read: sequence length from the rendered validation
+    prompts (tokenized with the base's tokenizer) plus each task's max_new_tokens."""
+    params, tasks, names = check_tasks(plan.recipe, plan)
+    tok = hf.load_tokenizer(plan.base.path)
+    seq_len = 1
+    for task in dict.fromkeys(names):
+        spec = tasks[task]
+        rows = load_rows(spec.validation, limit=params.samples, seed=seed)
+        ids = tok([render_prompt(task, spec, r) for r in rows])["input_ids"]
+        seq_len = max(seq_len, max(map(len, ids), default=0) + spec.max_new_tokens)
+    return estimate_learned(plan, params, compute_dtype(plan.recipe), seq_len, _world())
+
+
+def compute_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype of the merged forward and backward passes (Gamma and Adam stay float32)."""
+    return DTYPES[recipe.dtype] if recipe.dtype else torch.float32
 
 
 def check_tasks(recipe: Recipe, plan: MergePlan) -> tuple[OptimizeParams, dict, list[str]]:
@@ -156,7 +189,7 @@ def per_sample_loss(
     """The objective of each sample under the merged model theta0 + sum Gamma tau."""
 
     def forward(inputs: dict) -> torch.Tensor:
-        return functional_call(pb.model, pb.tv.merged(gamma), args=(), kwargs=inputs).logits
+        return pb.student.logits(gamma, inputs)
 
     return objective_per_sample(
         forward, samples, pb.objective, pb.pad_id, pb.seq2seq, pb.start_id, device
@@ -232,6 +265,20 @@ def batches(n_samples: int, batch_size: int, epochs: int, seed: int) -> list[lis
     return steps
 
 
+@dataclass
+class _Run:
+    """The loop's state: Gamma, Adam, the step schedule, the log so far, where they are saved."""
+
+    gamma: torch.nn.Parameter
+    opt: torch.optim.Adam
+    schedule: list[list[int]]
+    key: str
+    state_file: Path
+    log_file: Path
+    start: int = 0
+    log: list[dict] | None = None
+
+
 def train(
     pb: Problem,
     seed: int,
@@ -242,81 +289,104 @@ def train(
 ) -> tuple[torch.Tensor, list[dict]]:
     """Adam on Gamma. Each process takes a share of every batch; Gamma's gradient is summed across
     processes, so n processes take the same steps as one. Gamma is checkpointed after every step."""
+    run = _restore(pb, seed, state_dir, resume, accelerator)
+    for step in range(run.start, len(run.schedule)):
+        total = _step(pb, run, step, accelerator)
+        # epochs of equal length: step s of len(schedule) falls in epoch s * epochs // len + 1
+        epoch = step * pb.params.epochs // len(run.schedule) + 1
+        gamma = run.gamma.detach().cpu()
+        run.log.append({"step": step + 1, "epoch": epoch, "loss": total, "gamma": gamma.tolist()})
+        if accelerator.is_main_process:
+            _save(run, step + 1)
+        if progress:
+            progress("optimize", step + 1, len(run.schedule), f"loss {total:.4f}")
+    return run.gamma.detach().cpu(), run.log
+
+
+def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator) -> _Run:
+    """A fresh Gamma and Adam, or the saved ones under --resume (same recipe, data and seed)."""
     p = pb.params
-    device = accelerator.device
-    gamma = torch.nn.Parameter(initial_gamma(p.init, len(pb.tasks), len(pb.groups)).to(device))
-    opt = torch.optim.Adam([gamma], lr=p.lr)
-    bs = p.batch_size or 4 * len(pb.tasks)
-    plan = batches(len(pb.samples), bs, p.epochs, seed)
-    key = run_key(pb, seed)
-    log: list[dict] = []
-    start = 0
-    state_file, log_file = state_dir / "state.pt", state_dir / "train_log.jsonl"
-    if resume and state_file.is_file():
-        st = torch.load(state_file, weights_only=True)
-        if st["key"] != key:
+    gamma = torch.nn.Parameter(
+        initial_gamma(p.init, len(pb.tasks), len(pb.groups)).to(accelerator.device)
+    )
+    schedule = batches(len(pb.samples), p.batch_size or 4 * len(pb.tasks), p.epochs, seed)
+    run = _Run(
+        gamma,
+        torch.optim.Adam([gamma], lr=p.lr),
+        schedule,
+        run_key(pb, seed),
+        state_dir / "state.pt",
+        state_dir / "train_log.jsonl",
+        log=[],
+    )
+    if resume and run.state_file.is_file():
+        try:
+            st = torch.load(run.state_file, weights_only=True)
+            log = run.log_file.read_text().splitlines()[: st["step"]]
+            run.log = [json.loads(x) for x in log]
+        except Exception:  # noqa: BLE001 - any unreadable state is the same for the user
             raise UserError(
-                f"--resume: {state_file} belongs to a different recipe, data or seed; "
+                f"--resume: {run.state_file} is damaged; rerun without --resume to start over"
+            ) from None
+        if st.get("key") != run.key:
+            raise UserError(
+                f"--resume: {run.state_file} belongs to a different recipe, data or seed; "
                 "rerun without --resume"
             )
         gamma.data.copy_(st["gamma"])
-        opt.load_state_dict(st["opt"])
-        start = st["step"]
-        log = [json.loads(x) for x in log_file.read_text().splitlines()[:start]]
+        run.opt.load_state_dict(st["opt"])
+        run.start = st["step"]
     if accelerator.is_main_process:  # the log is followable while the run goes (tail -f)
         state_dir.mkdir(parents=True, exist_ok=True)
-        log_file.write_text("".join(json.dumps(x) + "\n" for x in log))
+        run.log_file.write_text("".join(json.dumps(x) + "\n" for x in run.log))
+    return run
+
+
+def _step(pb: Problem, run: _Run, step: int, accelerator) -> float:
+    """One Adam step on this process's share of the batch; returns the batch's mean loss."""
+    idx = run.schedule[step]
     rank, world = accelerator.process_index, accelerator.num_processes
-    for step in range(start, len(plan)):
-        idx = plan[step]
-        mine = idx[rank::world]
-        loss = (
-            per_sample_loss(pb, gamma, [pb.samples[i] for i in mine], device).sum() / len(idx)
-            if mine
-            else gamma.sum() * 0
-        )
-        opt.zero_grad()
-        loss.backward()
-        total = loss.detach().clone()
-        if world > 1:
-            gamma.grad = accelerator.reduce(gamma.grad, reduction="sum")
-            total = accelerator.reduce(total, reduction="sum")
-        if not math.isfinite(float(total)) or not torch.isfinite(gamma.grad).all():
-            raise UserError(
-                f"step {step + 1}: the loss is not finite ({float(total)}); stopped with the last good Gamma "
-                f"kept in {state_file}; lower parameters.lr and rerun with --resume"
-            )
-        opt.step()
-        log.append(
-            {
-                "step": step + 1,
-                "epoch": step * p.epochs // len(plan) + 1,
-                "loss": float(total),
-                "gamma": gamma.detach().cpu().tolist(),
-            }
-        )
-        if accelerator.is_main_process:
-            with open(log_file, "a") as f:
-                f.write(json.dumps(log[-1]) + "\n")
-            _save_state(
-                state_file,
-                {
-                    "key": key,
-                    "gamma": gamma.detach().cpu(),
-                    "opt": opt.state_dict(),
-                    "step": step + 1,
-                },
-            )
-        if progress:
-            progress("optimize", step + 1, len(plan), f"loss {float(total):.4f}")
-    return gamma.detach().cpu(), log
+    mine = idx[rank::world]
+    if mine:
+        # divide by the whole batch, not by this share: summed over ranks, the gradients and
+        # losses are those of the batch mean
+        batch = [pb.samples[i] for i in mine]
+        loss = per_sample_loss(pb, run.gamma, batch, str(accelerator.device)).sum() / len(idx)
+    else:
+        # a rank with no sample still joins the all-reduce below, with a zero gradient
+        loss = run.gamma.sum() * 0
+    run.opt.zero_grad()
+    loss.backward()
+    total = loss.detach().clone()
+    if world > 1:
+        run.gamma.grad = accelerator.reduce(run.gamma.grad, reduction="sum")
+        total = accelerator.reduce(total, reduction="sum")
+    if not math.isfinite(float(total)) or not torch.isfinite(run.gamma.grad).all():
+        raise _not_finite(pb, run, step, float(total))
+    run.opt.step()
+    return float(total)
 
 
-def _save_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def _not_finite(pb: Problem, run: _Run, step: int, loss: float) -> UserError:
+    if step == 0:  # nothing learned yet: the starting point is at fault, not the step size
+        return UserError(
+            f"step 1: the loss at the initial Gamma (parameters.init = {pb.params.init}) is not "
+            f"finite ({loss}); nothing was kept; use a smaller init (the paper uses 0.5 or 1/n)"
+        )
+    return UserError(
+        f"step {step + 1}: the loss is not finite ({loss}); stopped with the Gamma of step "
+        f"{step} kept in {run.state_file}; lower parameters.lr and rerun with --resume"
+    )
+
+
+def _save(run: _Run, step: int) -> None:
+    with open(run.log_file, "a") as f:
+        f.write(json.dumps(run.log[-1]) + "\n")
+    state = {"key": run.key, "gamma": run.gamma.detach().cpu(), "opt": run.opt.state_dict()}
+    run.state_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.state_file.with_suffix(".tmp")
+    torch.save({**state, "step": step}, tmp)
+    os.replace(tmp, run.state_file)
 
 
 def run_key(pb: Problem, seed: int) -> str:
@@ -336,27 +406,33 @@ def state_dir_for(out: Path) -> Path:
 
 
 def run_optimized(
-    recipe: Recipe,
+    plan: MergePlan,
     out: Path,
+    *,
     force: bool = False,
     seed: int = 0,
     device: str = "cpu",
     cache_dir: Path | None = None,
     resume: bool = False,
     shard_bytes: int = 5 * 10**9,
-    allow_pickle: bool = False,
     progress: Progress | None = None,
+    available: int | None = None,
 ) -> dict:
     """Learn Gamma, then write theta0 + sum Gamma tau like any merge, plus coefficients.json, a
-    mergekit recipe that reproduces it, and the training log. Returns a summary."""
+    mergekit recipe that reproduces it, and the training log. Returns a summary. The caller has
+    planned the merge (plan_merge) and checked OUT (check_out)."""
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=device == "cpu")
     torch.manual_seed(seed)
-    plan0 = plan_merge(recipe, allow_pickle)
-    check_out(out, force, [c.path for c in plan0.inputs])
     pb = prepare(
-        recipe, seed, cache_dir, str(acc.device), allow_pickle, progress, acc.main_process_first
+        plan,
+        seed=seed,
+        cache_dir=cache_dir,
+        device=str(acc.device),
+        progress=progress,
+        main_first=acc.main_process_first,
+        available=available,
     )
     init = initial_gamma(pb.params.init, len(pb.tasks), len(pb.groups))
     before = task_objectives(pb, init.to(acc.device), str(acc.device))
@@ -370,6 +446,8 @@ def run_optimized(
         "before": before,
         "after": after,
         "steps": len(log),
+        "task_vectors": pb.tv.mode,
+        "task_vectors_reason": pb.mode_reason,
     }
     if acc.is_main_process:
         files = {
@@ -377,13 +455,6 @@ def run_optimized(
             "mergekit_task_arithmetic.yaml": mergekit_yaml(pb, gamma),
             "train_log.jsonl": "".join(json.dumps(x) + "\n" for x in log),
         }
-
-        def tensor(name: str) -> torch.Tensor:
-            if name in pb.tv.base:
-                with torch.no_grad():
-                    return pb.tv.tensor(name, gamma.to(acc.device))
-            return pb.plan.base.get(name)
-
         run_merge(
             pb.plan,
             out,
@@ -392,13 +463,28 @@ def run_optimized(
             shard_bytes,
             str(acc.device),
             _merge_tick(progress),
-            tensor,
+            lambda name: merged_tensor(pb, gamma, name),
             files,
             card_extra(pb, gamma, before, after),
         )
         shutil.rmtree(state_dir_for(out), ignore_errors=True)
     acc.wait_for_everyone()
     return summary
+
+
+def merged_tensor(pb: Problem, gamma: torch.Tensor, name: str) -> torch.Tensor:
+    """theta0 + sum_t Gamma_t tau_t on one tensor, in float32 from the stored theta0 (whatever
+    the compute dtype was), the task vectors read again one at a time."""
+    base = pb.plan.base
+    if name not in pb.tv.group_index:
+        return base.get(name)  # integer buffers are copied from the base
+    g = pb.tv.group_index[name]
+    out = base.get(name).float()
+    for t, e in enumerate(pb.plan.models):
+        tau = dense_tau(e, name, base)
+        if tau is not None:
+            out.add_(tau, alpha=float(gamma[t, g]))
+    return out
 
 
 def _merge_tick(progress: Progress | None):
@@ -416,7 +502,8 @@ def coefficients_json(pb: Problem, gamma: torch.Tensor) -> dict:
 
 def mergekit_yaml(pb: Problem, gamma: torch.Tensor) -> str:
     """A mergekit task_arithmetic recipe giving the same tensors: per-group weights via filters."""
-    names, gidx = pb.tv.names, pb.tv.group_index
+    names = pb.tv.names
+    gidx = [pb.tv.group_index[n] for n in names]
     models = []
     for ckpt, row in zip(pb.plan.models, gamma.tolist()):
         if len(pb.groups) == 1:
@@ -457,4 +544,5 @@ def card_extra(pb: Problem, gamma: torch.Tensor, before: dict, after: dict) -> s
     lines.append(
         "\nPer-group values: `coefficients.json`. Mergekit recipe: `mergekit_task_arithmetic.yaml`."
     )
+    lines.append(f"\nTask vectors held in `{pb.tv.mode}` mode ({pb.mode_reason}).")
     return "\n".join(lines)

@@ -58,6 +58,7 @@ class OptimizeParams(BaseModel):
     samples: PositiveInt = 200  # validation rows per task
     top_k: PositiveInt | Literal["full"] = 256  # 0.8% of dense bytes for SmolLM2 (bench_optimize)
     gen_batch_size: PositiveInt = 16  # teacher generation batch
+    task_vectors: Literal["memory", "stream", "auto"] = "auto"  # taskvectors.py
 
 
 class ModelEntry(BaseModel):

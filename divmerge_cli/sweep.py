@@ -506,7 +506,15 @@ def run_cell(
     try:
         if optimized:
             teacher = Path(cache_dir) / "teacher" if cache_dir else None
-            summary = run_optimized(recipe, out, True, cfg.seed, device, teacher, progress=progress)
+            summary = run_optimized(
+                plan_merge(recipe),
+                out,
+                force=True,
+                seed=cfg.seed,
+                device=device,
+                cache_dir=teacher,
+                progress=progress,
+            )
             log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x]
         else:
             run_merge(plan_merge(recipe), out, force=True, seed=cfg.seed, device=device)

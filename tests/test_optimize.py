@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 
 from conftest import TASKS, write_recipe
 from divmerge_cli import optimize
-from divmerge_cli.coefficients import TaskVectors, groups_for, initial_gamma
+from divmerge_cli.coefficients import groups_for, initial_gamma
 from divmerge_cli.errors import UserError
+from divmerge_cli.merge import plan_merge
 from divmerge_cli.recipe import load_recipe
+from divmerge_cli.taskvectors import MODES, TaskVectors
 
 
 def recipe(toy: Path, tmp: Path, method="divmerge", **params) -> Path:
@@ -38,7 +40,9 @@ def recipe(toy: Path, tmp: Path, method="divmerge", **params) -> Path:
     [("js", "task"), ("js", "layer"), ("kl", "task"), ("kl", "layer")],
 )
 def test_learned_gamma_lowers_the_objective(toy, tmp_path, divergence, granularity):
-    r = load_recipe(recipe(toy, tmp_path, divergence=divergence, granularity=granularity))
+    r = plan_merge(
+        load_recipe(recipe(toy, tmp_path, divergence=divergence, granularity=granularity))
+    )
     s = optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
     assert sum(s["after"].values()) < sum(s["before"].values()) * 0.98, s
     n_groups = 1 if granularity == "task" else 4  # embeddings, 2 blocks, head
@@ -77,7 +81,7 @@ def test_written_weights_are_theta0_plus_gamma_tau_and_the_mergekit_yaml_reprodu
 
 
 def test_adamerging_runs_and_lowers_entropy(toy, tmp_path):
-    r = load_recipe(recipe(toy, tmp_path, method="adamerging", granularity="layer"))
+    r = plan_merge(load_recipe(recipe(toy, tmp_path, method="adamerging", granularity="layer")))
     s = optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
     assert s["objective"] == "entropy"
     assert sum(s["after"].values()) < sum(s["before"].values())
@@ -94,7 +98,7 @@ def test_one_expert_js_goes_to_zero_at_gamma_one(toy, tmp_path):
             "parameters": {"granularity": "task", "samples": 16, "top_k": "full"},
         },
     )
-    pb = optimize.prepare(load_recipe(r), cache_dir=tmp_path / "cache")
+    pb = optimize.prepare(plan_merge(load_recipe(r)), cache_dir=tmp_path / "cache")
     at = lambda g: optimize.task_objectives(pb, torch.tensor([[g]]), "cpu")["sent"]  # noqa: E731
     assert at(1.0) < 1e-6 < at(0.5) and at(0.0) > at(0.5)
 
@@ -114,7 +118,7 @@ def test_an_expert_equal_to_the_base_leaves_the_objective_flat_in_its_gamma(toy,
             "parameters": {"granularity": "layer", "samples": 8, "top_k": 16},
         },
     )
-    pb = optimize.prepare(load_recipe(r), cache_dir=tmp_path / "cache")
+    pb = optimize.prepare(plan_merge(load_recipe(r)), cache_dir=tmp_path / "cache")
     gamma = initial_gamma(0.5, 2, len(pb.groups)).requires_grad_()
     optimize.per_sample_loss(pb, gamma, pb.samples, "cpu").sum().backward()
     assert gamma.grad[0].abs().sum() > 1e-4
@@ -122,7 +126,7 @@ def test_an_expert_equal_to_the_base_leaves_the_objective_flat_in_its_gamma(toy,
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(toy, tmp_path, monkeypatch):
-    r = load_recipe(recipe(toy, tmp_path, granularity="layer", epochs=2))
+    r = plan_merge(load_recipe(recipe(toy, tmp_path, granularity="layer", epochs=2)))
     full = optimize.run_optimized(r, tmp_path / "full", cache_dir=tmp_path / "cache")
     real, calls = optimize.per_sample_loss, []
 
@@ -147,7 +151,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(toy, tmp_path, mo
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_gamma(
     toy, tmp_path, monkeypatch
 ):
-    r = load_recipe(recipe(toy, tmp_path, granularity="task", epochs=1))
+    r = plan_merge(load_recipe(recipe(toy, tmp_path, granularity="task", epochs=1)))
     real, calls = optimize.per_sample_loss, []
 
     def poisoned(*a, **k):
@@ -225,26 +229,39 @@ def test_task_vectors_merge_matches_formula_and_keeps_storage_dtype():
         def __init__(self, d):
             self.d = d
 
-        def get(self, n):
+        def get(self, n, start=None, stop=None):
             return self.d[n]
+
+        def dtype(self, n):
+            return self.d[n].dtype
+
+        def tau(self, n, base):
+            return self.get(n).float() - base.get(n).float()
 
     b = {"w": torch.randn(3, 2).to(torch.bfloat16)}
     es = [
         Fake({"w": (b["w"].float() + torch.randn(3, 2) * 0.1).to(torch.bfloat16)}) for _ in range(2)
     ]
-    tv = TaskVectors.load(Fake(b), es, ["w"], [0])
-    assert tv.taus["w"].dtype == torch.bfloat16
-    gamma = torch.tensor([[0.3], [0.9]])
-    expect = b["w"].float() + sum(
-        g * (e.get("w").float() - b["w"].float()) for g, e in zip([0.3, 0.9], es)
-    )
-    assert torch.allclose(tv.merged(gamma)["w"], expect, atol=1e-2)
+    for mode in MODES:
+        tv = TaskVectors.load(es, {"w": b["w"].float()}, Fake(b), ["w"], [0], mode)
+        assert mode == "stream" or tv.stacked["w"].dtype == torch.bfloat16
+        gamma = torch.tensor([[0.3], [0.9]], requires_grad=True)
+        expect = b["w"].float() + sum(
+            g * (e.get("w").float() - b["w"].float()) for g, e in zip([0.3, 0.9], es)
+        )
+        got = tv.combine("w", gamma)
+        assert torch.allclose(got, expect, atol=1e-2)
+        got.sum().backward()  # dGamma_t = <tau_t, 1>
+        want = torch.stack([(e.get("w").float() - b["w"].float()).sum() for e in es])
+        assert torch.allclose(gamma.grad[:, 0], want, atol=1e-2), mode
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo CPU processes")
 def test_two_cpu_processes_under_accelerate_give_the_same_gamma(toy, tmp_path):
     r = recipe(toy, tmp_path, granularity="layer", epochs=1)
-    one = optimize.run_optimized(load_recipe(r), tmp_path / "one", cache_dir=tmp_path / "cache")
+    one = optimize.run_optimized(
+        plan_merge(load_recipe(r)), tmp_path / "one", cache_dir=tmp_path / "cache"
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -274,3 +291,75 @@ def test_two_cpu_processes_under_accelerate_give_the_same_gamma(toy, tmp_path):
     two = json.loads((tmp_path / "two" / "coefficients.json").read_text())
     got = torch.tensor([list(two["gamma"][t].values()) for t in TASKS])
     assert torch.allclose(got, torch.tensor(one["gamma"]), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("divergence", "granularity"), [("js", "task"), ("kl", "layer"), ("js", "tensor")]
+)
+def test_streamed_task_vectors_learn_the_same_gamma_as_memory(
+    toy, tmp_path, divergence, granularity
+):
+    got = {}
+    for mode in ("memory", "stream"):
+        r = plan_merge(
+            load_recipe(
+                recipe(
+                    toy,
+                    tmp_path,
+                    divergence=divergence,
+                    granularity=granularity,
+                    epochs=1,
+                    task_vectors=mode,
+                )
+            )
+        )
+        got[mode] = optimize.run_optimized(r, tmp_path / mode, cache_dir=tmp_path / "cache")
+        assert got[mode]["task_vectors"] == mode
+    assert torch.allclose(
+        torch.tensor(got["memory"]["gamma"]), torch.tensor(got["stream"]["gamma"]), atol=1e-5
+    )
+    a = load_file(tmp_path / "memory" / "model.safetensors")
+    b = load_file(tmp_path / "stream" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_stream_mode_holds_no_task_vector_and_auto_streams_under_a_small_limit(toy, tmp_path):
+    r = plan_merge(load_recipe(recipe(toy, tmp_path, granularity="layer")))
+    pb = optimize.prepare(r, cache_dir=tmp_path / "cache", available=10**12)
+    assert pb.tv.mode == "memory" and pb.tv.nbytes > 0 and "auto chose memory" in pb.mode_reason
+    pb = optimize.prepare(r, cache_dir=tmp_path / "cache", available=1000)
+    assert pb.tv.mode == "stream" and pb.tv.nbytes == 0 and "auto chose stream" in pb.mode_reason
+
+
+def test_validate_json_reports_the_preflight_estimate(toy, tmp_path, cli):
+    r = recipe(toy, tmp_path, granularity="layer")
+    code, out, err = cli("validate", r, "--json", tmp_path / "v.json")
+    assert code == 0, err
+    v = json.loads((tmp_path / "v.json").read_text())
+    for key in ("peak_memory_bytes", "device_memory_bytes", "disk_bytes"):
+        assert v[key] > 0, key
+    assert v["task_vectors"] in ("memory", "stream")
+    assert "estimate: peak memory" in out
+
+
+def test_run_refuses_a_merge_that_cannot_fit_before_reading_weights(
+    toy, tmp_path, cli, monkeypatch
+):
+    monkeypatch.setenv("DIVMERGE_MAX_MEMORY", "1000")
+    r = recipe(toy, tmp_path, granularity="layer", task_vectors="stream")
+    code, _, err = cli("run", r, "-o", tmp_path / "m", "--cache-dir", tmp_path / "cache")
+    assert code == 2 and "GB of memory" in err and "batch_size" in err, err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "cache").exists()
+
+
+def test_bfloat16_recipe_trains_in_bf16_and_writes_the_requested_dtype(toy, tmp_path):
+    raw = recipe(toy, tmp_path, granularity="layer", epochs=1)
+    text = raw.read_text().replace("dtype: float32", "dtype: bfloat16\nout_dtype: float16")
+    raw.write_text(text)
+    r = plan_merge(load_recipe(raw))
+    pb = optimize.prepare(r, cache_dir=tmp_path / "cache")
+    assert next(pb.student.model.parameters()).dtype == torch.bfloat16
+    s = optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
+    assert sum(s["after"].values()) < sum(s["before"].values())
+    w = load_file(tmp_path / "m" / "model.safetensors")
+    assert all(t.dtype == torch.float16 for t in w.values())

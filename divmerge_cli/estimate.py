@@ -1,0 +1,120 @@
+"""Napkin math before the work: peak memory, device memory and disk a learned merge will need,
+from headers, configs and the rendered prompts only (no weights read).
+
+The terms, for a batch of B sequences of T tokens, hidden size H, vocabulary V, L blocks:
+- theta0 once, as the model's parameters, in the compute dtype;
+- `memory` mode: every dense tau in its storage dtype, plus every merged weight for the step;
+- `stream` mode: the merged tensors outside blocks, one block's merged weights and one tau;
+- activations: all of every block (memory) or each block's input plus one block's internals
+  (stream, recomputed block by block), and the logits with the objective's temporaries;
+- the process itself (torch, transformers), measured on these machines.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from .merge import block_of
+
+RUNTIME_BYTES = 600 * 10**6  # python + torch + transformers + accelerate, imported (RSS)
+LOGIT_COPIES = 8  # logits, log-softmax, softmax and their gradients, float32 (objectives.py)
+MAX_MEMORY_ENV = "DIVMERGE_MAX_MEMORY"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    memory_bytes: int  # peak host memory in `memory` mode
+    stream_bytes: int  # peak host memory in `stream` mode
+    disk_bytes: int  # the output checkpoint, the teacher cache and the state
+    available: int  # memory the process may use (DIVMERGE_MAX_MEMORY, else what is free)
+
+    def peak(self, mode: str) -> int:
+        return self.memory_bytes if mode == "memory" else self.stream_bytes
+
+
+def available_memory() -> int:
+    """DIVMERGE_MAX_MEMORY (bytes, or e.g. 8GB) if set, else the memory the OS reports free."""
+    limit = os.environ.get(MAX_MEMORY_ENV)
+    if limit:
+        from .checkpoint import parse_size
+
+        return parse_size(limit)
+    return int(psutil.virtual_memory().available)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def estimate_learned(
+    plan,
+    params,
+    compute: torch.dtype,
+    seq_len: int,
+    n_processes: int = 1,
+) -> Estimate:
+    """The figures for one process of a divmerge/adamerging run of `plan` (see the module doc)."""
+    base, cfg = plan.base, plan.base.config
+    c = _itemsize(compute)
+    floats = [n for n in plan.names if base.dtype(n).is_floating_point]
+    numel = {n: _numel(base.shape(n)) for n in floats}
+    p_total = sum(numel.values())
+    model = p_total * c
+    taus = 0
+    for e in plan.models:
+        low = getattr(e, "adapter_bytes", None)  # LoRA experts hold factors, not dense tau
+        taus += low if low is not None else sum(numel[n] * _itemsize(e.dtype(n)) for n in floats)
+    blocks: dict[str, int] = {}
+    outside = 0
+    for n in floats:
+        b = block_of(n)
+        if b:
+            blocks[f"{b[0]}.{b[1]}"] = blocks.get(f"{b[0]}.{b[1]}", 0) + numel[n]
+        else:
+            outside += numel[n]
+    biggest_block = max(blocks.values(), default=0)
+    biggest_tensor = max(numel.values(), default=0)
+
+    bs = params.batch_size or 4 * len(plan.models)
+    b = math.ceil(bs / n_processes)
+    h = cfg.get("hidden_size") or cfg.get("d_model") or cfg.get("n_embd") or 0
+    inter = cfg.get("intermediate_size") or cfg.get("d_ff") or 4 * h
+    heads = cfg.get("num_attention_heads") or cfg.get("num_heads") or 1
+    vocab = cfg.get("vocab_size") or 0
+    n_blocks = max(len(blocks), 1)
+    # one block's saved activations: ~12 hidden-size and 4 intermediate-size tensors per token,
+    # plus the attention scores and probabilities
+    per_block = b * seq_len * (12 * h + 4 * inter) * c + 2 * b * heads * seq_len * seq_len * c
+    logits = LOGIT_COPIES * b * seq_len * vocab * 4
+    act_memory = n_blocks * per_block + logits
+    act_stream = n_blocks * b * seq_len * h * c + per_block + logits
+
+    memory = RUNTIME_BYTES + model + taus + model + act_memory
+    stream = (
+        RUNTIME_BYTES
+        + model
+        + outside * c
+        + biggest_block * (c + 4)  # one block merged, and its float32 accumulator
+        + biggest_tensor * 4  # one tau being read
+        + act_stream
+    )
+    out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
+    out_size = _itemsize(torch.float32) if out_dtype == "float32" else 2
+    if out_dtype is None:
+        out_size = max((_itemsize(base.dtype(n)) for n in floats), default=4)
+    teacher = 0
+    if params.top_k == "full":
+        teacher = len(plan.models) * params.samples * seq_len * vocab * 4
+    else:
+        teacher = len(plan.models) * params.samples * seq_len * min(params.top_k, vocab or 1) * 10
+    disk = p_total * out_size + teacher
+    return Estimate(int(memory), int(stream), int(disk), available_memory())

@@ -1,0 +1,268 @@
+"""Task vectors tau_t = theta_t - theta0, one notion for every method, and the learned merged model.
+
+An *expert* is anything with checkpoint.Checkpoint's read API (`names`, `shape`, `dtype`, `get`)
+plus `tau(name, base)`: its task vector on one tensor in its native form, a dense float32 tensor
+(a full checkpoint), a `LowRank` (a LoRA target), or None (zero there). Data-free methods read
+experts through `get` (theta_t rows); the learned loop reads them through `tau`.
+
+How the learned loop holds them is a property of the store, not of the loop:
+- `memory`: every dense tau loaded once, stacked per tensor in its storage dtype;
+- `stream`: nothing held; each tensor's tau is read from disk when its block runs, once in the
+  forward pass and again in the backward pass (the block is recomputed, `torch.utils.checkpoint`),
+  so peak memory is theta0 + one block's merged weights + one expert's tau, whatever n is.
+Low-rank tau are never densified: the Linear that owns the tensor adds sum_t Gamma_t s_t B_t A_t x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+from .merge import block_of
+
+MODES = ("memory", "stream")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """tau = scale * B @ A (a LoRA update): B [out, r], A [r, in]."""
+
+    B: Tensor
+    A: Tensor
+    scale: float
+
+    def dense(self) -> Tensor:
+        return self.scale * (self.B.float() @ self.A.float())
+
+
+def dense_tau(expert, name: str, base) -> Tensor | None:
+    """The expert's task vector on `name` as a dense float32 tensor (None where it is zero)."""
+    tau = expert.tau(name, base)
+    return tau.dense() if isinstance(tau, LowRank) else tau
+
+
+class _Combine(torch.autograd.Function):
+    """theta0 + sum_t c_t tau_t, accumulated in float32 and returned in theta0's dtype.
+
+    `taus[t]` gives tau_t (float32 or a storage dtype): a stacked tensor held in memory, or a
+    reader that fetches it from disk. Plain autograd would keep a float32 copy of every tau for the
+    backward pass; here the backward pass fetches each tau again, since the gradient of
+    sum_t c_t tau_t with respect to c_t is just dGamma_t = <tau_t, dW>."""
+
+    @staticmethod
+    def forward(ctx, coeff: Tensor, base: Tensor, taus) -> Tensor:
+        ctx.taus = taus
+        ctx.save_for_backward(coeff)
+        if isinstance(taus, Tensor) and taus.dtype == base.dtype == torch.float32:
+            return torch.addmv(base.reshape(-1), taus.reshape(len(taus), -1).t(), coeff).view(
+                base.shape
+            )
+        out = base.to(torch.float32, copy=True)
+        for t in range(len(taus)):
+            out.add_(taus[t].to(out.device, torch.float32), alpha=float(coeff[t]))
+        return out.to(base.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (coeff,) = ctx.saved_tensors
+        taus, g = ctx.taus, grad.reshape(-1).float()
+        if isinstance(taus, Tensor) and taus.dtype == torch.float32:
+            dc = torch.mv(taus.reshape(len(taus), -1), g)
+        else:
+            dc = torch.stack(
+                [
+                    torch.dot(taus[t].to(g.device, torch.float32).reshape(-1), g)
+                    for t in range(len(taus))
+                ]
+            )
+        return dc.to(coeff.dtype), None, None
+
+
+class _Reader(Sequence):
+    """tau_t of the dense experts on one tensor, read from disk on every access."""
+
+    def __init__(self, experts: list, name: str, base):
+        self.experts, self.name, self.base = experts, name, base
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, t: int) -> Tensor:
+        return dense_tau(self.experts[t], self.name, self.base)
+
+
+class _Theta0:
+    """theta0 as the model's own parameters, in the read API `tau` takes. Where the compute dtype
+    cannot hold the stored values exactly (bf16 compute, float32 checkpoint), tau is taken
+    against the stored theta0, read from disk: tau must not carry theta0's rounding."""
+
+    def __init__(self, params: dict[str, Tensor], ckpt):
+        self.params, self.ckpt = params, ckpt
+
+    def get(self, name: str, start: int | None = None, stop: int | None = None) -> Tensor:
+        t = self.params[name].detach()
+        if t.dtype not in (torch.float32, self.ckpt.dtype(name)):
+            return self.ckpt.get(name, start, stop)
+        return t if start is None else t[start:stop]
+
+
+@dataclass
+class TaskVectors:
+    """The n experts' task vectors per tensor, as the learned loop needs them.
+
+    For each tensor: the experts whose tau is dense (`dense_idx`) and either their stacked tau
+    (`memory`) or nothing (`stream`: read when needed), and the experts whose tau is low rank."""
+
+    names: list[str]
+    group_index: dict[str, int]
+    experts: list
+    base: _Theta0
+    mode: str
+    dense_idx: dict[str, list[int]]
+    stacked: dict[str, Tensor]
+    low_rank: dict[str, list[tuple[int, LowRank]]]
+
+    @classmethod
+    def load(
+        cls,
+        experts: list,
+        theta0: dict[str, Tensor],
+        base_ckpt,
+        names: list[str],
+        group_index: list[int],
+        mode: str = "memory",
+    ) -> TaskVectors:
+        """Classify every tensor's task vectors (and, in `memory` mode, load the dense ones).
+        `theta0` are the model's own parameters: theta0 lives once, in the compute dtype."""
+        base = _Theta0(theta0, base_ckpt)
+        dense_idx, stacked, low = {}, {}, {}
+        for name in names:
+            dense_idx[name], low[name], held = [], [], []
+            for t, e in enumerate(experts):
+                tau = e.tau(name, base)
+                if isinstance(tau, LowRank):
+                    low[name].append((t, tau))
+                elif tau is not None:
+                    dense_idx[name].append(t)
+                    if mode == "memory":  # one copy per expert, in the expert's storage dtype
+                        held.append(tau.to(e.dtype(name)))
+            if held:
+                stacked[name] = torch.stack(held)
+        gidx = dict(zip(names, group_index))
+        return cls(list(names), gidx, list(experts), base, mode, dense_idx, stacked, low)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the task vectors (0 when streamed), low-rank factors included."""
+        held = sum(t.numel() * t.element_size() for t in self.stacked.values())
+        lr = sum(
+            x.B.numel() * x.B.element_size() + x.A.numel() * x.A.element_size()
+            for v in self.low_rank.values()
+            for _, x in v
+        )
+        return held + lr
+
+    def combine(self, name: str, gamma: Tensor) -> Tensor:
+        """theta0 + sum over dense experts of Gamma[t, group] tau_t on one tensor (differentiable
+        in Gamma); low-rank experts are applied by the Linear that owns the tensor."""
+        theta0 = self.base.params[name]
+        idx = self.dense_idx[name]
+        if not idx:
+            return theta0
+        coeff = gamma[idx, self.group_index[name]]
+        taus = (
+            self.stacked[name]
+            if self.mode == "memory"
+            else _Reader([self.experts[t] for t in idx], name, self.base)
+        )
+        return _Combine.apply(coeff, theta0, taus)
+
+
+class MergedModel:
+    """The student theta0 + sum_t Gamma_t tau_t as a function of Gamma: `logits(gamma, inputs)`.
+
+    In `stream` mode each transformer block builds its merged weights when it runs and frees
+    them after; its backward pass recomputes them (non-reentrant activation checkpointing), so
+    one block's weights exist at a time. Tensors outside blocks (embeddings, final norm, head)
+    are merged for the whole step: they are a fixed size, not one copy per expert."""
+
+    def __init__(self, model: nn.Module, tv: TaskVectors):
+        self.model, self.tv = model, tv
+        self.gamma: Tensor | None = None
+        self._inside: set[int] = set()
+        self._blocks: dict[str, list[str]] = {}
+        outside = []
+        for n in tv.names:
+            b = block_of(n)
+            if tv.mode == "stream" and b:
+                self._blocks.setdefault(f"{b[0]}.{b[1]}", []).append(n)
+            else:
+                outside.append(n)
+        self._outside = outside
+        for prefix, names in self._blocks.items():
+            self._stream(model.get_submodule(prefix), prefix, names)
+        for name, lows in tv.low_rank.items():
+            if lows:
+                self._add_low_rank(name, lows)
+
+    def logits(self, gamma: Tensor, inputs: dict) -> Tensor:
+        self.gamma = gamma
+        params = {n: self.tv.combine(n, gamma) for n in self._outside}
+        # no KV cache: a recomputed block would append its keys and values a second time
+        kwargs = {**inputs, "use_cache": False}
+        return functional_call(self.model, params, args=(), kwargs=kwargs).logits
+
+    def _stream(self, module: nn.Module, prefix: str, names: list[str]) -> None:
+        plain = module.forward
+        local = [n[len(prefix) + 1 :] for n in names]
+
+        def merged(gamma: Tensor, *args, **kwargs):
+            params = {k: self.tv.combine(n, gamma) for k, n in zip(local, names)}
+            self._inside.add(id(module))
+            try:
+                return functional_call(module, params, args=args, kwargs=kwargs)
+            finally:
+                self._inside.discard(id(module))
+
+        def forward(*args, **kwargs):
+            if id(module) in self._inside:  # called by functional_call inside `merged`
+                return plain(*args, **kwargs)
+            return checkpoint(merged, self.gamma, *args, use_reentrant=False, **kwargs)
+
+        module.forward = forward
+
+    def _add_low_rank(self, name: str, lows: list[tuple[int, LowRank]]) -> None:
+        owner = self.model.get_submodule(name.rsplit(".", 1)[0])
+        if not isinstance(owner, nn.Linear) or not name.endswith(".weight"):
+            raise ValueError(f"tensor {name}: a low-rank task vector needs an nn.Linear weight")
+        g = self.tv.group_index[name]
+
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            x = args[0]
+            for t, lr in lows:
+                c = self.gamma[t, g] * lr.scale
+                out = out + c.to(x.dtype) * ((x @ lr.A.to(x.dtype).t()) @ lr.B.to(x.dtype).t())
+            return out
+
+        owner.register_forward_hook(hook)
+
+
+def pick_mode(choice: str, memory_bytes: int, available: int) -> tuple[str, str]:
+    """(mode, reason) for `parameters.task_vectors`; `auto` streams when memory would not fit."""
+    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    if choice != "auto":
+        return choice, f"task_vectors: {choice} (set in the recipe)"
+    if memory_bytes > available:
+        return "stream", (
+            f"task_vectors: auto chose stream: memory mode needs about {gb(memory_bytes)}, "
+            f"{gb(available)} available"
+        )
+    return "memory", (
+        f"task_vectors: auto chose memory: it needs about {gb(memory_bytes)}, "
+        f"{gb(available)} available"
+    )
