@@ -30,11 +30,13 @@ MAX_MEMORY_ENV = "DIVMERGE_MAX_MEMORY"
 class Estimate:
     memory_bytes: int  # peak host memory in `memory` mode
     stream_bytes: int  # peak host memory in `stream` mode
+    teacher_bytes: int  # peak while one expert generates (float32, one batch of gen_batch_size)
     disk_bytes: int  # the output checkpoint, the teacher cache and the state
     available: int  # memory the process may use (DIVMERGE_MAX_MEMORY, else what is free)
 
     def peak(self, mode: str) -> int:
-        return self.memory_bytes if mode == "memory" else self.stream_bytes
+        learn = self.memory_bytes if mode == "memory" else self.stream_bytes
+        return max(learn, self.teacher_bytes)
 
 
 def available_memory() -> int:
@@ -117,4 +119,8 @@ def estimate_learned(
     else:
         teacher = len(plan.models) * params.samples * seq_len * min(params.top_k, vocab or 1) * 10
     disk = p_total * out_size + teacher
-    return Estimate(int(memory), int(stream), int(disk), available_memory())
+    # a teacher generates alone: float32 weights, its KV cache and one step's logits per sequence
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    kv = 2 * n_blocks * params.gen_batch_size * seq_len * (h * kv_heads // max(heads, 1)) * 4
+    gen = RUNTIME_BYTES + p_total * 4 + kv + 4 * params.gen_batch_size * seq_len * vocab * 4
+    return Estimate(int(memory), int(stream), int(gen), int(disk), available_memory())

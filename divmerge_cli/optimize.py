@@ -26,7 +26,7 @@ from .errors import UserError
 from .estimate import Estimate, estimate_learned
 from .merge import MergePlan, run_merge
 from .objectives import OBJECTIVES, collate
-from .recipe import OptimizeParams, Recipe, optimize_params
+from .recipe import OptimizeParams, Recipe, optimize_params  # noqa: F401 - re-exported
 from .tasks import check_task, load_rows, load_tasks, render_prompt
 from .taskvectors import MergedModel, TaskVectors, dense_tau, pick_mode
 from .teacher import TeacherSample, default_cache_dir, load_or_build_teacher
@@ -64,6 +64,7 @@ def prepare(
     progress: Progress | None = None,
     main_first=None,
     available: int | None = None,
+    work_dir: Path | None = None,
 ) -> Problem:
     """Check the recipe's tasks, build or reuse the teacher cache, load theta0 once (the model's
     own parameters, in the compute dtype) and the task vectors in the chosen mode."""
@@ -103,7 +104,9 @@ def prepare(
         )
     groups, gidx = groups_for(float_names, params.granularity)
     theta0 = {n: state[n] for n in float_names}
-    tv = TaskVectors.load(plan.models, theta0, plan.base, float_names, gidx, mode)
+    with main_first() if main_first else nullcontext():  # one process writes, the others read
+        experts = task_vector_sources(plan, params, seed, work_dir or cache / "processed")
+    tv = TaskVectors.load(experts, theta0, plan.base, float_names, gidx, mode)
     tok = hf.load_tokenizer(plan.base.path)
     objective = "entropy" if recipe.merge_method == "adamerging" else params.divergence
     return Problem(
@@ -119,6 +122,22 @@ def prepare(
         start_id=getattr(model.config, "decoder_start_token_id", None),
         objective=objective,
     )
+
+
+def task_vector_sources(plan: MergePlan, params: OptimizeParams, seed: int, work_dir: Path) -> list:
+    """The experts whose task vectors Gamma combines: the models themselves (task arithmetic), or
+    their TIES/DARE-processed task vectors (Remark 3), computed once into work_dir."""
+    if params.base_method == "task_arithmetic":
+        return plan.models
+    from .hashing import hash_json
+    from .merge import _generator, _params
+    from .processed import process
+
+    key = hash_json(
+        {"recipe": plan.recipe.model_dump(mode="json", exclude={"source"}), "seed": seed}
+    )
+    folder = Path(work_dir) / f"processed-{key[:16]}"
+    return process(plan, plan.models, params.base_method, folder, seed, _generator, _params)
 
 
 def _world() -> int:
@@ -433,6 +452,7 @@ def run_optimized(
         progress=progress,
         main_first=acc.main_process_first,
         available=available,
+        work_dir=state_dir_for(out),
     )
     init = initial_gamma(pb.params.init, len(pb.tasks), len(pb.groups))
     before = task_objectives(pb, init.to(acc.device), str(acc.device))
@@ -452,9 +472,10 @@ def run_optimized(
     if acc.is_main_process:
         files = {
             "coefficients.json": json.dumps(coefficients_json(pb, gamma), indent=2) + "\n",
-            "mergekit_task_arithmetic.yaml": mergekit_yaml(pb, gamma),
             "train_log.jsonl": "".join(json.dumps(x) + "\n" for x in log),
         }
+        if pb.params.base_method == "task_arithmetic":  # mergekit computes the same tensors
+            files["mergekit_task_arithmetic.yaml"] = mergekit_yaml(pb, gamma)
         run_merge(
             pb.plan,
             out,
@@ -480,7 +501,7 @@ def merged_tensor(pb: Problem, gamma: torch.Tensor, name: str) -> torch.Tensor:
         return base.get(name)  # integer buffers are copied from the base
     g = pb.tv.group_index[name]
     out = base.get(name).float()
-    for t, e in enumerate(pb.plan.models):
+    for t, e in enumerate(pb.tv.experts):
         tau = dense_tau(e, name, base)
         if tau is not None:
             out.add_(tau, alpha=float(gamma[t, g]))
@@ -541,8 +562,17 @@ def card_extra(pb: Problem, gamma: torch.Tensor, before: dict, after: dict) -> s
     ]
     for t, row in zip(pb.tasks, gamma.tolist()):
         lines.append(f"| {t} | {before[t]:.5f} | {after[t]:.5f} | {sum(row) / len(row):.4f} |")
-    lines.append(
-        "\nPer-group values: `coefficients.json`. Mergekit recipe: `mergekit_task_arithmetic.yaml`."
-    )
+    if pb.params.base_method == "task_arithmetic":
+        lines.append(
+            "\nPer-group values: `coefficients.json`. Mergekit recipe: "
+            "`mergekit_task_arithmetic.yaml` (mergekit computes the same tensors)."
+        )
+    else:
+        lines.append(
+            f"\nPer-group values: `coefficients.json`. Gamma was fitted on "
+            f"{pb.params.base_method}-processed task vectors (the paper's Remark 3); mergekit has "
+            "no method that computes these tensors (its TIES elects signs from the weighted sum "
+            "and divides by the agreeing weights), so no mergekit recipe is written."
+        )
     lines.append(f"\nTask vectors held in `{pb.tv.mode}` mode ({pb.mode_reason}).")
     return "\n".join(lines)

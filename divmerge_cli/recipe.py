@@ -59,6 +59,8 @@ class OptimizeParams(BaseModel):
     top_k: PositiveInt | Literal["full"] = 256  # 0.8% of dense bytes for SmolLM2 (bench_optimize)
     gen_batch_size: PositiveInt = 16  # teacher generation batch
     task_vectors: Literal["memory", "stream", "auto"] = "auto"  # taskvectors.py
+    # Remark 3: Gamma fitted on top of a data-free method's processed task vectors (processed.py)
+    base_method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = "task_arithmetic"
 
 
 class ModelEntry(BaseModel):
@@ -191,8 +193,12 @@ def _check_optimized(recipe: Recipe) -> None:
         raise ValueError(
             "parameters.divergence: adamerging minimizes entropy; divergence is for divmerge"
         )
+    own = base_method_params(recipe)
+    for key in own & set(recipe.parameters):  # the base method's own, read as it reads them
+        recipe.parameters[key] = _typed(f"parameters.{key}", recipe.parameters[key])
+        _check_value(f"parameters.{key}", key, recipe.parameters[key], _BASE_RANGES)
     try:
-        OptimizeParams.model_validate({**defaults, **recipe.parameters})
+        OptimizeParams.model_validate({**defaults, **_optimize_only(recipe)})
     except ValidationError as e:
         e0 = e.errors()[0]
         key = str(e0["loc"][0])
@@ -210,8 +216,16 @@ def _check_optimized(recipe: Recipe) -> None:
             f"tasks: {name} needs a tasks mapping (or file) with validation data per task"
         )
     for i, m in enumerate(recipe.models):
-        if m.parameters:
-            raise ValueError(f"models[{i}].parameters: {name} learns the coefficients; remove them")
+        for key, value in m.parameters.items():
+            if key not in own or key == "rescale":
+                bm = recipe.parameters.get("base_method", "task_arithmetic")
+                raise ValueError(
+                    f"models[{i}].parameters.{key}: {name} learns the coefficients; only the "
+                    f"base method's density may be set per model (base_method: {bm} takes "
+                    f"{', '.join(sorted(own - {'rescale'})) or 'none'})"
+                )
+            m.parameters[key] = _typed(f"models[{i}].parameters.{key}", value)
+            _check_value(f"models[{i}].parameters.{key}", key, m.parameters[key], _BASE_RANGES)
         if not m.task:
             raise ValueError(
                 f"models[{i}].task: {name} needs the task each expert was fine-tuned on"
@@ -221,8 +235,31 @@ def _check_optimized(recipe: Recipe) -> None:
 def optimize_params(recipe: Recipe) -> OptimizeParams:
     """The resolved parameters of an optimized method (defaults filled in)."""
     return OptimizeParams.model_validate(
-        {**METHODS[recipe.merge_method].global_params, **recipe.parameters}
+        {**METHODS[recipe.merge_method].global_params, **_optimize_only(recipe)}
     )
+
+
+def base_method_params(recipe: Recipe) -> set[str]:
+    """The parameters a learned merge reads for its base_method (Remark 3): density, and
+    rescale for DARE. Weights, lambda and normalization are what Gamma learns."""
+    bm = recipe.parameters.get("base_method", "task_arithmetic")
+    if bm not in METHODS or METHODS[bm].optimized:
+        return set()  # an invalid base_method is reported by OptimizeParams
+    m = METHODS[bm]
+    return (set(m.model_params) | set(m.global_params)) - {
+        "weight",
+        "lambda",
+        "normalize",
+        "int8_mask",
+    }
+
+
+def _optimize_only(recipe: Recipe) -> dict:
+    own = base_method_params(recipe)
+    return {k: v for k, v in recipe.parameters.items() if k not in own}
+
+
+_BASE_RANGES = {"density": (lambda v: v > 0, lambda v: v <= 1, "(0, 1]")}
 
 
 def _bad_param(where: str, key: str, allowed: set[str], method: str) -> str:

@@ -14,6 +14,7 @@ tensor. Results are appended to WORKDIR/bench_scale.jsonl (a rerun skips finishe
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -179,20 +180,24 @@ def child(args) -> None:
     prep = time.perf_counter() - t0
     acc = Accelerator(cpu=True)
     steps = []
-    if args.floor:
-        model = pb.student.model
+    if args.floor:  # a fresh model: no task vectors, no merged weights, the same batch
+        from divmerge_cli import hf
+
+        batch, objective, pad_id = pb.samples[:8], pb.objective, pb.pad_id
+        del pb
+        gc.collect()
+        model = hf.load_model(plan.base.path, optimize.compute_dtype(plan.recipe))
         for p in model.parameters():
             p.requires_grad_(True)
-        batch = pb.samples[:8]
         for _ in range(2):
             t = time.perf_counter()
             loss = optimize.objective_per_sample(
                 lambda kw: model(**kw, use_cache=False).logits,
                 batch,
-                pb.objective,
-                pb.pad_id,
-                pb.seq2seq,
-                pb.start_id,
+                objective,
+                pad_id,
+                False,
+                None,
                 "cpu",
             ).mean()
             loss.backward()
@@ -206,7 +211,7 @@ def child(args) -> None:
     print(
         json.dumps(
             {
-                "mode": pb.tv.mode,
+                "mode": "floor" if args.floor else pb.tv.mode,
                 "prepare_s": prep,
                 "steps_s": steps,
                 "estimate_memory": est.memory_bytes,
@@ -279,7 +284,7 @@ def main() -> None:
         for mode in ["floor", *args.modes]:
             if (n, mode) in done:
                 continue
-            rec = recipe(args.work, base, experts, "memory" if mode == "floor" else mode, dtype)
+            rec = recipe(args.work, base, experts, "stream" if mode == "floor" else mode, dtype)
             measure(args, rec, "--warm")
             res = measure(args, rec, *(["--floor"] if mode == "floor" else []))
             row = {

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import TASKS, write_recipe
@@ -363,3 +364,67 @@ def test_bfloat16_recipe_trains_in_bf16_and_writes_the_requested_dtype(toy, tmp_
     assert sum(s["after"].values()) < sum(s["before"].values())
     w = load_file(tmp_path / "m" / "model.safetensors")
     assert all(t.dtype == torch.float16 for t in w.values())
+
+
+@pytest.mark.parametrize("base_method", ["ties", "dare_ties"])
+def test_base_method_at_gamma_one_equals_the_data_free_method(toy, tmp_path, cli, base_method):
+    params = {"density": 0.5, "lambda": 1.0, "normalize": False}
+    free = write_recipe(
+        tmp_path / "free.yaml",
+        {
+            "merge_method": base_method,
+            "base_model": str(toy / "base"),
+            "models": [{"model": str(toy / n)} for n in TASKS],
+            "parameters": params,
+            "dtype": "float32",
+        },
+    )
+    code, _, err = cli("run", free, "-o", tmp_path / "free", "--seed", "3")
+    assert code == 0, err
+    want = load_file(tmp_path / "free" / "model.safetensors")
+    r = plan_merge(load_recipe(recipe(toy, tmp_path, base_method=base_method, density=0.5)))
+    pb = optimize.prepare(r, seed=3, cache_dir=tmp_path / "cache", work_dir=tmp_path / "w")
+    ones = torch.ones(2, len(pb.groups))
+    for name, w in want.items():
+        got = optimize.merged_tensor(pb, ones, name)
+        assert torch.allclose(got, w, atol=1e-6), name
+    # the processed vectors are sparse: TIES keeps at most half of each tau
+    tau = pb.tv.experts[0].tau("model.layers.0.mlp.up_proj.weight", None)
+    assert 0 < (tau != 0).float().mean() <= 0.5
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_divmerge_ties_lowers_the_objective(toy, tmp_path, granularity):
+    r = plan_merge(
+        load_recipe(recipe(toy, tmp_path, base_method="ties", density=0.5, granularity=granularity))
+    )
+    s = optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
+    assert sum(s["after"].values()) < sum(s["before"].values()), s
+    assert not (tmp_path / "m" / "mergekit_task_arithmetic.yaml").exists()
+    assert "Remark 3" in (tmp_path / "m" / "README.md").read_text()
+    assert not optimize.state_dir_for(tmp_path / "m").exists()  # processed vectors removed
+
+
+def test_dare_processed_vectors_are_reproducible_from_the_seed(toy, tmp_path):
+    r = plan_merge(load_recipe(recipe(toy, tmp_path, base_method="dare_linear", density=0.3)))
+    params = optimize.optimize_params(r.recipe)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    get = lambda seed, d: optimize.task_vector_sources(r, params, seed, tmp_path / d)[1].tau(  # noqa: E731
+        name, None
+    )
+    a, b, c = get(0, "a"), get(0, "b"), get(1, "c")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert 0.1 < (a != 0).float().mean() < 0.5  # about density 0.3 kept
+
+
+def test_base_method_parameters_are_checked(toy, tmp_path, cli):
+    bad = recipe(toy, tmp_path, base_method="ties", density=1.5)
+    code, _, err = cli("validate", bad)
+    assert code == 2 and "density" in err and "(0, 1]" in err, err
+    raw = yaml.safe_load(recipe(toy, tmp_path, base_method="ties").read_text())
+    raw["models"][0]["parameters"] = {"weight": 2.0}
+    code, _, err = cli("validate", write_recipe(tmp_path / "w.yaml", raw))
+    assert code == 2 and "models[0].parameters.weight" in err and "density" in err, err
+    raw["models"][0]["parameters"] = {"density": 0.3}
+    code, _, err = cli("validate", write_recipe(tmp_path / "ok.yaml", raw))
+    assert code == 0, err

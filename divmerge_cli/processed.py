@@ -1,0 +1,101 @@
+"""TIES- and DARE-processed task vectors for the learned merges (the paper's Remark 3).
+
+Eq. 4 can fit the coefficients of any differentiable merge of the task vectors. TIES and DARE are
+task arithmetic on processed task vectors, so DivMerge-TIES learns Gamma in
+theta0 + sum_t Gamma_t (m_t * tau'_t), where, once, before learning:
+- ties: tau'_t keeps the top density fraction of |tau_t|; the sign of each entry is elected from
+  the unweighted sum of the trimmed vectors, and m_t keeps the entries that agree with it;
+- dare_linear: tau'_t is DARE's seeded Bernoulli(density) drop (rescaled), m_t = 1;
+- dare_ties: DARE's drop, then the sign election.
+There is no division by the agreeing weights: Gamma learns the scale. The processed vectors are
+computed tensor by tensor and written to disk, then read like any expert's task vectors (held in
+memory or streamed per block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, ShardWriter
+from .methods import METHODS, _dare, magnitude_threshold
+from .taskvectors import dense_tau
+
+BASE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+DONE = "processed.done"
+
+
+class StoredExpert:
+    """An expert whose processed task vectors were written to a folder: tau is read from it."""
+
+    def __init__(self, folder: Path, where: str):
+        self.ckpt = Checkpoint(folder, where)
+        self.path, self.where = folder, where
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.ckpt.dtype(name)
+
+    def tau(self, name: str, base) -> torch.Tensor | None:
+        return self.ckpt.get(name).float() if name in self.ckpt.index else None
+
+
+def process_tensor(
+    taus: torch.Tensor, base_method: str, per_model: list[dict], glob: dict, gen: torch.Generator
+) -> torch.Tensor:
+    """The processed task vectors m_t * tau'_t of one tensor, from the stacked tau [n, ...]."""
+    t = taus.clone()
+    if base_method in ("dare_linear", "dare_ties"):
+        for tau, m in zip(t, per_model):  # the data-free DARE's order: same masks for one seed
+            _dare(tau, m["density"], glob["rescale"], gen)
+    if base_method == "ties":
+        zero = torch.zeros((), dtype=t.dtype).expand(t.shape[1:])
+        for tau, m in zip(t, per_model):
+            thr = magnitude_threshold(tau, zero, m["density"])
+            if thr >= 0:
+                tau.masked_fill_(tau.abs() < thr, 0.0)
+    if base_method in ("ties", "dare_ties"):
+        sign = torch.where(t.sum(0) >= 0, 1.0, -1.0)  # elected once, from the unweighted sum
+        t.mul_((t * sign) > 0)
+    return t
+
+
+def process(
+    plan,
+    experts: list,
+    base_method: str,
+    folder: Path,
+    seed: int,
+    generator: Callable[[int, str], torch.Generator],
+    params: Callable,
+) -> list[StoredExpert]:
+    """Write every expert's processed task vectors to folder/e<t>/ (reused when complete).
+    `params(plan, name)` resolves the base method's parameters exactly as the data-free merge."""
+    dirs = [folder / f"e{t}" for t in range(len(experts))]
+    if not (folder / DONE).is_file():
+        mplan = dataclasses.replace(plan, method=METHODS[base_method])
+        base = plan.base
+        names = [n for n in plan.names if base.dtype(n).is_floating_point]
+        specs = {n: (base.shape(n), torch.float32) for n in names}
+        writers = []
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "config.json").write_text("{}")
+            writers.append(ShardWriter(d, specs, 1 << 62))
+        for name in names:
+            taus = []
+            for e in experts:
+                tau = dense_tau(e, name, base)
+                taus.append(torch.zeros(base.shape(name)) if tau is None else tau)
+            per_model, glob = params(mplan, name)
+            out = process_tensor(
+                torch.stack(taus), base_method, per_model, glob, generator(seed, name)
+            )
+            for w, tau in zip(writers, out):
+                w.write(name, tau)
+        for w in writers:
+            w.close()
+        (folder / DONE).write_text(base_method + "\n")
+    return [StoredExpert(d, f"{base_method} task vector {t}") for t, d in enumerate(dirs)]
