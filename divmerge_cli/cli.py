@@ -109,6 +109,10 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard) -> 
     from .taskvectors import pick_mode
 
     r = plan.recipe
+    if plan_params(plan).coefficients:  # Gamma fixed: a plain streamed write, no teacher
+        summary = run_optimized(plan, output, force=force, seed=seed, shard_bytes=shard)
+        out.print(f"[green]merged[/] with {r.merge_method} (Gamma from a file) -> {output}")
+        return
     est = preflight(plan, seed)
     mode, reason = pick_mode(plan_params(plan).task_vectors, est.memory_bytes, est.available)
     if est.peak(mode) > est.available:
@@ -198,7 +202,7 @@ def validate(
     r = load_recipe(recipe)
     plan = plan_merge(r, allow_pickle)
     report: dict = {"recipe": str(recipe), "merge_method": r.merge_method, "ok": True}
-    if plan.method.optimized:
+    if plan.method.optimized and not plan_params(plan).coefficients:
         from .optimize import preflight
         from .taskvectors import pick_mode
 

@@ -7,6 +7,7 @@ model's predictions at the same positions (the tokens each expert generated on i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -442,6 +443,10 @@ def run_optimized(
     planned the merge (plan_merge) and checked OUT (check_out)."""
     from accelerate import Accelerator
 
+    if optimize_params(plan.recipe).coefficients:
+        return write_fixed(
+            plan, out, force=force, seed=seed, shard_bytes=shard_bytes, progress=progress
+        )
     acc = Accelerator(cpu=device == "cpu")
     torch.manual_seed(seed)
     pb = prepare(
@@ -477,14 +482,14 @@ def run_optimized(
         if pb.params.base_method == "task_arithmetic":  # mergekit computes the same tensors
             files["mergekit_task_arithmetic.yaml"] = mergekit_yaml(pb, gamma)
         run_merge(
-            pb.plan,
+            reproducing(pb.plan),
             out,
             force,
             seed,
             shard_bytes,
             str(acc.device),
             _merge_tick(progress),
-            lambda name: merged_tensor(pb, gamma, name),
+            lambda name: merged_tensor(pb.plan, pb.tv.experts, pb.tv.group_index, gamma, name),
             files,
             card_extra(pb, gamma, before, after),
         )
@@ -493,15 +498,74 @@ def run_optimized(
     return summary
 
 
-def merged_tensor(pb: Problem, gamma: torch.Tensor, name: str) -> torch.Tensor:
+def reproducing(plan: MergePlan) -> MergePlan:
+    """The plan whose written divmerge_recipe.yaml reproduces the merge: the recipe as run, plus
+    `coefficients: coefficients.json` (resolved beside the recipe): Gamma fixed, nothing learned."""
+    params = {**plan.recipe.parameters, "coefficients": "coefficients.json"}
+    return dataclasses.replace(plan, recipe=plan.recipe.model_copy(update={"parameters": params}))
+
+
+def write_fixed(
+    plan: MergePlan,
+    out: Path,
+    *,
+    force: bool,
+    seed: int,
+    shard_bytes: int,
+    progress: Progress | None = None,
+) -> dict:
+    """Write theta0 + sum Gamma tau with Gamma read from `parameters.coefficients` (no teacher,
+    no model loaded): what a learned merge's divmerge_recipe.yaml runs."""
+    params = optimize_params(plan.recipe)
+    source = Path(plan.recipe.resolve_path(params.coefficients))
+    where = f"{plan.recipe.source}: parameters.coefficients"
+    try:
+        saved = json.loads(source.read_text())
+        groups, rows = saved["groups"], saved["gamma"]
+        tasks = [e.task for e in plan.entries]
+        gamma = torch.tensor([[float(rows[t][g]) for g in groups] for t in tasks])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"{where}: {source} is not a coefficients.json with a Gamma for every task "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    floats = [n for n in plan.names if plan.base.dtype(n).is_floating_point]
+    got, gidx = groups_for(floats, params.granularity)
+    if got != groups:
+        raise UserError(
+            f"{where}: {source} has groups for another granularity or model "
+            f"({len(groups)} groups, {params.granularity} level here has {len(got)})"
+        )
+    experts = task_vector_sources(plan, params, seed, state_dir_for(out))
+    index = dict(zip(floats, gidx))
+    card = f"\nGamma fixed from `{source.name}` ({params.granularity} level, base_method {params.base_method})."
+    run_merge(
+        plan,
+        out,
+        force,
+        seed,
+        shard_bytes,
+        "cpu",
+        _merge_tick(progress),
+        lambda name: merged_tensor(plan, experts, index, gamma, name),
+        {"coefficients.json": source.read_text()},
+        card,
+    )
+    shutil.rmtree(state_dir_for(out), ignore_errors=True)
+    return {"tasks": tasks, "groups": groups, "gamma": gamma.tolist(), "steps": 0, "fixed": True}
+
+
+def merged_tensor(
+    plan: MergePlan, experts: list, group_index: dict[str, int], gamma: torch.Tensor, name: str
+) -> torch.Tensor:
     """theta0 + sum_t Gamma_t tau_t on one tensor, in float32 from the stored theta0 (whatever
     the compute dtype was), the task vectors read again one at a time."""
-    base = pb.plan.base
-    if name not in pb.tv.group_index:
+    base = plan.base
+    if name not in group_index:
         return base.get(name)  # integer buffers are copied from the base
-    g = pb.tv.group_index[name]
+    g = group_index[name]
     out = base.get(name).float()
-    for t, e in enumerate(pb.tv.experts):
+    for t, e in enumerate(experts):
         tau = dense_tau(e, name, base)
         if tau is not None:
             out.add_(tau, alpha=float(gamma[t, g]))

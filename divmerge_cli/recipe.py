@@ -61,6 +61,9 @@ class OptimizeParams(BaseModel):
     task_vectors: Literal["memory", "stream", "auto"] = "auto"  # taskvectors.py
     # Remark 3: Gamma fitted on top of a data-free method's processed task vectors (processed.py)
     base_method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = "task_arithmetic"
+    # a coefficients.json of an earlier run: Gamma is fixed to it, nothing is learned (this is
+    # how a learned merge's output folder reproduces it)
+    coefficients: str | None = None
 
 
 class ModelEntry(BaseModel):
@@ -211,7 +214,7 @@ def _check_optimized(recipe: Recipe) -> None:
         raise ValueError(
             f"base_model: {name} needs a base model (task vectors are theta_t - theta0)"
         )
-    if recipe.tasks is None:
+    if recipe.tasks is None and "coefficients" not in recipe.parameters:
         raise ValueError(
             f"tasks: {name} needs a tasks mapping (or file) with validation data per task"
         )

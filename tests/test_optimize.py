@@ -386,7 +386,7 @@ def test_base_method_at_gamma_one_equals_the_data_free_method(toy, tmp_path, cli
     pb = optimize.prepare(r, seed=3, cache_dir=tmp_path / "cache", work_dir=tmp_path / "w")
     ones = torch.ones(2, len(pb.groups))
     for name, w in want.items():
-        got = optimize.merged_tensor(pb, ones, name)
+        got = optimize.merged_tensor(pb.plan, pb.tv.experts, pb.tv.group_index, ones, name)
         assert torch.allclose(got, w, atol=1e-6), name
     # the processed vectors are sparse: TIES keeps at most half of each tau
     tau = pb.tv.experts[0].tau("model.layers.0.mlp.up_proj.weight", None)
@@ -428,3 +428,19 @@ def test_base_method_parameters_are_checked(toy, tmp_path, cli):
     raw["models"][0]["parameters"] = {"density": 0.3}
     code, _, err = cli("validate", write_recipe(tmp_path / "ok.yaml", raw))
     assert code == 0, err
+
+
+def test_output_recipe_reproduces_a_learned_ties_merge_from_anywhere(
+    toy, tmp_path, cli, monkeypatch
+):
+    r = recipe(toy, tmp_path, base_method="ties", density=0.5, granularity="layer", epochs=1)
+    code, _, err = cli("run", r, "-o", tmp_path / "m", "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "m", moved)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("run", moved / "divmerge_recipe.yaml", "-o", tmp_path / "again")
+    assert code == 0 and "Gamma from a file" in out, err
+    a = load_file(tmp_path / "m" / "model.safetensors")
+    b = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
