@@ -162,7 +162,8 @@ class Checkpoint:
 
     def tau(self, name: str, base) -> torch.Tensor:
         """The task vector theta_t - theta0 on one tensor, float32 (see taskvectors.py)."""
-        return self.get(name).float() - base.get(name).float()
+        tau = self.get(name).float()  # a fresh buffer (read from disk): subtract in place
+        return tau.sub_(base.get(name).float())
 
     @property
     def nbytes(self) -> int:

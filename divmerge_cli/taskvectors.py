@@ -57,20 +57,28 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coeff: Tensor, base: Tensor, taus) -> Tensor:
         ctx.taus = taus
-        ctx.save_for_backward(coeff)
         if isinstance(taus, Tensor) and taus.dtype == base.dtype == torch.float32:
+            ctx.save_for_backward(coeff)
             return torch.addmv(base.reshape(-1), taus.reshape(len(taus), -1).t(), coeff).view(
                 base.shape
             )
         out = base.to(torch.float32, copy=True)
+        read = []
         for t in range(len(taus)):
-            out.add_(taus[t].to(out.device, torch.float32), alpha=float(coeff[t]))
+            tau = taus[t].to(out.device, torch.float32)
+            out.add_(tau, alpha=float(coeff[t]))
+            if getattr(taus, "keep", False):
+                read.append(tau)
+        # inside a checkpointed block, saved tensors are dropped in the forward pass and kept
+        # from the recomputation until this node's backward: the block's tau are read twice,
+        # not three times, and one block of them is held at a time
+        ctx.save_for_backward(coeff, *read)
         return out.to(base.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (coeff,) = ctx.saved_tensors
-        taus, g = ctx.taus, grad.reshape(-1).float()
+        coeff, *held = ctx.saved_tensors
+        taus, g = (held or ctx.taus), grad.reshape(-1).float()
         if isinstance(taus, Tensor) and taus.dtype == torch.float32:
             dc = torch.mv(taus.reshape(len(taus), -1), g)
         else:
@@ -86,8 +94,8 @@ class _Combine(torch.autograd.Function):
 class _Reader(Sequence):
     """tau_t of the dense experts on one tensor, read from disk on every access."""
 
-    def __init__(self, experts: list, name: str, base):
-        self.experts, self.name, self.base = experts, name, base
+    def __init__(self, experts: list, name: str, base, keep: bool = False):
+        self.experts, self.name, self.base, self.keep = experts, name, base, keep
 
     def __len__(self) -> int:
         return len(self.experts)
@@ -167,9 +175,10 @@ class TaskVectors:
         )
         return held + lr
 
-    def combine(self, name: str, gamma: Tensor) -> Tensor:
+    def combine(self, name: str, gamma: Tensor, keep: bool = False) -> Tensor:
         """theta0 + sum over dense experts of Gamma[t, group] tau_t on one tensor (differentiable
-        in Gamma); low-rank experts are applied by the Linear that owns the tensor."""
+        in Gamma); low-rank experts are applied by the Linear that owns the tensor. `keep`: the
+        streamed tau may be saved for the backward pass (only inside a checkpointed block)."""
         theta0 = self.base.params[name]
         idx = self.dense_idx[name]
         if not idx:
@@ -178,7 +187,7 @@ class TaskVectors:
         taus = (
             self.stacked[name]
             if self.mode == "memory"
-            else _Reader([self.experts[t] for t in idx], name, self.base)
+            else _Reader([self.experts[t] for t in idx], name, self.base, keep)
         )
         return _Combine.apply(coeff, theta0, taus)
 
@@ -222,7 +231,7 @@ class MergedModel:
         local = [n[len(prefix) + 1 :] for n in names]
 
         def merged(gamma: Tensor, *args, **kwargs):
-            params = {k: self.tv.combine(n, gamma) for k, n in zip(local, names)}
+            params = {k: self.tv.combine(n, gamma, keep=True) for k, n in zip(local, names)}
             self._inside.add(id(module))
             try:
                 return functional_call(module, params, args=args, kwargs=kwargs)
