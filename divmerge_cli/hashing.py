@@ -6,23 +6,18 @@ import hashlib
 import json
 from pathlib import Path
 
-# Files whose bytes decide what a model folder computes; README, recipes, cards do not.
+from .checkpoint import TOKENIZER_FILES
+
+# Files whose bytes decide what a model folder computes; README, recipes, cards do not. The
+# tokenizer files are the ones a merge copies (one list: a file copied but not hashed, as
+# added_tokens.json once was, would let a cache entry outlive a tokenizer change).
 _MODEL_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "config.json")
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "spiece.model",
-    "tokenizer.model",
-)
 
 
 def model_files(model_dir: str | Path) -> list[Path]:
     d = Path(model_dir)
     files = {p for g in _MODEL_GLOBS for p in d.glob(g)}
-    files |= {d / n for n in _TOKENIZER_FILES if (d / n).is_file()}
+    files |= {d / n for n in TOKENIZER_FILES if (d / n).is_file()}
     return sorted(files)
 
 

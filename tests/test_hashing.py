@@ -1,0 +1,50 @@
+"""Content hashes (hashing.py): what changes a model folder's hash, and what does not."""
+
+from __future__ import annotations
+
+import shutil
+
+from divmerge_cli.checkpoint import TOKENIZER_FILES
+from divmerge_cli.hashing import hash_json, hash_model_dir, model_files
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_every_copied_tokenizer_file_is_hashed(tmp_path, llama_zoo):
+    d = _copy(llama_zoo["base"], tmp_path / "m")
+    for name in TOKENIZER_FILES:
+        if not (d / name).exists():
+            (d / name).write_text("{}")
+    hashed = {p.name for p in model_files(d)}
+    assert set(TOKENIZER_FILES) <= hashed
+
+
+def test_added_tokens_change_the_hash(tmp_path, llama_zoo):
+    # the teacher cache key is this hash: a new added token must not hit a stale entry
+    d = _copy(llama_zoo["base"], tmp_path / "m")
+    before = hash_model_dir(d)
+    (d / "added_tokens.json").write_text('{"<extra>": 300}')
+    after = hash_model_dir(d)
+    assert after != before
+    (d / "added_tokens.json").write_text('{"<extra>": 301}')
+    assert hash_model_dir(d) != after
+
+
+def test_weights_change_the_hash_and_a_readme_does_not(tmp_path, llama_zoo):
+    d = _copy(llama_zoo["base"], tmp_path / "m")
+    before = hash_model_dir(d)
+    (d / "README.md").write_text("a model card")
+    assert hash_model_dir(d) == before
+    weights = next(d.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert hash_model_dir(d) != before
+
+
+def test_hash_json_ignores_key_order_only():
+    assert hash_json({"a": 1, "b": [1, 2]}) == hash_json({"b": [1, 2], "a": 1})
+    assert hash_json({"a": 1, "b": [1, 2]}) != hash_json({"a": 1, "b": [2, 1]})
