@@ -117,11 +117,6 @@ def _abs_delta(x, base, chunk: int = 1 << 20) -> np.ndarray:
     return out.abs_().numpy()
 
 
-def _trim(tau: Tensor, thr: float) -> Tensor:
-    """Zero, in place, every entry whose magnitude is below the threshold."""
-    return tau if thr < 0 else tau.masked_fill_(tau.abs() < thr, 0.0)
-
-
 def _dare(tau: Tensor, density: float, rescale: float, gen: torch.Generator) -> Tensor:
     """In place: Bernoulli(density) mask; with `rescale`, survivors are scaled so the tensor keeps
     its L1 norm (mergekit 0.1.5; about 1/density on large tensors, as in the DARE paper)."""
@@ -212,7 +207,6 @@ def multislerp(base, xs, p, g, gen, prep=None) -> Tensor:
 # --- the table ------------------------------------------------------------------------------
 
 _unit = (lambda v: v > 0, lambda v: v <= 1, "(0, 1]")
-_nonneg = (lambda v: v >= 0, lambda v: True, "[0, inf)")
 _t = (lambda v: v >= 0, lambda v: v <= 1, "[0, 1]")
 
 

@@ -101,19 +101,12 @@ def entropy(teacher: TeacherDist | None, student_logits: Tensor) -> Tensor:
 OBJECTIVES = {"js": js, "kl": kl, "entropy": entropy}
 
 
-def batch_loss(per_position: Tensor, mask: Tensor) -> Tensor:
-    """Mean over each sample's valid positions, then mean over samples (paper B.1).
-
-    A sample with no valid position is left out. Returns 0 (still in the graph) if none is valid.
-    """
+def sample_means(per_position: Tensor, mask: Tensor) -> Tensor:
+    """[B]: each sample's mean over its valid positions (paper B.1: average over positions, then
+    the caller averages over samples). A sample with no valid position gives 0."""
     mask = mask.bool()
-    counts = mask.sum(-1)
     # where, not multiply: a NaN at a padded position must not leak into the loss
-    per_sample = torch.where(mask, per_position, 0.0).sum(-1) / counts.clamp_min(1)
-    valid = counts > 0
-    if not bool(valid.any()):
-        return per_sample.sum() * 0.0
-    return per_sample[valid].mean()
+    return torch.where(mask, per_position, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +127,6 @@ class Batch:
     full_len: int  # length of that time axis
     mask: Tensor
     teacher: TeacherDist
-    tasks: list[str]
 
     def student_logits(self, logits: Tensor) -> Tensor:
         """[B, T, V] from the model's logits, whether or not it honored `logits_to_keep`."""
@@ -234,5 +226,4 @@ def collate(
         full_len=full_len,
         mask=mask,
         teacher=_padded_teacher(samples),
-        tasks=[getattr(s, "task", "") for s in samples],
     )

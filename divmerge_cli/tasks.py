@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
 
-METRICS = ("accuracy", "rouge1")
 SPLITS = ("validation", "test")
 ROW_FORMATS = (".jsonl", ".csv")
 

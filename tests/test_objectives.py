@@ -13,11 +13,11 @@ from divmerge_cli.objectives import (
     LN2,
     OBJECTIVES,
     TeacherDist,
-    batch_loss,
     collate,
     entropy,
     js,
     kl,
+    sample_means,
 )
 
 
@@ -133,22 +133,19 @@ def test_objectives_share_signature_and_shapes():
     assert sorted(OBJECTIVES) == ["entropy", "js", "kl"]
 
 
-# --- batch_loss ------------------------------------------------------------------------------
+# --- sample_means ----------------------------------------------------------------------------
 
 
-def test_batch_loss_means_per_sample_then_over_samples():
-    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, float("nan"), 9.0, 9.0], [7.0, 7.0, 7.0, 7.0]])
+def test_sample_means_average_each_samples_valid_positions():
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0], [4.0, float("nan"), 9.0, 9.0], [7.0, 7.0, 7.0, 7.0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
-    # per sample: 1 and 4 (the third has no valid position), so (1 + 4) / 2 = 2.5,
-    # whereas one mean over all valid positions would give (4 * 1 + 4) / 5 = 1.6
-    assert batch_loss(x, mask).item() == pytest.approx(2.5)
+    # 3 (mean of four), 4 (padding ignored, its NaN too), 0 (no valid position)
+    assert sample_means(x, mask).tolist() == pytest.approx([3.0, 4.0, 0.0])
     xg = x.clone().requires_grad_(True)
-    batch_loss(xg, mask).backward()
+    sample_means(xg, mask).sum().backward()
     assert torch.isfinite(xg.grad).all()
-    assert xg.grad[0, 0].item() == pytest.approx(0.125) and xg.grad[1, 0].item() == pytest.approx(
-        0.5
-    )
-    assert batch_loss(x, torch.zeros_like(mask)).item() == 0.0
+    assert xg.grad[0, 0].item() == pytest.approx(0.25) and xg.grad[1, 0].item() == 1.0
+    assert xg.grad[1, 1].item() == 0.0 and xg.grad[2].abs().sum() == 0
 
 
 # --- collate ---------------------------------------------------------------------------------
@@ -170,13 +167,13 @@ def check_teacher_reproduced(model, top_k):
         student = batch.student_logits(logits)
         per_pos = js(batch.teacher, student)
     assert per_pos[batch.mask].abs().max() < 1e-5
-    assert batch_loss(per_pos, batch.mask).abs() < 1e-5
+    assert sample_means(per_pos, batch.mask).abs().max() < 1e-5
     # the student's argmax at each kept position is the token the teacher generated
     gen = torch.nn.utils.rnn.pad_sequence([g.gen_ids for g in gens], batch_first=True)
     assert (student.argmax(-1) == gen)[batch.mask].all()
     # a different model is far from 0, so the check above is not vacuous
     other = torch.randn_like(student) * 3
-    assert batch_loss(js(batch.teacher, other), batch.mask) > 1e-3
+    assert sample_means(js(batch.teacher, other), batch.mask).min() > 1e-3
     return batch, logits
 
 
