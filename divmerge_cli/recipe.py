@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-from .errors import UserError, read_yaml, suggest
+from .errors import UserError, pydantic_message, read_yaml, suggest
 from .methods import METHODS
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -108,46 +108,6 @@ class Recipe(BaseModel):
         if beside.exists() or not p.exists():
             return str(beside.resolve()) if beside.exists() else ref
         return str(p.resolve())
-
-
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _pydantic_message(err: ValidationError, raw: dict) -> str:
-    errors = err.errors()
-    # an unknown key explains a "missing" one next to it (modle vs model): report it first
-    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
-    where = _loc(loc)
-    if e["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        parent = loc[:-1]
-        fields = _fields_at(parent)
-        if not parent and key in UNSUPPORTED:
-            return f"{where}: not supported by divmerge; {UNSUPPORTED[key]}"
-        return f"{where}: unknown key{suggest(key, fields)}; valid keys: {', '.join(fields)}"
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "missing":
-        return f"{where}: required field is missing"
-    return (
-        f"{where}: {msg} (got {e.get('input')!r})"
-        if "input" in e and e["type"] != "value_error"
-        else f"{where}: {msg}"
-    )
-
-
-_UNION_TAGS = {
-    "float",
-    "list[float]",
-    "list[FilterValue]",
-    "str",
-    "dict[str,any]",
-    "function-after",
-}
 
 
 def _fields_at(parent: tuple) -> list[str]:
@@ -302,7 +262,7 @@ def recipe_from_dict(raw: dict, source: Path) -> Recipe:
         _check_parameters(recipe)
         METHODS[recipe.merge_method].check(recipe)
     except ValidationError as e:
-        raise UserError(f"{source}: {_pydantic_message(e, raw)}") from None
+        raise UserError(f"{source}: {pydantic_message(e, _fields_at, UNSUPPORTED)}") from None
     except ValueError as e:
         raise UserError(f"{source}: {e}") from None
     return recipe

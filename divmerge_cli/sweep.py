@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from .checkpoint import open_checkpoint
-from .errors import UserError, read_yaml, suggest
+from .errors import UserError, pydantic_message, read_yaml, suggest
 from .evaluate import anp, evaluate_model
 from .hashing import hash_json
 from .merge import check_compatible, plan_merge, run_merge
@@ -87,11 +87,13 @@ class SweepFile(BaseModel):
     keep_merged: bool = False
 
 
-_FIELDS = {
-    (): list(SweepFile.model_fields),
-    ("methods",): list(MethodEntry.model_fields),
-    ("eval",): list(EvalSettings.model_fields),
-}
+def _fields_at(parent: tuple) -> list[str]:
+    """The valid keys under a location (methods.<label> and eval have their own)."""
+    if parent[:1] == ("methods",):
+        return list(MethodEntry.model_fields)
+    if parent[:1] == ("eval",):
+        return list(EvalSettings.model_fields)
+    return list(SweepFile.model_fields)
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ def sweep_from_dict(raw: dict, source: Path) -> SweepConfig:
     try:
         f = SweepFile.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"{source}: {_pydantic_message(e)}") from None
+        raise UserError(f"{source}: {pydantic_message(e, _fields_at)}") from None
     folder = source.parent
     tasks = load_tasks(f.tasks, folder, str(source))
     if not tasks:
@@ -287,23 +289,6 @@ def _existing(folder: Path, ref: str, source: Path, field: str) -> Path:
             "paths are relative to the sweep file)"
         )
     return p.resolve()
-
-
-def _pydantic_message(err: ValidationError) -> str:
-    # an unknown key explains a "missing" one next to it (experts vs expert): report it first
-    errors = sorted(err.errors(), key=lambda x: x["type"] != "extra_forbidden")
-    e = errors[0]
-    loc = tuple(e["loc"])
-    where = ".".join(str(p) for p in loc)
-    if e["type"] == "extra_forbidden":
-        parent = loc[:1] if loc[:1] in (("methods",), ("eval",)) else ()
-        fields = _FIELDS[parent]
-        return (
-            f"{where}: unknown key{suggest(str(loc[-1]), fields)}; valid keys: {', '.join(fields)}"
-        )
-    if e["type"] == "missing":
-        return f"{where}: required field is missing"
-    return f"{where}: {e['msg']} (got {e.get('input')!r})"
 
 
 # ----------------------------------------------------------------------------- results file

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 import random
 import string
@@ -14,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import UserError
+from .errors import UserError, pydantic_message
 
 SPLITS = ("validation", "test")
 ROW_FORMATS = (".jsonl", ".csv")
@@ -81,7 +80,9 @@ def _task_spec(name: str, fields: object, base_dir: Path, where: str, prefix: st
     try:
         spec = TaskSpec.model_validate(fields)
     except ValidationError as e:
-        raise UserError(f"{loc}.{_pydantic_message(e)}") from None
+        raise UserError(
+            f"{loc}.{pydantic_message(e, lambda _: list(TaskSpec.model_fields))}"
+        ) from None
     _check_template(spec.prompt, f"{loc}.prompt")
     # Paths are relative to the file that names them, so a recipe folder can be moved as a whole.
     updates = {
@@ -90,22 +91,6 @@ def _task_spec(name: str, fields: object, base_dir: Path, where: str, prefix: st
         if (p := getattr(spec, split)) is not None
     }
     return spec.model_copy(update=updates)
-
-
-def _pydantic_message(e: ValidationError) -> str:
-    """`field: what is wrong` for the first error, with a spelling suggestion for unknown keys."""
-    # A misspelled key also makes its field "missing"; the misspelling is the one to report.
-    err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
-    field = ".".join(str(x) for x in err["loc"])
-    if err["type"] == "extra_forbidden":
-        valid = list(TaskSpec.model_fields)
-        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{field}: unknown key{hint}; valid keys: {', '.join(valid)}"
-    if err["type"] == "missing":
-        return f"{field}: field required"
-    msg = err["msg"][:1].lower() + err["msg"][1:]
-    return f"{field}: {msg} (got {err['input']!r})"
 
 
 def _check_template(template: str, loc: str) -> None:

@@ -52,14 +52,14 @@ def test_tasks_file_paths_are_relative_to_that_file(tmp_path):
 def test_missing_field_names_file_and_field(tmp_path):
     with pytest.raises(UserError) as e:
         load_tasks({"sst2": {"validation": "v.jsonl"}}, tmp_path, "recipe.yaml")
-    assert str(e.value) == "recipe.yaml: tasks.sst2.prompt: field required"
+    assert str(e.value) == "recipe.yaml: tasks.sst2.prompt: required field is missing"
 
 
 def test_missing_field_in_tasks_file_names_that_file(tmp_path):
     (tmp_path / "t.yaml").write_text("sst2:\n  validation: v.jsonl\n")
     with pytest.raises(UserError) as e:
         load_tasks("t.yaml", tmp_path, "recipe.yaml")
-    assert str(e.value) == f"{tmp_path / 't.yaml'}: sst2.prompt: field required"
+    assert str(e.value) == f"{tmp_path / 't.yaml'}: sst2.prompt: required field is missing"
 
 
 def test_unknown_key_suggests_closest(tmp_path):
