@@ -250,6 +250,8 @@ class Method:
     elementwise: bool = True  # may be applied to row-chunks
     prepare: Callable | None = None  # whole-tensor statistics for chunked runs
     optimized: bool = False  # learns coefficients from data (divmerge, adamerging)
+    # optimized methods: the objectives.OBJECTIVES entry minimized; None = `parameters.divergence`
+    objective: str | None = None
 
 
 _ranges = {"density": _unit, "t": _t}
@@ -319,12 +321,27 @@ METHODS: dict[str, Method] = {
     ),
 }
 
-# Optimized methods learn task-arithmetic coefficients from data (optimize.py); their parameters
-# are validated by recipe.OptimizeParams, with these method defaults (paper, Table 9).
+# Optimized methods learn task-arithmetic coefficients from data (optimize.py). Their parameters
+# and defaults (paper, Table 9; recipe.OptimizeParams types them and takes its defaults from here).
+# A method's global_params are the defaults it overrides or shows in `divmerge methods`.
+OPTIMIZE_DEFAULTS = {
+    "divergence": "js",  # divmerge only
+    "granularity": "layer",
+    "init": 0.5,  # Table 9; Algorithm 1 uses 1/n ("uniform")
+    "lr": 0.01,
+    "epochs": 4,
+    "batch_size": None,  # 4 x number of tasks
+    "samples": 200,  # validation rows per task
+    "top_k": 256,  # 0.8% of dense bytes for SmolLM2 (bench_optimize); at most the vocabulary
+    "gen_batch_size": 16,  # teacher generation batch
+    "task_vectors": "auto",  # memory | stream | auto (taskvectors.py)
+    "base_method": "task_arithmetic",  # Remark 3: the data-free method whose task vectors Gamma weighs
+    "coefficients": None,  # a coefficients.json to reproduce instead of learning
+}
 METHODS["divmerge"] = Method(
     None,
     "Touayouch et al., 2026 (DivMerge, EACL)",
-    global_params={"divergence": "js", "lr": 0.01, "epochs": 4},
+    global_params={k: OPTIMIZE_DEFAULTS[k] for k in ("divergence", "lr", "epochs")},
     optimized=True,
 )
 METHODS["adamerging"] = Method(
@@ -332,4 +349,5 @@ METHODS["adamerging"] = Method(
     "Yang et al., 2024 (AdaMerging, ICLR)",
     global_params={"lr": 0.001, "epochs": 5},
     optimized=True,
+    objective="entropy",  # no teacher: the entropy of the merged model's predictions
 )

@@ -99,6 +99,7 @@ def entropy(teacher: TeacherDist | None, student_logits: Tensor) -> Tensor:
 
 
 OBJECTIVES = {"js": js, "kl": kl, "entropy": entropy}
+DIVERGENCES = ("js", "kl")  # the objectives that compare with a teacher: DivMerge's `divergence`
 
 
 def sample_means(per_position: Tensor, mask: Tensor) -> Tensor:

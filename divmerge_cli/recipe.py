@@ -22,7 +22,8 @@ from pydantic import (
 )
 
 from .errors import UserError, pydantic_message, read_yaml, suggest
-from .methods import METHODS
+from .methods import METHODS, OPTIMIZE_DEFAULTS
+from .objectives import DIVERGENCES
 
 DTYPES = ("float32", "float16", "bfloat16")
 # mergekit keys we recognise but do not implement: a clear error beats a silent ignore.
@@ -45,25 +46,29 @@ ParamValue = float | list[float] | list[FilterValue]
 _param_value = TypeAdapter(ParamValue)
 
 
+_D = OPTIMIZE_DEFAULTS
+
+
 class OptimizeParams(BaseModel):
-    """`parameters:` of the optimized methods (divmerge, adamerging); defaults follow Table 9."""
+    """`parameters:` of the optimized methods (divmerge, adamerging); defaults from
+    methods.OPTIMIZE_DEFAULTS, overridden by each method's global_params."""
 
     model_config = ConfigDict(extra="forbid")
-    divergence: Literal["js", "kl"] = "js"  # divmerge only
-    granularity: Literal["task", "layer", "tensor"] = "layer"
-    init: float | Literal["uniform"] = 0.5  # Table 9; Algorithm 1 uses 1/n ("uniform")
-    lr: PositiveFloat = 0.01
-    epochs: PositiveInt = 4
-    batch_size: PositiveInt | None = None  # default 4 x number of tasks
-    samples: PositiveInt = 200  # validation rows per task
-    top_k: PositiveInt | Literal["full"] = 256  # 0.8% of dense bytes for SmolLM2 (bench_optimize)
-    gen_batch_size: PositiveInt = 16  # teacher generation batch
-    task_vectors: Literal["memory", "stream", "auto"] = "auto"  # taskvectors.py
+    divergence: Literal[DIVERGENCES] = _D["divergence"]  # divmerge only
+    granularity: Literal["task", "layer", "tensor"] = _D["granularity"]
+    init: float | Literal["uniform"] = _D["init"]
+    lr: PositiveFloat = _D["lr"]
+    epochs: PositiveInt = _D["epochs"]
+    batch_size: PositiveInt | None = _D["batch_size"]
+    samples: PositiveInt = _D["samples"]
+    top_k: PositiveInt | Literal["full"] = _D["top_k"]
+    gen_batch_size: PositiveInt = _D["gen_batch_size"]
+    task_vectors: Literal["memory", "stream", "auto"] = _D["task_vectors"]  # taskvectors.py
     # Remark 3: Gamma fitted on top of a data-free method's processed task vectors (processed.py)
-    base_method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = "task_arithmetic"
+    base_method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = _D["base_method"]
     # a coefficients.json of an earlier run: Gamma is fixed to it, nothing is learned (this is
     # how a learned merge's output folder reproduces it)
-    coefficients: str | None = None
+    coefficients: str | None = _D["coefficients"]
 
 
 class ModelEntry(BaseModel):
@@ -152,9 +157,10 @@ def _typed(where: str, value: Any) -> ParamValue:
 def _check_optimized(recipe: Recipe) -> None:
     name = recipe.merge_method
     defaults = METHODS[name].global_params
-    if name == "adamerging" and "divergence" in recipe.parameters:
+    objective = METHODS[name].objective
+    if objective and "divergence" in recipe.parameters:
         raise ValueError(
-            "parameters.divergence: adamerging minimizes entropy; divergence is for divmerge"
+            f"parameters.divergence: {name} minimizes {objective}; divergence is for divmerge"
         )
     own = base_method_params(recipe)
     for key in own & set(recipe.parameters):  # the base method's own, read as it reads them
@@ -273,7 +279,7 @@ def dump_recipe(recipe: Recipe) -> str:
     data = recipe.model_dump(mode="json", exclude_none=True, exclude={"source"})
     if METHODS[recipe.merge_method].optimized:
         defaults = optimize_params(recipe).model_dump(exclude_none=True)
-        if recipe.merge_method == "adamerging":
+        if METHODS[recipe.merge_method].objective:  # not a divergence to a teacher
             defaults.pop("divergence")
     else:
         defaults = dict(METHODS[recipe.merge_method].global_params)

@@ -52,3 +52,25 @@ def test_shipped_recipe_validates_and_data_free_ones_run(name, workdir, cli):
     code, out, err = cli("run", workdir / name, "-o", workdir / "out")
     assert code == 0, err
     assert (workdir / "out" / "model.safetensors").is_file()
+
+
+def test_optimized_schema_and_objectives_agree():
+    """One table of facts: the recipe's divergences and each method's objective exist in
+    OBJECTIVES, every objective is reachable, and the schema's defaults are the methods'."""
+    from typing import get_args
+
+    from divmerge_cli.methods import METHODS, OPTIMIZE_DEFAULTS
+    from divmerge_cli.objectives import DIVERGENCES, OBJECTIVES
+    from divmerge_cli.recipe import OptimizeParams
+
+    schema = set(get_args(OptimizeParams.model_fields["divergence"].annotation))
+    assert schema == set(DIVERGENCES)
+    fixed = {m.objective for m in METHODS.values() if m.optimized and m.objective}
+    assert fixed <= set(OBJECTIVES) and schema <= set(OBJECTIVES)
+    assert schema | fixed == set(OBJECTIVES)  # no objective without a method that minimizes it
+    assert all(m.objective is None for m in METHODS.values() if not m.optimized)
+    defaults = {k: f.default for k, f in OptimizeParams.model_fields.items()}
+    assert defaults == OPTIMIZE_DEFAULTS
+    for name, m in METHODS.items():
+        if m.optimized:  # a method overrides only parameters that exist
+            assert set(m.global_params) <= set(OPTIMIZE_DEFAULTS), name
