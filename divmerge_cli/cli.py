@@ -328,25 +328,26 @@ def _default_cache(kind: str) -> Path:
 
 
 def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir) -> dict:
+    """JS and KL of each expert to MODEL on the teacher targets a merge with default settings
+    learns from (same samples count, top_k and cache)."""
+    from .methods import OPTIMIZE_DEFAULTS
     from .optimize import model_divergences
-    from .tasks import load_rows, render_prompt
-    from .teacher import default_cache_dir, load_or_build_teacher
+    from .teacher import default_cache_dir, teacher_samples
 
     out = {}
     for task, expert in refs.items():
         spec = specs[task]
         if not spec.validation:
             continue
-        rows = load_rows(spec.validation, limit=limit or 200, seed=seed)
-        prompts = [render_prompt(task, spec, r) for r in rows]
-        samples, _ = load_or_build_teacher(
+        samples = teacher_samples(
             expert,
             task,
-            prompts,
-            spec.max_new_tokens,
-            64,
-            cache_dir or default_cache_dir(),
-            batch_size,
+            spec,
+            samples=limit or OPTIMIZE_DEFAULTS["samples"],
+            top_k=OPTIMIZE_DEFAULTS["top_k"],
+            seed=seed,
+            cache_dir=cache_dir or default_cache_dir(),
+            batch_size=batch_size,
         )
         out[task] = model_divergences(model, samples, batch_size)
     return out

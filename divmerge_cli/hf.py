@@ -27,6 +27,15 @@ def is_seq2seq(path: str | Path) -> bool:
     return bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
 
 
+def vocab_size(path: str | Path) -> int | None:
+    """The width of the model's output distribution, from its config (None if it does not say)."""
+    try:
+        size = getattr(AutoConfig.from_pretrained(path).get_text_config(), "vocab_size", None)
+    except (OSError, ValueError):
+        return None  # loading the model reports what is wrong with the folder
+    return int(size) if size else None
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a local checkpoint folder in eval mode; never runs remote code."""
     auto = AutoModelForSeq2SeqLM if is_seq2seq(path) else AutoModelForCausalLM

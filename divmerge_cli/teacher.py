@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 import torch
@@ -32,6 +33,7 @@ from safetensors.torch import load, save_file
 from . import hf
 from .generate import Generation, greedy_generate
 from .hashing import hash_json, hash_model_dir
+from .tasks import TaskSpec, load_rows, render_prompt
 
 FORMAT_VERSION = 2  # bump when the entry layout or the generation procedure changes
 TENSORS, META = "tensors.safetensors", "meta.json"
@@ -66,6 +68,36 @@ def teacher_cache_key(
     )
 
 
+def teacher_samples(
+    expert: Path,
+    task: str,
+    spec: TaskSpec,
+    *,
+    samples: int,
+    top_k: int | Literal["full"],
+    seed: int,
+    cache_dir: Path,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[TeacherSample]:
+    """The teacher targets of `expert` on `samples` seeded validation rows of `task`: the one path
+    from a task to its samples, shared by the learned merges, `eval --divergence` and Table 2, so
+    that each scores against the teacher the merge learned from."""
+    rows = load_rows(spec.validation, limit=samples, seed=seed)
+    prompts = [render_prompt(task, spec, r) for r in rows]
+    got, _hit = load_or_build_teacher(
+        expert, task, prompts, spec.max_new_tokens, top_k, cache_dir, batch_size, progress
+    )
+    return got
+
+
+def resolve_top_k(top_k: int | str, model_dir: Path) -> int | str:
+    """top_k capped at the model's vocabulary: the default (256) is valid for any model, and a k
+    at or above the vocabulary keeps every id either way (so one cache entry serves both)."""
+    vocab = hf.vocab_size(model_dir) if top_k != "full" else None
+    return min(top_k, vocab) if vocab and isinstance(top_k, int) else top_k
+
+
 def load_or_build_teacher(
     model_dir: Path,
     task: str,
@@ -83,6 +115,7 @@ def load_or_build_teacher(
     """
     if not prompts:
         raise ValueError(f"task '{task}': no prompts to generate on")
+    top_k = resolve_top_k(top_k, Path(model_dir))
     key = teacher_cache_key(Path(model_dir), prompts, max_new_tokens, top_k)
     entry = Path(cache_dir) / key
     if entry.exists():

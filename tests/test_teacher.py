@@ -251,3 +251,54 @@ def test_dense_entry_is_much_larger_than_topk(llama_dir, tmp_path):  # noqa: F81
 def test_default_cache_dir():
     d = default_cache_dir()
     assert d.name == "teacher" and "divmerge" in str(d)
+
+
+# --- teacher_samples: the one path from a task to its targets ----------------------------------
+
+
+def _word_tokenizer():
+    """A word-level tokenizer far smaller than the default top_k (byte-level BPE has >= 260)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from divmerge_cli import tiny
+
+    words = sorted({w for p in PROMPTS for w in p.split()})
+    vocab = {t: i for i, t in enumerate([*tiny.SPECIALS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="<s>",
+        unk_token="<unk>",
+    )
+
+
+def test_default_top_k_is_capped_at_a_small_vocabulary(tmp_path):
+    from divmerge_cli import tiny
+    from divmerge_cli.methods import OPTIMIZE_DEFAULTS
+    from divmerge_cli.tasks import TaskSpec
+
+    tok = _word_tokenizer()
+    vocab = len(tok)
+    assert vocab < OPTIMIZE_DEFAULTS["top_k"]
+    expert = tiny.save(tiny.tiny_llama(vocab), tok, tmp_path / "expert")
+    rows = tmp_path / "val.jsonl"
+    rows.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS))
+    spec = TaskSpec(validation=str(rows), prompt="{text}", max_new_tokens=4)
+    kw = dict(seed=0, cache_dir=tmp_path / "cache", batch_size=4)
+    got = teacher.teacher_samples(
+        expert, "t", spec, samples=5, top_k=OPTIMIZE_DEFAULTS["top_k"], **kw
+    )
+    assert len(got) == 5 and {g.task for g in got} == {"t"}
+    for g in got:
+        assert g.topk_ids.shape == (len(g.gen_ids), vocab)  # every id kept: nothing in the tail
+        assert torch.allclose(g.tail, torch.zeros_like(g.tail), atol=1e-6)
+    # k >= V and k = V are one teacher: the same cache entry, no second generation
+    assert teacher.resolve_top_k(1000, expert) == vocab == teacher.resolve_top_k(vocab, expert)
+    assert teacher.resolve_top_k(8, expert) == 8 and teacher.resolve_top_k("full", expert) == "full"
+    again = teacher.teacher_samples(expert, "t", spec, samples=5, top_k=vocab, **kw)
+    assert [g.gen_ids.tolist() for g in again] == [g.gen_ids.tolist() for g in got]
+    assert len(list((tmp_path / "cache").iterdir())) == 1

@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from divmerge_cli.evaluate import evaluate_model
     from divmerge_cli.optimize import model_divergences
-    from divmerge_cli.tasks import load_rows, load_tasks, render_prompt
-    from divmerge_cli.teacher import load_or_build_teacher
+    from divmerge_cli.tasks import load_tasks
+    from divmerge_cli.teacher import teacher_samples
 
     zoo = a.zoo_dir.resolve()
     specs = load_tasks(str(zoo / "tasks.yaml"), zoo, str(zoo / "tasks.yaml"))
@@ -104,16 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     models = {t: zoo / "experts" / t for t in experts} | {"base": zoo / "base"}
     rows = []
     for task, spec in specs.items():
-        inputs = load_rows(spec.validation, limit=a.samples, seed=a.seed)
-        prompts = [render_prompt(task, spec, r) for r in inputs]
-        samples, _ = load_or_build_teacher(
+        samples = teacher_samples(
             models[task],
             task,
-            prompts,
-            spec.max_new_tokens,
-            a.top_k,
-            zoo / "cache" / "teacher",
-            a.batch_size,
+            spec,
+            samples=a.samples,
+            top_k=a.top_k,
+            seed=a.seed,
+            cache_dir=zoo / "cache" / "teacher",
+            batch_size=a.batch_size,
         )
         for name, path in models.items():
             s = evaluate_model(
