@@ -31,6 +31,19 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
+    return _fast(tok)
+
+
+def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """One id per whitespace-separated word of `texts` after the specials: a vocabulary of a few
+    dozen, far below what byte-level BPE needs (its alphabet alone is 256)."""
+    words = sorted({w for t in texts for w in t.split()})
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate([*SPECIALS, *words])}, "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return _fast(tok)
+
+
+def _fast(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

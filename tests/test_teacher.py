@@ -256,32 +256,12 @@ def test_default_cache_dir():
 # --- teacher_samples: the one path from a task to its targets ----------------------------------
 
 
-def _word_tokenizer():
-    """A word-level tokenizer far smaller than the default top_k (byte-level BPE has >= 260)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from divmerge_cli import tiny
-
-    words = sorted({w for p in PROMPTS for w in p.split()})
-    vocab = {t: i for i, t in enumerate([*tiny.SPECIALS, *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="</s>",
-        bos_token="<s>",
-        unk_token="<unk>",
-    )
-
-
 def test_default_top_k_is_capped_at_a_small_vocabulary(tmp_path):
     from divmerge_cli import tiny
     from divmerge_cli.methods import OPTIMIZE_DEFAULTS
     from divmerge_cli.tasks import TaskSpec
 
-    tok = _word_tokenizer()
+    tok = tiny.build_word_tokenizer(PROMPTS)
     vocab = len(tok)
     assert vocab < OPTIMIZE_DEFAULTS["top_k"]
     expert = tiny.save(tiny.tiny_llama(vocab), tok, tmp_path / "expert")
