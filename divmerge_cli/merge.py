@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,46 +22,16 @@ from .checkpoint import (
     open_checkpoint,
 )
 from .errors import UserError
+from .layers import (
+    block_counts,
+    group_of,  # noqa: F401 - coefficients.py imports it from here until it moves
+    is_embedding,
+    layer_position,
+)
 from .methods import METHODS, Method
 from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe
 
-_BLOCK = re.compile(r"^(.*?\.(?:layers|layer|h|block|blocks))\.(\d+)\.")
-_EMBED = re.compile(r"embed|wte|wpe|shared|word_embeddings|position_embeddings")
 CHUNK_ELEMENTS = 1 << 17  # row chunks of ~128K elements: the per-chunk work stays in cache
-
-
-def block_of(name: str) -> tuple[str, int] | None:
-    """('model.layers', 3) for a tensor inside transformer block 3, None outside any block."""
-    m = _BLOCK.match(name)
-    return (m.group(1), int(m.group(2))) if m else None
-
-
-def group_of(name: str) -> str:
-    """The paper's layer-level group: one per transformer block, plus 'embeddings' and 'head'."""
-    b = block_of(name)
-    if b:
-        return f"{b[0]}.{b[1]}"
-    return "embeddings" if _EMBED.search(name) else "head"
-
-
-def block_counts(names: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in names:
-        b = block_of(n)
-        if b:
-            counts[b[0]] = max(counts.get(b[0], 0), b[1] + 1)
-    return counts
-
-
-def layer_position(name: str, counts: dict[str, int]) -> float:
-    """Where a tensor sits in its stack of blocks, in [0, 1], for gradient (list) parameters:
-    block i of N -> i / (N - 1) (1 when N = 1); tensors outside blocks (embeddings, final norm,
-    head) -> 0, as mergekit 0.1.5 plans them. Encoder and decoder stacks count separately."""
-    b = block_of(name)
-    if not b:
-        return 0.0
-    n = counts[b[0]]
-    return b[1] / (n - 1) if n > 1 else 1.0
 
 
 def resolve_value(value: ParamValue, name: str, t: float) -> float | None:
@@ -171,7 +140,7 @@ def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
             a, b = ref.shape(n), c.shape(n)
             if a != b:
                 hint = ""
-                if _EMBED.search(n) or "lm_head" in n:
+                if is_embedding(n) or "lm_head" in n:
                     hint = " (vocabulary sizes differ: resize both to one tokenizer before merging)"
                 raise UserError(
                     f"{c.where}: tensor {n} has shape {list(b)} but {ref.where} has {list(a)}{hint}"

@@ -1,10 +1,27 @@
 """Data-free merge methods as pure per-tensor functions, and METHODS, the one table of them.
 
-Semantics follow mergekit 0.1.5 for the same YAML keys (see README "Methods"). Every function
-takes float32 tensors: `base` (theta0, or None), `xs` (one per model, same shape), `p` (one dict of
-resolved per-model parameters per model), `g` (resolved global parameters) and a seeded
-torch.Generator, and returns the merged float32 tensor. Elementwise methods may be called on
-row-chunks of a tensor; whole-tensor statistics (TIES thresholds) arrive through `prep`.
+Semantics follow mergekit 0.1.5 for the same YAML keys (see README "Methods").
+
+The contract of a merge function `fn(base, xs, p, g, gen, prep=None) -> Tensor`, which
+merge.merge_tensor relies on:
+- `base` is theta0 in float32, or None when the method's `uses_base` is False (linear,
+  multislerp without a base). `xs` holds one tensor per merged model, each of base's shape: float32
+  when the whole tensor is passed, the checkpoint's storage dtype when a row chunk is, so a
+  function upcasts as it reads them (`_taus`). Neither is ever written to.
+- `p` is one dict per model of its `model_params` (weight, density), `g` the dict of
+  `global_params` (normalize, lambda, t, ...), both plain floats already resolved for this tensor
+  (lists interpolated at its layer position, filters matched on its name: merge._params).
+- `gen` is a torch.Generator seeded from the run's seed and the tensor's name, so a random mask
+  does not depend on the order in which tensors are merged.
+- The result is a new float32 tensor of base's shape; the writer casts it to the output dtype.
+- `elementwise=True` (the default): the function may be called on row chunks [a:b] of a tensor,
+  and the chunks' results, stacked, must equal the result on the whole tensor. A statistic of the
+  whole tensor (TIES's magnitude threshold) cannot come from a chunk: `prepare(base, xs, p)`
+  computes it once from the whole tensors (streamed as merge.Rows) and every chunk gets it as
+  `prep`. Only chunked calls get a `prep`; given None, a function computes it from what it holds.
+- `elementwise=False`: one call with the whole tensor. DARE's mask is per element, but its rescale
+  keeps each task vector's L1 norm (a whole-tensor sum) and its random stream must not depend on
+  how the tensor is cut; SLERP and Multi-SLERP use whole-tensor norms and angles.
 """
 
 from __future__ import annotations

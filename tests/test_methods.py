@@ -5,7 +5,8 @@ import math
 import torch
 
 from divmerge_cli import methods as M
-from divmerge_cli.merge import group_of, layer_position, resolve_value
+from divmerge_cli.layers import group_of, layer_position
+from divmerge_cli.merge import resolve_value
 from divmerge_cli.recipe import FilterValue
 
 G = torch.Generator()
