@@ -47,8 +47,9 @@ def _weights(p: list[dict], like: Tensor) -> Tensor:
 
 def linear(base, xs, p, g, gen, prep=None) -> Tensor:
     """Weighted average of the models: sum w_i theta_i / sum w_i."""
-    w = _weights(p, xs[0])
-    out = (torch.stack(xs) * w).sum(0)
+    stacked = torch.stack(xs).float()  # row chunks arrive in the storage dtype
+    w = _weights(p, stacked[0])
+    out = (stacked * w).sum(0)
     if g["normalize"]:
         out /= w.sum()
     return out

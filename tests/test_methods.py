@@ -142,3 +142,14 @@ def test_layer_position_and_groups():
     assert group_of("decoder.block.1.layer.0.SelfAttention.q.weight") == "decoder.block.1"
     assert group_of("shared.weight") == "embeddings"
     assert group_of("model.norm.weight") == "head"
+
+
+def test_linear_sums_bf16_row_chunks_in_float32():
+    # merge_tensor hands elementwise methods row chunks in the checkpoints' storage dtype
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(16, 64, generator=gen).bfloat16() for _ in range(3)]
+    p = [{"weight": w} for w in (0.3, 0.3, 0.4)]
+    out = M.linear(None, xs, p, {"normalize": 1.0}, G)
+    want = sum(w * x.double() for w, x in zip((0.3, 0.3, 0.4), xs))
+    assert out.dtype == torch.float32
+    assert (out.double() - want).abs().max() < 1e-6  # bf16 arithmetic is off by ~1e-2
