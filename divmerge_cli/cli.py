@@ -377,13 +377,13 @@ def _score_table(name: str, entry: dict, refs: dict[str, float]) -> Table:
 
 def _rich_table(t) -> Table:
     """A sweep.Table (ANP in %) as a rich table."""
-    from .sweep import _fmt
+    from .sweep import fmt_value
 
     table = Table(title=t.title)
     for i, col in enumerate(t.columns):
         table.add_column(str(col), justify="left" if i == 0 else "right")
     for row in t.rows:
-        table.add_row(*[_fmt(v) for v in row])
+        table.add_row(*[fmt_value(v) for v in row])
     return table
 
 
@@ -517,11 +517,11 @@ def methods() -> None:
     for col in ("method", "per-model parameters", "global parameters", "paper"):
         table.add_column(col)
     for name, m in METHODS.items():
-        table.add_row(name, _fmt(m.model_params), _fmt(m.global_params), m.paper)
+        table.add_row(name, _fmt_params(m.model_params), _fmt_params(m.global_params), m.paper)
     out.print(table)
 
 
-def _fmt(d: dict) -> str:
+def _fmt_params(d: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
 
 

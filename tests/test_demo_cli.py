@@ -23,7 +23,7 @@ def test_demo_small_runs_every_method_and_a_rerun_resumes(tmp_path, cli, monkeyp
     assert "ANP" in out and (tmp_path / "tables.md").is_file()
     # `divmerge sweep` on the demo's sweep file finds every cell done and merges nothing
     monkeypatch.setattr(
-        sweep, "run_cell", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran"))
+        sweep.run, "run_cell", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran"))
     )
     code, out, err = cli("sweep", tmp_path / "demo_sweep.yaml", "--cache-dir", tmp_path / "cache")
     assert code == 0, err

@@ -1,4 +1,4 @@
-"""Sweeps (sweep.py): schema errors, ANP tables by hand, an end-to-end sweep, resume after a crash."""
+"""Sweeps (divmerge_cli/sweep/): schema errors, ANP tables by hand, an end-to-end sweep, resume after a crash."""
 
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, small_zoo, ex
         "ties": {"merge_method": "ties", "parameters": {"density": 0.2}},
         "ta": {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.5}},
     }
-    real = sweep.evaluate_model
+    real = sweep.run.evaluate_model
     expert_dirs = {p.resolve() for p in experts.values()}
     calls = {"expert": 0, "merged": 0}
     fail_after = {"n": None}
@@ -316,7 +316,7 @@ def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, small_zoo, ex
         calls[kind] += 1
         return real(model_dir, *args, **kw)
 
-    monkeypatch.setattr(sweep, "evaluate_model", counting)
+    monkeypatch.setattr(sweep.run, "evaluate_model", counting)
     n_cells = (3 + 1) * 2
 
     # uninterrupted, for comparison
@@ -362,7 +362,7 @@ def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, small_zoo, ex
 
 def test_results_file_from_other_eval_settings_is_refused(tmp_path, small_zoo, experts):
     cfg = sweep.load_sweep(write_sweep(tmp_path, small_zoo, experts))
-    sweep.append_row(cfg.results, {**sweep._header(cfg), "eval": {"split": "test", "limit": 99}})
+    sweep.append_row(cfg.results, {**sweep.header_row(cfg), "eval": {"split": "test", "limit": 99}})
     with pytest.raises(UserError, match="written with eval = .* use another `results:` file"):
         sweep.run_sweep(cfg)
 
@@ -371,13 +371,13 @@ def test_expert_scoring_zero_makes_anp_undefined(tmp_path, small_zoo, monkeypatc
     """An expert that answers nothing right on its task: refused before any merge."""
     from divmerge_cli.evaluate import TaskScore
 
-    real = sweep.evaluate_model
+    real = sweep.run.evaluate_model
 
     def zero_topic(model_dir, tasks, *a, **k):
         out = real(model_dir, tasks, *a, **k)
         return {t: TaskScore(s.metric, 0.0, s.n) if t == "topic" else s for t, s in out.items()}
 
-    monkeypatch.setattr(sweep, "evaluate_model", zero_topic)
+    monkeypatch.setattr(sweep.run, "evaluate_model", zero_topic)
     zoo_experts = {t: small_zoo.experts[t] for t in ("sentiment", "topic")}
     cfg = sweep.load_sweep(write_sweep(tmp_path, small_zoo, zoo_experts, k=[2]))
     with pytest.raises(UserError, match="experts.topic scores 0 on its own task 'topic'"):
