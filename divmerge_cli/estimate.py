@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from .merge import block_of
+from .layers import block_of
 
 RUNTIME_BYTES = 600 * 10**6  # python + torch + transformers + accelerate, imported (RSS)
 LOGIT_COPIES = 8  # logits, log-softmax, softmax and their gradients, float32 (objectives.py)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from .merge import block_of
+from .layers import block_of
 
 MODES = ("memory", "stream")
 
