@@ -255,13 +255,17 @@ def _ok(recipe: Recipe) -> None:
     pass
 
 
-@dataclass(frozen=True)
+# Ranges of per-model and global parameters, by name, shared by every method that has them.
+RANGES = {"density": _unit, "t": _t}
+
+
+@dataclass(frozen=True, kw_only=True)
 class Method:
     fn: Callable[..., Tensor] | None  # None: optimized, see optimize.py
     paper: str
     model_params: dict[str, float] = field(default_factory=dict)  # per model, with defaults
-    global_params: dict[str, float] = field(default_factory=dict)
-    ranges: dict = field(default_factory=dict)
+    global_params: dict[str, float | bool] = field(default_factory=dict)
+    ranges: dict = field(default_factory=lambda: RANGES)
     check: Callable[[Recipe], None] = _ok
     uses_base: bool = True  # the base tensor is read (and passed as `base`)
     base_as_input: bool = False  # linear: a base_model not listed in models joins them (mergekit)
@@ -272,69 +276,60 @@ class Method:
     objective: str | None = None
 
 
-_ranges = {"density": _unit, "t": _t}
 _gta = {"lambda": 1.0, "int8_mask": 0.0}  # int8_mask only changes mergekit's mask dtype
 
 METHODS: dict[str, Method] = {
     "linear": Method(
-        linear,
-        "Wortsman et al., 2022 (model soups)",
-        {"weight": 1.0},
-        {"normalize": 1.0},
-        _ranges,
+        fn=linear,
+        paper="Wortsman et al., 2022 (model soups)",
+        model_params={"weight": 1.0},
+        global_params={"normalize": 1.0},
         uses_base=False,
         base_as_input=True,
     ),
     "task_arithmetic": Method(
-        task_arithmetic,
-        "Ilharco et al., 2022",
-        {"weight": 1.0},
-        {"normalize": 0.0, **_gta},
-        _ranges,
-        _needs_base("task_arithmetic"),
+        fn=task_arithmetic,
+        paper="Ilharco et al., 2022",
+        model_params={"weight": 1.0},
+        global_params={"normalize": 0.0, **_gta},
+        check=_needs_base("task_arithmetic"),
     ),
     "ties": Method(
-        ties,
-        "Yadav et al., 2023",
-        {"weight": 1.0, "density": 1.0},
-        {"normalize": 1.0, **_gta},
-        _ranges,
-        _needs_base("ties"),
+        fn=ties,
+        paper="Yadav et al., 2023",
+        model_params={"weight": 1.0, "density": 1.0},
+        global_params={"normalize": 1.0, **_gta},
+        check=_needs_base("ties"),
         prepare=ties_prepare,
     ),
     "dare_linear": Method(
-        dare_linear,
-        "Yu et al., 2024",
-        {"weight": 1.0, "density": 1.0},
-        {"normalize": 0.0, "rescale": 1.0, **_gta},
-        _ranges,
-        _needs_base("dare_linear"),
+        fn=dare_linear,
+        paper="Yu et al., 2024",
+        model_params={"weight": 1.0, "density": 1.0},
+        global_params={"normalize": 0.0, "rescale": 1.0, **_gta},
+        check=_needs_base("dare_linear"),
         elementwise=False,
     ),
     "dare_ties": Method(
-        dare_ties,
-        "Yu et al., 2024 + Yadav et al., 2023",
-        {"weight": 1.0, "density": 1.0},
-        {"normalize": 0.0, "rescale": 1.0, **_gta},
-        _ranges,
-        _needs_base("dare_ties"),
+        fn=dare_ties,
+        paper="Yu et al., 2024 + Yadav et al., 2023",
+        model_params={"weight": 1.0, "density": 1.0},
+        global_params={"normalize": 0.0, "rescale": 1.0, **_gta},
+        check=_needs_base("dare_ties"),
         elementwise=False,
     ),
     "slerp": Method(
-        slerp,
-        "Shoemake, 1985; Jang et al., 2024",
-        {},
-        {"t": 0.5},
-        _ranges,
-        _slerp_check,
+        fn=slerp,
+        paper="Shoemake, 1985; Jang et al., 2024",
+        global_params={"t": 0.5},
+        check=_slerp_check,
         elementwise=False,
     ),
     "multislerp": Method(
-        multislerp,
-        "Goddard et al., 2024 (mergekit)",
-        {"weight": 1.0},
-        {"normalize_weights": 1.0, "eps": 1e-8},
-        _ranges,
+        fn=multislerp,
+        paper="Goddard et al., 2024 (mergekit)",
+        model_params={"weight": 1.0},
+        global_params={"normalize_weights": 1.0, "eps": 1e-8},
         elementwise=False,
     ),
 }
@@ -357,14 +352,14 @@ OPTIMIZE_DEFAULTS = {
     "coefficients": None,  # a coefficients.json to reproduce instead of learning
 }
 METHODS["divmerge"] = Method(
-    None,
-    "Touayouch et al., 2026 (DivMerge, EACL)",
+    fn=None,
+    paper="Touayouch et al., 2026 (DivMerge, EACL)",
     global_params={k: OPTIMIZE_DEFAULTS[k] for k in ("divergence", "lr", "epochs")},
     optimized=True,
 )
 METHODS["adamerging"] = Method(
-    None,
-    "Yang et al., 2024 (AdaMerging, ICLR)",
+    fn=None,
+    paper="Yang et al., 2024 (AdaMerging, ICLR)",
     global_params={"lr": 0.001, "epochs": 5},
     optimized=True,
     objective="entropy",  # no teacher: the entropy of the merged model's predictions
