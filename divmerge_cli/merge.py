@@ -158,7 +158,10 @@ def _params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
         for e in plan.entries
     ]
     glob = {k: _first(name, t, d, r.parameters.get(k)) for k, d in m.global_params.items()}
-    return per_model, glob
+    # a switch (normalize, rescale) reaches the method as a bool, however the YAML spelled it
+    return per_model, {
+        k: bool(v) if isinstance(m.global_params[k], bool) else v for k, v in glob.items()
+    }
 
 
 class Rows:

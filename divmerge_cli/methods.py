@@ -135,7 +135,7 @@ def _abs_delta(x, base, chunk: int = 1 << 20) -> np.ndarray:
     return out.abs_().numpy()
 
 
-def _dare(tau: Tensor, density: float, rescale: float, gen: torch.Generator) -> Tensor:
+def _dare(tau: Tensor, density: float, rescale: bool, gen: torch.Generator) -> Tensor:
     """In place: Bernoulli(density) mask; with `rescale`, survivors are scaled so the tensor keeps
     its L1 norm (mergekit 0.1.5; about 1/density on large tensors, as in the DARE paper)."""
     if density >= 1:
@@ -264,6 +264,7 @@ class Method:
     fn: Callable[..., Tensor] | None  # None: optimized, see optimize.py
     paper: str
     model_params: dict[str, float] = field(default_factory=dict)  # per model, with defaults
+    # a bool default makes a switch: YAML may say true/false or 1/0, the function gets a bool
     global_params: dict[str, float | bool] = field(default_factory=dict)
     ranges: dict = field(default_factory=lambda: RANGES)
     check: Callable[[Recipe], None] = _ok
@@ -276,14 +277,14 @@ class Method:
     objective: str | None = None
 
 
-_gta = {"lambda": 1.0, "int8_mask": 0.0}  # int8_mask only changes mergekit's mask dtype
+_gta = {"lambda": 1.0, "int8_mask": False}  # int8_mask only changes mergekit's mask dtype
 
 METHODS: dict[str, Method] = {
     "linear": Method(
         fn=linear,
         paper="Wortsman et al., 2022 (model soups)",
         model_params={"weight": 1.0},
-        global_params={"normalize": 1.0},
+        global_params={"normalize": True},
         uses_base=False,
         base_as_input=True,
     ),
@@ -291,14 +292,14 @@ METHODS: dict[str, Method] = {
         fn=task_arithmetic,
         paper="Ilharco et al., 2022",
         model_params={"weight": 1.0},
-        global_params={"normalize": 0.0, **_gta},
+        global_params={"normalize": False, **_gta},
         check=_needs_base("task_arithmetic"),
     ),
     "ties": Method(
         fn=ties,
         paper="Yadav et al., 2023",
         model_params={"weight": 1.0, "density": 1.0},
-        global_params={"normalize": 1.0, **_gta},
+        global_params={"normalize": True, **_gta},
         check=_needs_base("ties"),
         prepare=ties_prepare,
     ),
@@ -306,7 +307,7 @@ METHODS: dict[str, Method] = {
         fn=dare_linear,
         paper="Yu et al., 2024",
         model_params={"weight": 1.0, "density": 1.0},
-        global_params={"normalize": 0.0, "rescale": 1.0, **_gta},
+        global_params={"normalize": False, "rescale": True, **_gta},
         check=_needs_base("dare_linear"),
         elementwise=False,
     ),
@@ -314,7 +315,7 @@ METHODS: dict[str, Method] = {
         fn=dare_ties,
         paper="Yu et al., 2024 + Yadav et al., 2023",
         model_params={"weight": 1.0, "density": 1.0},
-        global_params={"normalize": 0.0, "rescale": 1.0, **_gta},
+        global_params={"normalize": False, "rescale": True, **_gta},
         check=_needs_base("dare_ties"),
         elementwise=False,
     ),
@@ -329,7 +330,7 @@ METHODS: dict[str, Method] = {
         fn=multislerp,
         paper="Goddard et al., 2024 (mergekit)",
         model_params={"weight": 1.0},
-        global_params={"normalize_weights": 1.0, "eps": 1e-8},
+        global_params={"normalize_weights": True, "eps": 1e-8},
         elementwise=False,
     ),
 }

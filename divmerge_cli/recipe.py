@@ -146,6 +146,8 @@ def _check_parameters(recipe: Recipe) -> None:
 
 
 def _typed(where: str, value: Any) -> ParamValue:
+    if isinstance(value, bool):  # a switch (normalize: true): kept as written, not as 1.0
+        return value
     try:
         return _param_value.validate_python(value)
     except ValidationError:

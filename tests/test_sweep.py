@@ -383,3 +383,20 @@ def test_expert_scoring_zero_makes_anp_undefined(tmp_path, small_zoo, monkeypatc
     with pytest.raises(UserError, match="experts.topic scores 0 on its own task 'topic'"):
         sweep.run_sweep(cfg)
     assert lines_of(cfg.results, "cell") == []
+
+
+def test_method_keys_are_stable_across_spellings_and_versions():
+    """A results file names its cells by method_key: a key that changes silently reruns every
+    cell of an existing sweep. These are the keys of earlier versions (switches were numbers)."""
+    from divmerge_cli.recipe import recipe_from_dict
+
+    def key(method, **params):
+        raw = {"merge_method": method, "base_model": "b", "models": [{"model": "x"}]}
+        return sweep.method_key(recipe_from_dict({**raw, "parameters": params}, Path("r.yaml")))
+
+    assert key("ties") == key("ties", normalize=True) == key("ties", normalize=1)
+    assert key("ties") == "25aa65dbf4ea8d8a"
+    assert key("dare_ties", density=0.5) == "f68ac3557575a397"
+    assert key("linear") == "c68a872394767972"
+    assert key("task_arithmetic", **{"lambda": 0.5}) == "d4b8f285ad4c3db6"
+    assert key("ties", normalize=False) != key("ties")

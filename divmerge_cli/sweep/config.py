@@ -223,6 +223,9 @@ def method_key(recipe: Recipe) -> str:
         params = optimize_params(recipe).model_dump(mode="json")
     else:
         params = {**spec.global_params, **recipe.model_dump(mode="json")["parameters"]}
+        # switches hash as the numbers they were before they became booleans: old results
+        # files keep their cells, and `normalize: true` and `normalize: 1` name the same ones
+        params = {k: float(v) if isinstance(v, bool) else v for k, v in params.items()}
     fields = {
         "merge_method": recipe.merge_method,
         "parameters": params,

@@ -1,0 +1,100 @@
+"""merge.py directly: parameter resolution per tensor, the chunked path against the whole-tensor
+path, per-tensor seeding, and what plan_merge decides about the base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import write_recipe
+from divmerge_cli import merge
+from divmerge_cli.errors import UserError
+from divmerge_cli.recipe import load_recipe
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+Q1 = "model.layers.1.self_attn.q_proj.weight"
+
+
+def plan(tmp_path, zoo, method="ties", params=None, models=("e0", "e1"), model_params=None):
+    r = {
+        "merge_method": method,
+        "base_model": str(zoo["base"]),
+        "models": [
+            {"model": str(zoo[m]), **({"parameters": model_params} if model_params else {})}
+            for m in models
+        ],
+        "parameters": params or {},
+    }
+    return merge.plan_merge(load_recipe(write_recipe(tmp_path / "r.yaml", r)))
+
+
+@pytest.mark.parametrize(
+    "given, want", [(None, True), (True, True), (1, True), (1.0, True), (False, False), (0, False)]
+)
+def test_switches_reach_the_method_as_booleans(tmp_path, llama_zoo, given, want):
+    params = {} if given is None else {"normalize": given}
+    _, glob = merge._params(plan(tmp_path, llama_zoo, "ties", params), Q0)
+    assert glob["normalize"] is want and glob["int8_mask"] is False
+    assert isinstance(glob["lambda"], float)
+
+
+def test_dare_rescale_and_the_written_recipe_keep_the_spelling(tmp_path, llama_zoo):
+    p = plan(tmp_path, llama_zoo, "dare_linear", {"rescale": False, "normalize": 1})
+    _, glob = merge._params(p, Q0)
+    assert glob["rescale"] is False and glob["normalize"] is True
+    dumped = merge.dump_recipe(p.recipe)
+    assert "rescale: false" in dumped and "normalize: 1.0" in dumped
+
+
+def test_lists_interpolate_across_blocks_and_filters_match_names(tmp_path, llama_zoo):
+    p = plan(
+        tmp_path,
+        llama_zoo,
+        "ties",
+        {"density": [0.2, 0.8], "lambda": [{"filter": "self_attn", "value": 0.5}, {"value": 2.0}]},
+        model_params={"weight": [{"filter": "layers.1", "value": 3.0}]},
+    )
+    (m0, _), g0 = merge._params(p, Q0)
+    (m1, _), g1 = merge._params(p, Q1)
+    assert (m0["density"], m1["density"]) == (0.2, 0.8)  # block 0 of 2 -> 0, block 1 -> 1
+    assert (m0["weight"], m1["weight"]) == (1.0, 3.0)  # no filter matched: the default
+    assert g0["lambda"] == g1["lambda"] == 0.5
+    (me, _), ge = merge._params(p, "model.embed_tokens.weight")
+    assert me["density"] == 0.2 and ge["lambda"] == 2.0  # outside blocks: position 0
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_row_chunks_merge_to_the_whole_tensor(tmp_path, llama_zoo, monkeypatch, method):
+    p = plan(tmp_path, llama_zoo, method, {"density": 0.3} if method == "ties" else {})
+    name = "model.embed_tokens.weight"  # 300 x 32
+    gen = lambda: merge._generator(0, name)  # noqa: E731
+    whole = merge.merge_tensor(p, name, gen(), "cpu")
+    monkeypatch.setattr(merge, "CHUNK_ELEMENTS", 32 * 7)  # 7 rows per chunk, a ragged last one
+    chunked = merge.merge_tensor(p, name, gen(), "cpu")
+    assert torch.allclose(chunked, whole, atol=1e-6, rtol=0)
+    assert not torch.equal(whole, p.models[0].get(name))  # the merge did something
+
+
+def test_random_masks_depend_on_the_tensor_not_the_order(tmp_path, llama_zoo):
+    p = plan(tmp_path, llama_zoo, "dare_linear", {"density": 0.5})
+    first = merge.merge_tensor(p, Q0, merge._generator(7, Q0), "cpu")
+    merge.merge_tensor(p, Q1, merge._generator(7, Q1), "cpu")  # another tensor in between
+    assert torch.equal(merge.merge_tensor(p, Q0, merge._generator(7, Q0), "cpu"), first)
+    assert not torch.equal(merge.merge_tensor(p, Q0, merge._generator(8, Q0), "cpu"), first)
+
+
+def test_the_base_joins_linear_and_is_dropped_from_task_vector_methods(tmp_path, llama_zoo):
+    ta = plan(tmp_path, llama_zoo, "task_arithmetic", models=("base", "e0", "e1"))
+    assert [c.path for c in ta.models] == [llama_zoo["e0"], llama_zoo["e1"]]  # tau_base = 0
+    lin = plan(tmp_path, llama_zoo, "linear", models=("e0", "e1"))
+    assert lin.base is None and [c.path for c in lin.models][-1] == llama_zoo["base"]
+    assert [e.model for e in lin.entries][-1] == str(llama_zoo["base"])
+
+
+def test_check_compatible_names_the_tensor_at_fault(tmp_path, llama_zoo, t5_zoo):
+    from divmerge_cli.checkpoint import open_checkpoint
+
+    base = open_checkpoint(str(llama_zoo["base"]), "base_model")
+    t5 = open_checkpoint(str(t5_zoo["e0"]), "models[0].model")
+    with pytest.raises(UserError, match=r"models\[0\]\.model: model_type is 't5' but base_model"):
+        merge.check_compatible(base, [t5])
