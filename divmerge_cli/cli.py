@@ -100,7 +100,15 @@ def run(
     random.seed(seed)
     with _progress() as prog:
         task = prog.add_task(f"{r.merge_method}", total=len(plan.names), info="")
-        run_merge(plan, output, force, seed, shard, dev, _tick(prog, task))
+        run_merge(
+            plan,
+            output,
+            force=force,
+            seed=seed,
+            shard_bytes=shard,
+            device=dev,
+            progress=_tick(prog, task),
+        )
     out.print(f"[green]merged[/] {len(plan.names)} tensors with {r.merge_method} -> {output}")
 
 
