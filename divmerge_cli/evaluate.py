@@ -138,7 +138,7 @@ def score_task(
     if wrap is not None:
         prompts = wrap(prompts)
     gens = greedy_generate(model, tokenizer, prompts, spec.max_new_tokens, batch_size=batch_size)
-    preds = [g.text for g in gens]
+    preds = [gen.text for gen in gens]
     targets = [str(r[spec.target]) for r in rows]
     return TaskScore(spec.metric, METRICS[spec.metric](preds, targets), len(rows))
 

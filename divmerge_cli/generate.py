@@ -120,13 +120,13 @@ def greedy_generate(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            for i, g in zip(
+            for i, gen in zip(
                 idx,
                 _generate_batch(
                     model, tokenizer, [prompts[i] for i in idx], cfg, seq2seq, eos, top_k
                 ),
             ):
-                out[i] = g
+                out[i] = gen
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
     finally:

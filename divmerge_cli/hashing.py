@@ -16,7 +16,7 @@ _MODEL_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "config.js
 
 def model_files(model_dir: str | Path) -> list[Path]:
     d = Path(model_dir)
-    files = {p for g in _MODEL_GLOBS for p in d.glob(g)}
+    files = {p for pattern in _MODEL_GLOBS for p in d.glob(pattern)}
     files |= {d / n for n in TOKENIZER_FILES if (d / n).is_file()}
     return sorted(files)
 

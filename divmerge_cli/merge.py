@@ -181,9 +181,9 @@ class Rows:
         return n
 
 
-def merge_tensor(plan: MergePlan, name: str, gen: torch.Generator, device: str) -> torch.Tensor:
+def merge_tensor(plan: MergePlan, name: str, rng: torch.Generator, device: str) -> torch.Tensor:
     """Merge one tensor across the models in float32; elementwise methods stream row chunks."""
-    p, g = _params(plan, name)
+    p, glob = _params(plan, name)
     dtype = plan.out_specs[name][1]
     m, f32 = plan.method, torch.float32
     ref = plan.base or plan.models[0]
@@ -193,7 +193,9 @@ def merge_tensor(plan: MergePlan, name: str, gen: torch.Generator, device: str) 
     numel = Rows(ref, name).numel()
     if not m.elementwise or numel <= CHUNK_ELEMENTS or len(shape) < 2:
         base = plan.base.get(name).to(device, f32) if plan.base else None
-        return m.fn(base, [c.get(name).to(device, f32) for c in plan.models], p, g, gen).to(dtype)
+        return m.fn(base, [c.get(name).to(device, f32) for c in plan.models], p, glob, rng).to(
+            dtype
+        )
     base = Rows(plan.base, name) if plan.base else None
     xs = [Rows(c, name) for c in plan.models]
     prep = m.prepare(base, xs, p) if m.prepare else None  # whole-tensor statistics, streamed too
@@ -202,7 +204,7 @@ def merge_tensor(plan: MergePlan, name: str, gen: torch.Generator, device: str) 
     for i in range(0, shape[0], rows):
         b = base[i : i + rows].to(device, f32) if base is not None else None
         chunk = [x[i : i + rows].to(device) for x in xs]  # methods upcast while subtracting
-        out[i : i + rows] = m.fn(b, chunk, p, g, gen, prep).to(dtype)
+        out[i : i + rows] = m.fn(b, chunk, p, glob, rng, prep).to(dtype)
     return out
 
 

@@ -2,16 +2,16 @@
 
 Semantics follow mergekit 0.1.5 for the same YAML keys (see README "Methods").
 
-The contract of a merge function `fn(base, xs, p, g, gen, prep=None) -> Tensor`, which
+The contract of a merge function `fn(base, xs, p, glob, rng, prep=None) -> Tensor`, which
 merge.merge_tensor relies on:
 - `base` is theta0 in float32, or None when the method's `uses_base` is False (linear,
   multislerp without a base). `xs` holds one tensor per merged model, each of base's shape: float32
   when the whole tensor is passed, the checkpoint's storage dtype when a row chunk is, so a
   function upcasts as it reads them (`_taus`). Neither is ever written to.
-- `p` is one dict per model of its `model_params` (weight, density), `g` the dict of
+- `p` is one dict per model of its `model_params` (weight, density), `glob` the dict of
   `global_params` (normalize, lambda, t, ...), both plain floats already resolved for this tensor
   (lists interpolated at its layer position, filters matched on its name: merge._params).
-- `gen` is a torch.Generator seeded from the run's seed and the tensor's name, so a random mask
+- `rng` is a torch.Generator seeded from the run's seed and the tensor's name, so a random mask
   does not depend on the order in which tensors are merged.
 - The result is a new float32 tensor of base's shape; the writer casts it to the output dtype.
 - `elementwise=True` (the default): the function may be called on row chunks [a:b] of a tensor,
@@ -45,12 +45,12 @@ def _weights(p: list[dict], like: Tensor) -> Tensor:
     return w.view(-1, *([1] * like.dim()))
 
 
-def linear(base, xs, p, g, gen, prep=None) -> Tensor:
+def linear(base, xs, p, glob, rng, prep=None) -> Tensor:
     """Weighted average of the models: sum w_i theta_i / sum w_i."""
     stacked = torch.stack(xs).float()  # row chunks arrive in the storage dtype
     w = _weights(p, stacked[0])
     out = (stacked * w).sum(0)
-    if g["normalize"]:
+    if glob["normalize"]:
         out /= w.sum()
     return out
 
@@ -64,35 +64,35 @@ def _taus(base: Tensor, xs: list[Tensor]) -> Tensor:
     return t
 
 
-def task_arithmetic(base, xs, p, g, gen, prep=None) -> Tensor:
+def task_arithmetic(base, xs, p, glob, rng, prep=None) -> Tensor:
     """theta0 + lambda * sum w_i tau_i (Ilharco et al., 2022)."""
-    return _disjoint_merge(base, _taus(base, xs), p, g, elect=False)
+    return _disjoint_merge(base, _taus(base, xs), p, glob, elect=False)
 
 
-def ties(base, xs, p, g, gen, prep=None) -> Tensor:
+def ties(base, xs, p, glob, rng, prep=None) -> Tensor:
     """TIES (Yadav et al., 2023): trim to the top-density magnitudes, elect signs, disjoint merge."""
     prep = prep or ties_prepare(base, xs, p)
     t = _taus(base, xs)
     thr = torch.tensor(prep["thresholds"], dtype=t.dtype).view(-1, *([1] * base.dim()))
     t.masked_fill_(t.abs() < thr, 0.0)  # trim: density 1 has threshold -1, keeping everything
-    return _disjoint_merge(base, t, p, g, elect=True)
+    return _disjoint_merge(base, t, p, glob, elect=True)
 
 
-def dare_linear(base, xs, p, g, gen, prep=None) -> Tensor:
+def dare_linear(base, xs, p, glob, rng, prep=None) -> Tensor:
     """DARE (Yu et al., 2024): drop each delta entry with prob 1-density, rescale the survivors."""
-    return _dare_merge(base, xs, p, g, gen, elect=False)
+    return _dare_merge(base, xs, p, glob, rng, elect=False)
 
 
-def dare_ties(base, xs, p, g, gen, prep=None) -> Tensor:
+def dare_ties(base, xs, p, glob, rng, prep=None) -> Tensor:
     """DARE's random drop, then TIES's sign election and disjoint merge."""
-    return _dare_merge(base, xs, p, g, gen, elect=True)
+    return _dare_merge(base, xs, p, glob, rng, elect=True)
 
 
-def _dare_merge(base, xs, p, g, gen, elect: bool) -> Tensor:
+def _dare_merge(base, xs, p, glob, rng, elect: bool) -> Tensor:
     t = _taus(base, xs)
     for tau, m in zip(t, p):
-        _dare(tau, m["density"], g["rescale"], gen)
-    return _disjoint_merge(base, t, p, g, elect)
+        _dare(tau, m["density"], glob["rescale"], rng)
+    return _disjoint_merge(base, t, p, glob, elect)
 
 
 def ties_prepare(base: Tensor, xs: list[Tensor], p: list[dict]) -> dict:
@@ -135,13 +135,13 @@ def _abs_delta(x, base, chunk: int = 1 << 20) -> np.ndarray:
     return out.abs_().numpy()
 
 
-def _dare(tau: Tensor, density: float, rescale: bool, gen: torch.Generator) -> Tensor:
+def _dare(tau: Tensor, density: float, rescale: bool, rng: torch.Generator) -> Tensor:
     """In place: Bernoulli(density) mask; with `rescale`, survivors are scaled so the tensor keeps
     its L1 norm (mergekit 0.1.5; about 1/density on large tensors, as in the DARE paper)."""
     if density >= 1:
         return tau
     before = tau.abs().sum() if rescale else None
-    tau.mul_(torch.rand(tau.shape, generator=gen) < density)
+    tau.mul_(torch.rand(tau.shape, generator=rng) < density)
     if rescale:
         after = tau.abs().sum()
         if before >= 1e-7 and after >= 1e-7:
@@ -149,7 +149,7 @@ def _dare(tau: Tensor, density: float, rescale: bool, gen: torch.Generator) -> T
     return tau
 
 
-def _disjoint_merge(base: Tensor, t: Tensor, p: list[dict], g: dict, elect: bool) -> Tensor:
+def _disjoint_merge(base: Tensor, t: Tensor, p: list[dict], glob: dict, elect: bool) -> Tensor:
     """theta0 + lambda * sum(w_i tau_i [agree_i]) / sum(w_i [agree_i]) (divisor 0 -> 1), from the
     stacked task vectors `t` (modified in place)."""
     w = _weights(p, t[0])
@@ -162,7 +162,7 @@ def _disjoint_merge(base: Tensor, t: Tensor, p: list[dict], g: dict, elect: bool
         agree = (t * sign) > 0
         t.mul_(agree)
     mixed = t.sum(0)
-    if g["normalize"]:
+    if glob["normalize"]:
         if elect:
             div = agree.sum(0, dtype=t.dtype) if unit else (agree * w).sum(0)
             div.masked_fill_(div == 0, 1.0)
@@ -170,8 +170,8 @@ def _disjoint_merge(base: Tensor, t: Tensor, p: list[dict], g: dict, elect: bool
             div = w.sum()
             div = div if div.abs() >= 1e-8 else torch.ones_like(div)
         mixed /= div
-    if g["lambda"] != 1:
-        mixed *= g["lambda"]
+    if glob["lambda"] != 1:
+        mixed *= glob["lambda"]
     return mixed.add_(base)
 
 
@@ -180,27 +180,27 @@ def _normalize(v: Tensor, eps: float) -> Tensor:
     return v / n if n > eps else v
 
 
-def slerp(base, xs, p, g, gen, prep=None) -> Tensor:
+def slerp(base, xs, p, glob, rng, prep=None) -> Tensor:
     """Spherical interpolation between the base (t=0) and the other model (t=1)."""
-    v0, v1, t = base, xs[0], g["t"]
+    v0, v1, t = base, xs[0], glob["t"]
     dot = float((_normalize(v0, 1e-8) * _normalize(v1, 1e-8)).sum().clamp(-1.0, 1.0))
     if abs(dot) > 0.9995:  # nearly colinear: slerp degenerates, lerp is exact enough
         return (1 - t) * v0 + t * v1
-    theta0 = np.arccos(dot)
-    s0 = np.sin(theta0 - theta0 * t) / np.sin(theta0)
-    s1 = np.sin(theta0 * t) / np.sin(theta0)
+    omega = np.arccos(dot)  # the angle between the two tensors
+    s0 = np.sin(omega - omega * t) / np.sin(omega)
+    s1 = np.sin(omega * t) / np.sin(omega)
     return float(s0) * v0 + float(s1) * v1
 
 
-def multislerp(base, xs, p, g, gen, prep=None) -> Tensor:
+def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
     """Multi-SLERP as mergekit 0.1.5 computes it: the weighted mean direction of the (task) vectors,
     moved along the weighted mean of their tangent components at it, scaled to the weighted mean
     norm. Task vectors when a base is given."""
     if len(xs) == 1:
         return xs[0]
-    eps = g["eps"]
+    eps = glob["eps"]
     w = torch.tensor([m["weight"] for m in p], dtype=torch.float32)
-    if g["normalize_weights"]:
+    if glob["normalize_weights"]:
         w = w / w.sum()
     v = torch.stack([(x - base) if base is not None else x for x in xs]).reshape(len(xs), -1)
     norms = torch.linalg.vector_norm(v, dim=1)

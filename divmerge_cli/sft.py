@@ -17,7 +17,7 @@ from .errors import UserError
 IGNORE = -100  # label value the Hugging Face losses skip
 
 # progress(step, steps, loss): called after each optimizer step (1-based step).
-Progress = Callable[[int, int, float], None]
+StepProgress = Callable[[int, int, float], None]
 
 
 def encode_example(
@@ -51,12 +51,12 @@ def encode_example(
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
 
-def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
+def _pad_lists(rows: Sequence[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def collate(
+def collate_examples(
     encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, seq2seq: bool
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch; padding is masked out of attention and of the loss."""
@@ -64,19 +64,19 @@ def collate(
     labels = [e[1] for e in encoded]
     mask = [[1] * len(r) for r in ids]
     return {
-        "input_ids": _pad(ids, pad_id),
-        "attention_mask": _pad(mask, 0),
-        "labels": _pad(labels, IGNORE),
+        "input_ids": _pad_lists(ids, pad_id),
+        "attention_mask": _pad_lists(mask, 0),
+        "labels": _pad_lists(labels, IGNORE),
     }
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+def _step_batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
     """`steps` batches of indices, reshuffling with a seeded generator at each epoch."""
-    g = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     order: list[int] = []
     for _ in range(steps):
         while len(order) < batch_size:
-            order += torch.randperm(n, generator=g).tolist()
+            order += torch.randperm(n, generator=rng).tolist()
         yield order[:batch_size]
         order = order[batch_size:]
 
@@ -89,7 +89,7 @@ def _train(
     batch_size: int,
     lr: float,
     seed: int,
-    progress: Progress | None,
+    progress: StepProgress | None,
 ) -> list[float]:
     if not encoded:
         raise UserError("fine-tuning: no examples to train on")
@@ -108,8 +108,10 @@ def _train(
         torch.manual_seed(seed)
         model.train()
         try:
-            for step, idx in enumerate(_batches(len(encoded), batch_size, steps, seed), start=1):
-                batch = collate([encoded[i] for i in idx], pad_id, seq2seq)
+            for step, idx in enumerate(
+                _step_batches(len(encoded), batch_size, steps, seed), start=1
+            ):
+                batch = collate_examples([encoded[i] for i in idx], pad_id, seq2seq)
                 loss = model(**batch).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -132,7 +134,7 @@ def finetune(
     lr: float = 1e-4,
     seed: int = 0,
     max_length: int = 256,
-    progress: Progress | None = None,
+    progress: StepProgress | None = None,
 ) -> list[float]:
     """Train `model` in place on (prompt, answer) pairs, loss on answer + EOS only.
 
@@ -153,7 +155,7 @@ def pretrain(
     lr: float = 1e-3,
     seed: int = 0,
     max_length: int = 256,
-    progress: Progress | None = None,
+    progress: StepProgress | None = None,
 ) -> list[float]:
     """Plain causal LM training on `texts` (each followed by EOS), for decoder-only models."""
     if getattr(model.config, "is_encoder_decoder", False):

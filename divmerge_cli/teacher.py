@@ -121,7 +121,7 @@ def load_or_build_teacher(
     if entry.exists():
         gens = _read_entry(entry, len(prompts), top_k)
         if gens is not None:
-            return [_with_task(g, task) for g in gens], True
+            return [_with_task(gen, task) for gen in gens], True
         _remove(entry)  # damaged: rebuild below
     model = hf.load_model(model_dir, torch.float32)
     tokenizer = hf.load_tokenizer(model_dir)
@@ -137,11 +137,11 @@ def load_or_build_teacher(
     _write_entry(entry, gens, top_k, max_new_tokens, str(model_dir))
     # what a later hit returns (fp16-rounded probabilities): a miss must give the same targets
     gens = _read_entry(entry, len(prompts), top_k) or gens
-    return [_with_task(g, task) for g in gens], False
+    return [_with_task(gen, task) for gen in gens], False
 
 
-def _with_task(g: Generation, task: str) -> TeacherSample:
-    return TeacherSample(**vars(g), task=task)
+def _with_task(gen: Generation, task: str) -> TeacherSample:
+    return TeacherSample(**vars(gen), task=task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,21 +152,21 @@ def _flatten(gens: list[Generation], top_k: int | str) -> dict[str, torch.Tensor
     def offsets(parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
 
-    prompts, gen = [g.prompt_ids for g in gens], [g.gen_ids for g in gens]
+    prompts, gen_ids = [gen.prompt_ids for gen in gens], [gen.gen_ids for gen in gens]
     t = {
         "prompt_ids": torch.cat(prompts),
         "prompt_offsets": offsets(prompts),
-        "gen_ids": torch.cat(gen),
-        "gen_offsets": offsets(gen),
+        "gen_ids": torch.cat(gen_ids),
+        "gen_offsets": offsets(gen_ids),
     }
     if top_k == "full":
-        t["probs"] = torch.cat([g.probs for g in gens])
+        t["probs"] = torch.cat([gen.probs for gen in gens])
     else:
         # int32 halves the ids on disk; vocabularies are far below 2**31.
-        t["topk_ids"] = torch.cat([g.topk_ids for g in gens]).to(torch.int32)
+        t["topk_ids"] = torch.cat([gen.topk_ids for gen in gens]).to(torch.int32)
         # float16 probabilities: a quarter of a dense row's precision needs, 25% fewer bytes
-        t["topk_probs"] = torch.cat([g.topk_probs for g in gens]).to(torch.float16)
-        t["tail"] = torch.cat([g.tail for g in gens])
+        t["topk_probs"] = torch.cat([gen.topk_probs for gen in gens]).to(torch.float16)
+        t["tail"] = torch.cat([gen.tail for gen in gens])
     return {k: v.contiguous() for k, v in t.items()}
 
 
@@ -183,7 +183,7 @@ def _write_entry(
             "top_k": top_k,
             "max_new_tokens": max_new_tokens,
             "source": source,  # informational only; the key holds the content hash
-            "texts": [g.text for g in gens],
+            "texts": [gen.text for gen in gens],
             "sha256": _file_sha256(tmp / TENSORS),
         }
         (tmp / META).write_text(json.dumps(meta), encoding="utf-8")
@@ -248,13 +248,13 @@ def _unflatten(
         return None
     gens = []
     for i in range(n):
-        p, g = slice(int(po[i]), int(po[i + 1])), slice(int(go[i]), int(go[i + 1]))
-        fields = {k: t[k][g] for k in dist}
+        prompt, span = slice(int(po[i]), int(po[i + 1])), slice(int(go[i]), int(go[i + 1]))
+        fields = {k: t[k][span] for k in dist}
         if "topk_ids" in fields:
             fields["topk_ids"] = fields["topk_ids"].long()
             # back to float32, rescaled so that top-k + tail sums to 1 again after fp16 rounding
             probs = fields["topk_probs"].float()
             total = probs.sum(-1, keepdim=True)
             fields["topk_probs"] = probs * ((1 - fields["tail"][:, None]) / total.clamp_min(1e-30))
-        gens.append(Generation(t["prompt_ids"][p], t["gen_ids"][g], texts[i], **fields))
+        gens.append(Generation(t["prompt_ids"][prompt], t["gen_ids"][span], texts[i], **fields))
     return gens

@@ -47,7 +47,7 @@ def test_seq2seq_prompt_is_encoder_input_answer_is_labels(tok):
 
 
 def test_collate_masks_padding(tok):
-    batch = sft.collate([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0, seq2seq=False)
+    batch = sft.collate_examples([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0, seq2seq=False)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -57,7 +57,7 @@ def test_model_loss_covers_only_answer_tokens(tok):
     """The loss HF computes from our labels equals cross-entropy over answer + EOS positions."""
     model = tiny.tiny_llama(len(tok), 32, 2)
     enc = [sft.encode_example(tok, "Review: great acting. Answer:", " positive", 256, False)]
-    batch = sft.collate(enc, 0, False)
+    batch = sft.collate_examples(enc, 0, False)
     with torch.no_grad():
         out = model(**batch)
     ids, labels = enc[0]
