@@ -350,3 +350,11 @@ def copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
             shutil.copy2(src / n, dst / n)
             copied.append(n)
     return copied
+
+
+def has_weights(folder: Path) -> bool:
+    """A model folder that a finished save left behind: config.json beside safetensors weights
+    (one file or an index). Scripts that build models skip the work when it is true."""
+    d = Path(folder)
+    weights = (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()
+    return (d / "config.json").is_file() and weights

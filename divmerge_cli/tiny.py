@@ -75,8 +75,11 @@ def tiny_llama(
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_t5(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0) -> PreTrainedModel:
-    """A random T5 with `layers` encoder and `layers` decoder blocks."""
+def tiny_t5(
+    vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, **kw
+) -> PreTrainedModel:
+    """A random T5 with `layers` encoder and `layers` decoder blocks; `kw` goes to T5Config
+    (e.g. feed_forward_proj="gated-gelu" for the T5 v1.1 / flan layout)."""
     torch.manual_seed(seed)
     cfg = T5Config(
         vocab_size=vocab_size,
@@ -89,6 +92,7 @@ def tiny_t5(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0) -
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,
+        **kw,
     )
     return T5ForConditionalGeneration(cfg).eval()
 

@@ -44,35 +44,14 @@ TEXTS = [
 # --- fixtures ------------------------------------------------------------------------------
 
 
-def _tiny_gated_t5(vocab: int, seed: int):
-    """tiny.tiny_t5's shape, but gated (T5 v1.1 / flan): mergekit's t5.json needs wi_0/wi_1."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=vocab,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-    )
-    return T5ForConditionalGeneration(cfg).eval()
-
-
 FIXTURES = {
     # name: (builder(vocab) -> base model, number of experts, noise scale)
     "llama": (lambda v: _llama(v, hidden=32, layers=2), 3, 0.02),
     "llama4": (lambda v: _llama(v, hidden=32, layers=4), 3, 0.02),
     "tied": (lambda v: _llama(v, hidden=32, layers=2, tie_word_embeddings=True), 3, 0.02),
-    "t5": (lambda v: _tiny_gated_t5(v, 0), 3, 0.02),
-    "t5relu": (lambda v: _t5_relu(v), 1, 0.02),
+    # gated (T5 v1.1 / flan): mergekit's t5.json needs wi_0/wi_1
+    "t5": (lambda v: _t5(v, feed_forward_proj="gated-gelu", tie_word_embeddings=False), 3, 0.02),
+    "t5relu": (lambda v: _t5(v), 1, 0.02),
     "wide": (lambda v: _llama(v, hidden=128, layers=1), 3, 0.02),
 }
 
@@ -83,10 +62,10 @@ def _llama(vocab: int, **kw):
     return tiny_llama(vocab, seed=0, **kw)
 
 
-def _t5_relu(vocab: int):
+def _t5(vocab: int, **kw):
     from divmerge_cli.tiny import tiny_t5
 
-    return tiny_t5(vocab, seed=0)
+    return tiny_t5(vocab, seed=0, **kw)
 
 
 def build_fixtures(root: Path) -> dict[str, dict[str, str]]:

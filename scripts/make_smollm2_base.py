@@ -37,10 +37,6 @@ def find_gguf() -> tuple[Path, str]:
     return pkg_dir, ggufs[0].name
 
 
-def has_weights(path: Path) -> bool:
-    return (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
-
-
 def build(out: Path, dtype_name: str) -> None:
     """Dequantize the GGUF, copy into a plain LlamaForCausalLM, save model + tokenizer to `out`."""
     import torch
@@ -100,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--no-check", action="store_true", help="skip the generation smoke test")
     a = ap.parse_args(argv)
+    from divmerge_cli.checkpoint import has_weights
+
     if has_weights(a.out):
         print(f"{a.out} already has weights; nothing to do")
         return 0

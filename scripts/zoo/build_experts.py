@@ -92,10 +92,6 @@ def run_settings(args: argparse.Namespace, train_sha256: str) -> dict:
 # ---------------------------------------------------------------------------------- files
 
 
-def has_weights(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
 def write_json_atomic(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -142,6 +138,7 @@ def log_line(path: Path, text: str) -> None:
 def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace) -> None:
     """Fine-tune (or resume) the expert ZOO_DIR/experts/<task>; nothing to do when it exists."""
     from divmerge_cli import sft
+    from divmerge_cli.checkpoint import has_weights
     from divmerge_cli.hf import load_model, load_tokenizer
 
     out = zoo / "experts" / task
@@ -262,6 +259,8 @@ def merge_scores(zoo: Path, task: str, fields: dict) -> dict:
 
 
 def ensure_base(zoo: Path) -> None:
+    from divmerge_cli.checkpoint import has_weights
+
     if has_weights(zoo / "base"):
         return
     subprocess.run(
