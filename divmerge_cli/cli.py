@@ -530,7 +530,12 @@ def methods() -> None:
 
 
 def _fmt_params(d: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+    def fmt(v) -> str:  # as a recipe would spell it: normalize=true, lambda=1
+        return (
+            str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+        )
+
+    return ", ".join(f"{k}={fmt(v)}" for k, v in d.items())
 
 
 def version_callback(value: bool) -> None:

@@ -340,6 +340,7 @@ def test_validate_reads_headers_only(tmp_path, llama_zoo, cli, monkeypatch):
 def test_methods_lists_every_method(cli):
     code, out, _ = cli("methods")
     assert code == 0 and all(m in out for m in ("ties", "dare_linear", "multislerp"))
+    assert "normalize=true" in out and "rescale=true" in out  # switches as a recipe spells them
 
 
 def test_hub_id_offline_says_to_pass_a_local_folder(tmp_path, llama_zoo, cli, monkeypatch):
