@@ -43,13 +43,13 @@ class StoredExpert:
 
 
 def process_tensor(
-    taus: torch.Tensor, base_method: str, per_model: list[dict], glob: dict, gen: torch.Generator
+    taus: torch.Tensor, base_method: str, per_model: list[dict], glob: dict, rng: torch.Generator
 ) -> torch.Tensor:
     """The processed task vectors m_t * tau'_t of one tensor, from the stacked tau [n, ...]."""
     t = taus.clone()
     if base_method in ("dare_linear", "dare_ties"):
         for tau, m in zip(t, per_model):  # the data-free DARE's order: same masks for one seed
-            _dare(tau, m["density"], glob["rescale"], gen)
+            _dare(tau, m["density"], glob["rescale"], rng)
     if base_method == "ties":
         zero = torch.zeros((), dtype=t.dtype).expand(t.shape[1:])
         for tau, m in zip(t, per_model):

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from .errors import UserError, pydantic_message, read_yaml, suggest
-from .methods import METHODS, OPTIMIZE_DEFAULTS
+from .methods import METHODS, OPTIMIZE_DEFAULTS, RANGES
 from .objectives import DIVERGENCES
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -167,7 +167,7 @@ def _check_optimized(recipe: Recipe) -> None:
     own = base_method_params(recipe)
     for key in own & set(recipe.parameters):  # the base method's own, read as it reads them
         recipe.parameters[key] = _typed(f"parameters.{key}", recipe.parameters[key])
-        _check_value(f"parameters.{key}", key, recipe.parameters[key], _BASE_RANGES)
+        _check_value(f"parameters.{key}", key, recipe.parameters[key], RANGES)
     try:
         OptimizeParams.model_validate({**defaults, **_optimize_only(recipe)})
     except ValidationError as e:
@@ -196,7 +196,7 @@ def _check_optimized(recipe: Recipe) -> None:
                     f"{', '.join(sorted(own - {'rescale'})) or 'none'})"
                 )
             m.parameters[key] = _typed(f"models[{i}].parameters.{key}", value)
-            _check_value(f"models[{i}].parameters.{key}", key, m.parameters[key], _BASE_RANGES)
+            _check_value(f"models[{i}].parameters.{key}", key, m.parameters[key], RANGES)
         if not m.task:
             raise ValueError(
                 f"models[{i}].task: {name} needs the task each expert was fine-tuned on"
@@ -228,9 +228,6 @@ def base_method_params(recipe: Recipe) -> set[str]:
 def _optimize_only(recipe: Recipe) -> dict:
     own = base_method_params(recipe)
     return {k: v for k, v in recipe.parameters.items() if k not in own}
-
-
-_BASE_RANGES = {"density": (lambda v: v > 0, lambda v: v <= 1, "(0, 1]")}
 
 
 def _bad_param(where: str, key: str, allowed: set[str], method: str) -> str:
