@@ -400,3 +400,21 @@ def test_method_keys_are_stable_across_spellings_and_versions():
     assert key("linear") == "c68a872394767972"
     assert key("task_arithmetic", **{"lambda": 0.5}) == "d4b8f285ad4c3db6"
     assert key("ties", normalize=False) != key("ties")
+
+
+def test_learned_method_keys_ignore_where_task_vectors_live_and_later_defaults():
+    from divmerge_cli.recipe import recipe_from_dict
+
+    def key(**params):
+        raw = {
+            "merge_method": "divmerge",
+            "base_model": "b",
+            "models": [{"model": "x", "task": "t"}],
+            "tasks": {"t": {"validation": "v.jsonl", "prompt": "{text}"}},
+        }
+        return sweep.method_key(recipe_from_dict({**raw, "parameters": params}, Path("r.yaml")))
+
+    assert key(granularity="task") == "06c191403cb68b8d"  # the key before these parameters
+    assert key(granularity="task", task_vectors="stream") == key(granularity="task")
+    assert key(granularity="task", base_method="task_arithmetic") == key(granularity="task")
+    assert key(granularity="task", base_method="ties") != key(granularity="task")

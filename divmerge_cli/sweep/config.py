@@ -20,7 +20,7 @@ from ..checkpoint import open_checkpoint
 from ..errors import UserError, pydantic_message, read_yaml, suggest
 from ..hashing import hash_json
 from ..merge import check_compatible
-from ..methods import METHODS
+from ..methods import METHODS, OPTIMIZE_DEFAULTS
 from ..recipe import Recipe, optimize_params, recipe_from_dict
 from ..tasks import TaskSpec, check_task, load_tasks
 
@@ -215,12 +215,22 @@ def build_recipe(cfg: SweepConfig, label: str, subset: tuple[str, ...]) -> Recip
         raise UserError(f"{cfg.source}: methods.{label}: {msg}{at}") from None
 
 
+_ADDED_LATER = ("base_method", "coefficients")  # learned-merge parameters newer than sweeps
+
+
 def method_key(recipe: Recipe) -> str:
     """A hash of what the method computes: its name, dtypes and parameters with defaults filled
     in, so `lambda: 1` and `lambda: 1.0` (or an explicit default) name the same cells."""
     spec = METHODS[recipe.merge_method]
     if spec.optimized:
         params = optimize_params(recipe).model_dump(mode="json")
+        # Where the task vectors live changes memory, not Gamma; parameters added later name the
+        # same cells as before while at their defaults. Both stay out, so older results files
+        # keep their cells.
+        params.pop("task_vectors", None)
+        for k in _ADDED_LATER:
+            if params.get(k) == OPTIMIZE_DEFAULTS[k]:
+                params.pop(k)
     else:
         params = {**spec.global_params, **recipe.model_dump(mode="json")["parameters"]}
         # switches hash as the numbers they were before they became booleans: old results
