@@ -30,7 +30,7 @@ from .objectives import OBJECTIVES, collate
 from .recipe import OptimizeParams, Recipe, optimize_params  # noqa: F401 - re-exported
 from .tasks import check_task, load_rows, load_tasks, render_prompt
 from .taskvectors import MergedModel, TaskVectors, dense_tau, pick_mode
-from .teacher import TeacherSample, default_cache_dir, load_or_build_teacher
+from .teacher import TeacherSample, default_cache_dir, teacher_samples
 
 Progress = Callable[[str, int, int, str], None]  # (phase, done, total, info)
 
@@ -74,20 +74,18 @@ def prepare(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     samples: list[TeacherSample] = []
     for ckpt, task in zip(plan.models, names):
-        spec = tasks[task]
-        rows = load_rows(spec.validation, limit=params.samples, seed=seed)
-        prompts = [render_prompt(task, spec, r) for r in rows]
         tick = (lambda d, t, task=task: progress("teacher", d, t, task)) if progress else None
         with main_first() if main_first else nullcontext():
-            got, _hit = load_or_build_teacher(
+            got = teacher_samples(
                 ckpt.path,
                 task,
-                prompts,
-                spec.max_new_tokens,
-                params.top_k,
-                cache,
-                params.gen_batch_size,
-                tick,
+                tasks[task],
+                samples=params.samples,
+                top_k=params.top_k,
+                seed=seed,
+                cache_dir=cache,
+                batch_size=params.gen_batch_size,
+                progress=tick,
             )
         samples.extend(got)
     seq_len = max((len(x.prompt_ids) + len(x.gen_ids) for x in samples), default=1)
@@ -109,7 +107,7 @@ def prepare(
         experts = task_vector_sources(plan, params, seed, work_dir or cache / "processed")
     tv = TaskVectors.load(experts, theta0, plan.base, float_names, gidx, mode)
     tok = hf.load_tokenizer(plan.base.path)
-    objective = "entropy" if recipe.merge_method == "adamerging" else params.divergence
+    objective = plan.method.objective or params.divergence
     return Problem(
         plan=plan,
         params=params,
