@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .merge import group_of
+from .layers import group_of
 
 
 def groups_for(names: list[str], granularity: str) -> tuple[list[str], list[int]]:

@@ -24,7 +24,6 @@ from .checkpoint import (
 from .errors import UserError
 from .layers import (
     block_counts,
-    group_of,  # noqa: F401 - coefficients.py imports it from here until it moves
     is_embedding,
     layer_position,
 )

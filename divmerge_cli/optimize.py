@@ -26,7 +26,7 @@ from .coefficients import groups_for, initial_gamma
 from .errors import UserError
 from .estimate import Estimate, estimate_learned
 from .merge import MergePlan, run_merge
-from .objectives import OBJECTIVES, collate
+from .objectives import DIVERGENCES, OBJECTIVES, collate, sample_means
 from .recipe import OptimizeParams, Recipe, optimize_params  # noqa: F401 - re-exported
 from .tasks import check_task, load_rows, load_tasks, render_prompt
 from .taskvectors import MergedModel, TaskVectors, dense_tau, pick_mode
@@ -196,9 +196,7 @@ def objective_per_sample(
     the model inputs to logits."""
     batch = collate(samples, pad_id, seq2seq, start_id).to(device)
     student = batch.student_logits(forward(batch.model_inputs))
-    per_pos = OBJECTIVES[objective](batch.teacher, student)
-    mask = batch.mask
-    return torch.where(mask, per_pos, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
+    return sample_means(OBJECTIVES[objective](batch.teacher, student), batch.mask)
 
 
 def per_sample_loss(
@@ -225,7 +223,7 @@ def model_divergences(
     tok = hf.load_tokenizer(model_dir)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     start = getattr(model.config, "decoder_start_token_id", None)
-    vals: dict[str, list[torch.Tensor]] = {"js": [], "kl": []}
+    vals: dict[str, list[torch.Tensor]] = {d: [] for d in DIVERGENCES}
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
             forward = _once(lambda kw: model(**kw).logits)  # one pass serves both divergences
@@ -482,14 +480,14 @@ def run_optimized(
         run_merge(
             reproducing(pb.plan),
             out,
-            force,
-            seed,
-            shard_bytes,
-            str(acc.device),
-            _merge_tick(progress),
-            lambda name: merged_tensor(pb.plan, pb.tv.experts, pb.tv.group_index, gamma, name),
-            files,
-            card_extra(pb, gamma, before, after),
+            force=force,
+            seed=seed,
+            shard_bytes=shard_bytes,
+            device=str(acc.device),
+            progress=_merge_tick(progress),
+            tensors=lambda n: merged_tensor(pb.plan, pb.tv.experts, pb.tv.group_index, gamma, n),
+            extra_files=files,
+            card_extra=card_extra(pb, gamma, before, after),
         )
         shutil.rmtree(state_dir_for(out), ignore_errors=True)
     acc.wait_for_everyone()
@@ -540,14 +538,13 @@ def write_fixed(
     run_merge(
         plan,
         out,
-        force,
-        seed,
-        shard_bytes,
-        "cpu",
-        _merge_tick(progress),
-        lambda name: merged_tensor(plan, experts, index, gamma, name),
-        {"coefficients.json": source.read_text()},
-        card,
+        force=force,
+        seed=seed,
+        shard_bytes=shard_bytes,
+        progress=_merge_tick(progress),
+        tensors=lambda name: merged_tensor(plan, experts, index, gamma, name),
+        extra_files={"coefficients.json": source.read_text()},
+        card_extra=card,
     )
     shutil.rmtree(state_dir_for(out), ignore_errors=True)
     return {"tasks": tasks, "groups": groups, "gamma": gamma.tolist(), "steps": 0, "fixed": True}

@@ -78,13 +78,13 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         coeff, *held = ctx.saved_tensors
-        taus, g = (held or ctx.taus), grad.reshape(-1).float()
+        taus, flat_grad = (held or ctx.taus), grad.reshape(-1).float()
         if isinstance(taus, Tensor) and taus.dtype == torch.float32:
-            dc = torch.mv(taus.reshape(len(taus), -1), g)
+            dc = torch.mv(taus.reshape(len(taus), -1), flat_grad)
         else:
             dc = torch.stack(
                 [
-                    torch.dot(taus[t].to(g.device, torch.float32).reshape(-1), g)
+                    torch.dot(taus[t].to(flat_grad.device, torch.float32).reshape(-1), flat_grad)
                     for t in range(len(taus))
                 ]
             )

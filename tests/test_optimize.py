@@ -67,7 +67,7 @@ def test_written_weights_are_theta0_plus_gamma_tau_and_the_mergekit_yaml_reprodu
         load_file(toy / "base" / "model.safetensors"),
         {n: load_file(toy / n / "model.safetensors") for n in TASKS},
     )
-    from divmerge_cli.merge import group_of
+    from divmerge_cli.layers import group_of
 
     for name in b:
         g = group_of(name)
