@@ -7,8 +7,12 @@ would grow to n whole models. With reads, peak memory is the tensors we hold.
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
+import math
 import os
+import re
 import shutil
 import struct
 from collections.abc import Iterator
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, resolve
 
 ST_DTYPES = {
     "F64": torch.float64,
@@ -56,12 +60,26 @@ def read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     for name, info in header.items():
+        if not isinstance(info, dict):
+            raise UserError(f"{path}: tensor {name}: header entry is not a JSON object")
         if info.get("dtype") not in ST_DTYPES:
             raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        info["start"] = 8 + n + info["data_offsets"][0]
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
+            raise UserError(
+                f"{path}: tensor {name}: header needs shape (a list of integers >= 0) and "
+                "data_offsets ([begin, end])"
+            )
+        info["start"] = 8 + n + offsets[0]
     return header
+
+
+def _ints(x: object) -> bool:
+    return isinstance(x, list) and all(type(v) is int and v >= 0 for v in x)
 
 
 class Checkpoint:
@@ -75,9 +93,11 @@ class Checkpoint:
         if not cfg.is_file():
             raise UserError(f"{where}: {path} has no config.json")
         try:
-            self.config = json.loads(cfg.read_text())
-        except ValueError as e:
+            self.config = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
             raise UserError(f"{where}: {cfg} is not valid JSON ({e})") from None
+        if not isinstance(self.config, dict):
+            raise UserError(f"{where}: {cfg} is not a JSON object (a model's config mapping)")
         self.index: dict[str, tuple[Path, dict | None]] = {}  # name -> (file, header entry)
         st = self._shard_files("model.safetensors", "safetensors")
         if st:
@@ -104,9 +124,13 @@ class Checkpoint:
         idx = self.path / f"{single}.index.json"
         if idx.is_file():
             try:
-                files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as e:
+                files = sorted(
+                    set(json.loads(idx.read_text(encoding="utf-8"))["weight_map"].values())
+                )
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise UserError(f"{self.where}: {idx} is not a valid index ({e})") from None
+            if not all(isinstance(f, str) for f in files):
+                raise UserError(f"{self.where}: {idx}: weight_map values must be file names")
             missing = [f for f in files if not (self.path / f).is_file()]
             if missing:
                 raise UserError(f"{self.where}: {idx} names {missing[0]}, which does not exist")
@@ -283,6 +307,11 @@ class ShardWriter:
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def specs_nbytes(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes of the tensors that `specs` describes (the size of a checkpoint written from them)."""
+    return sum(_numel(s) * d.itemsize for s, d in specs.values())
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -303,44 +332,186 @@ def parse_size(text: str) -> int:
         raise UserError(
             f"--out-shard-size: {text!r} is not a size; use e.g. 5GB, 500MB or a byte count"
         ) from None
-    if value < 1:
-        raise UserError(f"--out-shard-size: {text!r} must be positive")
+    if not math.isfinite(value) or value < 1:
+        raise UserError(f"--out-shard-size: {text!r} must be a positive, finite size")
     return int(value)
 
 
+RECIPE_COPY = "divmerge_recipe.yaml"  # every output holds it: --force replaces only such folders
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
-    """Refuse an existing OUT without --force, and any OUT that would replace or sit inside an input."""
-    out_r = out.resolve()
+    """Refuse an existing OUT without --force, an OUT divmerge did not write even with --force, an
+    OUT below a file, and any OUT that would replace or sit inside an input."""
+    out_r = resolve(out, "-o")
     for p in inputs:
-        p = p.resolve()
+        p = resolve(p, "model")
         if out_r == p or p.is_relative_to(out_r) or out_r.is_relative_to(p):
             raise UserError(f"-o {out}: overlaps the input model {p}; choose another output folder")
-    if out.exists() and not force:
-        raise UserError(f"-o {out}: already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
+    blocker = next((d for d in out_r.parents if d.exists() and not d.is_dir()), None)
+    if blocker:
+        raise UserError(f"-o {out}: {blocker} is a file, not a folder; choose another output path")
+    if not out.exists():
+        return
+    if not out.is_dir():
         raise UserError(f"-o {out}: exists and is not a folder")
+    if not force:
+        raise UserError(f"-o {out}: already exists; pass --force to replace it")
+    if any(out.iterdir()) and not (out / RECIPE_COPY).is_file():
+        raise UserError(
+            f"-o {out}: --force only replaces a folder divmerge wrote (one holding {RECIPE_COPY}); "
+            "this one holds other files, so it is left alone: remove it yourself or choose another"
+        )
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return ""  # unreachable
+
+
+def check_space(out: Path, need: int) -> None:
+    """Refuse to start when the disk holding OUT has less free space than the output needs."""
+    where = next(d for d in Path(out).absolute().parents if d.exists())
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(
+            f"-o {out}: the merge needs {human_size(need)} of disk but {where} has only "
+            f"{human_size(free)} free"
+        )
+
+
+def _raise_disk_error(e: OSError, out: Path, need: int | None) -> None:
+    """Re-raise an OSError met while writing OUT; a full or read-only disk as the user's error."""
+    if e.errno in DISK_FULL:
+        needed = f"; the merged model needs {human_size(need)}" if need else ""
+        free = human_size(shutil.disk_usage(Path(out).absolute().parent).free)
+        raise UserError(
+            f"-o {out}: the disk is full ({free} free{needed}); nothing was written"
+        ) from None
+    if e.errno in NOT_WRITABLE:
+        raise UserError(f"-o {out}: cannot write there ({e.strerror}: {e.filename})") from None
+    raise e
+
+
+def _temp_name(out: Path, kind: str, pid: int | None = None) -> Path:
+    return out.parent / (f".{out.name}.divmerge-{kind}" + (f"-{pid}" if pid is not None else ""))
+
+
+def remove_stale_temps(out: Path) -> list[tuple[Path, str]]:
+    """Remove the temporary folders beside OUT left by runs that were killed (their process is
+    gone). An old OUT set aside just before a killed rename is put back when OUT is missing.
+    Returns (folder, what was done) pairs, for the caller to report."""
+    import psutil
+
+    out = Path(out)
+    pattern = re.compile(re.escape(f".{out.name}.divmerge-") + r"(tmp|old)-(\d+)")
+    done = []
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.divmerge-*")):
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_dir() or psutil.pid_exists(int(m[2])):
+            continue
+        if m[1] == "old" and not out.exists():
+            p.rename(out)
+            done.append((p, f"restored as {out}"))
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append((p, "removed"))
+    return done
+
+
+_held: dict[str, int] = {}  # lock files this process holds -> how many nested holders
 
 
 @contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside OUT; on success it replaces OUT, on any failure it vanishes."""
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold `.OUT.divmerge-lock` beside OUT: a second run writing the same OUT at the same time is
+    refused, naming the process that holds it. The lock is an flock, so the system releases it when
+    its process dies (a killed run never blocks the next one). Re-entrant within a process."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.divmerge-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    lock = _temp_name(out, "lock")
+    key = os.path.abspath(lock)
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
     try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.divmerge-old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock, out)
+    except OSError as e:
+        _raise_disk_error(e, out, None)
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        Path(lock).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _acquire(lock: Path, out: Path) -> int:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the file still names the writer, nothing is refused
+        fcntl = None
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"-o {out}: another divmerge run (PID {other}) is writing it; wait for it to "
+                "finish or choose another output folder"
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # its holder removed the file after we opened it: lock the new one
+
+
+@contextmanager
+def atomic_folder(out: Path, need: int | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside OUT; on success it replaces OUT, on any failure it vanishes.
+    `need` (bytes) goes into the message if the disk fills up."""
+    out = Path(out)
+    with output_lock(out):
+        tmp = _temp_name(out, "tmp", os.getpid())
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            yield tmp
+            if out.exists():
+                old = _temp_name(out, "old", os.getpid())
+                out.rename(old)
+                try:
+                    tmp.rename(out)
+                except BaseException:
+                    old.rename(out)  # the previous output stays where it was
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _raise_disk_error(e, out, need)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:

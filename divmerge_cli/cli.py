@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
-import shutil
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -81,38 +83,87 @@ def run(
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
     from .checkpoint import check_out, parse_size
     from .merge import plan_merge, run_merge
-    from .methods import METHODS
     from .recipe import load_recipe
 
     shard = parse_size(out_shard_size)
+    _check_seed(seed)
     r = load_recipe(recipe)
     dev = _device(device)
     plan = plan_merge(r, allow_pickle)
     check_out(output, force, [c.path for c in plan.inputs])
-    if METHODS[r.merge_method].optimized:
-        return _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard)
-    if "OMP_NUM_THREADS" not in os.environ:
-        import torch
+    _on_interrupt(lambda: f"nothing was written to {output}")
+    with _writing(output, plan.method.optimized):
+        if plan.method.optimized:
+            _on_interrupt(lambda: _kept_state(output))
+            return _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard)
+        if "OMP_NUM_THREADS" not in os.environ:
+            import torch
 
-        # Row chunks are small: with 2 OpenMP threads, one busy core elsewhere made a TIES merge
-        # 13x slower (230 s vs 18 s on SmolLM2 + 4 experts); one thread is robust to that.
-        torch.set_num_threads(1)
-    random.seed(seed)
-    with _progress() as prog:
-        task = prog.add_task(f"{r.merge_method}", total=len(plan.names), info="")
-        run_merge(
-            plan,
-            output,
-            force=force,
-            seed=seed,
-            shard_bytes=shard,
-            device=dev,
-            progress=_tick(prog, task),
-        )
+            # Row chunks are small: with 2 OpenMP threads, one busy core elsewhere made a TIES
+            # merge 13x slower (230 s vs 18 s on SmolLM2 + 4 experts); one thread is robust to that.
+            torch.set_num_threads(1)
+        random.seed(seed)
+        with _progress() as prog:
+            task = prog.add_task(f"{r.merge_method}", total=len(plan.names), info="")
+            run_merge(
+                plan,
+                output,
+                force=force,
+                seed=seed,
+                shard_bytes=shard,
+                device=dev,
+                progress=_tick(prog, task),
+            )
     out.print(f"[green]merged[/] {len(plan.names)} tensors with {r.merge_method} -> {output}")
 
 
+@contextmanager
+def _writing(output: Path, optimized: bool) -> Iterator[None]:
+    """Hold OUT's lock (a second run on OUT exits 2 naming this one) and clear what killed runs
+    left beside OUT. Under `accelerate launch` only the main process writes OUT and the optimizer
+    state, so the other processes of an optimized run take no lock."""
+    from .checkpoint import output_lock, remove_stale_temps
+
+    if optimized and _distributed_rank() != 0:
+        yield
+        return
+    with output_lock(output):
+        for folder, done in remove_stale_temps(output):
+            err.print(
+                escape(f"{done} {folder}, left by a run that was killed"),
+                highlight=False,
+                soft_wrap=True,
+            )
+        yield
+
+
+def _distributed_rank() -> int:
+    """This process's rank under accelerate, torchrun or MPI (0 when not launched that way)."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _kept_state(output: Path) -> str | None:
+    from .optimize import state_dir_for
+
+    state = state_dir_for(output)
+    if (state / "state.pt").is_file():
+        return (
+            f"nothing was written to {output}; the optimizer state is kept in {state}: "
+            "rerun the same command with --resume to continue"
+        )
+    return None
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed: {seed} is out of range; use an integer in [0, 2**32)")
+
+
 def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard) -> None:
+    from .checkpoint import check_space
     from .optimize import preflight, run_optimized
     from .taskvectors import pick_mode
 
@@ -130,12 +181,7 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard) -> 
             "parameters.batch_size or parameters.samples, set parameters.task_vectors: stream, "
             "or use dtype: bfloat16"
         )
-    free = shutil.disk_usage(_existing_parent(output)).free
-    if est.disk_bytes > free:
-        raise UserError(
-            f"-o {output}: the output needs about {est.disk_bytes / 1e9:.2f} GB of disk, "
-            f"{free / 1e9:.2f} GB free there"
-        )
+    check_space(output, est.disk_bytes)  # before the optimization, not after it
     err.print(reason, highlight=False)
     with _progress() as prog:
         tasks: dict[str, object] = {}
@@ -182,13 +228,6 @@ def plan_params(plan):
     from .recipe import optimize_params
 
     return optimize_params(plan.recipe)
-
-
-def _existing_parent(path: Path) -> Path:
-    p = path.resolve().parent
-    while not p.exists():
-        p = p.parent
-    return p
 
 
 def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:
@@ -244,15 +283,14 @@ def validate(
 
 def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:
     """(tasks, reference expert per task, where) from a tasks YAML or a recipe with tasks."""
-    import yaml
-
+    from .errors import read_yaml
     from .recipe import load_recipe
     from .tasks import load_tasks
 
     try:
-        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
-        raw = None  # load_recipe below reports the YAML error with its position
+        raw = read_yaml(path, "tasks") if path.is_file() else None
+    except UserError:
+        raw = None  # load_tasks below reports the error
     if isinstance(raw, dict) and "merge_method" in raw:
         r = load_recipe(path)
         if r.tasks is None:
@@ -295,6 +333,13 @@ def eval_(
 
     if split not in ("validation", "test"):
         raise UserError(f"--split: {split!r} is not valid; use validation or test")
+    if batch_size < 1:
+        raise UserError(f"--batch-size: {batch_size} is not valid; use an integer >= 1")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit: {limit} is not valid; use an integer >= 1")
+    _check_seed(seed)
+    if json_out:
+        _check_writable(json_out, "--json")
     specs, refs, where = _eval_tasks(tasks)
     for item in reference or []:
         task, sep, p = item.partition("=")
@@ -326,7 +371,21 @@ def eval_(
             t: {"model": str(p), "score": ref_scores[t]} for t, p in refs.items()
         }
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            json_out.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise UserError(f"--json {json_out}: cannot write it ({e.strerror})") from None
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Before hours of work: PATH can be created or overwritten as a file."""
+    if path.is_dir():
+        raise UserError(f"{what} {path}: is a folder; give a file path")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {path}: the folder {parent} does not exist")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise UserError(f"{what} {path}: not writable")
 
 
 def _default_cache(kind: str) -> Path:
@@ -435,6 +494,13 @@ def sweep(
     from .sweep import load_sweep, pairwise_table, per_k_table
 
     cfg = load_sweep(sweep_file)
+    _on_interrupt(
+        lambda: (
+            f"the finished cells are kept in {cfg.results}; rerun to continue"
+            if cfg.results.is_file()
+            else None
+        )
+    )
     rows, written = _run_sweep(cfg, cache_dir, _device(device))
     if any(r.get("k") == 2 for r in rows):
         out.print(_rich_table(pairwise_table(rows)))
@@ -553,35 +619,108 @@ def _main(
     pass
 
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
+# OSErrors that say what is wrong with the machine or a path the user gave, not with divmerge
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ELOOP,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENAMETOOLONG,
+}
+MAX_MESSAGE = 500  # characters: a message quoting a huge input must stay one readable line
+_stopped_by: list[int] = []  # the signals that interrupted this command
+_kept: list[Callable[[], str | None]] = []  # what an interrupted command leaves, described
+
+
+def _on_interrupt(describe: Callable[[], str | None]) -> None:
+    """Register what to say if the command is interrupted: the latest registered that answers."""
+    _kept.insert(0, describe)
+
+
+def _interrupt(signum: int, _frame) -> None:
+    _stopped_by.append(signum)
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary folders are removed on the way out
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def _interrupted() -> None:
+    """Ctrl-C exits 130 and SIGTERM 143 (128 + signal, as shells do), saying what was kept."""
+    sig = _stopped_by[0] if _stopped_by else signal.SIGINT
+    kept = next((m for describe in _kept if (m := describe())), None)
+    name = signal.Signals(sig).name
+    err.print(
+        f"[yellow]interrupted[/] ({name}): {escape(kept or 'nothing was written')}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    sys.exit(128 + sig)
 
 
 def main() -> None:
-    """Entry point: user errors exit 2 with one line, unexpected failures exit 1."""
-    signal.signal(signal.SIGTERM, _interrupt)  # so `kill` cleans up like Ctrl-C
+    """Entry point: user errors exit 2 with one line, unexpected failures exit 1, Ctrl-C 130,
+    SIGTERM 143."""
+    _stopped_by.clear()
+    _kept.clear()
+    handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if the shell ignores it
+        handlers[signal.SIGINT] = signal.default_int_handler
+    for sig in handlers:
+        signal.signal(sig, _interrupt)
     try:
-        app(standalone_mode=False)
+        _main_inner()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _unexpected(e: Exception) -> None:
+    if os.environ.get("DIVMERGE_DEBUG"):
+        raise e
+    err.print(
+        f"[red]unexpected failure:[/] {escape(_short(f'{type(e).__name__}: {e}'))} "
+        "(set DIVMERGE_DEBUG=1 for a traceback)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    sys.exit(1)
+
+
+def _main_inner() -> None:
+    try:
+        # not standalone: click returns the exit code (130 after Ctrl-C) instead of exiting
+        code = app(standalone_mode=False)
     except UserError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(_short(str(e)))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: nothing was written")
-        sys.exit(130)
+        code = 130
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        code = e.exit_code
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS or os.environ.get("DIVMERGE_DEBUG"):
+            _unexpected(e)
+        where = f"{e.filename}: " if e.filename else ""
+        hint = " (free some space and rerun)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        text = where + (e.strerror or str(e)) + hint
+        err.print(f"[red]error:[/] {escape(_short(text))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except Exception as e:
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # click/typer usage errors
             e.show()
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             sys.exit(130)
-        if os.environ.get("DIVMERGE_DEBUG"):
-            raise
-        err.print(
-            f"[red]unexpected failure:[/] {type(e).__name__}: {e} (set DIVMERGE_DEBUG=1 for a traceback)"
-        )
-        sys.exit(1)
+        _unexpected(e)
+    if _stopped_by or code == 130:
+        _interrupted()
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,19 @@ def suggest(word: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def resolve(path, what: str):
+    """Path(path).resolve(), with a symlink loop reported as the user's error naming `what`."""
+    from pathlib import Path
+
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError: Python < 3.13's "Symlink loop"
+        raise UserError(f"{what} {path}: cannot be resolved ({e})") from None
+
+
 def read_yaml(path, what: str):
-    """A user's YAML file, parsed; a missing file or a syntax error is a UserError naming it."""
+    """A user's YAML file, parsed; a missing file, a syntax error, text that is not UTF-8 or
+    aliases that expand to a huge document (an "alias bomb") are a UserError naming it."""
     from pathlib import Path
 
     import yaml
@@ -23,11 +34,28 @@ def read_yaml(path, what: str):
     if not path.is_file():
         raise UserError(f"{path}: {what} file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} file ({e.strerror})") from None
+    # Aliases are shared, not copied, when parsed; validating or writing the data back copies
+    # them. A file written out by hand is about as large as its text, so a bound well above that
+    # refuses only documents whose aliases multiply (or refer to themselves).
+    limit = 10 * len(text) + 1_000_000
+    if expanded_size(data, limit) > limit:
+        raise UserError(
+            f"{path}: its aliases (*name) expand to more than {limit:,} values and characters; "
+            "write the values out instead of nesting aliases"
+        )
+    return data
 
 
 # Parts of a pydantic error location that name a branch of a union, not a field: dropped so that
@@ -72,3 +100,37 @@ def pydantic_message(err, fields_at, unsupported: dict[str, str] | None = None) 
     if "input" in e and e["type"] != "value_error":
         return f"{where}: {msg} (got {e['input']!r})"
     return f"{where}: {msg}"
+
+
+def expanded_size(data, limit: int) -> int:
+    """How big `data` is with every alias expanded: values plus string characters. A shared
+    (aliased) container is sized once and counted at each use, so the cost is that of the file,
+    not of its expansion; data that contains itself counts as larger than `limit`."""
+
+    def own(x) -> int:
+        return 1 + (len(x) if isinstance(x, str | bytes) else 0)
+
+    def children(x) -> list:
+        return [*x.keys(), *x.values()] if isinstance(x, dict) else list(x)
+
+    sizes: dict[int, int] = {}  # id of a finished container -> its expanded size
+    started: set[int] = set()  # containers whose children are being sized
+    stack: list[tuple[object, bool]] = [(data, False)]
+    while stack:
+        x, finish = stack.pop()
+        if not isinstance(x, dict | list | tuple | set) or (not finish and id(x) in sizes):
+            continue
+        if finish:
+            kids = children(x)
+            total = 1 + sum(sizes[id(c)] if id(c) in sizes else own(c) for c in kids)
+            sizes[id(x)] = total
+            started.discard(id(x))
+            if total > limit:
+                return total
+        elif id(x) in started:  # x is inside itself: its expansion never ends
+            return limit + 1
+        else:
+            started.add(id(x))
+            stack.append((x, True))
+            stack.extend((c, False) for c in children(x))
+    return sizes.get(id(data), own(data))

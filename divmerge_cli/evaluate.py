@@ -160,9 +160,10 @@ def _cache_key(model_hash: str, task: str, spec: TaskSpec, rows, split, limit, s
 
 def _read_cache(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}  # a missing or torn cache only costs a recomputation
+        got = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a missing, torn or unreadable cache only costs a recomputation
+    return got if isinstance(got, dict) else {}
 
 
 def _write_cache(path: Path, entries: dict) -> None:

@@ -18,10 +18,12 @@ from .checkpoint import (
     ShardWriter,
     atomic_folder,
     check_out,
+    check_space,
     copy_side_files,
     open_checkpoint,
+    specs_nbytes,
 )
-from .errors import UserError
+from .errors import UserError, resolve
 from .layers import (
     block_counts,
     is_embedding,
@@ -83,7 +85,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     models, entries, base_listed = [], [], False
     for i, m in enumerate(recipe.models):
         ref = recipe.resolve_path(m.model)
-        is_base = bool(base) and Path(ref).resolve() == base.path.resolve()
+        is_base = bool(base) and resolve(ref, f"models[{i}].model") == base.path.resolve()
         base_listed |= is_base
         if is_base and not method.base_as_input:
             continue  # the base's task vector is zero: listing it changes nothing but the divisor
@@ -192,9 +194,11 @@ def merge_tensor(plan: MergePlan, name: str, rng: torch.Generator, device: str) 
     numel = Rows(ref, name).numel()
     if not m.elementwise or numel <= CHUNK_ELEMENTS or len(shape) < 2:
         base = plan.base.get(name).to(device, f32) if plan.base else None
-        return m.fn(base, [c.get(name).to(device, f32) for c in plan.models], p, glob, rng).to(
-            dtype
-        )
+        xs = [c.get(name).to(device, f32) for c in plan.models]
+        try:
+            return m.fn(base, xs, p, glob, rng).to(dtype)
+        except UserError as e:  # a method's refusal: say which tensor
+            raise UserError(f"tensor {name}: {e}") from None
     base = Rows(plan.base, name) if plan.base else None
     xs = [Rows(c, name) for c in plan.models]
     prep = m.prepare(base, xs, p) if m.prepare else None  # whole-tensor statistics, streamed too
@@ -231,8 +235,10 @@ def run_merge(
     """Write the merged checkpoint to OUT atomically. `tensors` overrides how each tensor is made
     (optimized methods pass their learned merge); `extra_files` are written beside the weights."""
     check_out(out, force, [c.path for c in plan.inputs])
+    need = specs_nbytes(plan.out_specs)
+    check_space(out, need)
     make = tensors or (lambda n: merge_tensor(plan, n, _generator(seed, n), device))
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, need) as tmp:
         writer = ShardWriter(tmp, plan.out_specs, shard_bytes)
         for i, name in enumerate(plan.names):
             t = make(name)

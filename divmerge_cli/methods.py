@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     from .recipe import Recipe
 
@@ -206,10 +208,13 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
     norms = torch.linalg.vector_norm(v, dim=1)
     unit = v / (norms[:, None] + eps)
     mean = (unit * w[:, None]).sum(0)
-    if torch.linalg.vector_norm(mean) < eps:
+    if not norms.any():  # a tensor no model changed: the weighted mean norm, so the merge, is 0
+        out = torch.zeros_like(v[0])
+    elif torch.linalg.vector_norm(mean) < eps:
         if len(xs) != 2:
-            raise ValueError(
-                "multislerp: the task vectors cancel out; the mean direction is undefined"
+            raise UserError(
+                "multislerp: the task vectors cancel out (their weighted mean direction is zero), "
+                "so the merge is undefined; change the models' weights or use task_arithmetic"
             )
         out = w[0] * v[0] + w[1] * v[1]
     else:

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import UserError, pydantic_message
+from .errors import UserError, pydantic_message, read_yaml, resolve
 
 SPLITS = ("validation", "test")
 ROW_FORMATS = (".jsonl", ".csv")
@@ -51,12 +50,7 @@ def load_tasks(raw: dict | str | None, base_dir: Path, where: str) -> dict[str, 
         path = Path(raw) if Path(raw).is_absolute() else Path(base_dir) / raw
         if not path.is_file():
             raise UserError(f"{where}: tasks: file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from e
+        raw = read_yaml(path, "tasks")
         where, base_dir, prefix = str(path), path.parent, ""
         if raw is None:
             raise UserError(
@@ -86,7 +80,7 @@ def _task_spec(name: str, fields: object, base_dir: Path, where: str, prefix: st
     _check_template(spec.prompt, f"{loc}.prompt")
     # Paths are relative to the file that names them, so a recipe folder can be moved as a whole.
     updates = {
-        split: str((base_dir / p).resolve())
+        split: str(resolve(base_dir / p, f"{loc}.{split}:"))
         for split in SPLITS
         if (p := getattr(spec, split)) is not None
     }
@@ -119,10 +113,12 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         )
     if not path.is_file():
         raise UserError(f"{path}: data file not found")
-    if suffix == ".jsonl":
-        yield from _iter_jsonl(path)
-    else:
-        yield from _iter_csv(path)
+    try:
+        yield from _iter_jsonl(path) if suffix == ".jsonl" else _iter_csv(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the data file ({e.strerror})") from None
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, str]]]:

@@ -197,10 +197,15 @@ def _write_entry(
 
 
 def _remove(entry: Path) -> None:
-    if entry.is_dir():
-        shutil.rmtree(entry, ignore_errors=True)
-    else:
-        entry.unlink(missing_ok=True)
+    """Free the entry's name first (renaming needs only the cache folder to be writable), so a
+    damaged entry that cannot be deleted, e.g. one made unreadable, is still rebuilt."""
+    aside = Path(tempfile.mkdtemp(prefix=f".damaged-{entry.name[:16]}-", dir=entry.parent))
+    try:
+        os.replace(entry, aside / "entry")
+    except OSError:
+        aside.rmdir()
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -223,8 +228,9 @@ def _read_entry(entry: Path, n: int, top_k) -> list[Generation] | None:
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
             return None
         return _unflatten(load(data), meta["texts"], n, top_k)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
-        # json, safetensors and torch all report damage as one of these
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError):
+        # json, safetensors and torch report damage as one of these; AttributeError and
+        # IndexError come from valid JSON of the wrong shape (a list where a mapping belongs)
         return None
 
 

@@ -155,6 +155,7 @@ def test_failure_mid_write_leaves_nothing_and_keeps_the_old_output(
     plan = merge.plan_merge(recipe)
     out = tmp_path / "m"
     out.mkdir()
+    (out / "divmerge_recipe.yaml").write_text("# an earlier divmerge output\n")
     (out / "precious.txt").write_text("keep me")
     real, calls = merge.merge_tensor, []
 

@@ -204,6 +204,10 @@ def damage_shapes(entry):
     (entry / META).write_text(json.dumps(meta))
 
 
+def damage_meta_shape(entry):
+    (entry / META).write_text("[1, 2]")  # valid JSON, not the mapping meta.json holds
+
+
 def damage_missing_file(entry):
     (entry / TENSORS).unlink()
 
@@ -220,6 +224,7 @@ def damage_file_not_folder(entry):
         damage_flip,
         damage_meta,
         damage_shapes,
+        damage_meta_shape,
         damage_missing_file,
         damage_file_not_folder,
     ],
@@ -233,6 +238,18 @@ def test_damaged_entry_is_rebuilt(damage, t5_dir, tmp_path):  # noqa: F811
     assert_same(first, again)
     assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # no temp folders left behind
     assert build(t5_dir, tmp_path, top_k="full")[1]  # and the rebuilt entry is good
+
+
+def test_a_damaged_entry_that_cannot_be_deleted_is_still_rebuilt(t5_dir, tmp_path, monkeypatch):  # noqa: F811
+    first, _ = build(t5_dir, tmp_path, top_k="full")
+    (entry,) = tmp_path.iterdir()
+    (entry / META).write_text("{")
+    # as when the entry's folder is unreadable: its contents cannot be listed, so not deleted
+    monkeypatch.setattr(teacher.shutil, "rmtree", lambda *a, **k: None)
+    again, hit = build(t5_dir, tmp_path, top_k="full")
+    assert not hit
+    assert_same(first, again)
+    assert build(t5_dir, tmp_path, top_k="full")[1]  # the entry under the key was rebuilt
 
 
 def test_dense_entry_is_much_larger_than_topk(llama_dir, tmp_path):  # noqa: F811
