@@ -175,12 +175,7 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard) -> 
     est = preflight(plan, seed)
     mode, reason = pick_mode(plan_params(plan).task_vectors, est.memory_bytes, est.available)
     if est.peak(mode) > est.available:
-        raise UserError(
-            f"{r.source}: this merge needs about {est.peak(mode) / 1e9:.2f} GB of memory "
-            f"({mode} task vectors), {est.available / 1e9:.2f} GB available; lower "
-            "parameters.batch_size or parameters.samples, set parameters.task_vectors: stream, "
-            "or use dtype: bfloat16"
-        )
+        raise UserError(f"{r.source}: {est.too_big(mode)}")
     check_space(output, est.disk_bytes)  # before the optimization, not after it
     err.print(reason, highlight=False)
     with _progress() as prog:
@@ -209,6 +204,7 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard) -> 
             resume=resume,
             shard_bytes=shard,
             progress=report,
+            mode=(mode, reason),
         )
     table = Table(title=f"{r.merge_method}: objective ({summary['objective']}) per task")
     for col in ("task", "at init", "learned", "mean Gamma"):

@@ -22,7 +22,7 @@ import torch
 from .layers import block_of
 
 RUNTIME_BYTES = 600 * 10**6  # python + torch + transformers + accelerate, imported (RSS)
-LOGIT_COPIES = 8  # logits, log-softmax, softmax and their gradients, float32 (objectives.py)
+LOGIT_COPIES = 6  # logits, log-softmax, softmax and gradients in float32 (calibrated: bench_scale)
 MAX_MEMORY_ENV = "DIVMERGE_MAX_MEMORY"
 
 
@@ -34,19 +34,44 @@ class Estimate:
     disk_bytes: int  # the output checkpoint, the teacher cache and the state
     available: int  # memory the process may use (DIVMERGE_MAX_MEMORY, else what is free)
 
+    process_bytes: int = 0  # peak while TIES/DARE-processed task vectors are computed
+
     def peak(self, mode: str) -> int:
         learn = self.memory_bytes if mode == "memory" else self.stream_bytes
-        return max(learn, self.teacher_bytes)
+        return max(learn, self.teacher_bytes, self.process_bytes)
+
+    def too_big(self, mode: str) -> str:
+        """One line: which phase does not fit, by how much, and the knobs that shrink it."""
+        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        learn = self.memory_bytes if mode == "memory" else self.stream_bytes
+        phase, knobs = max(
+            (
+                learn,
+                "learning",
+                "parameters.batch_size"
+                + (", parameters.task_vectors: stream" if mode == "memory" else "")
+                + " or dtype: bfloat16",
+            ),
+            (self.teacher_bytes, "teacher generation", "parameters.gen_batch_size"),
+            (self.process_bytes, "processing the task vectors", "base_method: task_arithmetic"),
+        )[1:]
+        return (
+            f"this merge needs about {gb(self.peak(mode))} of memory for {phase} "
+            f"({mode} task vectors), {gb(self.available)} available; lower it with {knobs}"
+        )
 
 
 def available_memory() -> int:
-    """DIVMERGE_MAX_MEMORY (bytes, or e.g. 8GB) if set, else the memory the OS reports free."""
+    """DIVMERGE_MAX_MEMORY (bytes, or e.g. 8GB) if set, else what the OS reports available plus
+    this process's own resident memory (the estimates count the process from zero), shared
+    between the processes of this machine (LOCAL_WORLD_SIZE)."""
     limit = os.environ.get(MAX_MEMORY_ENV)
     if limit:
         from .checkpoint import parse_size
 
         return parse_size(limit)
-    return int(psutil.virtual_memory().available)
+    free = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+    return int(free // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -71,10 +96,17 @@ def estimate_learned(
     numel = {n: _numel(base.shape(n)) for n in floats}
     p_total = sum(numel.values())
     model = p_total * c
+    n_experts = len(plan.models)
+    processed = params.base_method != "task_arithmetic"  # float32 vectors written to disk
     taus = 0
     for e in plan.models:
         low = getattr(e, "adapter_bytes", None)  # LoRA experts hold factors, not dense tau
-        taus += low if low is not None else sum(numel[n] * _itemsize(e.dtype(n)) for n in floats)
+        if processed:
+            taus += p_total * 4
+        elif low is not None:
+            taus += low
+        else:
+            taus += sum(numel[k] * _itemsize(e.dtype(k)) for k in floats)
     blocks: dict[str, int] = {}
     outside = 0
     for n in floats:
@@ -101,12 +133,18 @@ def estimate_learned(
     act_stream = n_blocks * b * seq_len * h * c + per_block + logits
 
     memory = RUNTIME_BYTES + model + taus + model + act_memory
+    from .taskvectors import KEEP_BYTES
+
+    kept = (
+        n_experts * biggest_block * 4
+    )  # one block's tau, saved from the recomputation (taskvectors)
     stream = (
         RUNTIME_BYTES
         + model
         + outside * c
         + biggest_block * (c + 4)  # one block merged, and its float32 accumulator
-        + biggest_tensor * 4  # one tau being read
+        + 2 * biggest_tensor * 4  # one tau being read, and a float32 accumulator
+        + (kept if kept <= KEEP_BYTES else 0)
         + act_stream
     )
     out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
@@ -118,9 +156,11 @@ def estimate_learned(
         teacher = len(plan.models) * params.samples * seq_len * vocab * 4
     else:
         teacher = len(plan.models) * params.samples * seq_len * min(params.top_k, vocab or 1) * 10
-    disk = p_total * out_size + teacher
+    disk = p_total * out_size + teacher + (n_experts * p_total * 4 if processed else 0)
+    # processing holds every expert's float32 tau of one tensor, and a copy
+    process = RUNTIME_BYTES + 2 * n_experts * biggest_tensor * 4 if processed else 0
     # a teacher generates alone: float32 weights, its KV cache and one step's logits per sequence
     kv_heads = cfg.get("num_key_value_heads") or heads
     kv = 2 * n_blocks * params.gen_batch_size * seq_len * (h * kv_heads // max(heads, 1)) * 4
     gen = RUNTIME_BYTES + p_total * 4 + kv + 4 * params.gen_batch_size * seq_len * vocab * 4
-    return Estimate(int(memory), int(stream), int(gen), int(disk), available_memory())
+    return Estimate(int(memory), int(stream), int(gen), int(disk), available_memory(), int(process))

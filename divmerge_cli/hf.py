@@ -36,6 +36,18 @@ def vocab_size(path: str | Path) -> int | None:
     return int(size) if size else None
 
 
+def skeleton(path: str | Path) -> PreTrainedModel:
+    """The model a checkpoint loads as, on the meta device (no weights): for its structure."""
+    config = AutoConfig.from_pretrained(path)
+    auto = (
+        AutoModelForSeq2SeqLM
+        if getattr(config, "is_encoder_decoder", False)
+        else AutoModelForCausalLM
+    )
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a local checkpoint folder in eval mode; never runs remote code."""
     auto = AutoModelForSeq2SeqLM if is_seq2seq(path) else AutoModelForCausalLM

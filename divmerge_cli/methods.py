@@ -356,6 +356,7 @@ OPTIMIZE_DEFAULTS = {
     "task_vectors": "auto",  # memory | stream | auto (taskvectors.py)
     "base_method": "task_arithmetic",  # Remark 3: the data-free method whose task vectors Gamma weighs
     "coefficients": None,  # a coefficients.json to reproduce instead of learning
+    "seed": None,  # with coefficients: the --seed of the run that learned them (DARE's masks)
 }
 METHODS["divmerge"] = Method(
     fn=None,

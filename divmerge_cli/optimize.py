@@ -29,7 +29,7 @@ from .merge import MergePlan, run_merge
 from .objectives import DIVERGENCES, OBJECTIVES, collate, sample_means
 from .recipe import OptimizeParams, Recipe, optimize_params  # noqa: F401 - re-exported
 from .tasks import check_task, load_rows, load_tasks, render_prompt
-from .taskvectors import MergedModel, TaskVectors, dense_tau, pick_mode
+from .taskvectors import MergedModel, TaskVectors, dense_tau, pick_mode, tied_aliases
 from .teacher import TeacherSample, default_cache_dir, teacher_samples
 
 Progress = Callable[[str, int, int, str], None]  # (phase, done, total, info)
@@ -46,6 +46,7 @@ class Problem:
     groups: list[str]
     student: MergedModel
     mode_reason: str  # which task_vectors mode runs, and why
+    aliases: dict[str, str]  # a tied tensor's second name -> the name it is merged under
     pad_id: int
     seq2seq: bool
     start_id: int | None
@@ -66,6 +67,7 @@ def prepare(
     main_first=None,
     available: int | None = None,
     work_dir: Path | None = None,
+    mode: str | None = None,
 ) -> Problem:
     """Check the recipe's tasks, build or reuse the teacher cache, load theta0 once (the model's
     own parameters, in the compute dtype) and the task vectors in the chosen mode."""
@@ -90,12 +92,17 @@ def prepare(
         samples.extend(got)
     seq_len = max((len(x.prompt_ids) + len(x.gen_ids) for x in samples), default=1)
     est = estimate_learned(plan, params, compute_dtype(recipe), seq_len, _world())
-    mode, reason = pick_mode(params.task_vectors, est.memory_bytes, available or est.available)
+    if mode is None:
+        mode, reason = pick_mode(params.task_vectors, est.memory_bytes, available or est.available)
+    else:
+        reason = f"task_vectors: {mode}"
     model = hf.load_model(plan.base.path, compute_dtype(recipe)).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     state = dict(model.state_dict(keep_vars=True))
     float_names = [n for n in plan.names if plan.base.dtype(n).is_floating_point]
+    aliases = tied_aliases(model, float_names)  # a tied tensor stored twice is merged once
+    float_names = [n for n in float_names if n not in aliases]
     unknown = [n for n in float_names if n not in state]
     if unknown:
         raise UserError(
@@ -116,6 +123,7 @@ def prepare(
         groups=groups,
         student=MergedModel(model, tv),
         mode_reason=reason,
+        aliases=aliases,
         pad_id=tok.pad_token_id,
         seq2seq=bool(getattr(model.config, "is_encoder_decoder", False)),
         start_id=getattr(model.config, "decoder_start_token_id", None),
@@ -433,6 +441,7 @@ def run_optimized(
     shard_bytes: int = 5 * 10**9,
     progress: Progress | None = None,
     available: int | None = None,
+    mode: tuple[str, str] | None = None,
 ) -> dict:
     """Learn Gamma, then write theta0 + sum Gamma tau like any merge, plus coefficients.json, a
     mergekit recipe that reproduces it, and the training log. Returns a summary. The caller has
@@ -445,6 +454,10 @@ def run_optimized(
         )
     acc = Accelerator(cpu=device == "cpu")
     torch.manual_seed(seed)
+    if acc.num_processes > 1:  # every process must hold the task vectors the same way
+        from accelerate.utils import broadcast_object_list
+
+        mode = broadcast_object_list([mode])[0]
     pb = prepare(
         plan,
         seed=seed,
@@ -454,7 +467,10 @@ def run_optimized(
         main_first=acc.main_process_first,
         available=available,
         work_dir=state_dir_for(out),
+        mode=mode[0] if mode else None,
     )
+    if mode:
+        pb.mode_reason = mode[1]
     init = initial_gamma(pb.params.init, len(pb.tasks), len(pb.groups))
     before = task_objectives(pb, init.to(acc.device), str(acc.device))
     gamma, log = train(pb, seed, state_dir_for(out), resume, acc, progress)
@@ -478,14 +494,16 @@ def run_optimized(
         if pb.params.base_method == "task_arithmetic":  # mergekit computes the same tensors
             files["mergekit_task_arithmetic.yaml"] = mergekit_yaml(pb, gamma)
         run_merge(
-            reproducing(pb.plan),
+            reproducing(pb.plan, seed),
             out,
             force=force,
             seed=seed,
             shard_bytes=shard_bytes,
             device=str(acc.device),
             progress=_merge_tick(progress),
-            tensors=lambda n: merged_tensor(pb.plan, pb.tv.experts, pb.tv.group_index, gamma, n),
+            tensors=lambda n: merged_tensor(
+                pb.plan, pb.tv.experts, pb.tv.group_index, gamma, pb.aliases.get(n, n)
+            ),
             extra_files=files,
             card_extra=card_extra(pb, gamma, before, after),
         )
@@ -494,10 +512,10 @@ def run_optimized(
     return summary
 
 
-def reproducing(plan: MergePlan) -> MergePlan:
+def reproducing(plan: MergePlan, seed: int) -> MergePlan:
     """The plan whose written divmerge_recipe.yaml reproduces the merge: the recipe as run, plus
     `coefficients: coefficients.json` (resolved beside the recipe): Gamma fixed, nothing learned."""
-    params = {**plan.recipe.parameters, "coefficients": "coefficients.json"}
+    params = {**plan.recipe.parameters, "coefficients": "coefficients.json", "seed": seed}
     return dataclasses.replace(plan, recipe=plan.recipe.model_copy(update={"parameters": params}))
 
 
@@ -513,6 +531,7 @@ def write_fixed(
     """Write theta0 + sum Gamma tau with Gamma read from `parameters.coefficients` (no teacher,
     no model loaded): what a learned merge's divmerge_recipe.yaml runs."""
     params = optimize_params(plan.recipe)
+    seed = seed if params.seed is None else params.seed
     source = Path(plan.recipe.resolve_path(params.coefficients))
     where = f"{plan.recipe.source}: parameters.coefficients"
     try:
@@ -526,6 +545,8 @@ def write_fixed(
             f"({type(e).__name__}: {e})"
         ) from None
     floats = [n for n in plan.names if plan.base.dtype(n).is_floating_point]
+    aliases = tied_aliases(hf.skeleton(plan.base.path), floats)
+    floats = [n for n in floats if n not in aliases]
     got, gidx = groups_for(floats, params.granularity)
     if got != groups:
         raise UserError(
@@ -542,7 +563,7 @@ def write_fixed(
         seed=seed,
         shard_bytes=shard_bytes,
         progress=_merge_tick(progress),
-        tensors=lambda name: merged_tensor(plan, experts, index, gamma, name),
+        tensors=lambda name: merged_tensor(plan, experts, index, gamma, aliases.get(name, name)),
         extra_files={"coefficients.json": source.read_text()},
         card_extra=card,
     )

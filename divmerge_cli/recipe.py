@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -69,6 +69,8 @@ class OptimizeParams(BaseModel):
     # a coefficients.json of an earlier run: Gamma is fixed to it, nothing is learned (this is
     # how a learned merge's output folder reproduces it)
     coefficients: str | None = _D["coefficients"]
+    # with coefficients: the --seed of the run that learned them (DARE's masks depend on it)
+    seed: Annotated[int, Field(ge=0, lt=2**32)] | None = _D["seed"]
 
 
 class ModelEntry(BaseModel):

@@ -23,9 +23,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from .errors import UserError
 from .layers import block_of
 
 MODES = ("memory", "stream")
+# in stream mode a block's tau are kept from its recomputation for its backward pass (2 reads a
+# step instead of 3) while they take at most this much; above, they are read a third time
+KEEP_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,14 @@ class _Theta0:
 
     def __init__(self, params: dict[str, Tensor], ckpt):
         self.params, self.ckpt = params, ckpt
+        self._last: tuple[str, Tensor] | None = None  # n experts in a row read one tensor's theta0
 
     def get(self, name: str, start: int | None = None, stop: int | None = None) -> Tensor:
         t = self.params[name].detach()
         if t.dtype not in (torch.float32, self.ckpt.dtype(name)):
-            return self.ckpt.get(name, start, stop)
+            if self._last is None or self._last[0] != name:
+                self._last = (name, self.ckpt.get(name))
+            t = self._last[1]
         return t if start is None else t[start:stop]
 
 
@@ -214,7 +221,8 @@ class MergedModel:
                 outside.append(n)
         self._outside = outside
         for prefix, names in self._blocks.items():
-            self._stream(model.get_submodule(prefix), prefix, names)
+            held = sum(4 * len(tv.dense_idx[n]) * tv.base.params[n].numel() for n in names)
+            self._stream(model.get_submodule(prefix), prefix, names, held <= KEEP_BYTES)
         for name, lows in tv.low_rank.items():
             if lows:
                 self._add_low_rank(name, lows)
@@ -226,12 +234,12 @@ class MergedModel:
         kwargs = {**inputs, "use_cache": False}
         return functional_call(self.model, params, args=(), kwargs=kwargs).logits
 
-    def _stream(self, module: nn.Module, prefix: str, names: list[str]) -> None:
+    def _stream(self, module: nn.Module, prefix: str, names: list[str], keep: bool) -> None:
         plain = module.forward
         local = [n[len(prefix) + 1 :] for n in names]
 
         def merged(gamma: Tensor, *args, **kwargs):
-            params = {k: self.tv.combine(n, gamma, keep=True) for k, n in zip(local, names)}
+            params = {k: self.tv.combine(n, gamma, keep=keep) for k, n in zip(local, names)}
             self._inside.add(id(module))
             try:
                 return functional_call(module, params, args=args, kwargs=kwargs)
@@ -248,7 +256,10 @@ class MergedModel:
     def _add_low_rank(self, name: str, lows: list[tuple[int, LowRank]]) -> None:
         owner = self.model.get_submodule(name.rsplit(".", 1)[0])
         if not isinstance(owner, nn.Linear) or not name.endswith(".weight"):
-            raise ValueError(f"tensor {name}: a low-rank task vector needs an nn.Linear weight")
+            raise UserError(
+                f"tensor {name}: a LoRA task vector is learned through an nn.Linear weight, and "
+                f"this one belongs to a {type(owner).__name__}; merge it with a data-free method"
+            )
         g = self.tv.group_index[name]
 
         def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
@@ -259,6 +270,22 @@ class MergedModel:
             return out
 
         owner.register_forward_hook(hook)
+
+
+def tied_aliases(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """{second name: first name} for tensors the model ties (one parameter under two names, such
+    as lm_head.weight and embed_tokens.weight when a checkpoint stores both)."""
+    state = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    out = {}
+    for n in names:
+        if n in state:
+            key = id(state[n])
+            if key in first:
+                out[n] = first[key]
+            else:
+                first[key] = n
+    return out
 
 
 def pick_mode(choice: str, memory_bytes: int, available: int) -> tuple[str, str]:

@@ -263,19 +263,14 @@ def test_two_cpu_processes_under_accelerate_give_the_same_gamma(toy, tmp_path):
     one = optimize.run_optimized(
         plan_merge(load_recipe(r)), tmp_path / "one", cache_dir=tmp_path / "cache"
     )
+    # torchrun, not `accelerate launch --cpu` (which starts a single process): two real ranks
     cmd = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
+        "torch.distributed.run",
+        "--nproc_per_node",
         "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        "--standalone",
         "-m",
         "divmerge_cli.cli",
         "run",
@@ -289,6 +284,7 @@ def test_two_cpu_processes_under_accelerate_give_the_same_gamma(toy, tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "two" / "coefficients.json").is_file()
     two = json.loads((tmp_path / "two" / "coefficients.json").read_text())
     got = torch.tensor([list(two["gamma"][t].values()) for t in TASKS])
     assert torch.allclose(got, torch.tensor(one["gamma"]), atol=1e-5)
@@ -443,4 +439,88 @@ def test_output_recipe_reproduces_a_learned_ties_merge_from_anywhere(
     assert code == 0 and "Gamma from a file" in out, err
     a = load_file(tmp_path / "m" / "model.safetensors")
     b = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stream_runs_on_two_processes_like_one(toy, tmp_path):
+    r = recipe(toy, tmp_path, granularity="layer", epochs=1, task_vectors="stream")
+    one = optimize.run_optimized(
+        plan_merge(load_recipe(r)), tmp_path / "one", cache_dir=tmp_path / "cache"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "divmerge_cli.cli",
+        "run",
+        str(r),
+        "-o",
+        str(tmp_path / "two"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "coefficients.json").read_text())
+    got = torch.tensor([list(two["gamma"][t].values()) for t in TASKS])
+    assert torch.allclose(got, torch.tensor(one["gamma"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_a_tied_embedding_stored_under_both_names_is_merged_once(toy, tmp_path, cli, mode):
+    from safetensors.torch import save_file
+
+    tied = {}
+    for name in ("base", *TASKS):
+        d = tmp_path / "tied" / name
+        shutil.copytree(toy / name, d)
+        w = load_file(d / "model.safetensors")
+        w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
+        save_file(w, d / "model.safetensors", metadata={"format": "pt"})
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+        tied[name] = d
+    raw = yaml.safe_load(
+        recipe(toy, tmp_path, granularity="layer", epochs=1, task_vectors=mode).read_text()
+    )
+    raw["base_model"] = str(tied["base"])
+    raw["models"] = [{"model": str(tied[t]), "task": t} for t in TASKS]
+    code, _, err = cli(
+        "run",
+        write_recipe(tmp_path / "t.yaml", raw),
+        "-o",
+        tmp_path / "m",
+        "--cache-dir",
+        tmp_path / "cache",
+    )
+    assert code == 0, err
+    w = load_file(tmp_path / "m" / "model.safetensors")
+    assert torch.equal(w["lm_head.weight"], w["model.embed_tokens.weight"])
+    assert not torch.equal(
+        w["lm_head.weight"], load_file(tied["base"] / "model.safetensors")["lm_head.weight"]
+    )
+
+
+def test_a_dare_output_recipe_records_its_seed(toy, tmp_path, cli):
+    r = recipe(toy, tmp_path, base_method="dare_linear", density=0.5, granularity="task", epochs=1)
+    code, _, err = cli(
+        "run", r, "-o", tmp_path / "m", "--seed", "7", "--cache-dir", tmp_path / "cache"
+    )
+    assert code == 0, err
+    assert (
+        yaml.safe_load((tmp_path / "m" / "divmerge_recipe.yaml").read_text())["parameters"]["seed"]
+        == 7
+    )
+    code, _, err = cli("run", tmp_path / "m" / "divmerge_recipe.yaml", "-o", tmp_path / "again")
+    assert code == 0, err
+    a, b = (
+        load_file(tmp_path / "m" / "model.safetensors"),
+        load_file(tmp_path / "again" / "model.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)

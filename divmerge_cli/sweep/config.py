@@ -215,7 +215,7 @@ def build_recipe(cfg: SweepConfig, label: str, subset: tuple[str, ...]) -> Recip
         raise UserError(f"{cfg.source}: methods.{label}: {msg}{at}") from None
 
 
-_ADDED_LATER = ("base_method", "coefficients")  # learned-merge parameters newer than sweeps
+_ADDED_LATER = ("base_method", "coefficients", "seed")  # learned-merge parameters newer than sweeps
 
 
 def method_key(recipe: Recipe) -> str:
