@@ -206,8 +206,6 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
         w = w / w.sum()
     v = torch.stack([(x - base) if base is not None else x for x in xs]).reshape(len(xs), -1)
     norms = torch.linalg.vector_norm(v, dim=1)
-    if base is not None and not norms.any():  # no model changed this tensor (frozen, or LoRA)
-        return base.clone()
     unit = v / (norms[:, None] + eps)
     mean = (unit * w[:, None]).sum(0)
     if not norms.any():  # a tensor no model changed: the weighted mean norm, so the merge, is 0

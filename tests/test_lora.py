@@ -106,6 +106,30 @@ def test_adapter_reads_as_its_merged_model_one_tensor_at_a_time(lora_zoo):
     assert e2.tau("model.layers.0.self_attn.q_proj.weight", base) is None
 
 
+def test_fan_in_fan_out_adapter_on_conv1d_reads_as_its_merged_model(tmp_path):
+    """GPT-2 stores Conv1D weights as [in, out]; PEFT's fan_in_fan_out factors are transposed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(
+        GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    )
+    with torch.no_grad():
+        for n, w in model.named_parameters():
+            if "lora_" in n:
+                w.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "ad")
+    model.merge_and_unload().save_pretrained(tmp_path / "full")
+    base = open_checkpoint(str(tmp_path / "base"), "base")
+    ad, full = open_checkpoint(str(tmp_path / "ad"), "ad", base=base), weights(tmp_path / "full")
+    assert sum(isinstance(ad.tau(n, base), LowRank) for n in base.names) == 2
+    for n in base.names:
+        assert torch.allclose(ad.get(n).float(), full[n], atol=1e-6), n
+
+
 METHOD_RECIPES = {
     "linear": dict(parameters={"weight": 0.5}, n=3),
     "task_arithmetic": dict(parameters={"lambda": 0.8}, n=3),
@@ -138,10 +162,14 @@ def test_data_free_methods_on_adapters_equal_the_dense_experts(method, lora_zoo,
 
     ours, dense = _merged(recipe(""), tmp_path, "lora"), _merged(recipe("_full"), tmp_path, "full")
     base = weights(lora_zoo["base"])
-    changed = 0
+    changed, untouched = 0, 0
     for n in dense:
         assert torch.allclose(ours[n], dense[n], atol=2e-6), (method, n)
         changed += not torch.equal(dense[n], base[n])
+        if n.endswith("norm.weight"):  # no adapter changes a norm: every method keeps θ0
+            untouched += 1
+            assert torch.equal(ours[n], base[n]), (method, n)
+    assert untouched == 5
     assert changed >= 5  # the merge did something on the adapted tensors
 
 
