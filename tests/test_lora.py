@@ -373,3 +373,33 @@ def test_learned_methods_refuse_adapters_until_supported(lora_zoo, tmp_path):
     recipe["models"] = [{"model": str(lora_zoo["a0"]), "task": "a"}]
     with pytest.raises(UserError, match="does not read LoRA adapters yet"):
         merge.plan_merge(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_learned_loop_applies_adapters_low_rank_and_matches_the_dense_merge(
+    mode, lora_zoo, tmp_path
+):
+    """The adapter side of the learned merge: core's MergedModel takes LoraExpert's LowRank τ
+    through its Linear hooks (never densified) and gives the logits of the dense task-arithmetic
+    merge with weights Γ."""
+    from divmerge_cli.taskvectors import MergedModel, TaskVectors
+
+    gamma = torch.tensor([[0.7], [0.4]])
+    recipe = _ta(lora_zoo, [lora_zoo["a0"], lora_zoo["a1"]])
+    recipe["parameters"] = {}
+    _merged(recipe, tmp_path, "ta")
+    dense = _peft_model(tmp_path / "ta")
+    base = open_checkpoint(str(lora_zoo["base"]), "base_model")
+    experts = [open_checkpoint(str(lora_zoo[a]), a, base=base) for a in ("a0", "a1")]
+    model = _peft_model(lora_zoo["base"])
+    state = dict(model.state_dict(keep_vars=True))
+    names = base.names
+    tv = TaskVectors.load(
+        experts, {n: state[n] for n in names}, base, names, [0] * len(names), mode
+    )
+    assert not tv.stacked and sum(len(v) for v in tv.low_rank.values()) == 6 + 8
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = MergedModel(model, tv).logits(gamma, {"input_ids": ids})
+        want = dense(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
