@@ -364,6 +364,7 @@ def save_adapter(
         alpha_pattern=dict(other),
         modules_to_save=whole or None,
         base_model_name_or_path=base_ref,
+        task_type=_task_type(base.config),
         lora_dropout=0.0,
         inference_mode=True,
     )
@@ -378,6 +379,14 @@ def save_adapter(
         for fname, text in (files or {}).items():
             (tmp / fname).write_text(text)
     return ranks
+
+
+def _task_type(config: dict) -> str | None:
+    """PEFT's task type, so AutoPeftModelFor... picks the right head (None: PeftModel only)."""
+    arch = (config.get("architectures") or [""])[0]
+    if arch.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    return "SEQ_2_SEQ_LM" if config.get("is_encoder_decoder") else None
 
 
 def adapter_card(ranks: dict[str, tuple[int, float]], whole: list[str], rank: int | None) -> str:
@@ -486,7 +495,7 @@ def merge_as_adapter(
     kw = dict(
         force=force,
         dtype=DTYPES[r.out_dtype or r.dtype or "float32"],
-        base_ref=r.base_model,
+        base_ref=r.resolve_path(r.base_model),  # where the adapter's base is, for AutoPeftModel
         card=model_card(plan),
         files={"divmerge_recipe.yaml": dump_recipe(r)},
         progress=progress,

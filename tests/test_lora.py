@@ -283,6 +283,7 @@ def test_as_adapter_at_exact_rank_equals_the_full_model(method, lora_zoo, tmp_pa
     assert code == 0, err
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["modules_to_save"] == ["lm_head"]
+    assert cfg["task_type"] == "CAUSAL_LM"
     ranks = {
         k.split(".lora_")[0]: v.shape for k, v in weights(tmp_path / "ad").items() if "lora_A" in k
     }
@@ -292,6 +293,8 @@ def test_as_adapter_at_exact_rank_equals_the_full_model(method, lora_zoo, tmp_pa
         assert torch.allclose(got[n], full[n], atol=2e-6), n
     card = (tmp_path / "ad" / "README.md").read_text()
     assert "0.000e+00" in card and "modules_to_save" in card
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "ad").merge_and_unload()
+    assert torch.allclose(auto.state_dict()["lm_head.weight"], full["lm_head.weight"], atol=2e-6)
 
 
 def test_as_adapter_svd_truncation_reports_the_true_error(lora_zoo, llama_zoo, tmp_path, cli):
