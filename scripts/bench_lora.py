@@ -73,33 +73,45 @@ def recipe(work: Path, name: str, method: str, base: Path, models: list[Path]) -
     return path
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
+    would report the parent's peak when the parent was bigger."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 CHILD_RUN = """
-import resource, sys, time
+import sys, time
+sys.path.insert(0, sys.argv.pop(1))
+from bench_lora import peak_rss_mb
 from divmerge_cli.cli import main
 t = time.perf_counter()
 try:
     main()
 finally:
-    print("BENCH", time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-          file=sys.stderr)
+    print("BENCH", time.perf_counter() - t, peak_rss_mb(), file=sys.stderr)
 """
 
 
 def run_cli(args: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in MB) of `divmerge ARGS` in a fresh process."""
     p = subprocess.run(
-        [sys.executable, "-c", CHILD_RUN, *args], env=ENV, capture_output=True, text=True
+        [sys.executable, "-c", CHILD_RUN, str(Path(__file__).parent), *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
     )
     line = [x for x in p.stderr.splitlines() if x.startswith("BENCH")]
     if p.returncode != 0 or not line:
         raise SystemExit(f"divmerge {' '.join(args)} failed:\n{p.stderr[-2000:]}")
     _, sec, rss = line[-1].split()
-    return float(sec), int(rss) / 1024
+    return float(sec), float(rss)
 
 
 def child_step(base: str, experts: list[str], mode: str, steps: int) -> None:
     """One process: MergedModel over the experts, `steps` forward+backward passes to Γ."""
-    import resource
     import statistics
 
     from divmerge_cli import hf
@@ -127,8 +139,7 @@ def child_step(base: str, experts: list[str], mode: str, steps: int) -> None:
         logits.float().logsumexp(-1).mean().backward()
         gamma.grad = None
         times.append(time.perf_counter() - t)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("BENCH", statistics.median(times[1:]), rss, tv.nbytes, file=sys.stderr)
+    print("BENCH", statistics.median(times[1:]), peak_rss_mb(), tv.nbytes, file=sys.stderr)
 
 
 def run_step(base: Path, experts: list[Path], mode: str, steps: int) -> tuple[float, float, int]:
@@ -172,6 +183,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--parts", default="run,adapter,step", help="a subset of run,adapter,step")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     adapters, dense = make_experts(a.base, a.work, a.n, a.rank)
@@ -182,7 +194,8 @@ def main() -> None:
         rows.append({**r, "peak_rss_mb": round(rss), **extra})
         print(json.dumps(rows[-1]), flush=True)
 
-    for method in ("task_arithmetic", "ties"):
+    parts = a.parts.split(",")
+    for method in ("task_arithmetic", "ties") if "run" in parts else ():
         for kind, models in (("lora", adapters), ("dense", dense)):
             out = a.work / f"out_{method}_{kind}"
             r = recipe(a.work, f"{method}_{kind}", method, a.base, models)
@@ -190,23 +203,22 @@ def main() -> None:
         d = max_diff(a.work / f"out_{method}_lora", a.work / f"out_{method}_dense")
         rows[-1]["max_abs_diff_lora_vs_dense"] = d
         print(f"{method}: max |lora - dense| = {d:.2e}", flush=True)
-    r = recipe(a.work, "task_arithmetic_lora", "task_arithmetic", a.base, adapters)
-    out = a.work / "out_adapter"
-    sec, rss = run_cli(["run", str(r), "-o", str(out), "--force", "--as-adapter"])
-    size = (out / "adapter_model.safetensors").stat().st_size
-    diff = adapter_diff(a.base, out, a.work / "out_task_arithmetic_dense")
-    row(
-        "run task_arithmetic --as-adapter",
-        "lora",
-        sec,
-        rss,
-        adapter_mb=round(size / 1e6, 1),
-        max_abs_diff_vs_full=diff,
-    )
+    if "adapter" in parts:
+        r = recipe(a.work, "task_arithmetic_lora", "task_arithmetic", a.base, adapters)
+        out = a.work / "out_adapter"
+        sec, rss = run_cli(["run", str(r), "-o", str(out), "--force", "--as-adapter"])
+        size = (out / "adapter_model.safetensors").stat().st_size
+        diff = adapter_diff(a.base, out, a.work / "out_task_arithmetic_dense")
+        row("run task_arithmetic --as-adapter", "lora", sec, rss, adapter_mb=round(size / 1e6, 1))
+        rows[-1]["max_abs_diff_vs_full"] = diff
     for kind, models, mode in (
-        ("lora", adapters, "memory"),
-        ("dense", dense, "memory"),
-        ("dense", dense, "stream"),
+        (
+            ("lora", adapters, "memory"),
+            ("dense", dense, "memory"),
+            ("dense", dense, "stream"),
+        )
+        if "step" in parts
+        else ()
     ):
         sec, rss, held = run_step(a.base, models, mode, a.steps)
         row(f"learned step ({mode})", kind, sec, rss, task_vector_mb=round(held / 1e6, 1))
