@@ -28,6 +28,7 @@ from .layers import (
     is_embedding,
     layer_position,
 )
+from .lora import LoraExpert, open_model
 from .methods import METHODS, Method
 from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe
 
@@ -81,8 +82,6 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     """Open every checkpoint (headers only) and check they can be merged. Raises UserError."""
     method = METHODS[recipe.merge_method]
     base_ref = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
-    from .lora import LoraExpert, open_model  # lora reads taskvectors, which reads this module
-
     base = (
         open_model(recipe.base_model, recipe.resolve_path, "base_model", None, allow_pickle)
         if base_ref
@@ -282,8 +281,6 @@ def _generator(seed: int, name: str) -> torch.Generator:
 def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> None:
     """config.json (dtype updated), generation config, tokenizer, the resolved recipe, a model card."""
     ref = plan.base or plan.models[0]
-    from .lora import LoraExpert
-
     while isinstance(ref, LoraExpert):  # side files come from the model the adapter sits on
         ref = ref.base
     config = dict(ref.config)
