@@ -8,8 +8,8 @@ reused on a rerun). Then, each in a fresh process (peak RSS = the child's ru_max
 - `divmerge run` task_arithmetic and ties on the adapters, and on the dense experts;
 - `divmerge run --as-adapter` (exact) for task_arithmetic;
 - one DivMerge-style step (forward + backward to Γ through taskvectors.MergedModel, 8 x 64 tokens,
-  layer granularity) on the adapters (low rank, never densified) and on the dense experts (memory
-  and stream modes); median seconds per step over --steps steps after one warm-up.
+  layer granularity) on the adapters (low rank, never densified) and on the dense experts, each
+  in memory and stream modes; median seconds per step over --steps steps after one warm-up.
 Prints a table, the largest difference between the adapter and dense outputs, and appends rows to
 WORKDIR/bench_lora.jsonl.
 """
@@ -214,6 +214,7 @@ def main() -> None:
     for kind, models, mode in (
         (
             ("lora", adapters, "memory"),
+            ("lora", adapters, "stream"),
             ("dense", dense, "memory"),
             ("dense", dense, "stream"),
         )
