@@ -91,7 +91,7 @@ class LoraExpert:
 
     def _map(self, cfg: dict, st: Path) -> None:
         """PEFT key names -> base tensor names, each checked against the base's shapes."""
-        pairs: dict[str, dict[str, str]] = {}
+        pairs: dict[str, dict] = {}
         for key in self._file.index:
             # modules_to_save are stored under the base's name; a targeted embedding's own
             # weights (saved with it when the vocabulary may have changed) under base_layer
@@ -99,7 +99,7 @@ class LoraExpert:
             m = _FACTOR.match(rest) or _EMB_FACTOR.match(rest)
             if m:
                 pairs.setdefault(m.group(1), {})[m.group(2)] = key
-                pairs[m.group(1)]["emb"] = "embedding" in key
+                pairs[m.group(1)]["emb"] = m.re is _EMB_FACTOR
             elif "lora_" in rest:
                 raise UserError(f"{self.where}: {st} holds {key}, which plain LoRA does not have")
             elif rest in self.base.index:
@@ -110,7 +110,14 @@ class LoraExpert:
                 self.own[rest] = key
             else:
                 raise UserError(f"{self.where}: {st} tensor {key} maps to no tensor of the base")
-        transpose = bool(cfg.get("fan_in_fan_out"))
+        # PEFT transposes a target's factors when the layer is a Conv1D (GPT-2), whatever the
+        # config's fan_in_fan_out says (it corrects the flag per layer, with a warning)
+        kinds = module_kinds(self.base.config)
+        conv = (
+            (lambda m: kinds.get(m) == "conv1d")
+            if isinstance(kinds, dict)
+            else (lambda m: bool(cfg.get("fan_in_fan_out")))
+        )
         for module, p in pairs.items():
             name = f"{module}.weight"
             if "A" not in p or "B" not in p:
@@ -122,7 +129,8 @@ class LoraExpert:
             a, b = (self._file.index[p[k]][1]["shape"] for k in "AB")
             r = a[0]
             # PEFT stores embedding factors transposed, and Conv1D (fan_in_fan_out) weights as [in, out]
-            out_in = (a[1], b[0]) if p["emb"] or transpose else (b[0], a[1])
+            transpose = p["emb"] or conv(module)
+            out_in = (a[1], b[0]) if transpose else (b[0], a[1])
             if b[1] != r or tuple(out_in) != self.base.shape(name):
                 raise UserError(
                     f"{self.where}: {st} factors of {module} (A {a}, B {b}) do not fit the base's "
@@ -130,7 +138,7 @@ class LoraExpert:
                 )
             alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
             s = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-            self.factors[name] = (p["B"], p["A"], s, p["emb"] or transpose)
+            self.factors[name] = (p["B"], p["A"], s, transpose)
 
     def _base_warning(self, named: str | None, base_ref: str | None) -> list[str]:
         """The adapter names its base: say so when that is not the recipe's base (a warning, since
@@ -274,25 +282,31 @@ def factor(delta: Tensor | LowRank, rank: int | None) -> tuple[Tensor, Tensor, f
     return u[:, :k] * root, root[:, None] * vh[:k], err
 
 
-def module_kinds(config: dict) -> dict[str, str]:
-    """module path -> 'linear' | 'embedding' | 'other', from the architecture built on the meta
-    device (no weights), so only real nn.Linear / nn.Embedding weights become LoRA factors."""
+_KINDS: dict[str, dict[str, str] | str] = {}  # config JSON -> kinds, or why they are unknown
+
+
+def module_kinds(config: dict) -> dict[str, str] | str:
+    """module path -> 'linear' | 'embedding' | 'conv1d' | 'other', from the architecture built on
+    the meta device (no weights); or, when it cannot be built, a string saying why."""
     import transformers
 
-    arch = (config.get("architectures") or [""])[0]
-    try:
-        cfg = transformers.AutoConfig.for_model(
-            config["model_type"], **{k: v for k, v in config.items() if k != "model_type"}
-        )
-        with torch.device("meta"):
-            model = getattr(transformers, arch)(cfg)
-    except Exception as e:  # noqa: BLE001 - any failure means we cannot see the layer types
-        raise UserError(
-            f"--as-adapter: cannot build the base architecture {arch or '(none)'} to find its linear "
-            f"layers ({type(e).__name__}); write a full model instead"
-        ) from None
-    kinds = {torch.nn.Linear: "linear", torch.nn.Embedding: "embedding"}
-    return {n: kinds.get(type(m), "other") for n, m in model.named_modules()}
+    key = json.dumps(config, sort_keys=True)
+    if key not in _KINDS:
+        arch = (config.get("architectures") or [""])[0]
+        try:
+            cfg = transformers.AutoConfig.for_model(
+                config["model_type"], **{k: v for k, v in config.items() if k != "model_type"}
+            )
+            with torch.device("meta"):
+                model = getattr(transformers, arch)(cfg)
+            kinds = {torch.nn.Linear: "linear", torch.nn.Embedding: "embedding"}
+            _KINDS[key] = {
+                n: "conv1d" if type(m).__name__ == "Conv1D" else kinds.get(type(m), "other")
+                for n, m in model.named_modules()
+            }
+        except Exception as e:  # noqa: BLE001 - any failure means we cannot see the layer types
+            _KINDS[key] = f"cannot build the architecture {arch or '(none)'} ({type(e).__name__})"
+    return _KINDS[key]
 
 
 def save_adapter(
@@ -318,6 +332,8 @@ def save_adapter(
 
     check_out(out, force, inputs)
     kinds = module_kinds(base.config)
+    if isinstance(kinds, str):  # only real nn.Linear / nn.Embedding weights become LoRA factors
+        raise UserError(f"--as-adapter: {kinds} to find its linear layers; write a full model")
     modules: dict[str, list[str]] = {}
     for n in base.names:
         modules.setdefault(n.rpartition(".")[0], []).append(n)

@@ -78,7 +78,7 @@ def _merged(recipe: dict, tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
     return weights(tmp_path / name)
 
 
-def test_adapter_reads_as_its_merged_model_one_tensor_at_a_time(lora_zoo):
+def test_adapter_reads_as_its_merged_model_one_tensor_at_a_time(lora_zoo, tmp_path):
     base = open_checkpoint(str(lora_zoo["base"]), "base_model")
     for a in ADAPTERS:
         e = open_checkpoint(str(lora_zoo[a]), a, base=base)
@@ -95,6 +95,11 @@ def test_adapter_reads_as_its_merged_model_one_tensor_at_a_time(lora_zoo):
             else:
                 t = tau.dense() if isinstance(tau, LowRank) else tau
                 assert torch.allclose(t, expect, atol=1e-6), (a, n)
+    # PEFT ignores fan_in_fan_out on nn.Linear layers (square q_proj would hide a wrong transpose)
+    flagged = _adapter_copy(lora_zoo, tmp_path, fan_in_fan_out=True)
+    e0, full0 = open_checkpoint(str(flagged), "a0", base=base), weights(lora_zoo["a0_full"])
+    for n in base.names:
+        assert torch.allclose(e0.get(n).float(), full0[n], atol=1e-6), n
     e1 = open_checkpoint(str(lora_zoo["a1"]), "a1", base=base)
     q1 = e1.tau("model.layers.1.self_attn.q_proj.weight", base)
     k0 = e1.tau("model.layers.0.self_attn.k_proj.weight", base)
