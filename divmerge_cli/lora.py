@@ -169,7 +169,7 @@ class LoraExpert:
 
     @property
     def nbytes(self) -> int:
-        return self.base.nbytes + (self.path / "adapter_model.safetensors").stat().st_size
+        return (self.path / "adapter_model.safetensors").stat().st_size  # its model is an input
 
     def lowrank(self, name: str) -> LowRank:
         if self._cache is None or self._cache[0] != name:  # row chunks of one tensor reuse it

@@ -75,7 +75,9 @@ class MergePlan:
 
     @property
     def inputs(self) -> list[Checkpoint]:
-        return ([self.base] if self.base else []) + self.models
+        xs = ([self.base] if self.base else []) + self.models
+        # model+adapter reads that model too (an adapter on the base reads the base, listed)
+        return xs + [c.base for c in xs if isinstance(c, LoraExpert) and not c.on_base]
 
 
 def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:

@@ -190,6 +190,8 @@ def test_model_plus_adapter_folds_the_adapter_into_that_model(lora_zoo, llama_zo
             {"model": str(lora_zoo["a2"]), "parameters": {"weight": 0.3}},
         ],
     }
+    plan = merge.plan_merge(load_recipe(write_recipe(tmp_path / "p.yaml", recipe)))
+    assert llama_zoo["e0"] in [c.path for c in plan.inputs]  # -o over e0 is refused, like any input
     got = _merged(recipe, tmp_path, "plus")
     b, e0 = weights(lora_zoo["base"]), weights(llama_zoo["e0"])
     a0, a1, a2 = (weights(lora_zoo[f"a{i}_full"]) for i in range(3))
