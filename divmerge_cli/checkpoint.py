@@ -194,14 +194,23 @@ class Checkpoint:
         return sum(f.stat().st_size for f in {f for f, _ in self.index.values()})
 
 
-def open_checkpoint(ref: str, where: str, allow_pickle: bool = False) -> Checkpoint:
-    """A local folder, or a hub id resolved through huggingface_hub (needs a network or its cache)."""
+def open_checkpoint(
+    ref: str, where: str, allow_pickle: bool = False, base=None, base_ref: str | None = None
+) -> Checkpoint:
+    """A local folder, or a hub id resolved through huggingface_hub (needs a network or its cache).
+    A PEFT LoRA adapter folder opens as a lora.LoraExpert over `base` (the recipe's base model)."""
     p = Path(ref).expanduser()
-    if p.exists():
-        return Checkpoint(p, where, allow_pickle)
-    if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
-        raise UserError(f"{where}: {ref} does not exist (a local folder or a hub id like org/name)")
-    return Checkpoint(Path(_from_hub(ref, where, allow_pickle)), where, allow_pickle)
+    if not p.exists():
+        if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
+            raise UserError(
+                f"{where}: {ref} does not exist (a local folder or a hub id like org/name)"
+            )
+        p = Path(_from_hub(ref, where, allow_pickle))
+    if (p / "adapter_config.json").is_file():
+        from .lora import LoraExpert
+
+        return LoraExpert(p, where, base, base_ref)
+    return Checkpoint(p, where, allow_pickle)
 
 
 def _from_hub(repo_id: str, where: str, allow_pickle: bool) -> str:

@@ -79,6 +79,13 @@ def run(
     resume: Annotated[
         bool, typer.Option(help="continue an interrupted divmerge/adamerging run")
     ] = False,
+    as_adapter: Annotated[
+        bool, typer.Option(help="write a PEFT LoRA adapter over the base instead of a full model")
+    ] = False,
+    adapter_rank: Annotated[
+        int | None,
+        typer.Option(help="with --as-adapter: truncate each module to this rank by SVD"),
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
     from .checkpoint import check_out, parse_size
@@ -89,10 +96,16 @@ def run(
     _check_seed(seed)
     r = load_recipe(recipe)
     dev = _device(device)
+    if adapter_rank is not None and (not as_adapter or adapter_rank < 1):
+        raise UserError("--adapter-rank: needs --as-adapter and a rank of at least 1")
     plan = plan_merge(r, allow_pickle)
+    for w in plan.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     check_out(output, force, [c.path for c in plan.inputs])
     _on_interrupt(lambda: f"nothing was written to {output}")
     with _writing(output, plan.method.optimized):
+        if as_adapter:
+            return _run_as_adapter(plan, output, adapter_rank, force, seed, dev)
         if plan.method.optimized:
             _on_interrupt(lambda: _kept_state(output))
             return _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard)
@@ -160,6 +173,27 @@ def _kept_state(output: Path) -> str | None:
 def _check_seed(seed: int) -> None:
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed: {seed} is out of range; use an integer in [0, 2**32)")
+
+
+def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> None:
+    from .lora import merge_as_adapter
+
+    with _progress() as prog:
+        task = prog.add_task(f"{plan.recipe.merge_method} -> adapter", total=1, info="")
+        ranks = merge_as_adapter(
+            plan,
+            output,
+            rank,
+            force,
+            seed,
+            dev,
+            lambda d, t, n: prog.update(task, completed=d, total=t, info=n),
+        )
+    worst = max((e for _, e in ranks.values()), default=0.0)
+    out.print(
+        f"[green]merged[/] {plan.recipe.merge_method} into a LoRA adapter of {len(ranks)} modules "
+        f"(rank <= {max(k for k, _ in ranks.values())}, worst relative error {worst:.2e}) -> {output}"
+    )
 
 
 def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard) -> None:
@@ -245,6 +279,9 @@ def validate(
     r = load_recipe(recipe)
     plan = plan_merge(r, allow_pickle)
     report: dict = {"recipe": str(recipe), "merge_method": r.merge_method, "ok": True}
+    report["warnings"] = plan.warnings
+    for w in plan.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     if plan.method.optimized and not plan_params(plan).coefficients:
         from .optimize import preflight
         from .taskvectors import pick_mode

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +20,6 @@ from .checkpoint import (
     check_out,
     check_space,
     copy_side_files,
-    open_checkpoint,
     specs_nbytes,
 )
 from .errors import UserError, resolve
@@ -29,6 +28,7 @@ from .layers import (
     is_embedding,
     layer_position,
 )
+from .lora import LoraExpert, open_model
 from .methods import METHODS, Method
 from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe
 
@@ -71,17 +71,24 @@ class MergePlan:
     names: list[str]
     out_specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
     counts: dict[str, int]
+    warnings: list[str] = field(default_factory=list)  # for the CLI to print (adapters' bases)
 
     @property
     def inputs(self) -> list[Checkpoint]:
-        return ([self.base] if self.base else []) + self.models
+        xs = ([self.base] if self.base else []) + self.models
+        # model+adapter reads that model too (an adapter on the base reads the base, listed)
+        return xs + [c.base for c in xs if isinstance(c, LoraExpert) and not c.on_base]
 
 
 def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     """Open every checkpoint (headers only) and check they can be merged. Raises UserError."""
     method = METHODS[recipe.merge_method]
     base_ref = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
-    base = open_checkpoint(base_ref, "base_model", allow_pickle) if base_ref else None
+    base = (
+        open_model(recipe.base_model, recipe.resolve_path, "base_model", None, allow_pickle)
+        if base_ref
+        else None
+    )
     models, entries, base_listed = [], [], False
     for i, m in enumerate(recipe.models):
         ref = recipe.resolve_path(m.model)
@@ -89,7 +96,14 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         base_listed |= is_base
         if is_base and not method.base_as_input:
             continue  # the base's task vector is zero: listing it changes nothing but the divisor
-        models.append(base if is_base else open_checkpoint(ref, f"models[{i}].model", allow_pickle))
+        where = f"models[{i}].model"
+        models.append(
+            base
+            if is_base
+            else open_model(
+                m.model, recipe.resolve_path, where, base, allow_pickle, recipe.base_model
+            )
+        )
         entries.append(m)
     if base and method.base_as_input and not base_listed:
         models.append(base)  # mergekit averages a base_model in, with the global weight
@@ -118,6 +132,13 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     )
     for n in names if not method.optimized else ():  # every parameter resolves, before heavy work
         _params(plan, n)
+    adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
+    if method.optimized and adapters:
+        raise UserError(
+            f"{adapters[0].where}: {recipe.merge_method} does not read LoRA adapters yet; "
+            "use a data-free method, or merge the adapter into a full model first"
+        )
+    plan.warnings = [w for c in adapters for w in c.warnings]
     return plan
 
 
@@ -262,6 +283,8 @@ def _generator(seed: int, name: str) -> torch.Generator:
 def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> None:
     """config.json (dtype updated), generation config, tokenizer, the resolved recipe, a model card."""
     ref = plan.base or plan.models[0]
+    while isinstance(ref, LoraExpert):  # side files come from the model the adapter sits on
+        ref = ref.base
     config = dict(ref.config)
     out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
     if out_dtype:

@@ -1,0 +1,415 @@
+"""LoRA adapters as task vectors: reading PEFT adapters, every data-free method on them, and the
+merge written back as an adapter (checked against PEFT's own merge_and_unload)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_recipe
+from divmerge_cli import merge, tiny
+from divmerge_cli.checkpoint import open_checkpoint
+from divmerge_cli.errors import UserError
+from divmerge_cli.lora import LoraExpert, LowRank, factor
+from divmerge_cli.recipe import load_recipe
+
+peft = pytest.importorskip("peft")
+
+# three adapters covering what PEFT stores differently: plain targets; rsLoRA with rank and alpha
+# patterns; an embedding target plus a whole saved module (lm_head)
+ADAPTERS = {
+    "a0": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "a1": dict(
+        r=3,
+        lora_alpha=5,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 4},
+        alpha_pattern={"k_proj": 2},
+    ),
+    "a2": dict(
+        r=4, lora_alpha=8, target_modules=["gate_proj", "embed_tokens"], modules_to_save=["lm_head"]
+    ),
+}
+
+
+def _peft_model(base_dir: Path, adapter: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return model if adapter is None else peft.PeftModel.from_pretrained(model, adapter)
+
+
+@pytest.fixture(scope="session")
+def lora_zoo(tmp_path_factory, llama_zoo, tok) -> dict[str, Path]:
+    """Adapters a0..a2 trained (random B, so τ ≠ 0) on llama_zoo's base, and each one's
+    merge_and_unload() saved as a full checkpoint a0_full..a2_full."""
+    root = tmp_path_factory.mktemp("lora")
+    zoo = {"base": llama_zoo["base"]}
+    for i, (name, cfg) in enumerate(ADAPTERS.items()):
+        model = peft.get_peft_model(_peft_model(llama_zoo["base"]), peft.LoraConfig(**cfg))
+        g = torch.Generator().manual_seed(i + 10)
+        with torch.no_grad():
+            for n, w in model.named_parameters():
+                if "lora_" in n:
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.1)
+                elif "modules_to_save" in n:
+                    w.add_(torch.randn(w.shape, generator=g) * 0.02)
+        model.save_pretrained(root / name)
+        zoo[name] = root / name
+        zoo[f"{name}_full"] = tiny.save(model.merge_and_unload(), tok, root / f"{name}_full")
+    return zoo
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _merged(recipe: dict, tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
+    plan = merge.plan_merge(load_recipe(write_recipe(tmp_path / f"{name}.yaml", recipe)))
+    merge.run_merge(plan, tmp_path / name)
+    return weights(tmp_path / name)
+
+
+def test_adapter_reads_as_its_merged_model_one_tensor_at_a_time(lora_zoo, tmp_path):
+    base = open_checkpoint(str(lora_zoo["base"]), "base_model")
+    for a in ADAPTERS:
+        e = open_checkpoint(str(lora_zoo[a]), a, base=base)
+        dense = open_checkpoint(str(lora_zoo[f"{a}_full"]), a)
+        assert isinstance(e, LoraExpert)
+        for n in base.names:
+            assert torch.allclose(e.get(n).float(), dense.get(n).float(), atol=1e-6), (a, n)
+            rows = e.get(n, 3, 7)  # a row chunk is the same rows of the whole
+            assert torch.equal(rows.float(), e.get(n).float()[3:7]), (a, n)
+            tau = e.tau(n, base)
+            expect = dense.get(n).float() - base.get(n).float()
+            if tau is None:
+                assert not expect.any(), (a, n)
+            else:
+                t = tau.dense() if isinstance(tau, LowRank) else tau
+                assert torch.allclose(t, expect, atol=1e-6), (a, n)
+    # PEFT ignores fan_in_fan_out on nn.Linear layers (square q_proj would hide a wrong transpose)
+    flagged = _adapter_copy(lora_zoo, tmp_path, fan_in_fan_out=True)
+    e0, full0 = open_checkpoint(str(flagged), "a0", base=base), weights(lora_zoo["a0_full"])
+    for n in base.names:
+        assert torch.allclose(e0.get(n).float(), full0[n], atol=1e-6), n
+    e1 = open_checkpoint(str(lora_zoo["a1"]), "a1", base=base)
+    q1 = e1.tau("model.layers.1.self_attn.q_proj.weight", base)
+    k0 = e1.tau("model.layers.0.self_attn.k_proj.weight", base)
+    assert q1.B.shape[1] == 4 and q1.scale == pytest.approx(5 / 2)  # rank_pattern, rsLoRA: α/√r
+    assert k0.scale == pytest.approx(2 / 3**0.5)  # alpha_pattern
+    e2 = open_checkpoint(str(lora_zoo["a2"]), "a2", base=base)
+    assert isinstance(e2.tau("model.embed_tokens.weight", base), LowRank)
+    assert isinstance(e2.tau("lm_head.weight", base), torch.Tensor)  # modules_to_save: dense τ
+    assert e2.tau("model.layers.0.self_attn.q_proj.weight", base) is None
+
+
+def test_fan_in_fan_out_adapter_on_conv1d_reads_as_its_merged_model(tmp_path):
+    """GPT-2 stores Conv1D weights as [in, out]; PEFT's fan_in_fan_out factors are transposed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(
+        GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    )
+    with torch.no_grad():
+        for n, w in model.named_parameters():
+            if "lora_" in n:
+                w.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "ad")
+    model.merge_and_unload().save_pretrained(tmp_path / "full")
+    base = open_checkpoint(str(tmp_path / "base"), "base")
+    ad, full = open_checkpoint(str(tmp_path / "ad"), "ad", base=base), weights(tmp_path / "full")
+    assert sum(isinstance(ad.tau(n, base), LowRank) for n in base.names) == 2
+    for n in base.names:
+        assert torch.allclose(ad.get(n).float(), full[n], atol=1e-6), n
+
+
+METHOD_RECIPES = {
+    "linear": dict(parameters={"weight": 0.5}, n=3),
+    "task_arithmetic": dict(parameters={"lambda": 0.8}, n=3),
+    "ties": dict(parameters={"density": 0.5, "lambda": 1.0}, n=3),
+    "dare_linear": dict(parameters={"density": 0.6}, n=3),
+    "dare_ties": dict(parameters={"density": 0.6}, n=2),
+    "slerp": dict(parameters={"t": 0.4}, n=1),
+    "multislerp": dict(parameters={}, n=3),
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_RECIPES))
+def test_data_free_methods_on_adapters_equal_the_dense_experts(method, lora_zoo, tmp_path):
+    spec = METHOD_RECIPES[method]
+    names = list(ADAPTERS)[: spec["n"]]
+
+    def recipe(suffix: str) -> dict:
+        models = [
+            {"model": str(lora_zoo[a + suffix]), "parameters": {"weight": 1.0 - 0.2 * i}}
+            for i, a in enumerate(names)
+        ]
+        if method == "slerp":
+            models = [{"model": str(lora_zoo[names[0] + suffix])}]
+        return {
+            "merge_method": method,
+            "base_model": str(lora_zoo["base"]),
+            "models": models,
+            "parameters": spec["parameters"],
+        }
+
+    ours, dense = _merged(recipe(""), tmp_path, "lora"), _merged(recipe("_full"), tmp_path, "full")
+    base = weights(lora_zoo["base"])
+    changed, untouched = 0, 0
+    for n in dense:
+        assert torch.allclose(ours[n], dense[n], atol=2e-6), (method, n)
+        changed += not torch.equal(dense[n], base[n])
+        if n.endswith("norm.weight"):  # no adapter changes a norm: every method keeps θ0
+            untouched += 1
+            assert torch.equal(ours[n], base[n]), (method, n)
+    assert untouched == 5
+    assert changed >= 5  # the merge did something on the adapted tensors
+
+
+def test_model_plus_adapter_folds_the_adapter_into_that_model(lora_zoo, llama_zoo, tmp_path):
+    """mergekit's model+adapter: e0 with a0 folded in; base+a1 is a1's merged model; full
+    checkpoints and adapters mix in one recipe."""
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(lora_zoo["base"]),
+        "models": [
+            {"model": f"{llama_zoo['e0']}+{lora_zoo['a0']}"},
+            {"model": f"{lora_zoo['base']}+{lora_zoo['a1']}", "parameters": {"weight": 0.5}},
+            {"model": str(lora_zoo["a2"]), "parameters": {"weight": 0.3}},
+        ],
+    }
+    plan = merge.plan_merge(load_recipe(write_recipe(tmp_path / "p.yaml", recipe)))
+    assert llama_zoo["e0"] in [c.path for c in plan.inputs]  # -o over e0 is refused, like any input
+    got = _merged(recipe, tmp_path, "plus")
+    b, e0 = weights(lora_zoo["base"]), weights(llama_zoo["e0"])
+    a0, a1, a2 = (weights(lora_zoo[f"a{i}_full"]) for i in range(3))
+    for n in b:
+        want = b[n] + (e0[n] - b[n] + a0[n] - b[n]) + 0.5 * (a1[n] - b[n]) + 0.3 * (a2[n] - b[n])
+        assert torch.allclose(got[n], want, atol=2e-6), n
+
+
+def _adapter_copy(lora_zoo, tmp_path: Path, **changes) -> Path:
+    import shutil
+
+    out = tmp_path / "bad"
+    shutil.copytree(lora_zoo["a0"], out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    return out
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"use_dora": True}, "is a DoRA adapter"),
+        ({"peft_type": "IA3"}, "is a IA3 adapter; divmerge reads LoRA adapters only"),
+        ({"peft_type": "PROMPT_TUNING"}, "is a PROMPT_TUNING adapter"),
+    ],
+)
+def test_other_adapter_kinds_are_refused_naming_file_and_kind(
+    changes, message, lora_zoo, tmp_path, cli
+):
+    bad = _adapter_copy(lora_zoo, tmp_path, **changes)
+    r = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(lora_zoo["base"]),
+            "models": [{"model": str(bad)}],
+        },
+    )
+    code, _, err = cli("validate", r)
+    assert code == 2 and message in err and str(bad / "adapter_config.json") in err
+    assert "Traceback" not in err
+
+
+def test_adapter_checks_from_headers(lora_zoo, tmp_path, tok, cli):
+    # an adapter trained on a wider model does not fit this base
+    other = tmp_path / "other_base"
+    tiny.save(tiny.tiny_llama(len(tok), hidden=48), tok, other)
+    wide = peft.get_peft_model(_peft_model(other), peft.LoraConfig(**ADAPTERS["a0"]))
+    wide.save_pretrained(tmp_path / "wide")
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(lora_zoo["base"]),
+        "models": [{"model": str(tmp_path / "wide")}],
+    }
+    code, _, err = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))
+    assert code == 2 and "do not fit the base's model.layers.0" in err
+    # an adapter without a base model to sit on
+    r = write_recipe(
+        tmp_path / "nb.yaml",
+        {"merge_method": "multislerp", "models": [{"model": str(lora_zoo["a0"])}]},
+    )
+    code, _, err = cli("validate", r)
+    assert code == 2 and "is a LoRA adapter; set base_model" in err
+    # an adapter naming another base: a warning, the merge still runs
+    named = _adapter_copy(lora_zoo, tmp_path, base_model_name_or_path="org/another-model")
+    recipe["models"] = [{"model": str(named)}]
+    code, _, err = cli("validate", write_recipe(tmp_path / "w.yaml", recipe))
+    assert code == 0 and "warning" in err and "trained on org/another-model" in err
+
+
+def _ta(lora_zoo, models: list[str], **params) -> dict:
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(lora_zoo["base"]),
+        "models": [
+            {"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, (0.7, 0.4, 1.1))
+        ],
+        "parameters": {"lambda": 0.8, **params},
+    }
+
+
+def _merge_and_unload(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    model = _peft_model(base, str(adapter)).merge_and_unload()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_as_adapter_at_exact_rank_equals_the_full_model(method, lora_zoo, tmp_path, cli):
+    recipe = _ta(lora_zoo, [lora_zoo[a] for a in ADAPTERS])
+    if method == "linear":
+        recipe.update(merge_method="linear", parameters={})
+    r = write_recipe(tmp_path / "r.yaml", recipe)
+    code, _, err = cli("run", r, "-o", tmp_path / "full")
+    assert code == 0, err
+    code, out, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["modules_to_save"] == ["lm_head"]
+    assert cfg["task_type"] == "CAUSAL_LM"
+    ranks = {
+        k.split(".lora_")[0]: v.shape for k, v in weights(tmp_path / "ad").items() if "lora_A" in k
+    }
+    assert ranks["base_model.model.model.layers.1.self_attn.q_proj"][0] == 2 + 4  # Σ r_t
+    full, got = weights(tmp_path / "full"), _merge_and_unload(lora_zoo["base"], tmp_path / "ad")
+    for n in full:
+        assert torch.allclose(got[n], full[n], atol=2e-6), n
+    card = (tmp_path / "ad" / "README.md").read_text()
+    assert "0.000e+00" in card and "modules_to_save" in card
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "ad").merge_and_unload()
+    assert torch.allclose(auto.state_dict()["lm_head.weight"], full["lm_head.weight"], atol=2e-6)
+
+
+def test_as_adapter_svd_truncation_reports_the_true_error(lora_zoo, llama_zoo, tmp_path, cli):
+    """Full checkpoints need --adapter-rank; the card's per-module error is the real one."""
+    recipe = _ta(lora_zoo, [llama_zoo["e0"], lora_zoo["a0"]])
+    r = write_recipe(tmp_path / "r.yaml", recipe)
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter")
+    assert code == 2 and "is a full checkpoint" in err and "--adapter-rank" in err
+    assert not (tmp_path / "ad").exists()
+    code, _, err = cli("run", r, "-o", tmp_path / "full")
+    assert code == 0, err
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter", "--adapter-rank", "3")
+    assert code == 0, err
+    full, base = weights(tmp_path / "full"), weights(lora_zoo["base"])
+    got = _merge_and_unload(lora_zoo["base"], tmp_path / "ad")
+    card = (tmp_path / "ad" / "README.md").read_text()
+    n = "model.layers.0.self_attn.q_proj.weight"
+    delta, approx = full[n] - base[n], got[n] - base[n]
+    err_true = float((delta - approx).norm() / delta.norm())
+    assert 0.05 < err_true < 1
+    assert f"| `model.layers.0.self_attn.q_proj` | 3 | {err_true:.3e} |" in card
+    assert max(v.shape[0] for k, v in weights(tmp_path / "ad").items() if "lora_A" in k) == 3
+    for k in ("model.norm.weight", "model.layers.1.input_layernorm.weight"):  # 1-D: saved whole
+        assert torch.allclose(got[k], full[k], atol=1e-6)
+
+
+def test_as_adapter_nonlinear_methods_need_a_rank(lora_zoo, tmp_path, cli):
+    recipe = _ta(lora_zoo, [lora_zoo["a0"], lora_zoo["a1"]])
+    recipe.update(merge_method="ties", parameters={"density": 0.5})
+    r = write_recipe(tmp_path / "r.yaml", recipe)
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter")
+    assert code == 2 and "ties is not linear" in err and "--adapter-rank" in err
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter", "--adapter-rank", "64")
+    assert code == 0, err
+    code, _, err = cli("run", r, "-o", tmp_path / "full")
+    full, got = weights(tmp_path / "full"), _merge_and_unload(lora_zoo["base"], tmp_path / "ad")
+    for n in full:  # rank 64 >= every weight's size: the SVD is exact
+        assert torch.allclose(got[n], full[n], atol=1e-5), n
+    code, _, err = cli("run", r, "-o", tmp_path / "x", "--adapter-rank", "4")
+    assert code == 2 and "needs --as-adapter" in err
+
+
+def test_factor_truncates_low_rank_without_densifying():
+    g = torch.Generator().manual_seed(0)
+    lr = LowRank(torch.randn(20, 6, generator=g), torch.randn(6, 15, generator=g), 0.5)
+    d = lr.dense()
+    b, a, err = factor(lr, 3)
+    s = torch.linalg.svdvals(d)
+    assert torch.allclose(b @ a, factor(d, 3)[0] @ factor(d, 3)[1], atol=1e-4)
+    assert err == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-4)
+    assert float((d - b @ a).norm() / d.norm()) == pytest.approx(err, rel=1e-4)
+    b, a, err = factor(lr, None)
+    assert err == 0 and torch.allclose(b @ a, d, atol=1e-5)
+
+
+def test_peft_cat_equals_our_task_arithmetic(lora_zoo, tmp_path):
+    """PEFT's add_weighted_adapter(combination_type='cat', weights 1) is task arithmetic, weights 1."""
+    model = _peft_model(lora_zoo["base"], str(lora_zoo["a0"]))
+    model.load_adapter(str(lora_zoo["a1"]), adapter_name="a1")
+    model.add_weighted_adapter(["default", "a1"], [1.0, 1.0], "cat", combination_type="cat")
+    model.set_adapter("cat")
+    theirs = {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+    recipe = _ta(lora_zoo, [lora_zoo["a0"], lora_zoo["a1"]])
+    for m in recipe["models"]:
+        m["parameters"]["weight"] = 1.0
+    recipe["parameters"] = {}
+    ours = _merged(recipe, tmp_path, "ta")
+    base = weights(lora_zoo["base"])
+    assert sum(not torch.equal(ours[n], base[n]) for n in ours) >= 10
+    for n in ours:
+        assert torch.allclose(theirs[n], ours[n], atol=2e-6), n
+
+
+def test_learned_methods_refuse_adapters_until_supported(lora_zoo, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "hi", "label": "x"}\n')
+    task = {"validation": "a.jsonl", "prompt": "{text}", "target": "label", "metric": "accuracy"}
+    recipe = _ta(lora_zoo, [lora_zoo["a0"]])
+    recipe.update(merge_method="divmerge", parameters={}, tasks={"a": task})
+    recipe["models"] = [{"model": str(lora_zoo["a0"]), "task": "a"}]
+    with pytest.raises(UserError, match="does not read LoRA adapters yet"):
+        merge.plan_merge(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_learned_loop_applies_adapters_low_rank_and_matches_the_dense_merge(
+    mode, lora_zoo, tmp_path
+):
+    """The adapter side of the learned merge: core's MergedModel takes LoraExpert's LowRank τ
+    through its Linear hooks (never densified) and gives the logits of the dense task-arithmetic
+    merge with weights Γ."""
+    from divmerge_cli.taskvectors import MergedModel, TaskVectors
+
+    gamma = torch.tensor([[0.7], [0.4]])
+    recipe = _ta(lora_zoo, [lora_zoo["a0"], lora_zoo["a1"]])
+    recipe["parameters"] = {}
+    _merged(recipe, tmp_path, "ta")
+    dense = _peft_model(tmp_path / "ta")
+    base = open_checkpoint(str(lora_zoo["base"]), "base_model")
+    experts = [open_checkpoint(str(lora_zoo[a]), a, base=base) for a in ("a0", "a1")]
+    model = _peft_model(lora_zoo["base"])
+    state = dict(model.state_dict(keep_vars=True))
+    names = base.names
+    tv = TaskVectors.load(
+        experts, {n: state[n] for n in names}, base, names, [0] * len(names), mode
+    )
+    assert not tv.stacked and sum(len(v) for v in tv.low_rank.values()) == 6 + 8
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = MergedModel(model, tv).logits(gamma, {"input_ids": ids})
+        want = dense(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
