@@ -87,7 +87,7 @@ def run(
 
     shard = parse_size(out_shard_size)
     _check_seed(seed)
-    r = load_recipe(recipe)
+    r = _warn(load_recipe(recipe))
     dev = _device(device)
     plan = plan_merge(r, allow_pickle)
     check_out(output, force, [c.path for c in plan.inputs])
@@ -246,7 +246,7 @@ def validate(
     from .merge import plan_merge
     from .recipe import load_recipe
 
-    r = load_recipe(recipe)
+    r = _warn(load_recipe(recipe))
     plan = plan_merge(r, allow_pickle)
     report: dict = {"recipe": str(recipe), "merge_method": r.merge_method, "ok": True}
     if plan.method.optimized and not plan_params(plan).coefficients:
@@ -279,6 +279,13 @@ def validate(
         import json
 
         json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _warn(recipe):
+    """The recipe, after printing what its loading ignored (one line each, on stderr)."""
+    for w in recipe.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    return recipe
 
 
 def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:

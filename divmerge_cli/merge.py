@@ -71,6 +71,7 @@ class MergePlan:
     names: list[str]
     out_specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
     counts: dict[str, int]
+    tokenizer: Path  # the folder whose tokenizer files the output gets
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -83,9 +84,25 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     base_ref = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
     base = open_checkpoint(base_ref, "base_model", allow_pickle) if base_ref else None
     models, entries, base_listed = [], [], False
+    seen: dict[str, int] = {}
     for i, m in enumerate(recipe.models):
         ref = recipe.resolve_path(m.model)
-        is_base = bool(base) and resolve(ref, f"models[{i}].model") == base.path.resolve()
+        where = f"models[{i}].model"
+        key = str(resolve(ref, where)) if Path(ref).exists() else ref
+        if key in seen:
+            raise UserError(
+                f"{recipe.source}: models[{i}].model: {m.model} is listed twice (also "
+                f"models[{seen[key]}]); list each model once"
+                + ("" if method.optimized else " and give it the weight of both")
+            )
+        seen[key] = i
+        is_base = bool(base) and resolve(ref, where) == base.path.resolve()
+        if is_base and method.optimized:
+            raise UserError(
+                f"{recipe.source}: models[{i}].model: {m.model} is the base_model; "
+                f"{recipe.merge_method} learns coefficients of the experts' task vectors and "
+                "the base's is zero: list only the experts"
+            )
         base_listed |= is_base
         if is_base and not method.base_as_input:
             continue  # the base's task vector is zero: listing it changes nothing but the divisor
@@ -115,10 +132,26 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         names,
         specs,
         block_counts(names),
+        tokenizer_dir(recipe, (base if method.uses_base else None) or models[0]),
     )
     for n in names if not method.optimized else ():  # every parameter resolves, before heavy work
         _params(plan, n)
     return plan
+
+
+def tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
+    """The folder `tokenizer_source` names (default: the checkpoint the output's config comes
+    from), checked here so that a run cannot fail on it after the merge."""
+    src = recipe.tokenizer_source
+    own = src in (None, "base")
+    folder = ref.path if own else Path(recipe.resolve_path(src))
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        raise UserError(
+            f"{recipe.source}: {ref.where if own else 'tokenizer_source'}: {folder} holds no "
+            f"tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); set tokenizer_source "
+            "to a model folder that has them"
+        )
+    return folder
 
 
 def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
@@ -269,10 +302,7 @@ def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> Non
         config[key] = out_dtype
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_side_files(ref.path, folder, ("generation_config.json",))
-    src = plan.recipe.tokenizer_source
-    tok_dir = ref.path if src in (None, "base") else Path(plan.recipe.resolve_path(src))
-    if not copy_side_files(tok_dir, folder, TOKENIZER_FILES):
-        raise UserError(f"tokenizer_source: {tok_dir} holds no tokenizer files")
+    copy_side_files(plan.tokenizer, folder, TOKENIZER_FILES)  # checked to hold some by plan_merge
     (folder / "divmerge_recipe.yaml").write_text(dump_recipe(plan.recipe))
     (folder / "README.md").write_text(model_card(plan, card_extra))
 
