@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import struct
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,6 +105,29 @@ def _check_entry(path: Path, name: str, info: object, body: int) -> None:
         )
 
 
+def check_pickle(f: Path, where: str, allow_pickle: bool) -> None:
+    """A pickled .bin weights file is read only with --allow-pickle, and only in torch's zip format:
+    weights_only=True reads that format; older (pre-1.6) files fail inside the unpickler."""
+    if not allow_pickle:
+        raise UserError(
+            f"{where}: {f.parent} holds only pickled .bin weights; convert them to safetensors "
+            "or pass --allow-pickle (they are then read with torch.load(weights_only=True))"
+        )
+    if not zipfile.is_zipfile(f):
+        raise UserError(
+            f"{where}: {f} is in torch's old (non-zip) format, which divmerge does not unpickle; "
+            "re-save it with torch.save (zip, the default since torch 1.6) or as safetensors"
+        )
+
+
+def check_weights_readable(folder: Path, where: str, allow_pickle: bool) -> None:
+    """For commands that load a whole model with transformers (eval): the same rule as `run`,
+    from the file names alone; transformers prefers safetensors when both are present."""
+    if not any(folder.glob("*.safetensors")):
+        for f in sorted(folder.glob("*.bin")):
+            check_pickle(f, where, allow_pickle)
+
+
 class Checkpoint:
     """A Hugging Face model folder opened lazily: names, shapes and dtypes from headers only."""
 
@@ -132,11 +156,8 @@ class Checkpoint:
                 raise UserError(
                     f"{where}: {path} holds no model.safetensors or pytorch_model.bin weights"
                 )
-            if not allow_pickle:
-                raise UserError(
-                    f"{where}: {path} holds only pickled .bin weights; convert them to safetensors "
-                    "or pass --allow-pickle (they are then read with torch.load(weights_only=True))"
-                )
+            for f in bins:
+                check_pickle(f, where, allow_pickle)
             self._bins: dict[Path, dict] = {}
             for f in bins:
                 for name in self._load_bin(f):

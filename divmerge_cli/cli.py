@@ -332,10 +332,14 @@ def eval_(
     batch_size: int = 16,
     seed: int = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="score and teacher cache")] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="load pickled .bin weights (weights_only)")
+    ] = False,
 ) -> None:
     """Score MODELS on the tasks' labelled rows (accuracy / ROUGE-1) and their ANP vs the experts."""
     import json
 
+    from .checkpoint import check_weights_readable
     from .evaluate import anp, evaluate_model
 
     if split not in ("validation", "test"):
@@ -358,6 +362,7 @@ def eval_(
     for m in [*models, *refs.values()]:
         if not (Path(m) / "config.json").is_file():
             raise UserError(f"{m}: not a Hugging Face model folder (no config.json)")
+        check_weights_readable(Path(m), "eval", allow_pickle)
     cache = cache_dir or _default_cache("eval")
     ref_scores = {
         t: evaluate_model(p, {t: specs[t]}, split, limit, batch_size, seed, cache)[t].score
