@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -527,6 +528,9 @@ def demo(
     ] = "default",
     root: Annotated[Path | None, typer.Option(help="where the zoo and results go")] = None,
     k: Annotated[str, typer.Option(help="subset sizes to merge, e.g. 4, 2..4")] = "4",
+    zoo_only: Annotated[
+        bool, typer.Option(help="build the zoo (for recipes/) and stop; no merges")
+    ] = False,
 ) -> None:
     """Build a tiny base and four toy experts offline, merge them with five methods, print ANP."""
     import torch
@@ -546,6 +550,14 @@ def demo(
             prog.update(bars[stage], completed=done, total=total)
 
         zoo = build_zoo(root / "zoo", size=size, progress=report)
+    out.print(f"zoo: {zoo.root} (recipes/ run against it after:)", highlight=False)
+    out.print(
+        f"export DIVMERGE_ZOO={shlex.quote(str(zoo.root.resolve()))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if zoo_only:
+        return
     spec = {
         "base_model": str(zoo.base),
         "experts": {t: str(p) for t, p in zoo.experts.items()},

@@ -22,8 +22,10 @@ from pydantic import (
 )
 
 from .errors import UserError, pydantic_message, read_yaml, suggest
+from .hashing import SHA256
 from .methods import METHODS, OPTIMIZE_DEFAULTS, RANGES
 from .objectives import DIVERGENCES
+from .tasks import expand_path
 
 DTYPES = ("float32", "float16", "bfloat16")
 # mergekit keys we recognise but do not implement: a clear error beats a silent ignore.
@@ -99,6 +101,9 @@ class ModelEntry(BaseModel):
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
     task: str | None = None  # divmerge / adamerging: the task this expert was fine-tuned on
+    # the content hash of the model's files (hashing.hash_model_dir), checked before merging;
+    # divmerge writes it into the output's divmerge_recipe.yaml
+    sha256: str | None = Field(None, pattern=SHA256)
 
 
 class Recipe(BaseModel):
@@ -106,6 +111,7 @@ class Recipe(BaseModel):
 
     merge_method: str
     base_model: str | None = None
+    base_model_sha256: str | None = Field(None, pattern=SHA256)  # as ModelEntry.sha256
     models: list[ModelEntry] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
@@ -145,12 +151,12 @@ class Recipe(BaseModel):
 
     def resolve_path(self, ref: str) -> str:
         """Relative paths are tried against the recipe's folder first, then the working directory."""
-        p = Path(ref).expanduser()
+        p = Path(expand_path(ref, str(self.source)))
         if p.is_absolute():
             return str(p)
         beside = self.source.parent / p
         if beside.exists() or not p.exists():
-            return str(beside.resolve()) if beside.exists() else ref
+            return str(beside.resolve()) if beside.exists() else str(p)
         return str(p.resolve())
 
 
@@ -359,6 +365,11 @@ def recipe_from_dict(raw: dict, source: Path) -> Recipe:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as YAML, as the user wrote it plus the method's defaults made explicit."""
+    return yaml.safe_dump(recipe_data(recipe), sort_keys=False)
+
+
+def recipe_data(recipe: Recipe) -> dict:
+    """The recipe as plain data, as the user wrote it plus the method's defaults made explicit."""
     data = recipe.model_dump(mode="json", exclude_none=True, exclude={"source"})
     if METHODS[recipe.merge_method].optimized:
         defaults = optimize_params(recipe).model_dump(exclude_none=True)
@@ -367,4 +378,4 @@ def dump_recipe(recipe: Recipe) -> str:
     else:
         defaults = dict(METHODS[recipe.merge_method].global_params)
     data["parameters"] = {**defaults, **data.get("parameters", {})}
-    return yaml.safe_dump(data, sort_keys=False)
+    return data
