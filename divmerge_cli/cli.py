@@ -285,8 +285,14 @@ def validate(
 def _warn(recipe):
     """The recipe, after printing what its loading ignored (one line each, on stderr)."""
     for w in recipe.warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {_plain(w)}", highlight=False, soft_wrap=True)
     return recipe
+
+
+def _plain(message: object) -> str:
+    """A message as one line of text: rich markup in it ('[/x]' from a YAML key) is shown, not
+    parsed, line breaks (from a file or key name) do not split it, and it is capped in length."""
+    return escape(_short(" ".join(str(message).splitlines())))
 
 
 def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:
@@ -708,7 +714,7 @@ def _unexpected(e: Exception) -> None:
     if os.environ.get("DIVMERGE_DEBUG"):
         raise e
     err.print(
-        f"[red]unexpected failure:[/] {escape(_short(f'{type(e).__name__}: {e}'))} "
+        f"[red]unexpected failure:[/] {_plain(f'{type(e).__name__}: {e}')} "
         "(set DIVMERGE_DEBUG=1 for a traceback)",
         highlight=False,
         soft_wrap=True,
@@ -721,7 +727,7 @@ def _main_inner() -> None:
         # not standalone: click returns the exit code (130 after Ctrl-C) instead of exiting
         code = app(standalone_mode=False)
     except UserError as e:
-        err.print(f"[red]error:[/] {escape(_short(str(e)))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {_plain(e)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         code = 130
@@ -733,7 +739,7 @@ def _main_inner() -> None:
         where = f"{e.filename}: " if e.filename else ""
         hint = " (free some space and rerun)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         text = where + (e.strerror or str(e)) + hint
-        err.print(f"[red]error:[/] {escape(_short(text))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {_plain(text)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Exception as e:
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # click/typer usage errors

@@ -79,7 +79,7 @@ def load_tasks(raw: dict | str | None, base_dir: Path, where: str) -> dict[str, 
         path = path if path.is_absolute() else Path(base_dir) / path
         if not path.is_file():
             raise UserError(f"{where}: tasks: file not found: {path}")
-        raw = read_yaml(path, "tasks")
+        raw = read_yaml(path, "tasks")  # as recipes: syntax, encoding and size errors name it
         where, base_dir, prefix = str(path), path.parent, ""
         if raw is None:
             raise UserError(

@@ -249,3 +249,15 @@ def test_per_model_weight_on_divmerge_is_a_warning_a_typo_is_not(llama_zoo, tmp_
     recipe["models"][0]["parameters"] = {"wieght": 0.5}
     code, _, err = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))
     assert code == 2 and "models[0].parameters.wieght: not a parameter of divmerge" in err, err
+
+
+@pytest.mark.parametrize("key", ["[/x]", "a\nb", "list[float]"])
+def test_an_odd_key_is_quoted_on_one_line(key, tmp_path, cli):
+    """Found by the fuzz test: a key closing a rich tag crashed the error printer (exit 1), a
+    key holding '[' crashed the message builder, a line break split the message."""
+    r = write_recipe(
+        tmp_path / "r.yaml", {"merge_method": "ties", "models": [{"model": "x"}], key: 1}
+    )
+    code, _, err = cli("validate", r)
+    assert code == 2 and f"[{key!r}]: unknown key" in err, err
+    assert len(err.strip().splitlines()) == 1, err
