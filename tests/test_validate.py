@@ -248,7 +248,7 @@ def test_per_model_weight_on_divmerge_is_a_warning_a_typo_is_not(llama_zoo, tmp_
     assert "models[0].parameters.weight: ignored; divmerge takes no weight" in r.warnings[0]
     recipe["models"][0]["parameters"] = {"wieght": 0.5}
     code, _, err = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))
-    assert code == 2 and "models[0].parameters.wieght: not a parameter of divmerge" in err, err
+    assert code == 2 and "models[0].parameters.wieght: divmerge learns the coefficients" in err, err
 
 
 @pytest.mark.parametrize("key", ["[/x]", "a\nb", "list[float]"])
@@ -261,3 +261,13 @@ def test_an_odd_key_is_quoted_on_one_line(key, tmp_path, cli):
     code, _, err = cli("validate", r)
     assert code == 2 and f"[{key!r}]: unknown key" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_density_is_a_learned_merges_own_with_a_ties_base_method(llama_zoo, tmp_path):
+    recipe = dm(llama_zoo, tmp_path, base_method="ties", density=0.3)
+    recipe["models"][0]["parameters"] = {"density": 0.5}
+    r = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    assert not r.warnings and r.parameters["density"] == 0.3
+    assert r.models[0].parameters == {"density": 0.5}
+    r = load_recipe(write_recipe(tmp_path / "r.yaml", dm(llama_zoo, tmp_path, density=0.3)))
+    assert "parameters.density: ignored; divmerge takes no density" in r.warnings[0]
