@@ -63,7 +63,7 @@ class OptimizeParams(BaseModel):
     granularity: Literal["task", "layer", "tensor"] = _D["granularity"]
     init: float | Literal["uniform"] = _D["init"]
     lr: float = _D["lr"]
-    epochs: int = Field(_D["epochs"], ge=1, le=10_000)
+    epochs: int = Field(_D["epochs"], ge=1, le=1_000_000)
     batch_size: int | None = Field(_D["batch_size"], ge=1, le=1_000_000)
     samples: int = Field(_D["samples"], ge=1, le=10_000_000)
     top_k: PositiveInt | Literal["full"] = _D["top_k"]

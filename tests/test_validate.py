@@ -271,12 +271,3 @@ def test_density_is_a_learned_merges_own_with_a_ties_base_method(llama_zoo, tmp_
     assert r.models[0].parameters == {"density": 0.5}
     r = load_recipe(write_recipe(tmp_path / "r.yaml", dm(llama_zoo, tmp_path, density=0.3)))
     assert "parameters.density: ignored; divmerge takes no density" in r.warnings[0]
-
-
-def test_a_non_utf8_tasks_file_is_a_one_line_error(llama_zoo, tmp_path, cli):
-    recipe = dm(llama_zoo, tmp_path)
-    (tmp_path / "tasks.yaml").write_bytes(b"a:\n  prompt: 'caf\xe9 {text}'\n")  # Latin-1
-    recipe["tasks"] = "tasks.yaml"
-    code, _, err = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))
-    assert code == 2 and "tasks.yaml: not valid YAML" in err, err
-    assert len(err.strip().splitlines()) == 1, err
