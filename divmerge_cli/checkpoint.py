@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import struct
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,11 +52,16 @@ TOKENIZER_FILES = (
 
 
 def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: {name: {dtype, shape, data_offsets}}."""
+    """The JSON header of a safetensors file: {name: {dtype, shape, data_offsets, start}}.
+
+    Every entry is checked against the file as `run` would meet it, so `validate` fails where a
+    merge would: offsets inside the body, and spanning exactly what the shape and dtype need.
+    """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
+            if n > min(100_000_000, size - 8):
                 raise ValueError("header length is implausible")
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
@@ -64,22 +70,62 @@ def read_header(path: Path) -> dict:
         raise UserError(f"{path}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        if not isinstance(info, dict):
-            raise UserError(f"{path}: tensor {name}: header entry is not a JSON object")
-        if info.get("dtype") not in ST_DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
-            raise UserError(
-                f"{path}: tensor {name}: header needs shape (a list of integers >= 0) and "
-                "data_offsets ([begin, end])"
-            )
-        info["start"] = 8 + n + offsets[0]
+        _check_entry(path, name, info, size - 8 - n)
+        info["start"] = 8 + n + info["data_offsets"][0]
     return header
 
 
-def _ints(x: object) -> bool:
-    return isinstance(x, list) and all(type(v) is int and v >= 0 for v in x)
+def _check_entry(path: Path, name: str, info: object, body: int) -> None:
+    """One header entry: a known dtype, a shape of sizes, offsets that fit the body and the shape."""
+
+    def ints(v: object, k: int | None = None) -> bool:
+        ok = isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)
+        return ok and (k is None or len(v) == k)
+
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: tensor {name}: header entry is not a JSON object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in ST_DTYPES:
+        raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+    if not ints(shape) or not ints(offsets, 2) or offsets[0] > offsets[1]:
+        raise UserError(
+            f"{path}: tensor {name}: shape {shape!r} / data_offsets {offsets!r} are not sizes "
+            "and a [begin, end] byte range"
+        )
+    if offsets[1] > body:
+        raise UserError(
+            f"{path}: tensor {name} ends at byte {offsets[1]} of the data but the file holds "
+            f"{body}: the file is truncated"
+        )
+    need = _numel(shape) * ST_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != need:
+        raise UserError(
+            f"{path}: tensor {name} spans {offsets[1] - offsets[0]} bytes but shape {shape} of "
+            f"{dtype} needs {need}: the header is inconsistent"
+        )
+
+
+def check_pickle(f: Path, where: str, allow_pickle: bool) -> None:
+    """A pickled .bin weights file is read only with --allow-pickle, and only in torch's zip format:
+    weights_only=True reads that format; older (pre-1.6) files fail inside the unpickler."""
+    if not allow_pickle:
+        raise UserError(
+            f"{where}: {f.parent} holds only pickled .bin weights; convert them to safetensors "
+            "or pass --allow-pickle (they are then read with torch.load(weights_only=True))"
+        )
+    if not zipfile.is_zipfile(f):
+        raise UserError(
+            f"{where}: {f} is in torch's old (non-zip) format, which divmerge does not unpickle; "
+            "re-save it with torch.save (zip, the default since torch 1.6) or as safetensors"
+        )
+
+
+def check_weights_readable(folder: Path, where: str, allow_pickle: bool) -> None:
+    """For commands that load a whole model with transformers (eval): the same rule as `run`,
+    from the file names alone; transformers prefers safetensors when both are present."""
+    if not any(folder.glob("*.safetensors")):
+        for f in sorted(folder.glob("*.bin")):
+            check_pickle(f, where, allow_pickle)
 
 
 class Checkpoint:
@@ -110,11 +156,8 @@ class Checkpoint:
                 raise UserError(
                     f"{where}: {path} holds no model.safetensors or pytorch_model.bin weights"
                 )
-            if not allow_pickle:
-                raise UserError(
-                    f"{where}: {path} holds only pickled .bin weights; convert them to safetensors "
-                    "or pass --allow-pickle (they are then read with torch.load(weights_only=True))"
-                )
+            for f in bins:
+                check_pickle(f, where, allow_pickle)
             self._bins: dict[Path, dict] = {}
             for f in bins:
                 for name in self._load_bin(f):
@@ -131,6 +174,12 @@ class Checkpoint:
                 raise UserError(f"{self.where}: {idx} is not a valid index ({e})") from None
             if not all(isinstance(f, str) for f in files):
                 raise UserError(f"{self.where}: {idx}: weight_map values must be file names")
+            for f in files:  # a shard is a file of this folder, never a path out of it
+                if Path(f).is_absolute() or ".." in Path(f).parts:
+                    raise UserError(
+                        f"{self.where}: {idx} names {f!r}, outside {self.path}; an index may "
+                        "only name files inside its model folder"
+                    )
             missing = [f for f in files if not (self.path / f).is_file()]
             if missing:
                 raise UserError(f"{self.where}: {idx} names {missing[0]}, which does not exist")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -94,7 +95,7 @@ def run(
 
     shard = parse_size(out_shard_size)
     _check_seed(seed)
-    r = load_recipe(recipe)
+    r = _warn(load_recipe(recipe))
     dev = _device(device)
     if adapter_rank is not None and (not as_adapter or adapter_rank < 1):
         raise UserError("--adapter-rank: needs --as-adapter and a rank of at least 1")
@@ -276,7 +277,7 @@ def validate(
     from .merge import plan_merge
     from .recipe import load_recipe
 
-    r = load_recipe(recipe)
+    r = _warn(load_recipe(recipe))
     plan = plan_merge(r, allow_pickle)
     report: dict = {"recipe": str(recipe), "merge_method": r.merge_method, "ok": True}
     report["warnings"] = plan.warnings
@@ -312,6 +313,19 @@ def validate(
         import json
 
         json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _warn(recipe):
+    """The recipe, after printing what its loading ignored (one line each, on stderr)."""
+    for w in recipe.warnings:
+        err.print(f"[yellow]warning:[/] {_plain(w)}", highlight=False, soft_wrap=True)
+    return recipe
+
+
+def _plain(message: object) -> str:
+    """A message as one line of text: rich markup in it ('[/x]' from a YAML key) is shown, not
+    parsed, line breaks (from a file or key name) do not split it, and it is capped in length."""
+    return escape(_short(" ".join(str(message).splitlines())))
 
 
 def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:
@@ -358,10 +372,14 @@ def eval_(
     batch_size: int = 16,
     seed: int = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="score and teacher cache")] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="load pickled .bin weights (weights_only)")
+    ] = False,
 ) -> None:
     """Score MODELS on the tasks' labelled rows (accuracy / ROUGE-1) and their ANP vs the experts."""
     import json
 
+    from .checkpoint import check_weights_readable
     from .evaluate import anp, evaluate_model
 
     if split not in ("validation", "test"):
@@ -384,6 +402,7 @@ def eval_(
     for m in [*models, *refs.values()]:
         if not (Path(m) / "config.json").is_file():
             raise UserError(f"{m}: not a Hugging Face model folder (no config.json)")
+        check_weights_readable(Path(m), "eval", allow_pickle)
     cache = cache_dir or _default_cache("eval")
     ref_scores = {
         t: evaluate_model(p, {t: specs[t]}, split, limit, batch_size, seed, cache)[t].score
@@ -548,6 +567,9 @@ def demo(
     ] = "default",
     root: Annotated[Path | None, typer.Option(help="where the zoo and results go")] = None,
     k: Annotated[str, typer.Option(help="subset sizes to merge, e.g. 4, 2..4")] = "4",
+    zoo_only: Annotated[
+        bool, typer.Option(help="build the zoo (for recipes/) and stop; no merges")
+    ] = False,
 ) -> None:
     """Build a tiny base and four toy experts offline, merge them with five methods, print ANP."""
     import torch
@@ -567,6 +589,14 @@ def demo(
             prog.update(bars[stage], completed=done, total=total)
 
         zoo = build_zoo(root / "zoo", size=size, progress=report)
+    out.print(f"zoo: {zoo.root} (recipes/ run against it after:)", highlight=False)
+    out.print(
+        f"export DIVMERGE_ZOO={shlex.quote(str(zoo.root.resolve()))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if zoo_only:
+        return
     spec = {
         "base_model": str(zoo.base),
         "experts": {t: str(p) for t, p in zoo.experts.items()},
@@ -717,7 +747,7 @@ def _unexpected(e: Exception) -> None:
     if os.environ.get("DIVMERGE_DEBUG"):
         raise e
     err.print(
-        f"[red]unexpected failure:[/] {escape(_short(f'{type(e).__name__}: {e}'))} "
+        f"[red]unexpected failure:[/] {_plain(f'{type(e).__name__}: {e}')} "
         "(set DIVMERGE_DEBUG=1 for a traceback)",
         highlight=False,
         soft_wrap=True,
@@ -730,7 +760,7 @@ def _main_inner() -> None:
         # not standalone: click returns the exit code (130 after Ctrl-C) instead of exiting
         code = app(standalone_mode=False)
     except UserError as e:
-        err.print(f"[red]error:[/] {escape(_short(str(e)))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {_plain(e)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         code = 130
@@ -742,7 +772,7 @@ def _main_inner() -> None:
         where = f"{e.filename}: " if e.filename else ""
         hint = " (free some space and rerun)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         text = where + (e.strerror or str(e)) + hint
-        err.print(f"[red]error:[/] {escape(_short(text))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {_plain(text)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Exception as e:
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # click/typer usage errors

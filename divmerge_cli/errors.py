@@ -64,16 +64,26 @@ _UNION_TAGS = {"float", "int", "str", "bool", "list[float]", "list[FilterValue]"
 
 
 def _is_union_tag(part) -> bool:
+    import re
+
     return isinstance(part, str) and (
-        "[" in part or part in _UNION_TAGS or part.startswith("function-")
+        bool(re.fullmatch(r"[\w-]+\[.*\]", part))
+        or part in _UNION_TAGS
+        or part.startswith("function-")
     )
 
 
 def field_path(loc: tuple) -> str:
-    """`models[0].parameters.weight` from ("models", 0, "parameters", "weight")."""
+    """`models[0].parameters.weight` from ("models", 0, "parameters", "weight"); a key that would
+    not read as one (a line break, brackets) is quoted: `['a\\nb']`."""
+    import re
+
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int) or not re.fullmatch(r"[\w.-]+", str(part)):
+            out += f"[{part!r}]"
+        else:
+            out += f".{part}" if out else str(part)
     return out
 
 
@@ -86,7 +96,11 @@ def pydantic_message(err, fields_at, unsupported: dict[str, str] | None = None) 
     errors = err.errors()
     # an unknown key explains a "missing" one next to it (modle vs model): report it first
     e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(p for p in e["loc"] if not _is_union_tag(p))
+    # the first part is a field, and an unknown key is the last, however the user spelled them
+    head, inner, tail = e["loc"][:1], list(e["loc"][1:]), []
+    if e["type"] == "extra_forbidden" and inner:
+        tail = [inner.pop()]
+    loc = (*head, *(p for p in inner if not _is_union_tag(p)), *tail)
     where = field_path(loc)
     if e["type"] == "extra_forbidden":
         key, parent = str(loc[-1]), loc[:-1]

@@ -21,15 +21,28 @@ def model_files(model_dir: str | Path) -> list[Path]:
     return sorted(files)
 
 
-def hash_model_dir(model_dir: str | Path, chunk: int = 1 << 22) -> str:
+SHA256 = r"^[0-9a-f]{64}$"  # a hex digest, as recipes may pin their inputs with
+
+
+def _update(h, path: Path, chunk: int = 1 << 22):
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h
+
+
+def hash_model_dir(model_dir: str | Path) -> str:
     """sha256 over the names and bytes of the weight, config and tokenizer files."""
     h = hashlib.sha256()
     for p in model_files(model_dir):
         h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+        _update(h, p)
     return h.hexdigest()
+
+
+def hash_file(path: str | Path) -> str:
+    """sha256 of one file's bytes (what `sha256sum` prints)."""
+    return _update(hashlib.sha256(), Path(path)).hexdigest()
 
 
 def hash_json(obj: object) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import __version__
 from .checkpoint import (
@@ -23,6 +24,7 @@ from .checkpoint import (
     specs_nbytes,
 )
 from .errors import UserError, resolve
+from .hashing import hash_file, hash_model_dir
 from .layers import (
     block_counts,
     is_embedding,
@@ -30,7 +32,8 @@ from .layers import (
 )
 from .lora import LoraExpert, open_model
 from .methods import METHODS, Method
-from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe
+from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe, recipe_data
+from .tasks import TaskSpec, load_tasks
 
 CHUNK_ELEMENTS = 1 << 17  # row chunks of ~128K elements: the per-chunk work stays in cache
 
@@ -71,6 +74,10 @@ class MergePlan:
     names: list[str]
     out_specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
     counts: dict[str, int]
+    tokenizer: Path  # the folder whose tokenizer files the output gets
+    # every checkpoint the recipe names, by its place in the recipe ("base_model", "models[0]")
+    sources: dict[str, Checkpoint] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)  # content hashes checked or computed
     warnings: list[str] = field(default_factory=list)  # for the CLI to print (adapters' bases)
 
     @property
@@ -90,20 +97,36 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         else None
     )
     models, entries, base_listed = [], [], False
+    seen: dict[str, int] = {}
+    sources = {"base_model": base} if base else {}
     for i, m in enumerate(recipe.models):
         ref = recipe.resolve_path(m.model)
-        is_base = bool(base) and resolve(ref, f"models[{i}].model") == base.path.resolve()
-        base_listed |= is_base
-        if is_base and not method.base_as_input:
-            continue  # the base's task vector is zero: listing it changes nothing but the divisor
         where = f"models[{i}].model"
-        models.append(
+        key = str(resolve(ref, where)) if Path(ref).exists() else ref
+        if key in seen:
+            raise UserError(
+                f"{recipe.source}: models[{i}].model: {m.model} is listed twice (also "
+                f"models[{seen[key]}]); list each model once"
+                + ("" if method.optimized else " and give it the weight of both")
+            )
+        seen[key] = i
+        is_base = bool(base) and resolve(ref, where) == base.path.resolve()
+        if is_base and method.optimized:
+            raise UserError(
+                f"{recipe.source}: models[{i}].model: {m.model} is the base_model; "
+                f"{recipe.merge_method} learns coefficients of the experts' task vectors and "
+                "the base's is zero: list only the experts"
+            )
+        base_listed |= is_base
+        ckpt = (
             base
             if is_base
-            else open_model(
-                m.model, recipe.resolve_path, where, base, allow_pickle, recipe.base_model
-            )
+            else open_model(m.model, recipe.resolve_path, where, base, allow_pickle, recipe.base_model)
         )
+        sources[f"models[{i}]"] = ckpt
+        if is_base and not method.base_as_input:
+            continue  # the base's task vector is zero: listing it changes nothing but the divisor
+        models.append(ckpt)
         entries.append(m)
     if base and method.base_as_input and not base_listed:
         models.append(base)  # mergekit averages a base_model in, with the global weight
@@ -129,7 +152,10 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         names,
         specs,
         block_counts(names),
+        tokenizer_dir(recipe, (base if method.uses_base else None) or models[0]),
+        sources,
     )
+    _check_hashes(plan)
     for n in names if not method.optimized else ():  # every parameter resolves, before heavy work
         _params(plan, n)
     adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
@@ -140,6 +166,43 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         )
     plan.warnings = [w for c in adapters for w in c.warnings]
     return plan
+
+
+def _check_hashes(plan: MergePlan) -> None:
+    """The sha256 a recipe pins a model with (divmerge_recipe.yaml does) matches its files."""
+    r = plan.recipe
+    pinned = {"base_model": r.base_model_sha256}
+    pinned |= {f"models[{i}]": m.sha256 for i, m in enumerate(r.models)}
+    for key, want in pinned.items():
+        if want and (got := input_hash(plan, key)) != want:
+            field_ = "base_model_sha256" if key == "base_model" else f"{key}.sha256"
+            raise UserError(
+                f"{r.source}: {field_}: {plan.sources[key].path} hashes to {got[:16]}..., the "
+                f"recipe expects {want[:16]}... (the model changed since the recipe was "
+                "written; remove the hash to merge it as it is)"
+            )
+
+
+def input_hash(plan: MergePlan, key: str) -> str:
+    """hash_model_dir of the checkpoint at `key` ("base_model", "models[0]"), computed once."""
+    if key not in plan.hashes:
+        plan.hashes[key] = hash_model_dir(plan.sources[key].path)
+    return plan.hashes[key]
+
+
+def tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
+    """The folder `tokenizer_source` names (default: the checkpoint the output's config comes
+    from), checked here so that a run cannot fail on it after the merge."""
+    src = recipe.tokenizer_source
+    own = src in (None, "base")
+    folder = ref.path if own else Path(recipe.resolve_path(src))
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        raise UserError(
+            f"{recipe.source}: {ref.where if own else 'tokenizer_source'}: {folder} holds no "
+            f"tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); set tokenizer_source "
+            "to a model folder that has them"
+        )
+    return folder
 
 
 def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
@@ -292,15 +355,50 @@ def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> Non
         config[key] = out_dtype
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_side_files(ref.path, folder, ("generation_config.json",))
-    src = plan.recipe.tokenizer_source
-    tok_dir = ref.path if src in (None, "base") else Path(plan.recipe.resolve_path(src))
-    if not copy_side_files(tok_dir, folder, TOKENIZER_FILES):
-        raise UserError(f"tokenizer_source: {tok_dir} holds no tokenizer files")
-    (folder / "divmerge_recipe.yaml").write_text(dump_recipe(plan.recipe))
-    (folder / "README.md").write_text(model_card(plan, card_extra))
+    copy_side_files(plan.tokenizer, folder, TOKENIZER_FILES)  # checked to hold some by plan_merge
+    recipe = reproducible_recipe(plan)
+    (folder / "divmerge_recipe.yaml").write_text(recipe)
+    (folder / "README.md").write_text(model_card(plan, card_extra, recipe))
 
 
-def model_card(plan: MergePlan, extra: str = "") -> str:
+def reproducible_recipe(plan: MergePlan) -> str:
+    """divmerge_recipe.yaml: the recipe with its defaults made explicit, every input named by its
+    absolute path (a hub id stays an id) and pinned by its content hash, and the tasks inline with
+    their data files likewise. `divmerge run` on it redoes this merge from any folder, or says
+    which input changed."""
+    r = plan.recipe
+    data = recipe_data(r)
+
+    def where(ref: str, key: str) -> str:
+        local = Path(r.resolve_path(ref)).exists()
+        return str(plan.sources[key].path.resolve()) if local else ref
+
+    if r.base_model:
+        data["base_model"] = where(r.base_model, "base_model")
+        data["base_model_sha256"] = input_hash(plan, "base_model")
+    for i, (m, entry) in enumerate(zip(r.models, data["models"])):
+        entry["model"] = where(m.model, f"models[{i}]")
+        entry["sha256"] = input_hash(plan, f"models[{i}]")
+        if not entry.get("parameters"):
+            entry.pop("parameters", None)
+    if r.tokenizer_source not in (None, "base"):
+        data["tokenizer_source"] = str(plan.tokenizer.resolve())
+    if r.tasks is not None:
+        tasks = load_tasks(r.tasks, r.source.parent, str(r.source))
+        data["tasks"] = {name: _pinned_task(spec) for name, spec in tasks.items()}
+    ordered = {k: data[k] for k in Recipe.model_fields if k in data}  # the schema's order
+    return yaml.safe_dump(ordered, sort_keys=False)
+
+
+def _pinned_task(spec: TaskSpec) -> dict:
+    out = spec.model_dump(mode="json", exclude_none=True)
+    files = {s: p for s in ("validation", "test") if (p := out.get(s)) and Path(p).is_file()}
+    if files:
+        out["sha256"] = {s: hash_file(p) for s, p in files.items()}
+    return out
+
+
+def model_card(plan: MergePlan, extra: str = "", recipe: str | None = None) -> str:
     r = plan.recipe
     lines = [
         "---",
@@ -319,7 +417,7 @@ def model_card(plan: MergePlan, extra: str = "") -> str:
         "Recipe (`divmerge_recipe.yaml` reproduces this merge):",
         "",
         "```yaml",
-        dump_recipe(r).rstrip(),
+        (recipe or dump_recipe(r)).rstrip(),
         "```",
         extra,
     ]

@@ -14,16 +14,18 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
     PositiveInt,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     field_validator,
 )
 
 from .errors import UserError, pydantic_message, read_yaml, suggest
+from .hashing import SHA256
 from .methods import METHODS, OPTIMIZE_DEFAULTS, RANGES
 from .objectives import DIVERGENCES
+from .tasks import expand_path
 
 DTYPES = ("float32", "float16", "bfloat16")
 # mergekit keys we recognise but do not implement: a clear error beats a silent ignore.
@@ -47,6 +49,9 @@ _param_value = TypeAdapter(ParamValue)
 
 
 _D = OPTIMIZE_DEFAULTS
+# Bounds that catch a slip (1e30, .inf) at load instead of after the teacher cache is built.
+INIT_MAX = 10.0  # |Gamma| at init; the paper starts at 0.5 (Table 9) or 1/n (Algorithm 1)
+LR_MAX = 1.0  # Adam moves each Gamma by about lr per step, and Gamma is of order 1
 
 
 class OptimizeParams(BaseModel):
@@ -57,12 +62,12 @@ class OptimizeParams(BaseModel):
     divergence: Literal[DIVERGENCES] = _D["divergence"]  # divmerge only
     granularity: Literal["task", "layer", "tensor"] = _D["granularity"]
     init: float | Literal["uniform"] = _D["init"]
-    lr: PositiveFloat = _D["lr"]
-    epochs: PositiveInt = _D["epochs"]
-    batch_size: PositiveInt | None = _D["batch_size"]
-    samples: PositiveInt = _D["samples"]
+    lr: float = _D["lr"]
+    epochs: int = Field(_D["epochs"], ge=1, le=1_000_000)
+    batch_size: int | None = Field(_D["batch_size"], ge=1, le=1_000_000)
+    samples: int = Field(_D["samples"], ge=1, le=10_000_000)
     top_k: PositiveInt | Literal["full"] = _D["top_k"]
-    gen_batch_size: PositiveInt = _D["gen_batch_size"]
+    gen_batch_size: int = Field(_D["gen_batch_size"], ge=1, le=100_000)
     task_vectors: Literal["memory", "stream", "auto"] = _D["task_vectors"]  # taskvectors.py
     # Remark 3: Gamma fitted on top of a data-free method's processed task vectors (processed.py)
     base_method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = _D["base_method"]
@@ -72,12 +77,35 @@ class OptimizeParams(BaseModel):
     # with coefficients: the --seed of the run that learned them (DARE's masks depend on it)
     seed: Annotated[int, Field(ge=0, lt=2**32)] | None = _D["seed"]
 
+    @field_validator("init")
+    @classmethod
+    def _sane_init(cls, v: float | str) -> float | str:
+        if v != "uniform" and not (math.isfinite(v) and abs(v) <= INIT_MAX):
+            raise ValueError(
+                f"{v} is out of range; init is 'uniform' (1/n) or a number in "
+                f"[-{INIT_MAX:g}, {INIT_MAX:g}] (the paper uses 0.5)"
+            )
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _sane_lr(cls, v: float) -> float:
+        if not (math.isfinite(v) and 0 < v <= LR_MAX):
+            raise ValueError(
+                f"{v} is out of range; lr must be in (0, {LR_MAX:g}] (the paper uses 0.01 for "
+                "divmerge, 0.001 for adamerging)"
+            )
+        return v
+
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
     task: str | None = None  # divmerge / adamerging: the task this expert was fine-tuned on
+    # the content hash of the model's files (hashing.hash_model_dir), checked before merging;
+    # divmerge writes it into the output's divmerge_recipe.yaml
+    sha256: str | None = Field(None, pattern=SHA256)
 
 
 class Recipe(BaseModel):
@@ -85,6 +113,7 @@ class Recipe(BaseModel):
 
     merge_method: str
     base_model: str | None = None
+    base_model_sha256: str | None = Field(None, pattern=SHA256)  # as ModelEntry.sha256
     models: list[ModelEntry] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
@@ -96,6 +125,22 @@ class Recipe(BaseModel):
 
     # Set by load_recipe, not by the user: where relative paths are resolved from.
     source: Path = Field(default=Path("recipe.yaml"), exclude=True)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What load_recipe accepted but ignored (mergekit keys another method takes)."""
+        return self._warnings
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _one_vocabulary(cls, v: str | None) -> str | None:
+        if v == "union":
+            raise ValueError(
+                "'union' is not supported: merged embeddings need one vocabulary; use `base` "
+                "or a model folder (resize the models to one tokenizer before merging)"
+            )
+        return v
 
     @field_validator("merge_method")
     @classmethod
@@ -108,12 +153,12 @@ class Recipe(BaseModel):
 
     def resolve_path(self, ref: str) -> str:
         """Relative paths are tried against the recipe's folder first, then the working directory."""
-        p = Path(ref).expanduser()
+        p = Path(expand_path(ref, str(self.source)))
         if p.is_absolute():
             return str(p)
         beside = self.source.parent / p
         if beside.exists() or not p.exists():
-            return str(beside.resolve()) if beside.exists() else ref
+            return str(beside.resolve()) if beside.exists() else str(p)
         return str(p.resolve())
 
 
@@ -128,6 +173,7 @@ def _fields_at(parent: tuple) -> list[str]:
 def _check_parameters(recipe: Recipe) -> None:
     """Parameter names must exist for the method, and values must be in range."""
     spec = METHODS[recipe.merge_method]
+    _drop_foreign(recipe)
     if spec.optimized:
         return _check_optimized(recipe)
     allowed_model = set(spec.model_params)
@@ -147,6 +193,47 @@ def _check_parameters(recipe: Recipe) -> None:
             _check_value(f"models[{i}].parameters.{key}", key, m.parameters[key], spec.ranges)
 
 
+def _takes(name: str, per_model: bool, base_method: object = None) -> set[str]:
+    """The parameters method `name` takes per model, or globally (where an entry also sets the
+    per-model defaults). A learned merge takes its base_method's density (and rescale) too."""
+    m = METHODS[name]
+    if not m.optimized:
+        return set(m.model_params) | (set() if per_model else set(m.global_params))
+    own = _base_params(base_method)
+    if per_model:
+        return own - {"rescale"}
+    return own | set(OptimizeParams.model_fields) - ({"divergence"} if m.objective else set())
+
+
+def _takers(key: str, per_model: bool) -> list[str]:
+    return [name for name in METHODS if key in _takes(name, per_model)]
+
+
+_ALL_PARAMS = {
+    *OptimizeParams.model_fields,
+    *(k for m in METHODS.values() for k in (*m.model_params, *m.global_params)),
+}
+
+
+def _drop_foreign(recipe: Recipe) -> None:
+    """A parameter another method takes (mergekit's `density` on task_arithmetic) is ignored with a
+    warning, as mergekit ignores it; a name no method takes is left for the checks to refuse."""
+    name = recipe.merge_method
+    base_method = recipe.parameters.get("base_method", "task_arithmetic")
+    for where, params, per_model in [
+        ("parameters", recipe.parameters, False),
+        *((f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(recipe.models)),
+    ]:
+        for key in list(params):
+            takers = _takers(str(key), per_model)
+            if takers and key not in _takes(name, per_model, base_method):
+                del params[key]
+                recipe.warnings.append(
+                    f"{recipe.source}: {where}.{key}: ignored; {name} takes no {key} "
+                    f"(a parameter of {', '.join(takers)})"
+                )
+
+
 def _typed(where: str, value: Any) -> ParamValue:
     if isinstance(value, bool):  # a switch (normalize: true): kept as written, not as 1.0
         return value
@@ -161,11 +248,6 @@ def _typed(where: str, value: Any) -> ParamValue:
 def _check_optimized(recipe: Recipe) -> None:
     name = recipe.merge_method
     defaults = METHODS[name].global_params
-    objective = METHODS[name].objective
-    if objective and "divergence" in recipe.parameters:
-        raise ValueError(
-            f"parameters.divergence: {name} minimizes {objective}; divergence is for divmerge"
-        )
     own = base_method_params(recipe)
     for key in own & set(recipe.parameters):  # the base method's own, read as it reads them
         recipe.parameters[key] = _typed(f"parameters.{key}", recipe.parameters[key])
@@ -178,6 +260,10 @@ def _check_optimized(recipe: Recipe) -> None:
         if e0["type"] == "extra_forbidden":
             raise ValueError(
                 _bad_param("parameters", key, set(OptimizeParams.model_fields), name)
+            ) from None
+        if e0["type"] == "value_error":
+            raise ValueError(
+                f"parameters.{key}: {e0['msg'].removeprefix('Value error, ')}"
             ) from None
         raise ValueError(f"parameters.{key}: {e0['msg']} (got {e0.get('input')!r})") from None
     if not recipe.base_model:
@@ -215,8 +301,11 @@ def optimize_params(recipe: Recipe) -> OptimizeParams:
 def base_method_params(recipe: Recipe) -> set[str]:
     """The parameters a learned merge reads for its base_method (Remark 3): density, and
     rescale for DARE. Weights, lambda and normalization are what Gamma learns."""
-    bm = recipe.parameters.get("base_method", "task_arithmetic")
-    if bm not in METHODS or METHODS[bm].optimized:
+    return _base_params(recipe.parameters.get("base_method", "task_arithmetic"))
+
+
+def _base_params(bm: object) -> set[str]:
+    if not isinstance(bm, str) or bm not in METHODS or METHODS[bm].optimized:
         return set()  # an invalid base_method is reported by OptimizeParams
     m = METHODS[bm]
     return (set(m.model_params) | set(m.global_params)) - {
@@ -234,7 +323,8 @@ def _optimize_only(recipe: Recipe) -> dict:
 
 def _bad_param(where: str, key: str, allowed: set[str], method: str) -> str:
     valid = ", ".join(sorted(allowed)) or "none"
-    return f"{where}.{key}: not a parameter of {method}{suggest(key, allowed)}; valid: {valid}"
+    near = suggest(key, allowed) or suggest(key, _ALL_PARAMS)  # a typo of another method's name
+    return f"{where}.{key}: not a parameter of {method}{near}; valid: {valid}"
 
 
 def _check_value(where: str, key: str, value: ParamValue, ranges: dict) -> None:
@@ -277,6 +367,11 @@ def recipe_from_dict(raw: dict, source: Path) -> Recipe:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as YAML, as the user wrote it plus the method's defaults made explicit."""
+    return yaml.safe_dump(recipe_data(recipe), sort_keys=False)
+
+
+def recipe_data(recipe: Recipe) -> dict:
+    """The recipe as plain data, as the user wrote it plus the method's defaults made explicit."""
     data = recipe.model_dump(mode="json", exclude_none=True, exclude={"source"})
     if METHODS[recipe.merge_method].optimized:
         defaults = optimize_params(recipe).model_dump(exclude_none=True)
@@ -285,4 +380,4 @@ def dump_recipe(recipe: Recipe) -> str:
     else:
         defaults = dict(METHODS[recipe.merge_method].global_params)
     data["parameters"] = {**defaults, **data.get("parameters", {})}
-    return yaml.safe_dump(data, sort_keys=False)
+    return data

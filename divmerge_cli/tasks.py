@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import re
 import string
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError, pydantic_message, read_yaml, resolve
+from .hashing import SHA256, hash_file
 
 SPLITS = ("validation", "test")
 ROW_FORMATS = (".jsonl", ".csv")
@@ -31,6 +34,31 @@ class TaskSpec(BaseModel):
     target: str | None = None  # field holding the reference answer
     metric: Literal["accuracy", "rouge1"] = "accuracy"
     max_new_tokens: int = Field(16, ge=1, le=4096)
+    # content hash per split file, checked before the rows are used (divmerge writes these into
+    # the output's divmerge_recipe.yaml)
+    sha256: dict[Literal["validation", "test"], Annotated[str, Field(pattern=SHA256)]] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+_VAR = re.compile(r"\$(?:(\w+)|\{(\w+)\})")
+ZOO_VAR = "DIVMERGE_ZOO"  # recipes/ name the demo zoo's files under it
+
+
+def expand_path(ref: str, where: str) -> str:
+    """`~` and $VAR / ${VAR} expanded in a path; an unset variable is an error naming it rather
+    than a path that does not exist."""
+    for m in _VAR.finditer(ref):
+        name = m.group(1) or m.group(2)
+        if name not in os.environ:
+            hint = (
+                "; `divmerge demo --zoo-only` builds the demo zoo and prints the line to export"
+                if name == ZOO_VAR
+                else ""
+            )
+            raise UserError(f"{where}: {ref}: the environment variable {name} is not set{hint}")
+    return os.path.expanduser(os.path.expandvars(ref))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,10 +75,11 @@ def load_tasks(raw: dict | str | None, base_dir: Path, where: str) -> dict[str, 
         return {}
     prefix = "tasks."
     if isinstance(raw, str):
-        path = Path(raw) if Path(raw).is_absolute() else Path(base_dir) / raw
+        path = Path(expand_path(raw, f"{where}: tasks"))
+        path = path if path.is_absolute() else Path(base_dir) / path
         if not path.is_file():
             raise UserError(f"{where}: tasks: file not found: {path}")
-        raw = read_yaml(path, "tasks")
+        raw = read_yaml(path, "tasks")  # as recipes: syntax, encoding and size errors name it
         where, base_dir, prefix = str(path), path.parent, ""
         if raw is None:
             raise UserError(
@@ -80,7 +109,7 @@ def _task_spec(name: str, fields: object, base_dir: Path, where: str, prefix: st
     _check_template(spec.prompt, f"{loc}.prompt")
     # Paths are relative to the file that names them, so a recipe folder can be moved as a whole.
     updates = {
-        split: str(resolve(base_dir / p, f"{loc}.{split}:"))
+        split: str(resolve(base_dir / expand_path(p, f"{loc}.{split}"), f"{loc}.{split}:"))
         for split in SPLITS
         if (p := getattr(spec, split)) is not None
     }
@@ -207,6 +236,13 @@ def check_task(name: str, spec: TaskSpec, split: Literal["validation", "test"]) 
     if split == "test" and spec.target is None:
         raise UserError(
             f"task '{name}': `target` (the field holding the answer) is needed for eval"
+        )
+    want = (spec.sha256 or {}).get(split)
+    if want and Path(path).is_file() and (got := hash_file(path)) != want:
+        raise UserError(
+            f"task '{name}': {path} has sha256 {got[:16]}..., tasks.{name}.sha256.{split} expects "
+            f"{want[:16]}... (the file changed since the recipe was written; remove the hash to "
+            "use it as it is)"
         )
     n = 0
     for line, row in _iter_rows(Path(path)):

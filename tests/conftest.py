@@ -51,6 +51,16 @@ def t5_zoo(tmp_path_factory, tok) -> dict[str, Path]:
     return zoo
 
 
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """The root of `divmerge demo --size small`, its zoo built once (recipes/ name its files)."""
+    from divmerge_cli.demo_zoo import build_zoo
+
+    root = tmp_path_factory.mktemp("demo_small")
+    build_zoo(root / "zoo", "small")
+    return root
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

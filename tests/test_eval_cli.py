@@ -69,3 +69,47 @@ def test_eval_errors(toy, tmp_path, cli):
     assert code == 2 and "file not found" in err
     code, _, err = cli("eval", toy / "base", "--tasks", r, "--split", "train")
     assert code == 2 and "--split" in err
+
+
+def _pickled(src, dst, zip_format: bool):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(dst / "model.safetensors")
+    (dst / "model.safetensors").unlink()
+    torch.save(sd, dst / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
+    return dst
+
+
+def test_eval_loads_pickled_models_only_with_allow_pickle(toy, tmp_path, cli):
+    """As `run`: a .bin-only model needs --allow-pickle; an old non-zip .bin is refused clearly."""
+    model = _pickled(toy / "sent", tmp_path / "bin", zip_format=True)
+    args = ("eval", model, "--tasks", toy / "tasks.yaml", "--cache-dir", tmp_path / "c")
+    code, _, err = cli(*args, "--json", tmp_path / "a.json")
+    assert code == 2 and "--allow-pickle" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "a.json").exists()
+    code, _, err = cli(*args, "--json", tmp_path / "a.json", "--allow-pickle")
+    assert code == 0, err
+    got = json.loads((tmp_path / "a.json").read_text())["models"][str(model)]["tasks"]
+    direct = evaluate_model(toy / "sent", load_tasks(str(toy / "tasks.yaml"), toy, "t"))
+    assert {t: s["score"] for t, s in got.items()} == {t: s.score for t, s in direct.items()}
+    old = _pickled(toy / "sent", tmp_path / "old", zip_format=False)
+    code, _, err = cli("eval", old, "--tasks", toy / "tasks.yaml", "--allow-pickle")
+    assert code == 2 and "old (non-zip) format" in err and "Traceback" not in err, err
+
+
+def test_run_refuses_an_old_format_bin_with_the_same_message(toy, tmp_path, cli):
+    old = _pickled(toy / "sent", tmp_path / "old", zip_format=False)
+    r = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(toy / "base"),
+            "models": [{"model": str(old)}],
+        },
+    )
+    code, _, err = cli("run", r, "-o", tmp_path / "out", "--allow-pickle")
+    assert code == 2 and "old (non-zip) format" in err and "re-save it" in err, err

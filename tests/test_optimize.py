@@ -418,9 +418,12 @@ def test_base_method_parameters_are_checked(toy, tmp_path, cli):
     code, _, err = cli("validate", bad)
     assert code == 2 and "density" in err and "(0, 1]" in err, err
     raw = yaml.safe_load(recipe(toy, tmp_path, base_method="ties").read_text())
-    raw["models"][0]["parameters"] = {"weight": 2.0}
+    raw["models"][0]["parameters"] = {"weight": 2.0}  # Gamma is learned: ignored, with a warning
     code, _, err = cli("validate", write_recipe(tmp_path / "w.yaml", raw))
-    assert code == 2 and "models[0].parameters.weight" in err and "density" in err, err
+    assert code == 0 and "warning: " in err and "models[0].parameters.weight: ignored" in err, err
+    raw["models"][0]["parameters"] = {"wieght": 2.0}  # no method takes it: an error
+    code, _, err = cli("validate", write_recipe(tmp_path / "w.yaml", raw))
+    assert code == 2 and "models[0].parameters.wieght" in err and "density" in err, err
     raw["models"][0]["parameters"] = {"density": 0.3}
     code, _, err = cli("validate", write_recipe(tmp_path / "ok.yaml", raw))
     assert code == 0, err

@@ -1,59 +1,82 @@
-"""Every shipped recipe in recipes/ loads, validates against fixture models, and (data-free) runs;
-recipe.py's own logic: paths, per-method defaults, the written recipe, parameter errors."""
+"""Every file in recipes/ validates against the demo zoo they name ($DIVMERGE_ZOO), and the
+data-free recipes run (issue 11, item 13); recipe.py's own logic: paths, per-method defaults, the
+written recipe, parameter errors."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import shlex
 from pathlib import Path
 
 import pytest
 
 from divmerge_cli.errors import UserError
 from divmerge_cli.recipe import load_recipe
+from divmerge_cli.sweep import load_sweep
+from divmerge_cli.tasks import check_task, load_tasks
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-SHIPPED = sorted(
-    p.name
-    for p in RECIPES.glob("*.yaml")
-    if p.name != "tasks.yaml" and not p.name.startswith("sweep")
-)
+EVERY = sorted(p.name for p in RECIPES.iterdir())
+SHIPPED = [n for n in EVERY if n != "tasks.yaml" and not n.startswith("sweep")]
 
 
 @pytest.fixture
-def workdir(tmp_path, llama_zoo) -> Path:
-    """recipes/ copied beside links named as the recipes expect, and small task data files."""
-    shutil.copytree(RECIPES, tmp_path / "recipes")
-    for link, key in {"base": "base", "expert-a": "e0", "expert-b": "e1", "expert-c": "e2"}.items():
-        (tmp_path / "recipes" / link).symlink_to(llama_zoo[key])
-    data = tmp_path / "recipes" / "data"
-    data.mkdir()
-    rows = {
-        "a": {"text": "the film was great", "label": "positive"},
-        "b": {"text": "stocks rose", "headline": "markets up"},
-    }
-    for task, row in rows.items():
-        for split in ("val", "test"):
-            (data / f"{task}.{split}.jsonl").write_text(json.dumps(row) + "\n")
-    return tmp_path / "recipes"
+def zoo(demo_root, monkeypatch) -> Path:
+    monkeypatch.setenv("DIVMERGE_ZOO", str(demo_root / "zoo"))
+    return demo_root / "zoo"
 
 
 def test_every_method_has_a_shipped_recipe():
     from divmerge_cli.methods import METHODS
 
     assert {f"{m}.yaml" for m in METHODS} <= set(SHIPPED)
+    assert set(EVERY) == {*SHIPPED, "tasks.yaml", "sweep.example.yaml"}  # each one is tested
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_recipe_validates_and_data_free_ones_run(name, workdir, cli):
-    recipe = load_recipe(workdir / name)
-    code, out, err = cli("validate", workdir / name)
-    assert code == 0, err
+def test_shipped_recipe_validates_and_data_free_ones_run(name, zoo, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipes do not depend on the working folder
+    recipe = load_recipe(RECIPES / name)
+    assert not recipe.warnings
+    code, out, err = cli("validate", RECIPES / name)
+    assert code == 0 and "ok" in out, err
     if recipe.merge_method in ("divmerge", "adamerging"):
         return  # exercised end to end in test_optimize.py
-    code, out, err = cli("run", workdir / name, "-o", workdir / "out")
+    code, out, err = cli("run", RECIPES / name, "-o", tmp_path / "out")
     assert code == 0, err
-    assert (workdir / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_shipped_tasks_and_sweep_validate(zoo):
+    tasks = load_tasks("tasks.yaml", RECIPES, "recipes")
+    assert tasks
+    for name, spec in tasks.items():
+        assert spec.validation.startswith(str(zoo))
+        check_task(name, spec, "validation")
+        check_task(name, spec, "test")
+    cfg = load_sweep(RECIPES / "sweep.example.yaml")
+    assert cfg.base_model == (zoo / "base").resolve()
+    assert cfg.results.is_relative_to(zoo.resolve())  # results go beside the zoo, not into git
+
+
+def test_without_the_zoo_variable_validate_names_it(cli, monkeypatch):
+    monkeypatch.delenv("DIVMERGE_ZOO", raising=False)
+    code, _, err = cli("validate", RECIPES / "ties.yaml")
+    assert code == 2 and "DIVMERGE_ZOO is not set" in err and "--zoo-only" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_demo_zoo_only_prints_the_line_to_export(demo_root, cli, monkeypatch):
+    code, out, err = cli("demo", "--size", "small", "--root", demo_root, "--zoo-only")
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("export DIVMERGE_ZOO="))
+    assert (
+        Path(shlex.split(line.removeprefix("export DIVMERGE_ZOO="))[0])
+        == (demo_root / "zoo").resolve()
+    )
+    assert not (demo_root / "results.jsonl").exists()  # --zoo-only merges nothing
+    monkeypatch.setenv("DIVMERGE_ZOO", shlex.split(line.split("=", 1)[1])[0])
+    code, _, err = cli("validate", RECIPES / "divmerge.yaml")
+    assert code == 0, err
 
 
 def test_optimized_schema_and_objectives_agree():
@@ -109,8 +132,8 @@ def test_each_optimized_method_fills_in_its_own_defaults():
     assert (dm.lr, dm.epochs, dm.divergence) == (0.01, 4, "js")  # Table 9
     assert (ada.lr, ada.epochs) == (0.001, 5)
     assert optimize_params(_recipe("adamerging", lr=0.1, samples=8)).lr == 0.1
-    with pytest.raises(UserError, match="parameters.divergence: adamerging minimizes entropy"):
-        _recipe("adamerging", divergence="kl")
+    ada = _recipe("adamerging", divergence="kl")  # another method's parameter: ignored, warned
+    assert "parameters.divergence: ignored; adamerging takes no divergence" in ada.warnings[0]
     with pytest.raises(UserError, match="parameters.divergence: Input should be 'js' or 'kl'"):
         _recipe("divmerge", divergence="tv")
 

@@ -133,15 +133,13 @@ def test_parse_k():
 # ----------------------------------------------------------------------------- sweep files
 
 
-def test_example_sweep_validates_against_the_small_zoo(tmp_path, small_zoo):
+def test_example_sweep_validates_against_the_small_zoo(tmp_path, small_zoo, monkeypatch):
     shutil.copy(EXAMPLE, tmp_path / "sweep.yaml")
-    shutil.copy(small_zoo.tasks_yaml, tmp_path / "tasks.yaml")
-    for name in ("base", "experts", "data"):
-        (tmp_path / name).symlink_to(small_zoo.root / name)
+    monkeypatch.setenv("DIVMERGE_ZOO", str(small_zoo.root))  # the example names the demo zoo
     cfg = sweep.load_sweep(tmp_path / "sweep.yaml")
     assert list(cfg.tasks) == list(ZOO_TASKS)
     assert cfg.ks == [2, 3, 4]
-    assert cfg.results == (tmp_path / "results.jsonl").resolve()
+    assert cfg.results == (small_zoo.root / "sweep_example" / "results.jsonl").resolve()
     assert cfg.experts["topic"] == (small_zoo.root / "experts" / "topic").resolve()
     assert len(cfg.subsets()) == 6 + 4 + 1
     assert len(cfg.cells()) == 11 * len(cfg.methods)

@@ -22,7 +22,7 @@ from ..hashing import hash_json
 from ..merge import check_compatible
 from ..methods import METHODS, OPTIMIZE_DEFAULTS
 from ..recipe import Recipe, optimize_params, recipe_from_dict
-from ..tasks import TaskSpec, check_task, load_tasks
+from ..tasks import TaskSpec, check_task, expand_path, load_tasks
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # used as a folder name under work_dir
 
@@ -140,7 +140,7 @@ def sweep_from_dict(raw: dict, source: Path) -> SweepConfig:
         ks=ks,
         methods={label: m.model_dump(exclude_none=True) for label, m in f.methods.items()},
         eval=f.eval,
-        results=(folder / f.results).resolve(),
+        results=(folder / expand_path(f.results, f"{source}: results")).resolve(),
         seed=f.seed,
         keep_merged=f.keep_merged,
         subsets_per_k=f.subsets_per_k,
@@ -265,7 +265,7 @@ def _experts(
 
 
 def _existing(folder: Path, ref: str, source: Path, field: str) -> Path:
-    p = Path(ref).expanduser()
+    p = Path(expand_path(ref, f"{source}: {field}"))
     p = p if p.is_absolute() else folder / p
     if not p.is_dir():
         raise UserError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -202,6 +203,11 @@ def experts_table(scores: dict) -> tuple[str, str]:
     return "\n".join(md) + "\n", "\n".join(csv) + "\n"
 
 
+def placeholder(text: str, zoo: str) -> str:
+    """`text` with the zoo's absolute path written as $ZOO (the commands in RESULTS.md set it)."""
+    return re.sub(re.escape(zoo) + r"(?![\w.-])", "$ZOO", text)
+
+
 def zoo_hashes(zoo: Path) -> dict[str, str]:
     import hashlib
 
@@ -230,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     found = sorted((a.zoo_dir / "results").glob("*.jsonl"))
     files = sorted(found, key=lambda p: (ORDER + [p.stem]).index(p.stem))
     a.out.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.copyfile(f, a.out / f.name)
-    rows = collect(files)
+    zoo = str(a.zoo_dir.resolve())
+    for f in files:  # committed results name the zoo as $ZOO, not the folder of one machine
+        (a.out / f.name).write_text(placeholder(f.read_text(), zoo))
+    rows = collect([a.out / f.name for f in files])
     written = write_reports(rows, a.out)
     (a.out / "paper.md").write_text(
         "\n".join(
