@@ -121,7 +121,9 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         ckpt = (
             base
             if is_base
-            else open_model(m.model, recipe.resolve_path, where, base, allow_pickle, recipe.base_model)
+            else open_model(
+                m.model, recipe.resolve_path, where, base, allow_pickle, recipe.base_model
+            )
         )
         sources[f"models[{i}]"] = ckpt
         if is_base and not method.base_as_input:
@@ -152,7 +154,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         names,
         specs,
         block_counts(names),
-        tokenizer_dir(recipe, (base if method.uses_base else None) or models[0]),
+        tokenizer_dir(recipe, _home((base if method.uses_base else None) or models[0])),
         sources,
     )
     _check_hashes(plan)
@@ -188,6 +190,13 @@ def input_hash(plan: MergePlan, key: str) -> str:
     if key not in plan.hashes:
         plan.hashes[key] = hash_model_dir(plan.sources[key].path)
     return plan.hashes[key]
+
+
+def _home(ref: Checkpoint) -> Checkpoint:
+    """The full model an adapter sits on (side files and the tokenizer come from it)."""
+    while isinstance(ref, LoraExpert):
+        ref = ref.base
+    return ref
 
 
 def tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
@@ -345,9 +354,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> None:
     """config.json (dtype updated), generation config, tokenizer, the resolved recipe, a model card."""
-    ref = plan.base or plan.models[0]
-    while isinstance(ref, LoraExpert):  # side files come from the model the adapter sits on
-        ref = ref.base
+    ref = _home(plan.base or plan.models[0])
     config = dict(ref.config)
     out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
     if out_dtype:
