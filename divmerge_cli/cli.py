@@ -87,6 +87,13 @@ def run(
         int | None,
         typer.Option(help="with --as-adapter: truncate each module to this rank by SVD"),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="worker threads for data-free merges (default: $OMP_NUM_THREADS, else every "
+            "core this process may use)"
+        ),
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
     from .checkpoint import check_out, parse_size
@@ -99,6 +106,7 @@ def run(
     dev = _device(device)
     if adapter_rank is not None and (not as_adapter or adapter_rank < 1):
         raise UserError("--adapter-rank: needs --as-adapter and a rank of at least 1")
+    n_threads = _threads(threads)
     plan = plan_merge(r, allow_pickle)
     for w in plan.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
@@ -110,12 +118,11 @@ def run(
         if plan.method.optimized:
             _on_interrupt(lambda: _kept_state(output))
             return _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard)
-        if "OMP_NUM_THREADS" not in os.environ:
-            import torch
+        import torch
 
-            # Row chunks are small: with 2 OpenMP threads, one busy core elsewhere made a TIES
-            # merge 13x slower (230 s vs 18 s on SmolLM2 + 4 experts); one thread is robust to that.
-            torch.set_num_threads(1)
+        # Parallelism comes from worker threads each running single-threaded ops: with OpenMP
+        # threads inside small ops, one core busy elsewhere made a TIES merge 13x slower.
+        torch.set_num_threads(1)
         random.seed(seed)
         with _progress() as prog:
             task = prog.add_task(f"{r.merge_method}", total=len(plan.names), info="")
@@ -127,8 +134,22 @@ def run(
                 shard_bytes=shard,
                 device=dev,
                 progress=_tick(prog, task),
+                threads=n_threads,
             )
     out.print(f"[green]merged[/] {len(plan.names)} tensors with {r.merge_method} -> {output}")
+
+
+def _threads(option: int | None) -> int:
+    """--threads, else $OMP_NUM_THREADS (the usual way to cap a process's threads), else the
+    cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    if option is not None:
+        if option < 1:
+            raise UserError(f"--threads: {option} is not valid; use 1 or more")
+        return option
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.strip().isdigit() and int(env) >= 1:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager

