@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from test_lora import ADAPTERS, lora_zoo  # noqa: F401 - the adapter fixture
 
 from conftest import write_recipe
 from divmerge_cli import cli as cli_mod
@@ -130,3 +131,20 @@ def test_threads_option_env_and_affinity(monkeypatch, tmp_path, llama_zoo, cli):
     assert code == 2 and "--threads" in err and not (tmp_path / "m").exists()
     code, _, err = cli("run", r, "-o", tmp_path / "m", "--threads", "2")
     assert code == 0, err
+
+
+def test_lora_adapters_merge_on_one_thread_and_match_it(lora_zoo, tmp_path, monkeypatch):  # noqa: F811
+    # LoraExpert caches one tensor's factors: run_merge keeps adapters on one thread
+    models = [{"model": str(lora_zoo[a]), "parameters": {"density": 0.5}} for a in ADAPTERS]
+    recipe = {"merge_method": "ties", "base_model": str(lora_zoo["base"]), "models": models}
+    plan = merge.plan_merge(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    monkeypatch.setattr(merge, "CHUNK_ELEMENTS", 200)
+    seen = []
+    real = merge.pipeline
+    monkeypatch.setattr(
+        merge, "pipeline", lambda w, threads: seen.append(threads) or real(w, threads)
+    )
+    one = merge.run_merge(plan, tmp_path / "one", threads=1)
+    many = merge.run_merge(plan, tmp_path / "many", threads=4)
+    assert seen == [1, 1]
+    assert (one / "model.safetensors").read_bytes() == (many / "model.safetensors").read_bytes()
