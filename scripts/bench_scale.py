@@ -257,6 +257,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--modes", nargs="+", default=["memory", "stream"])
     ap.add_argument("--synthetic-1p7b", action="store_true")
+    ap.add_argument("--no-floor", action="store_true", help="skip the plain forward+backward row")
     ap.add_argument("--tokenizer-from", type=Path, default=Path("/work/models/smollm2-135m-f32"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--child", action="store_true")
@@ -281,7 +282,7 @@ def main() -> None:
     )
     for n in args.n:
         experts = [make_expert(base, args.work / f"{base.name}-e{i}", seed=i + 1) for i in range(n)]
-        for mode in ["floor", *args.modes]:
+        for mode in ([] if args.no_floor else ["floor"]) + args.modes:
             if (n, mode) in done:
                 continue
             rec = recipe(args.work, base, experts, "stream" if mode == "floor" else mode, dtype)
