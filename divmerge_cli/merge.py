@@ -412,6 +412,7 @@ def _not_finite(plan: MergePlan, name: str) -> UserError:
 def run_merge(
     plan: MergePlan,
     out: Path,
+    *,
     force: bool = False,
     seed: int = 0,
     shard_bytes: int = 5 * 10**9,
