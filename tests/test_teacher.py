@@ -120,9 +120,12 @@ def test_cache_hit_does_not_load_the_model(llama_dir, tmp_path, monkeypatch):  #
     assert_same(first, again)
     # the cached targets are what the expert produces, probabilities stored as float16 (11-bit
     # mantissa: relative error <= 2**-11) and rescaled so top-k + tail is a distribution again
-    direct = greedy_generate(llama(), tokenizer(), PROMPTS, MAX_NEW, top_k=4)
+    # generated at another batch size than the cache was built with: the same tokens and ids,
+    # probabilities equal up to float rounding (batched matmuls differ in the last bit)
+    direct = greedy_generate(llama(), tokenizer(), PROMPTS, MAX_NEW, batch_size=3, top_k=4)
     for d, s in zip(direct, again):
-        assert torch.equal(d.gen_ids, s.gen_ids) and torch.equal(d.tail, s.tail)
+        assert torch.equal(d.gen_ids, s.gen_ids) and torch.equal(d.topk_ids, s.topk_ids)
+        assert torch.allclose(d.tail, s.tail, rtol=1e-5, atol=1e-7)
         assert torch.allclose(d.topk_probs, s.topk_probs, rtol=2**-10, atol=1e-7)
         assert torch.allclose(s.topk_probs.sum(-1) + s.tail, torch.ones(len(s.tail)), atol=1e-6)
 
