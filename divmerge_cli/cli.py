@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .errors import UserError
+from .errors import GateFailed, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -32,6 +32,14 @@ out = Console()
 err = Console(stderr=True)
 
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
+FailUnderAnp = Annotated[
+    float | None,
+    typer.Option(help="exit 3 if a model's ANP is under X percent (after writing every output)"),
+]
+FailUnder = Annotated[
+    list[str] | None,
+    typer.Option(help="TASK=SCORE: exit 3 if a model scores under SCORE on TASK (repeatable)"),
+]
 
 
 def _progress() -> Progress:
@@ -94,6 +102,14 @@ def run(
             "core this process may use)"
         ),
     ] = None,
+    eval_: Annotated[
+        bool,
+        typer.Option(
+            "--eval", help="then score OUTPUT on the recipe's tasks into OUTPUT/eval.json"
+        ),
+    ] = False,
+    fail_under_anp: FailUnderAnp = None,
+    fail_under: FailUnder = None,
 ) -> None:
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
     from .checkpoint import check_out, parse_size
@@ -107,6 +123,9 @@ def run(
     if adapter_rank is not None and (not as_adapter or adapter_rank < 1):
         raise UserError("--adapter-rank: needs --as-adapter and a rank of at least 1")
     n_threads = _threads(threads)
+    if eval_ and as_adapter:
+        raise UserError("--eval scores a full model folder; it does not go with --as-adapter")
+    gated = _run_eval_plan(r, recipe, eval_, fail_under_anp, fail_under, seed)
     plan = plan_merge(r, allow_pickle)
     for w in plan.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
@@ -117,7 +136,8 @@ def run(
             return _run_as_adapter(plan, output, adapter_rank, force, seed, dev)
         if plan.method.optimized:
             _on_interrupt(lambda: _kept_state(output))
-            return _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard)
+            _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard)
+            return _run_eval(gated, output, seed, cache_dir)
         import torch
 
         # Parallelism comes from worker threads each running single-threaded ops: with OpenMP
@@ -137,6 +157,35 @@ def run(
                 threads=n_threads,
             )
     out.print(f"[green]merged[/] {len(plan.names)} tensors with {r.merge_method} -> {output}")
+    _run_eval(gated, output, seed, cache_dir)
+
+
+def _run_eval_plan(r, recipe: Path, enabled: bool, anp_min, task_mins, seed: int):
+    """For `run --eval`: (tasks, references, gates), checked before any merging; None without."""
+    from .evaluate import labelled_rows
+    from .tasks import load_tasks
+
+    if not enabled:
+        if anp_min is not None or task_mins:
+            raise UserError("--fail-under-anp / --fail-under: gates need --eval")
+        return None
+    if r.tasks is None:
+        raise UserError(f"--eval: {recipe} has no tasks to evaluate on")
+    specs = load_tasks(r.tasks, r.source.parent, str(recipe))
+    for t, spec in specs.items():
+        labelled_rows(t, spec, "test", None, seed)  # no test rows: say so now, not after merging
+    refs = {m.task: Path(r.resolve_path(m.model)) for m in r.models if m.task}
+    return specs, refs, _gates(anp_min, task_mins, list(specs), refs)
+
+
+def _run_eval(gated, output: Path, seed: int, cache_dir: Path | None) -> None:
+    if gated is None or _distributed_rank() != 0:  # under accelerate, one process evaluates
+        return
+    specs, refs, gates = gated
+    _on_interrupt(lambda: f"{output} is complete; its eval.json was not written")
+    opts = {"split": "test", "limit": None, "batch_size": 16, "seed": seed}
+    report = _eval_report([output], specs, refs, None, opts, cache_dir or _default_cache("eval"))
+    _report_and_gate(report, gates, output / "eval.json")
 
 
 def _threads(option: int | None) -> int:
@@ -375,8 +424,15 @@ def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:
 def eval_(
     models: Annotated[list[Path], typer.Argument(help="merged or expert checkpoint folders")],
     tasks: Annotated[
-        Path, typer.Option(help="a tasks YAML, or a recipe (its experts are the references)")
-    ],
+        Path | None, typer.Option(help="a tasks YAML, or a recipe (its experts are the references)")
+    ] = None,
+    harness: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="lm-evaluation-harness tasks: names or task YAML paths, comma-separated or "
+            "repeated (pip install 'divmerge[harness]')"
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="validation | test")] = "test",
     limit: Annotated[
         int | None, typer.Option(help="at most N rows per task (seeded sample)")
@@ -396,12 +452,11 @@ def eval_(
     allow_pickle: Annotated[
         bool, typer.Option(help="load pickled .bin weights (weights_only)")
     ] = False,
+    fail_under_anp: FailUnderAnp = None,
+    fail_under: FailUnder = None,
 ) -> None:
     """Score MODELS on the tasks' labelled rows (accuracy / ROUGE-1) and their ANP vs the experts."""
-    import json
-
     from .checkpoint import check_weights_readable
-    from .evaluate import anp, evaluate_model
 
     if split not in ("validation", "test"):
         raise UserError(f"--split: {split!r} is not valid; use validation or test")
@@ -412,42 +467,174 @@ def eval_(
     _check_seed(seed)
     if json_out:
         _check_writable(json_out, "--json")
-    specs, refs, where = _eval_tasks(tasks)
+    specs, refs, _ = _eval_tasks(tasks) if tasks is not None else ({}, {}, None)
+    items = [i.strip() for h in harness or [] for i in h.split(",") if i.strip()]
+    if not specs and not items:
+        raise UserError(
+            "eval: give --tasks (a tasks YAML or a recipe) or --harness (lm-eval tasks)"
+        )
+    lm_tasks = _harness_tasks(items, specs) if items else None
+    names = [*specs, *(lm_tasks.names if lm_tasks else [])]
     for item in reference or []:
         task, sep, p = item.partition("=")
-        if not sep or task not in specs:
+        if not sep or task not in names:
             raise UserError(
-                f"--reference {item}: use TASK=PATH with TASK one of {', '.join(specs)}"
+                f"--reference {item}: use TASK=PATH with TASK one of {', '.join(names)}"
             )
         refs[task] = Path(p)
+    gates = _gates(fail_under_anp, fail_under, names, refs)
     for m in [*models, *refs.values()]:
         if not (Path(m) / "config.json").is_file():
             raise UserError(f"{m}: not a Hugging Face model folder (no config.json)")
         check_weights_readable(Path(m), "eval", allow_pickle)
-    cache = cache_dir or _default_cache("eval")
-    ref_scores = {
-        t: evaluate_model(p, {t: specs[t]}, split, limit, batch_size, seed, cache)[t].score
-        for t, p in refs.items()
-    }
-    report: dict = {"models": {}}
-    for m in models:
-        scores = evaluate_model(m, specs, split, limit, batch_size, seed, cache)
-        entry: dict = {"tasks": {t: vars(s) for t, s in scores.items()}}
-        known = {t: s.score for t, s in scores.items() if t in ref_scores}
-        entry["anp"] = anp(known, ref_scores) if known else None
-        if divergence:
-            entry["divergence"] = _divergences(m, refs, specs, limit, seed, batch_size, cache_dir)
-        report["models"][str(m)] = entry
-        out.print(_score_table(str(m), entry, ref_scores))
+    opts = {"split": split, "limit": limit, "batch_size": batch_size, "seed": seed}
+    report = _eval_report(models, specs, refs, lm_tasks, opts, cache_dir or _default_cache("eval"))
+    if divergence:
+        with _progress() as prog:
+            bar = prog.add_task("divergence", total=len(models), info="")
+            teacher = prog.add_task("teacher", total=1, info="")
+            for i, m in enumerate(models):
+                prog.update(bar, completed=i, info=str(m)[-60:])
+                report["models"][str(m)]["divergence"] = _divergences(
+                    m, refs, specs, limit, seed, batch_size, cache_dir,
+                    lambda d, n: prog.update(teacher, completed=d, total=n),
+                )  # fmt: skip
+            prog.update(bar, completed=len(models), info="")
+    _report_and_gate(report, gates, json_out)
+
+
+def _harness_tasks(items: list[str], specs: dict):
+    from .harness import resolve_tasks
+
+    lm_tasks = resolve_tasks(items)
+    clash = sorted(set(lm_tasks.names) & set(specs))
+    if clash:
+        raise UserError(
+            f"--harness: task {clash[0]!r} is also a divmerge task of --tasks; a task name must "
+            "say which one it scores (rename the lm-eval task)"
+        )
+    return lm_tasks
+
+
+def _gates(anp_min: float | None, task_mins: list[str] | None, names: list[str], refs: dict):
+    from .evaluate import parse_gates
+
+    if anp_min is not None and not refs:
+        raise UserError(
+            "--fail-under-anp: ANP needs reference scores; pass a recipe to --tasks (its experts) "
+            "or --reference TASK=PATH"
+        )
+    return parse_gates(anp_min, task_mins or [], names)
+
+
+def _eval_report(models, specs, refs, lm_tasks, opts: dict, cache: Path) -> dict:
+    """Scores of every model and reference, with progress bars per model, task and batch."""
+    from .evaluate import anp
+    from .harness import only
+
+    with _progress() as prog:
+        bars = _EvalBars(prog, len(refs) + len(models))
+        ref_scores = {}
+        for t, p in refs.items():
+            bars.model(f"reference {t}: {p}", 1)
+            own = {t: specs[t]} if t in specs else {}
+            lm = only(lm_tasks, {t}) if lm_tasks is not None and t not in specs else None
+            ref_scores[t] = _score_model(p, own, lm, opts, cache, bars)[t]["score"]
+        report: dict = {"models": {}}
+        for m in models:
+            bars.model(str(m), len(specs) + (len(lm_tasks.names) if lm_tasks else 0))
+            entry: dict = {"tasks": _score_model(m, specs, lm_tasks, opts, cache, bars)}
+            known = {t: s["score"] for t, s in entry["tasks"].items() if t in ref_scores}
+            entry["anp"] = anp(known, ref_scores) if known else None
+            report["models"][str(m)] = entry
+        bars.finish()
     if refs:
         report["references"] = {
             t: {"model": str(p), "score": ref_scores[t]} for t, p in refs.items()
         }
+    return report
+
+
+def _score_model(path: Path, own: dict, lm_tasks, opts: dict, cache: Path, bars) -> dict:
+    """{task: score entry} of one model on divmerge tasks `own` and lm-eval tasks `lm_tasks`."""
+    from .evaluate import evaluate_model
+    from .harness import harness_scores
+
+    out = {}
+    if own:
+        found = evaluate_model(
+            path, own, opts["split"], opts["limit"], opts["batch_size"], opts["seed"], cache,
+            bars.batch,
+        )  # fmt: skip
+        out = {t: {**vars(s), "source": "divmerge"} for t, s in found.items()}
+    if lm_tasks is not None and lm_tasks.names:
+        found = harness_scores(
+            path, lm_tasks, opts["limit"], opts["batch_size"], opts["seed"], bars.harness
+        )
+        out.update({t: vars(s) for t, s in found.items()})
+        bars.task_done(len(lm_tasks.names))
+    return out
+
+
+class _EvalBars:
+    """Three bars: models (and references) scored, tasks of the current model, its batches."""
+
+    def __init__(self, prog: Progress, n_models: int):
+        self.prog, self.done = prog, -1
+        self.models = prog.add_task("models", total=n_models, info="")
+        self.tasks = prog.add_task("tasks", total=1, info="")
+        self.batches = prog.add_task("batches", total=1, info="")
+
+    def model(self, name: str, n_tasks: int) -> None:
+        self.done += 1
+        self.prog.update(self.models, completed=self.done, info=name[-60:])
+        self.prog.update(self.tasks, completed=0, total=max(n_tasks, 1), info="")
+
+    def finish(self) -> None:
+        self.prog.update(self.models, completed=self.done + 1, info="")
+
+    def batch(self, task: str, done: int, total: int) -> None:
+        self.prog.update(self.batches, completed=done, total=total, info=task)
+        if done == total:
+            self.prog.advance(self.tasks)
+
+    def harness(self, done: int, total: int, kind: str) -> None:
+        self.prog.update(self.batches, completed=done, total=total, info=f"lm-eval {kind}")
+
+    def task_done(self, n: int) -> None:
+        self.prog.advance(self.tasks, n)
+
+
+def _report_and_gate(report: dict, gates: list, json_out: Path | None) -> None:
+    """Print the tables, record the gates, write the JSON, then fail (exit 3) on a failed gate."""
+    from .evaluate import check_gates, gate_message
+
+    refs = {t: r["score"] for t, r in report.get("references", {}).items()}
+    for m, entry in report["models"].items():
+        out.print(_score_table(m, entry, refs))
+    if gates:
+        report["gates"] = check_gates(report["models"], gates)
     if json_out:
-        try:
-            json_out.write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as e:
-            raise UserError(f"--json {json_out}: cannot write it ({e.strerror})") from None
+        _write_json(json_out, report)
+    failed = [gate_message(g) for g in report.get("gates", []) if not g["passed"]]
+    if failed:
+        raise GateFailed(failed)
+    if gates:
+        out.print(f"[green]passed[/] {len(report['gates'])} gate(s)")
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write JSON through a temporary file and a rename: a reader never sees half of it."""
+    import json
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"--json {path}: cannot write it ({e.strerror})") from None
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -467,7 +654,7 @@ def _default_cache(kind: str) -> Path:
     return Path(platformdirs.user_cache_dir("divmerge")) / kind
 
 
-def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir) -> dict:
+def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir, progress=None) -> dict:
     """JS and KL of each expert to MODEL on the teacher targets a merge with default settings
     learns from (same samples count, top_k and cache)."""
     from .methods import OPTIMIZE_DEFAULTS
@@ -476,8 +663,8 @@ def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir) -> dict
 
     out = {}
     for task, expert in refs.items():
-        spec = specs[task]
-        if not spec.validation:
+        spec = specs.get(task)  # lm-eval tasks have no divmerge validation inputs
+        if spec is None or not spec.validation:
             continue
         samples = teacher_samples(
             expert,
@@ -488,6 +675,7 @@ def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir) -> dict
             seed=seed,
             cache_dir=cache_dir or default_cache_dir(),
             batch_size=batch_size,
+            progress=progress,
         )
         out[task] = model_divergences(model, samples, batch_size)
     return out
@@ -502,14 +690,14 @@ def _score_table(name: str, entry: dict, refs: dict[str, float]) -> Table:
         norm = f"{s['score'] / ref:.3f}" if ref else "-"
         table.add_row(
             t,
-            s["metric"],
+            f"lm-eval {s['metric']}" if s.get("source") == "lm-eval" else s["metric"],
             f"{s['score']:.4f}",
             str(s["n"]),
             f"{ref:.4f}" if ref is not None else "-",
             norm,
         )
     if entry.get("anp") is not None:
-        table.add_row("[bold]ANP[/]", "", "", "", "", f"[bold]{entry['anp']:.4f}[/]")
+        table.add_row("[bold]ANP[/]", "", "", "", "", f"[bold]{100 * entry['anp']:.2f} %[/]")
     for t, d in entry.get("divergence", {}).items():
         table.add_row(f"JS / KL ({t} expert)", "", "", "", "", f"{d['js']:.4f} / {d['kl']:.4f}")
     return table
@@ -748,8 +936,8 @@ def _interrupted() -> None:
 
 
 def main() -> None:
-    """Entry point: user errors exit 2 with one line, unexpected failures exit 1, Ctrl-C 130,
-    SIGTERM 143."""
+    """Entry point: user errors exit 2 with one line, failed quality gates 3, unexpected failures
+    1, Ctrl-C 130, SIGTERM 143."""
     _stopped_by.clear()
     _kept.clear()
     handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
@@ -783,6 +971,10 @@ def _main_inner() -> None:
     except UserError as e:
         err.print(f"[red]error:[/] {_plain(e)}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except GateFailed as e:
+        for line in e.lines:
+            err.print(f"[red]gate failed:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        sys.exit(3)
     except KeyboardInterrupt:
         code = 130
     except typer.Exit as e:

@@ -5,6 +5,15 @@ class UserError(Exception):
     """
 
 
+class GateFailed(Exception):
+    """A quality gate failed after every output was written. The CLI prints one line per failed
+    gate and exits with code 3."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
 def suggest(word: str, choices) -> str:
     """' (did you mean X?)' for the closest valid choice, or ''."""
     import difflib

@@ -8,6 +8,7 @@ so the experts' reference scores are computed once per (model bytes, task, rows)
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -99,6 +100,10 @@ def anp(scores: dict[str, float], references: dict[str, float]) -> float:
     return sum(ratios) / len(ratios)
 
 
+# progress(task, done, total): generation batches of `task` scored so far.
+ScoreProgress = Callable[[str, int, int], None]
+
+
 @dataclass(frozen=True)
 class TaskScore:
     metric: str
@@ -129,15 +134,19 @@ def score_task(
     rows: list[dict],
     batch_size: int = 16,
     wrap: Callable[[list[str]], list[str]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TaskScore:
     """Greedy-generate on `rows` and score with the task's metric (works on in-memory models).
 
-    `wrap` rewrites the rendered prompts first (e.g. into a chat template).
+    `wrap` rewrites the rendered prompts first (e.g. into a chat template); `progress(done,
+    total)` is called after each generation batch.
     """
     prompts = [render_prompt(task, spec, r) for r in rows]
     if wrap is not None:
         prompts = wrap(prompts)
-    gens = greedy_generate(model, tokenizer, prompts, spec.max_new_tokens, batch_size=batch_size)
+    gens = greedy_generate(
+        model, tokenizer, prompts, spec.max_new_tokens, batch_size=batch_size, progress=progress
+    )
     preds = [gen.text for gen in gens]
     targets = [str(r[spec.target]) for r in rows]
     return TaskScore(spec.metric, METRICS[spec.metric](preds, targets), len(rows))
@@ -184,11 +193,13 @@ def evaluate_model(
     batch_size: int = 16,
     seed: int = 0,
     cache_dir: Path | None = None,
+    progress: ScoreProgress | None = None,
 ) -> dict[str, TaskScore]:
     """Score the checkpoint in `model_dir` on every task's labelled `split` rows.
 
     With `cache_dir`, each task's score is stored under a hash of (model files, task spec, rows,
     split, limit, seed); a rerun with the same inputs loads neither the model nor generates.
+    `progress(task, done, total)` follows the generation batches; a cached task reports 1 of 1.
     """
     rows = {t: labelled_rows(t, spec, split, limit, seed) for t, spec in tasks.items()}
     cache_path = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
@@ -203,11 +214,78 @@ def evaluate_model(
         hit = cached.get(keys[task])
         if hit is not None:
             out[task] = TaskScore(**hit)
+            if progress:
+                progress(task, 1, 1)
             continue
         if model is None:  # load lazily: a fully cached run never touches the weights
             model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-        out[task] = score_task(model, tokenizer, task, spec, rows[task], batch_size)
+        tick = (lambda d, n, t=task: progress(t, d, n)) if progress else None
+        out[task] = score_task(model, tokenizer, task, spec, rows[task], batch_size, None, tick)
         fresh[keys[task]] = asdict(out[task])
     if cache_path and fresh:
         _write_cache(cache_path, fresh)
     return out
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A quality gate: a model's ANP (percent) or one task's score must not be under `threshold`."""
+
+    threshold: float
+    task: str | None = None  # None: the ANP gate
+
+
+def parse_gates(anp_min: float | None, task_mins: list[str], tasks: list[str]) -> list[Gate]:
+    """--fail-under-anp X and --fail-under TASK=SCORE, checked against the evaluated tasks."""
+    gates = [Gate(anp_min)] if anp_min is not None else []
+    for item in task_mins:
+        task, sep, value = item.partition("=")
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = math.nan
+        if not sep or task not in tasks or math.isnan(threshold):
+            raise UserError(
+                f"--fail-under {item}: use TASK=SCORE with TASK one of {', '.join(tasks)} and "
+                "SCORE a number on the task's metric scale"
+            )
+        gates.append(Gate(threshold, task))
+    return gates
+
+
+def check_gates(models: dict[str, dict], gates: list[Gate]) -> list[dict]:
+    """One record per (model, gate): the value found and whether it passed.
+
+    `models` maps a model to its report entry ({"tasks": {task: {"score": ...}}, "anp": ...}).
+    A model without an ANP (no reference for any of its tasks) fails an ANP gate.
+    """
+    records = []
+    for model, entry in models.items():
+        for g in gates:
+            if g.task is None:
+                anp_ = entry.get("anp")
+                value = None if anp_ is None else 100 * anp_
+            else:
+                value = entry["tasks"][g.task]["score"]
+            records.append(
+                {
+                    "model": model,
+                    "gate": "anp" if g.task is None else g.task,
+                    "threshold": g.threshold,
+                    "value": value,
+                    "passed": value is not None and value >= g.threshold,
+                }
+            )
+    return records
+
+
+def gate_message(record: dict) -> str:
+    """One line for a failed gate."""
+    if record["gate"] == "anp":
+        if record["value"] is None:
+            return f"{record['model']}: no ANP to gate (no task has a reference score)"
+        return f"{record['model']}: ANP {record['value']:.2f} % is under {record['threshold']:g} %"
+    return (
+        f"{record['model']}: {record['gate']} scored {record['value']:.4f}, "
+        f"under {record['threshold']:g}"
+    )

@@ -144,3 +144,11 @@ def toy(tmp_path_factory) -> Path:
     }
     write_recipe(root / "tasks.yaml", tasks)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_small(tmp_path_factory):
+    """The demo's small zoo (base, four experts, their JSONL data), built once per session."""
+    from divmerge_cli.demo_zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("demo") / "zoo", size="small")

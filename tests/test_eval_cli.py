@@ -113,3 +113,104 @@ def test_run_refuses_an_old_format_bin_with_the_same_message(toy, tmp_path, cli)
     )
     code, _, err = cli("run", r, "-o", tmp_path / "out", "--allow-pickle")
     assert code == 2 and "old (non-zip) format" in err and "re-save it" in err, err
+
+
+def test_eval_gates_pass_fail_and_json(toy, tmp_path, cli):
+    r = _recipe(toy, tmp_path)
+    args = ("eval", toy / "sent", toy / "base", "--tasks", r, "--cache-dir", tmp_path / "c")
+    code, out, err = cli(*args, "--json", tmp_path / "ok.json", "--fail-under-anp", "0")
+    assert code == 0, err
+    ok = json.loads((tmp_path / "ok.json").read_text())
+    assert [g["passed"] for g in ok["gates"]] == [True, True] and "passed 2 gate" in out
+    anp_sent = 100 * ok["models"][str(toy / "sent")]["anp"]
+    anp_base = 100 * ok["models"][str(toy / "base")]["anp"]
+    assert anp_sent != anp_base
+    # a threshold between the two models' ANP fails exactly the lower one; a task gate too
+    mid = (anp_sent + anp_base) / 2
+    sent_score = ok["models"][str(toy / "sent")]["tasks"]["sent"]["score"]
+    code, out, err = cli(
+        *args,
+        "--json",
+        tmp_path / "bad.json",
+        "--fail-under-anp",
+        f"{mid}",
+        "--fail-under",
+        f"sent={sent_score + 0.01}",
+        "--fail-under",
+        "rev=0",
+    )
+    assert code == 3
+    bad = json.loads((tmp_path / "bad.json").read_text())  # written before the exit
+    low = str(toy / "base") if anp_base < anp_sent else str(toy / "sent")
+    failed = [(g["model"], g["gate"]) for g in bad["gates"] if not g["passed"]]
+    assert sorted(failed) == sorted(
+        [(low, "anp"), (str(toy / "sent"), "sent"), (str(toy / "base"), "sent")]
+    )
+    assert len(bad["gates"]) == 6
+    lines = [ln for ln in err.splitlines() if ln.startswith("gate failed:")]
+    assert len(lines) == 3 and any(f"is under {mid:g} %" in ln for ln in lines)
+    assert "ANP" in out  # the tables were printed before the verdict
+
+
+def test_eval_gate_errors(toy, tmp_path, cli):
+    r = _recipe(toy, tmp_path)
+    code, _, err = cli("eval", toy / "base", "--tasks", r, "--fail-under", "nope=1")
+    assert code == 2 and "TASK=SCORE" in err
+    code, _, err = cli("eval", toy / "base", "--tasks", r, "--fail-under", "sent=high")
+    assert code == 2 and "TASK=SCORE" in err
+    code, _, err = cli(
+        "eval", toy / "base", "--tasks", toy / "tasks.yaml", "--fail-under-anp", "50"
+    )
+    assert code == 2 and "--fail-under-anp" in err and "reference" in err
+    code, _, err = cli("eval", toy / "base")
+    assert code == 2 and "--tasks" in err and "--harness" in err
+
+
+def test_run_eval_writes_eval_json_and_gates(toy, tmp_path, cli):
+    r = _recipe(toy, tmp_path)
+    out_dir = tmp_path / "merged"
+    code, out, err = cli(
+        "run", r, "-o", out_dir, "--eval", "--cache-dir", tmp_path / "c", "--fail-under-anp", "0"
+    )
+    assert code == 0, err
+    report = json.loads((out_dir / "eval.json").read_text())
+    entry = report["models"][str(out_dir)]
+    assert set(entry["tasks"]) == set(TASKS) and entry["anp"] is not None
+    assert report["gates"][0]["passed"] is True
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temp file left
+    # the same merged folder evaluated by `divmerge eval` gives the same scores
+    code, _, err = cli(
+        "eval", out_dir, "--tasks", r, "--json", tmp_path / "e.json", "--cache-dir", tmp_path / "c"
+    )
+    again = json.loads((tmp_path / "e.json").read_text())["models"][str(out_dir)]
+    assert code == 0 and again["anp"] == entry["anp"]
+    # a failing gate exits 3 and keeps the merged folder and its eval.json (a CI artifact)
+    code, _, err = cli(
+        "run", r, "-o", out_dir, "--force", "--eval", "--cache-dir", tmp_path / "c",
+        "--fail-under-anp", "1000",
+    )  # fmt: skip
+    assert code == 3 and "gate failed" in err
+    assert json.loads((out_dir / "eval.json").read_text())["gates"][0]["passed"] is False
+    assert (out_dir / "config.json").is_file()
+
+
+def test_run_eval_errors_before_merging(toy, tmp_path, cli):
+    r = _recipe(toy, tmp_path)
+    code, _, err = cli("run", r, "-o", tmp_path / "o1", "--fail-under-anp", "50")
+    assert code == 2 and "--eval" in err and not (tmp_path / "o1").exists()
+    no_tasks = write_recipe(
+        tmp_path / "nt.yaml",
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(toy / "base"),
+            "models": [{"model": str(toy / n)} for n in TASKS],
+        },
+    )
+    code, _, err = cli("run", no_tasks, "-o", tmp_path / "o2", "--eval")
+    assert code == 2 and "no tasks" in err and not (tmp_path / "o2").exists()
+
+
+def test_run_eval_refuses_an_adapter_output(toy, tmp_path, cli):
+    r = _recipe(toy, tmp_path)
+    code, _, err = cli("run", r, "-o", tmp_path / "a", "--eval", "--as-adapter")
+    assert code == 2 and "--as-adapter" in err and not (tmp_path / "a").exists()

@@ -101,6 +101,10 @@ def two_tasks(tmp_path):
     }
 
 
+def _record(seen: list):
+    return lambda task, done, total: seen.append((task, done, total))
+
+
 class FakeGenerate:
     """Stands in for greedy_generate: fixed answers per prompt, and records every call."""
 
@@ -109,8 +113,12 @@ class FakeGenerate:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, model, tokenizer, prompts, max_new_tokens, batch_size=8, top_k=None):
+    def __call__(
+        self, model, tokenizer, prompts, max_new_tokens, batch_size=8, top_k=None, progress=None
+    ):
         self.calls.append((list(prompts), max_new_tokens))
+        if progress is not None:
+            progress(len(prompts), len(prompts))
         empty = torch.zeros(0, dtype=torch.long)
         return [Generation(empty, empty, self.ANSWERS[p]) for p in prompts]
 
@@ -155,7 +163,9 @@ def test_eval_cache_hits_on_rerun_and_misses_after_a_change(
 
     monkeypatch.setattr(evaluate, "greedy_generate", boom)
     monkeypatch.setattr(evaluate, "load_model", boom)
-    assert evaluate.evaluate_model(tiny_dir, two_tasks, cache_dir=cache) == first
+    seen = []
+    hit = evaluate.evaluate_model(tiny_dir, two_tasks, cache_dir=cache, progress=_record(seen))
+    assert hit == first and seen == [("qa", 1, 1), ("gen", 1, 1)]  # a cached task is done at once
 
     # Changing one task's rows recomputes that task only.
     monkeypatch.undo()
@@ -193,3 +203,9 @@ def test_evaluate_model_real_generation_on_a_trained_model(tmp_path):
     spec = TaskSpec(test=data, prompt="Q: is {w} ok? A:", target="a", max_new_tokens=4)
     out = evaluate.evaluate_model(model_dir, {"yn": spec}, batch_size=2)
     assert out["yn"].score == pytest.approx(2 / 3) and out["yn"].n == 3
+
+
+def test_evaluate_model_reports_every_generation_batch(tiny_dir, two_tasks):
+    seen = []
+    evaluate.evaluate_model(tiny_dir, two_tasks, batch_size=2, progress=_record(seen))
+    assert seen == [("qa", 2, 3), ("qa", 3, 3), ("gen", 1, 1)]  # 3 labelled qa rows, 1 gen row
