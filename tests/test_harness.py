@@ -112,6 +112,10 @@ def test_harness_local_yaml_offline(demo_small, tmp_path, cli, monkeypatch):
     assert "lm-eval" in out and "divmerge_demo" in out  # its rows in the same table
 
 
+def test_every_shipped_harness_task_is_tested():
+    assert sorted(p.name for p in HARNESS.iterdir()) == [ADD.name, SENT.name]
+
+
 def test_harness_errors(demo_small, tmp_path, cli, monkeypatch):
     pytest.importorskip("lm_eval")
     monkeypatch.chdir(tmp_path)  # the YAML's data file is not here
