@@ -5,6 +5,7 @@ The terms, for a batch of B sequences of T tokens, hidden size H, vocabulary V, 
 - theta0 once, as the model's parameters, in the compute dtype;
 - `memory` mode: every dense tau in its storage dtype, plus every merged weight for the step;
 - `stream` mode: the merged tensors outside blocks, one block's merged weights and one tau;
+  under an FSDP launch theta0's blocks are divided among the processes (taskvectors.shard_base);
 - activations: all of every block (memory) or each block's input plus one block's internals
   (stream, recomputed block by block), and the logits with the objective's temporaries;
 - the process itself (torch, transformers), measured on these machines.
@@ -20,6 +21,7 @@ import psutil
 import torch
 
 from .layers import block_of
+from .taskvectors import fsdp_launch
 
 RUNTIME_BYTES = 600 * 10**6  # python + torch + transformers + accelerate, imported (RSS)
 LOGIT_COPIES = 6  # logits, log-softmax, softmax and gradients in float32 (calibrated: bench_scale)
@@ -138,9 +140,12 @@ def estimate_learned(
     kept = (
         n_experts * biggest_block * 4
     )  # one block's tau, saved from the recomputation (taskvectors)
+    held = model
+    if fsdp_launch():  # blocks sharded; one block gathered whole, with the gather's buffers
+        held = outside * c + (p_total - outside) * c // n_processes + 2 * biggest_block * c
     stream = (
         RUNTIME_BYTES
-        + model
+        + held
         + outside * c
         + biggest_block * (c + 4)  # one block merged, and its float32 accumulator
         + 2 * biggest_tensor * 4  # one tau being read, and a float32 accumulator

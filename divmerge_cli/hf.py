@@ -58,6 +58,26 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     return model.eval()
 
 
+def empty_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model of a checkpoint folder, its parameters on the meta device (no memory, no values;
+    buffers are real), in eval mode: for a caller that fills the parameters itself."""
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(path)
+    auto = (
+        AutoModelForSeq2SeqLM
+        if getattr(config, "is_encoder_decoder", False)
+        else AutoModelForCausalLM
+    )
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = auto.from_config(config, dtype=dtype, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot build the model ({str(e).splitlines()[0]})") from e
+    model.tie_weights()  # from_pretrained ties the head to the embeddings; from_config here does not
+    return model.eval()
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token; decoder-only models pad on the left for batched generation."""
     try:

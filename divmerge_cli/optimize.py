@@ -29,7 +29,15 @@ from .merge import MergePlan, run_merge
 from .objectives import DIVERGENCES, OBJECTIVES, collate, sample_means
 from .recipe import OptimizeParams, Recipe, optimize_params  # noqa: F401 - re-exported
 from .tasks import check_task, load_rows, load_tasks, render_prompt
-from .taskvectors import MergedModel, TaskVectors, dense_tau, pick_mode, tied_aliases
+from .taskvectors import (
+    MergedModel,
+    TaskVectors,
+    dense_tau,
+    fsdp_launch,
+    pick_mode,
+    shard_base,
+    tied_aliases,
+)
 from .teacher import TeacherSample, default_cache_dir, teacher_samples
 
 Progress = Callable[[str, int, int, str], None]  # (phase, done, total, info)
@@ -96,7 +104,10 @@ def prepare(
         mode, reason = pick_mode(params.task_vectors, est.memory_bytes, available or est.available)
     else:
         reason = f"task_vectors: {mode}"
-    model = hf.load_model(plan.base.path, compute_dtype(recipe)).to(device)
+    if fsdp_launch():
+        model = shard_base(plan.base.path, plan.base, compute_dtype(recipe), plan.names, device)
+    else:
+        model = hf.load_model(plan.base.path, compute_dtype(recipe)).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     state = dict(model.state_dict(keep_vars=True))
@@ -121,7 +132,7 @@ def prepare(
         tasks=names,
         samples=samples,
         groups=groups,
-        student=MergedModel(model, tv),
+        student=MergedModel(model, tv, fsdp_launch()),
         mode_reason=reason,
         aliases=aliases,
         pad_id=tok.pad_token_id,
@@ -371,11 +382,13 @@ def _step(pb: Problem, run: _Run, step: int, accelerator) -> float:
     idx = run.schedule[step]
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = idx[rank::world]
-    if mine:
+    if mine or pb.student.sharded:
         # divide by the whole batch, not by this share: summed over ranks, the gradients and
-        # losses are those of the batch mean
-        batch = [pb.samples[i] for i in mine]
-        loss = per_sample_loss(pb, run.gamma, batch, str(accelerator.device)).sum() / len(idx)
+        # losses are those of the batch mean. Sharded, every rank must run the model (the
+        # gathers of theta0 are collective): one without a share runs a sample at weight 0
+        batch = [pb.samples[i] for i in mine or idx[:1]]
+        loss = per_sample_loss(pb, run.gamma, batch, str(accelerator.device)).sum()
+        loss = loss / len(idx) if mine else loss * 0
     else:
         # a rank with no sample still joins the all-reduce below, with a zero gradient
         loss = run.gamma.sum() * 0

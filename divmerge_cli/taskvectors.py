@@ -15,12 +15,14 @@ Low-rank tau are never densified: the Linear that owns the tensor adds sum_t Gam
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.distributed.tensor import DTensor
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
@@ -111,7 +113,8 @@ class _Reader(Sequence):
 class _Theta0:
     """theta0 as the model's own parameters, in the read API `tau` takes. Where the compute dtype
     cannot hold the stored values exactly (bf16 compute, float32 checkpoint), tau is taken
-    against the stored theta0, read from disk: tau must not carry theta0's rounding."""
+    against the stored theta0, read from disk: tau must not carry theta0's rounding. So is a
+    theta0 sharded across processes (FSDP): this process holds only some of its rows."""
 
     def __init__(self, params: dict[str, Tensor], ckpt):
         self.params, self.ckpt = params, ckpt
@@ -119,6 +122,8 @@ class _Theta0:
 
     def get(self, name: str, start: int | None = None, stop: int | None = None) -> Tensor:
         t = self.params[name].detach()
+        if isinstance(t, DTensor):  # sharded: this process holds some rows only
+            return self.ckpt.get(name, start, stop)
         if t.dtype not in (torch.float32, self.ckpt.dtype(name)):
             if self._last is None or self._last[0] != name:
                 self._last = (name, self.ckpt.get(name))
@@ -182,11 +187,15 @@ class TaskVectors:
         )
         return held + lr
 
-    def combine(self, name: str, gamma: Tensor, keep: bool = False) -> Tensor:
+    def combine(
+        self, name: str, gamma: Tensor, theta0: Tensor | None = None, keep: bool = False
+    ) -> Tensor:
         """theta0 + sum over dense experts of Gamma[t, group] tau_t on one tensor (differentiable
-        in Gamma); low-rank experts are applied by the Linear that owns the tensor. `keep`: the
-        streamed tau may be saved for the backward pass (only inside a checkpointed block)."""
-        theta0 = self.base.params[name]
+        in Gamma); low-rank experts are applied by the Linear that owns the tensor. `theta0`: the
+        tensor as the model holds it now (whole again while an FSDP unit runs), by default the
+        one captured at load. `keep`: the streamed tau may be saved for the backward pass (only
+        inside a checkpointed block)."""
+        theta0 = self.base.params[name] if theta0 is None else theta0
         idx = self.dense_idx[name]
         if not idx:
             return theta0
@@ -205,12 +214,16 @@ class MergedModel:
     In `stream` mode each transformer block builds its merged weights when it runs and frees
     them after; its backward pass recomputes them (non-reentrant activation checkpointing), so
     one block's weights exist at a time. Tensors outside blocks (embeddings, final norm, head)
-    are merged for the whole step: they are a fixed size, not one copy per expert."""
+    are merged for the whole step: they are a fixed size, not one copy per expert.
 
-    def __init__(self, model: nn.Module, tv: TaskVectors):
-        self.model, self.tv = model, tv
+    Each merge reads theta0 from the module as it is when the module runs, and calls the
+    module's own forward with the merged tensors swapped in (not `module(...)` again): under
+    FSDP (`shard`) the parameters are whole only between the unit's pre- and post-forward hooks,
+    and a second call would let the hooks put theta0 back over the merged tensors."""
+
+    def __init__(self, model: nn.Module, tv: TaskVectors, sharded: bool = False):
+        self.model, self.tv, self.sharded = model, tv, sharded
         self.gamma: Tensor | None = None
-        self._inside: set[int] = set()
         self._blocks: dict[str, list[str]] = {}
         outside = []
         for n in tv.names:
@@ -219,37 +232,47 @@ class MergedModel:
                 self._blocks.setdefault(f"{b[0]}.{b[1]}", []).append(n)
             else:
                 outside.append(n)
-        self._outside = outside
+        self._merge_on_forward(model, outside, stream=False)
         for prefix, names in self._blocks.items():
             held = sum(4 * len(tv.dense_idx[n]) * tv.base.params[n].numel() for n in names)
-            self._stream(model.get_submodule(prefix), prefix, names, held <= KEEP_BYTES)
+            self._merge_on_forward(
+                model.get_submodule(prefix), names, True, prefix, keep=held <= KEEP_BYTES
+            )
         for name, lows in tv.low_rank.items():
             if lows:
                 self._add_low_rank(name, lows)
 
     def logits(self, gamma: Tensor, inputs: dict) -> Tensor:
         self.gamma = gamma
-        params = {n: self.tv.combine(n, gamma) for n in self._outside}
         # no KV cache: a recomputed block would append its keys and values a second time
-        kwargs = {**inputs, "use_cache": False}
-        return functional_call(self.model, params, args=(), kwargs=kwargs).logits
+        return self.model(**inputs, use_cache=False).logits
 
-    def _stream(self, module: nn.Module, prefix: str, names: list[str], keep: bool) -> None:
+    def _merge_on_forward(
+        self,
+        module: nn.Module,
+        names: list[str],
+        stream: bool,
+        prefix: str = "",
+        keep: bool = False,
+    ) -> None:
+        """Make `module` run with theta0 + sum Gamma tau on `names` (its own tensors, full names);
+        a streamed block under activation checkpointing, so its merged weights are rebuilt in
+        the backward pass instead of kept (`keep`: its tau are, from the recomputation)."""
         plain = module.forward
-        local = [n[len(prefix) + 1 :] for n in names]
+        local = [n[len(prefix) + 1 :] if prefix else n for n in names]
 
         def merged(gamma: Tensor, *args, **kwargs):
-            params = {k: self.tv.combine(n, gamma, keep=keep) for k, n in zip(local, names)}
-            self._inside.add(id(module))
-            try:
-                return functional_call(module, params, args=args, kwargs=kwargs)
-            finally:
-                self._inside.discard(id(module))
+            params = {
+                k: self.tv.combine(n, gamma, _tensor(module, k), keep=keep)
+                for k, n in zip(local, names)
+            }
+            with _reparametrize_module(module, params, tie_weights=True):
+                return plain(*args, **kwargs)
 
         def forward(*args, **kwargs):
-            if id(module) in self._inside:  # called by functional_call inside `merged`
-                return plain(*args, **kwargs)
-            return checkpoint(merged, self.gamma, *args, use_reentrant=False, **kwargs)
+            if stream:
+                return checkpoint(merged, self.gamma, *args, use_reentrant=False, **kwargs)
+            return merged(self.gamma, *args, **kwargs)
 
         module.forward = forward
 
@@ -288,9 +311,78 @@ def tied_aliases(model: nn.Module, names: list[str]) -> dict[str, str]:
     return out
 
 
+def _tensor(module: nn.Module, name: str) -> Tensor:
+    """The parameter or buffer `name` of `module`, as the module holds it now."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner), leaf)
+
+
+def fsdp_launch() -> bool:
+    """True when `accelerate launch --use_fsdp` (or an FSDP accelerate config) started several
+    processes: theta0 is then sharded across them (`shard_base`). Read from the launcher's
+    environment, since accelerate only turns its own FSDP state on for GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def shard_base(path, ckpt, dtype: torch.dtype, names: list[str], device: str) -> nn.Module:
+    """The base model with the transformer blocks' theta0 sharded across the processes by PyTorch
+    FSDP2 (`fully_shard`, one unit per block). The tensors outside blocks (embeddings, final norm,
+    head) stay whole in every process: they are merged for the whole step anyway, so gathering
+    them would only add the gather's buffers to the peak. Each process reads from disk only its
+    own rows of every block parameter (FSDP2 gives process r the r-th `torch.chunk` of dim 0)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from . import hf
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh(torch.device(device).type, (world,))
+    model = hf.empty_model(path, dtype)
+    model.requires_grad_(False)
+    blocks = dict.fromkeys(f"{b[0]}.{b[1]}" for n in names if (b := block_of(n)))
+    for prefix in blocks:
+        fully_shard(model.get_submodule(prefix), mesh=mesh)
+    # the root unit schedules the blocks' gathers; it owns no parameter itself
+    outside = {p for p in model.parameters() if not isinstance(p, DTensor)}
+    fully_shard(model, mesh=mesh, ignored_params=outside)
+    buffers = dict(model.named_buffers())  # to_empty would drop their values
+    model.to_empty(device=device)
+    for n, b in buffers.items():
+        owner, _, leaf = n.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = b.to(device)
+    model.tie_weights()  # to_empty gave the head and the embeddings a tensor each
+    stored = set(ckpt.names)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n not in stored:
+                raise UserError(f"base_model: the model has a parameter {n} the checkpoint lacks")
+            if isinstance(p, DTensor):
+                local = p.to_local()
+                first = -(-p.shape[0] // world) * rank  # first row of this process's chunk
+                local.copy_(ckpt.get(n, first, first + local.shape[0]))
+            else:
+                p.copy_(ckpt.get(n))
+        for n, b in model.named_buffers():
+            if n in stored:
+                b.copy_(ckpt.get(n))
+    return model
+
+
 def pick_mode(choice: str, memory_bytes: int, available: int) -> tuple[str, str]:
     """(mode, reason) for `parameters.task_vectors`; `auto` streams when memory would not fit."""
     gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    if fsdp_launch():  # a sharded theta0 only works with blocks merged as they run
+        if choice == "memory":
+            raise UserError(
+                "parameters.task_vectors: memory holds every task vector whole in each process; "
+                "an FSDP launch (theta0 sharded) needs stream or auto"
+            )
+        return "stream", (
+            f"task_vectors: stream: theta0 sharded across {os.environ['WORLD_SIZE']} processes "
+            "(FSDP launch)"
+        )
     if choice != "auto":
         return choice, f"task_vectors: {choice} (set in the recipe)"
     if memory_bytes > available:

@@ -290,6 +290,24 @@ def test_two_cpu_processes_under_accelerate_give_the_same_gamma(toy, tmp_path):
     assert torch.allclose(got, torch.tensor(one["gamma"]), atol=1e-5)
 
 
+def test_theta0_sharded_by_fsdp_across_two_processes_gives_the_same_gamma(toy, tmp_path):
+    # batch 1 over 2 processes: one process has no sample at each step and must still gather
+    r = recipe(toy, tmp_path, granularity="layer", epochs=1, batch_size=1, samples=6)
+    one = optimize.run_optimized(
+        plan_merge(load_recipe(r)), tmp_path / "one", cache_dir=tmp_path / "cache"
+    )
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version"]
+    cmd = [*launch, "2", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "-m", "divmerge_cli.cli", "run", str(r)]
+    cmd += ["-o", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "coefficients.json").read_text())
+    got = torch.tensor([list(two["gamma"][t].values()) for t in TASKS])
+    assert torch.allclose(got, torch.tensor(one["gamma"]), atol=1e-5)
+    assert "sharded across 2 processes" in (tmp_path / "two" / "README.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("divergence", "granularity"), [("js", "task"), ("kl", "layer"), ("js", "tensor")]
 )

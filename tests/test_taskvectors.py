@@ -7,7 +7,8 @@ import torch
 
 from divmerge_cli import tiny
 from divmerge_cli.checkpoint import Checkpoint
-from divmerge_cli.taskvectors import LowRank, MergedModel, TaskVectors
+from divmerge_cli.errors import UserError
+from divmerge_cli.taskvectors import LowRank, MergedModel, TaskVectors, pick_mode
 
 
 class LowRankExpert:
@@ -99,3 +100,14 @@ def test_stream_and_memory_give_the_same_logits_and_gradient(setup, tok, tmp_pat
     assert out["stream"][2].nbytes == 0 < out["memory"][2].nbytes
     assert torch.allclose(out["memory"][0], out["stream"][0], atol=1e-5)
     assert torch.allclose(out["memory"][1], out["stream"][1], atol=1e-5)
+
+
+def test_an_fsdp_launch_streams_and_refuses_memory_mode(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    mode, reason = pick_mode("auto", 10, 100)  # memory would fit: only sharding makes it stream
+    assert mode == "stream" and "sharded across 2 processes" in reason
+    with pytest.raises(UserError, match="task_vectors: memory"):
+        pick_mode("memory", 10, 100)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing to shard across
+    assert pick_mode("auto", 10, 100)[0] == "memory"
