@@ -9,6 +9,7 @@ in native form through `tau` (LowRank factors, never densified). `write_adapter`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -171,6 +172,21 @@ class LoraExpert:
     def nbytes(self) -> int:
         return (self.path / "adapter_model.safetensors").stat().st_size  # its model is an input
 
+    @property
+    def adapter_bytes(self) -> int | None:
+        """Bytes the learned loop holds for this expert in memory mode (estimate.py): the float32
+        factors and the saved modules' task vectors (in the base's dtype), from headers. None when
+        the adapter sits on another model: its τ is then dense everywhere."""
+        if not self.on_base:
+            return None
+        shapes = lambda key: self._file.index[key][1]["shape"]  # noqa: E731
+        held = sum(
+            4 * math.prod(shapes(kb)) + 4 * math.prod(shapes(ka))
+            for kb, ka, *_ in self.factors.values()
+        )
+        size = lambda n: torch.empty((), dtype=self.base.dtype(n)).element_size()  # noqa: E731
+        return held + sum(math.prod(self.base.shape(n)) * size(n) for n in self.own)
+
     def lowrank(self, name: str) -> LowRank:
         if self._cache is None or self._cache[0] != name:  # row chunks of one tensor reuse it
             kb, ka, s, t = self.factors[name]
@@ -206,6 +222,53 @@ class LoraExpert:
 
 def is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
+
+
+# --- an adapter expert as a whole model (the teacher that generates DivMerge's targets) -----
+
+
+def model_folder(expert) -> Path:
+    """The folder holding the config and tokenizer an expert runs with: the model under its
+    adapters (an adapter folder's own tokenizer files, if any, are not what the base reads)."""
+    while isinstance(expert, LoraExpert):
+        expert = expert.base
+    return Path(getattr(expert, "path", expert))
+
+
+def content_hash(expert) -> str:
+    """sha256 of what an expert computes: a model folder's files, or an adapter's files and
+    config together with the hash of the model it is applied to."""
+    from .hashing import hash_json, hash_model_dir
+
+    if not isinstance(expert, LoraExpert):
+        return hash_model_dir(Path(getattr(expert, "path", expert)))
+    config = hashlib.sha256((expert.path / "adapter_config.json").read_bytes()).hexdigest()
+    return hash_json(
+        {
+            "adapter": hash_model_dir(expert.path),
+            "adapter_config": config,
+            "on": content_hash(expert.base),
+        }
+    )
+
+
+def load_expert_model(expert, dtype: torch.dtype = torch.float32):
+    """The expert as one model in memory: a checkpoint loaded, or the model under an adapter
+    loaded and the adapter folded in (PEFT's merge_and_unload; local files only)."""
+    from . import hf
+
+    if not isinstance(expert, LoraExpert):
+        return hf.load_model(Path(getattr(expert, "path", expert)), dtype)
+    from peft import PeftModel
+
+    model = load_expert_model(expert.base, dtype)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(expert.path))  # a local folder: no hub
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(
+            f"{expert.where}: PEFT cannot apply {expert.path} ({str(e).splitlines()[0]})"
+        ) from None
+    return peft_model.merge_and_unload().eval()
 
 
 def open_model(

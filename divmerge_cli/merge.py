@@ -168,11 +168,6 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     for n in names if not method.optimized else ():  # every parameter resolves, before heavy work
         _params(plan, n)
     adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
-    if method.optimized and adapters:
-        raise UserError(
-            f"{adapters[0].where}: {recipe.merge_method} does not read LoRA adapters yet; "
-            "use a data-free method, or merge the adapter into a full model first"
-        )
     plan.warnings = [w for c in adapters for w in c.warnings]
     return plan
 

@@ -87,7 +87,7 @@ def prepare(
         tick = (lambda d, t, task=task: progress("teacher", d, t, task)) if progress else None
         with main_first() if main_first else nullcontext():
             got = teacher_samples(
-                ckpt.path,
+                ckpt,  # a folder, or a LoRA expert: the adapter folded into its model
                 task,
                 tasks[task],
                 samples=params.samples,

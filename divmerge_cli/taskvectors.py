@@ -10,7 +10,8 @@ How the learned loop holds them is a property of the store, not of the loop:
 - `stream`: nothing held; each tensor's tau is read from disk when its block runs, once in the
   forward pass and again in the backward pass (the block is recomputed, `torch.utils.checkpoint`),
   so peak memory is theta0 + one block's merged weights + one expert's tau, whatever n is.
-Low-rank tau are never densified: the Linear that owns the tensor adds sum_t Gamma_t s_t B_t A_t x.
+Low-rank tau are never densified: the Linear (or Embedding) that owns the tensor adds
+sum_t Gamma_t s_t B_t A_t x.
 """
 
 from __future__ import annotations
@@ -277,22 +278,44 @@ class MergedModel:
         module.forward = forward
 
     def _add_low_rank(self, name: str, lows: list[tuple[int, LowRank]]) -> None:
-        owner = self.model.get_submodule(name.rsplit(".", 1)[0])
-        if not isinstance(owner, nn.Linear) or not name.endswith(".weight"):
-            raise UserError(
-                f"tensor {name}: a LoRA task vector is learned through an nn.Linear weight, and "
-                f"this one belongs to a {type(owner).__name__}; merge it with a data-free method"
-            )
+        """One forward hook per module that uses the tensor (two when an embedding is tied to the
+        head): every expert's factors side by side, A_cat [Σr, in] and B_cat [out, Σr], scaled
+        per rank column by coef[j] = Gamma[t_j, g] s_{t_j}, so one pair of matmuls serves n
+        experts (one hook per expert held n sets of activations for the backward pass)."""
         g = self.tv.group_index[name]
+        a = torch.cat([lr.A.float() for _, lr in lows])
+        b = torch.cat([lr.B.float() for _, lr in lows], dim=1)
+        idx = torch.tensor([t for t, lr in lows for _ in range(lr.A.shape[0])])
+        s = torch.tensor([lr.scale for _, lr in lows for _ in range(lr.A.shape[0])])
 
-        def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        def coef(dtype: torch.dtype) -> Tensor:  # [Σr], differentiable in Gamma
+            return (self.gamma[idx.to(self.gamma.device), g] * s.to(self.gamma.device)).to(dtype)
+
+        def linear(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
             x = args[0]
-            for t, lr in lows:
-                c = self.gamma[t, g] * lr.scale
-                out = out + c.to(x.dtype) * ((x @ lr.A.to(x.dtype).t()) @ lr.B.to(x.dtype).t())
-            return out
+            return (
+                out
+                + ((x @ a.to(x.device, x.dtype).t()) * coef(x.dtype)) @ b.to(x.device, x.dtype).t()
+            )
 
-        owner.register_forward_hook(hook)
+        def embedding(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            # tau[ids] = (B[ids] * coef) @ A: only the looked-up rows of B are touched
+            rows = torch.nn.functional.embedding(args[0], b.to(out.device, out.dtype))
+            return out + (rows * coef(out.dtype)) @ a.to(out.device, out.dtype)
+
+        param = self.tv.base.params[name]
+        users = [m for m in self.model.modules() if getattr(m, "weight", None) is param]
+        # exact nn.Embedding: subclasses (Gemma's scaled embedding) change the looked-up rows
+        bad = [m for m in users if not (isinstance(m, nn.Linear) or type(m) is nn.Embedding)]
+        if not users or bad or not name.endswith(".weight"):
+            kind = type(bad[0]).__name__ if bad else "module that is not an nn.Linear"
+            raise UserError(
+                f"tensor {name}: a LoRA task vector is learned through an nn.Linear or "
+                f"nn.Embedding weight, and this one belongs to a {kind}; merge it with a "
+                "data-free method"
+            )
+        for m in users:  # modules() lists a module once; a tied weight has two users
+            m.register_forward_hook(linear if isinstance(m, nn.Linear) else embedding)
 
 
 def tied_aliases(model: nn.Module, names: list[str]) -> dict[str, str]:

@@ -32,7 +32,8 @@ from safetensors.torch import load, save_file
 
 from . import hf
 from .generate import Generation, greedy_generate
-from .hashing import hash_json, hash_model_dir
+from .hashing import hash_json
+from .lora import content_hash, load_expert_model, model_folder
 from .tasks import TaskSpec, load_rows, render_prompt
 
 FORMAT_VERSION = 2  # bump when the entry layout or the generation procedure changes
@@ -50,17 +51,16 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("divmerge")) / "teacher"
 
 
-def teacher_cache_key(
-    model_dir: Path, prompts: list[str], max_new_tokens: int, top_k: int | str
-) -> str:
+def teacher_cache_key(model_dir, prompts: list[str], max_new_tokens: int, top_k: int | str) -> str:
     """sha256 over everything that decides the targets: weights, config, tokenizer, prompts, settings.
 
-    The rendered prompts carry both the data rows and the prompt template.
+    The rendered prompts carry both the data rows and the prompt template. `model_dir` is a model
+    folder or a LoRA expert (its adapter files and the model it is applied to).
     """
     return hash_json(
         {
             "format": FORMAT_VERSION,
-            "model": hash_model_dir(model_dir),
+            "model": content_hash(model_dir),
             "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
             "max_new_tokens": int(max_new_tokens),
             "top_k": top_k,
@@ -69,7 +69,7 @@ def teacher_cache_key(
 
 
 def teacher_samples(
-    expert: Path,
+    expert,
     task: str,
     spec: TaskSpec,
     *,
@@ -82,7 +82,8 @@ def teacher_samples(
 ) -> list[TeacherSample]:
     """The teacher targets of `expert` on `samples` seeded validation rows of `task`: the one path
     from a task to its samples, shared by the learned merges, `eval --divergence` and Table 2, so
-    that each scores against the teacher the merge learned from."""
+    that each scores against the teacher the merge learned from. `expert`: a model folder, or a
+    LoRA expert (lora.LoraExpert: the adapter folded into the model it is applied to)."""
     rows = load_rows(spec.validation, limit=samples, seed=seed)
     prompts = [render_prompt(task, spec, r) for r in rows]
     got, _hit = load_or_build_teacher(
@@ -99,7 +100,7 @@ def resolve_top_k(top_k: int | str, model_dir: Path) -> int | str:
 
 
 def load_or_build_teacher(
-    model_dir: Path,
+    model_dir,
     task: str,
     prompts: list[str],
     max_new_tokens: int,
@@ -115,16 +116,17 @@ def load_or_build_teacher(
     """
     if not prompts:
         raise ValueError(f"task '{task}': no prompts to generate on")
-    top_k = resolve_top_k(top_k, Path(model_dir))
-    key = teacher_cache_key(Path(model_dir), prompts, max_new_tokens, top_k)
+    folder = model_folder(model_dir)  # config and tokenizer (the base's, for an adapter)
+    top_k = resolve_top_k(top_k, folder)
+    key = teacher_cache_key(model_dir, prompts, max_new_tokens, top_k)
     entry = Path(cache_dir) / key
     if entry.exists():
         gens = _read_entry(entry, len(prompts), top_k)
         if gens is not None:
             return [_with_task(gen, task) for gen in gens], True
         _remove(entry)  # damaged: rebuild below
-    model = hf.load_model(model_dir, torch.float32)
-    tokenizer = hf.load_tokenizer(model_dir)
+    model = load_expert_model(model_dir, torch.float32)
+    tokenizer = hf.load_tokenizer(folder)
     try:
         gens = greedy_generate(
             model, tokenizer, prompts, max_new_tokens, batch_size, top_k, progress
@@ -134,7 +136,7 @@ def load_or_build_teacher(
         del model
         if alive() is not None:  # freed by refcount normally; a full gc pass costs ~0.5 s
             gc.collect()
-    _write_entry(entry, gens, top_k, max_new_tokens, str(model_dir))
+    _write_entry(entry, gens, top_k, max_new_tokens, str(getattr(model_dir, "path", model_dir)))
     # what a later hit returns (fp16-rounded probabilities): a miss must give the same targets
     gens = _read_entry(entry, len(prompts), top_k) or gens
     return [_with_task(gen, task) for gen in gens], False

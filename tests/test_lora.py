@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from conftest import write_recipe
 from divmerge_cli import merge, tiny
 from divmerge_cli.checkpoint import open_checkpoint
-from divmerge_cli.errors import UserError
 from divmerge_cli.lora import LoraExpert, LowRank, factor
 from divmerge_cli.recipe import load_recipe
 
@@ -375,16 +374,6 @@ def test_peft_cat_equals_our_task_arithmetic(lora_zoo, tmp_path):
         assert torch.allclose(theirs[n], ours[n], atol=2e-6), n
 
 
-def test_learned_methods_refuse_adapters_until_supported(lora_zoo, tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"text": "hi", "label": "x"}\n')
-    task = {"validation": "a.jsonl", "prompt": "{text}", "target": "label", "metric": "accuracy"}
-    recipe = _ta(lora_zoo, [lora_zoo["a0"]])
-    recipe.update(merge_method="divmerge", parameters={}, tasks={"a": task})
-    recipe["models"] = [{"model": str(lora_zoo["a0"]), "task": "a"}]
-    with pytest.raises(UserError, match="does not read LoRA adapters yet"):
-        merge.plan_merge(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
-
-
 @pytest.mark.parametrize("mode", ["memory", "stream"])
 def test_learned_loop_applies_adapters_low_rank_and_matches_the_dense_merge(
     mode, lora_zoo, tmp_path
@@ -394,20 +383,22 @@ def test_learned_loop_applies_adapters_low_rank_and_matches_the_dense_merge(
     merge with weights Γ."""
     from divmerge_cli.taskvectors import MergedModel, TaskVectors
 
-    gamma = torch.tensor([[0.7], [0.4]])
-    recipe = _ta(lora_zoo, [lora_zoo["a0"], lora_zoo["a1"]])
+    gamma = torch.tensor([[0.7], [0.4], [1.1]])
+    recipe = _ta(lora_zoo, [lora_zoo[a] for a in ADAPTERS])  # a2: an embedding target too
     recipe["parameters"] = {}
     _merged(recipe, tmp_path, "ta")
     dense = _peft_model(tmp_path / "ta")
     base = open_checkpoint(str(lora_zoo["base"]), "base_model")
-    experts = [open_checkpoint(str(lora_zoo[a]), a, base=base) for a in ("a0", "a1")]
+    experts = [open_checkpoint(str(lora_zoo[a]), a, base=base) for a in ADAPTERS]
     model = _peft_model(lora_zoo["base"])
     state = dict(model.state_dict(keep_vars=True))
     names = base.names
     tv = TaskVectors.load(
         experts, {n: state[n] for n in names}, base, names, [0] * len(names), mode
     )
-    assert not tv.stacked and sum(len(v) for v in tv.low_rank.values()) == 6 + 8
+    assert set(tv.stacked) == ({"lm_head.weight"} if mode == "memory" else set())  # saved whole
+    assert sum(len(v) for v in tv.low_rank.values()) == 6 + 8 + 3
+    assert len(tv.low_rank["model.embed_tokens.weight"]) == 1
     ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = MergedModel(model, tv).logits(gamma, {"input_ids": ids})
