@@ -132,11 +132,19 @@ def run(
     check_out(output, force, [c.path for c in plan.inputs])
     _on_interrupt(lambda: f"nothing was written to {output}")
     with _writing(output, plan.method.optimized):
-        if as_adapter:
+        if as_adapter and not plan.method.optimized:
             return _run_as_adapter(plan, output, adapter_rank, force, seed, dev)
         if plan.method.optimized:
             _on_interrupt(lambda: _kept_state(output))
-            _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard)
+            adapter = None
+            if as_adapter:  # refused before any teacher generates, not after the learning
+                from .optimize import check_adapter_output
+
+                check_adapter_output(plan, adapter_rank)
+                adapter = (adapter_rank,)
+            _run_optimized(
+                plan, output, force, seed, dev, cache_dir, resume, shard, adapter=adapter
+            )
             return _run_eval(gated, output, seed, cache_dir)
         import torch
 
@@ -267,14 +275,23 @@ def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> N
     )
 
 
-def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard) -> None:
+def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, adapter=None) -> None:
+    """`adapter`: (rank,) for --as-adapter (rank None: exact)."""
     from .checkpoint import check_space
     from .optimize import preflight, run_optimized
     from .taskvectors import pick_mode
 
     r = plan.recipe
     if plan_params(plan).coefficients:  # Gamma fixed: a plain streamed write, no teacher
-        summary = run_optimized(plan, output, force=force, seed=seed, shard_bytes=shard)
+        summary = run_optimized(
+            plan,
+            output,
+            force=force,
+            seed=seed,
+            shard_bytes=shard,
+            as_adapter=adapter is not None,
+            adapter_rank=(adapter or (None,))[0],
+        )
         out.print(f"[green]merged[/] with {r.merge_method} (Gamma from a file) -> {output}")
         return
     est = preflight(plan, seed)
@@ -310,6 +327,8 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard) -> 
             shard_bytes=shard,
             progress=report,
             mode=(mode, reason),
+            as_adapter=adapter is not None,
+            adapter_rank=(adapter or (None,))[0],
         )
     table = Table(title=f"{r.merge_method}: objective ({summary['objective']}) per task")
     for col in ("task", "at init", "learned", "mean Gamma"):
@@ -322,7 +341,10 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard) -> 
             f"{sum(row) / len(row):.4f}",
         )
     out.print(table)
-    out.print(f"[green]merged[/] with {r.merge_method} ({summary['steps']} steps) -> {output}")
+    what = "into a LoRA adapter " if adapter else ""
+    out.print(
+        f"[green]merged[/] with {r.merge_method} {what}({summary['steps']} steps) -> {output}"
+    )
 
 
 def plan_params(plan):

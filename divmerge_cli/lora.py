@@ -490,6 +490,19 @@ def adapter_card(ranks: dict[str, tuple[int, float]], whole: list[str], rank: in
     return "\n".join(lines) + "\n"
 
 
+def require_low_rank(experts: list, base: Checkpoint) -> None:
+    """An exact-rank adapter output needs no full checkpoint among the experts (the base itself
+    is fine: its τ is zero)."""
+    for e in experts:
+        if e.path.resolve() == base.path.resolve():
+            continue
+        if not isinstance(e, LoraExpert):
+            raise UserError(
+                f"--as-adapter: {e.where} ({e.path}) is a full checkpoint, whose task vector has "
+                "no exact low rank; pass --adapter-rank R to truncate it by SVD"
+            )
+
+
 def write_adapter(
     out: Path,
     base: Checkpoint,
@@ -502,12 +515,7 @@ def write_adapter(
     exact rank (None) every expert must be a LoRA adapter on `base`: a full checkpoint's τ has no
     exact low rank."""
     if rank is None:
-        for e in experts:
-            if not isinstance(e, LoraExpert) and e.path.resolve() != base.path.resolve():
-                raise UserError(
-                    f"--as-adapter: {e.where} ({e.path}) is a full checkpoint, whose task vector has "
-                    "no exact low rank; pass --adapter-rank R to truncate it by SVD"
-                )
+        require_low_rank(experts, base)
 
     def delta(name: str) -> Tensor | LowRank | None:
         return combine(

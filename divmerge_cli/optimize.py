@@ -455,15 +455,24 @@ def run_optimized(
     progress: Progress | None = None,
     available: int | None = None,
     mode: tuple[str, str] | None = None,
+    as_adapter: bool = False,
+    adapter_rank: int | None = None,
 ) -> dict:
     """Learn Gamma, then write theta0 + sum Gamma tau like any merge, plus coefficients.json, a
     mergekit recipe that reproduces it, and the training log. Returns a summary. The caller has
-    planned the merge (plan_merge) and checked OUT (check_out)."""
+    planned the merge (plan_merge) and checked OUT (check_out). `as_adapter`: write a PEFT LoRA
+    adapter instead (exact at rank sum r_t, or SVD-truncated to `adapter_rank`)."""
     from accelerate import Accelerator
 
     if optimize_params(plan.recipe).coefficients:
         return write_fixed(
-            plan, out, force=force, seed=seed, shard_bytes=shard_bytes, progress=progress
+            plan,
+            out,
+            force=force,
+            seed=seed,
+            shard_bytes=shard_bytes,
+            progress=progress,
+            adapter=(adapter_rank,) if as_adapter else None,
         )
     acc = Accelerator(cpu=device == "cpu")
     torch.manual_seed(seed)
@@ -504,22 +513,35 @@ def run_optimized(
             "coefficients.json": json.dumps(coefficients_json(pb, gamma), indent=2) + "\n",
             "train_log.jsonl": "".join(json.dumps(x) + "\n" for x in log),
         }
-        if pb.params.base_method == "task_arithmetic":  # mergekit computes the same tensors
-            files["mergekit_task_arithmetic.yaml"] = mergekit_yaml(pb, gamma)
-        run_merge(
-            reproducing(pb.plan, seed),
-            out,
-            force=force,
-            seed=seed,
-            shard_bytes=shard_bytes,
-            device=str(acc.device),
-            progress=_merge_tick(progress),
-            tensors=lambda n: merged_tensor(
-                pb.plan, pb.tv.experts, pb.tv.group_index, gamma, pb.aliases.get(n, n)
-            ),
-            extra_files=files,
-            card_extra=card_extra(pb, gamma, before, after),
-        )
+        if as_adapter:
+            summary["adapter"] = write_learned_adapter(
+                reproducing(pb.plan, seed),
+                out,
+                pb.tv.experts,
+                lambda n, t: float(gamma[t, pb.tv.group_index[pb.aliases.get(n, n)]]),
+                adapter_rank,
+                force=force,
+                files=files,
+                card_extra=card_extra(pb, gamma, before, after),
+                progress=_merge_tick(progress),
+            )
+        else:
+            if pb.params.base_method == "task_arithmetic":  # mergekit computes the same tensors
+                files["mergekit_task_arithmetic.yaml"] = mergekit_yaml(pb, gamma)
+            run_merge(
+                reproducing(pb.plan, seed),
+                out,
+                force=force,
+                seed=seed,
+                shard_bytes=shard_bytes,
+                device=str(acc.device),
+                progress=_merge_tick(progress),
+                tensors=lambda n: merged_tensor(
+                    pb.plan, pb.tv.experts, pb.tv.group_index, gamma, pb.aliases.get(n, n)
+                ),
+                extra_files=files,
+                card_extra=card_extra(pb, gamma, before, after),
+            )
         shutil.rmtree(state_dir_for(out), ignore_errors=True)
     acc.wait_for_everyone()
     return summary
@@ -540,9 +562,11 @@ def write_fixed(
     seed: int,
     shard_bytes: int,
     progress: Progress | None = None,
+    adapter: tuple[int | None] | None = None,
 ) -> dict:
     """Write theta0 + sum Gamma tau with Gamma read from `parameters.coefficients` (no teacher,
-    no model loaded): what a learned merge's divmerge_recipe.yaml runs."""
+    no model loaded): what a learned merge's divmerge_recipe.yaml runs. `adapter`: (rank,) to
+    write a PEFT LoRA adapter instead (--as-adapter)."""
     params = optimize_params(plan.recipe)
     seed = seed if params.seed is None else params.seed
     source = Path(plan.recipe.resolve_path(params.coefficients))
@@ -569,6 +593,26 @@ def write_fixed(
     experts = task_vector_sources(plan, params, seed, state_dir_for(out))
     index = dict(zip(floats, gidx))
     card = f"\nGamma fixed from `{source.name}` ({params.granularity} level, base_method {params.base_method})."
+    if adapter is not None:
+        write_learned_adapter(
+            plan,
+            out,
+            experts,
+            lambda n, t: float(gamma[t, index[aliases.get(n, n)]]),
+            adapter[0],
+            force=force,
+            files={"coefficients.json": source.read_text()},
+            card_extra=card,
+            progress=_merge_tick(progress),
+        )
+        shutil.rmtree(state_dir_for(out), ignore_errors=True)
+        return {
+            "tasks": tasks,
+            "groups": groups,
+            "gamma": gamma.tolist(),
+            "steps": 0,
+            "fixed": True,
+        }
     run_merge(
         plan,
         out,
@@ -582,6 +626,59 @@ def write_fixed(
     )
     shutil.rmtree(state_dir_for(out), ignore_errors=True)
     return {"tasks": tasks, "groups": groups, "gamma": gamma.tolist(), "steps": 0, "fixed": True}
+
+
+def check_adapter_output(plan: MergePlan, rank: int | None) -> None:
+    """--as-adapter on a learned merge: what the adapter writer would refuse, said before any
+    teacher generates (at exact rank every task vector must be low rank). The CLI calls it."""
+    from .lora import module_kinds, require_low_rank
+
+    kinds = module_kinds(plan.base.config)
+    if isinstance(kinds, str):
+        raise UserError(f"--as-adapter: {kinds} to find its linear layers; write a full model")
+    if rank is None:
+        require_low_rank(plan.models, plan.base)
+        method = optimize_params(plan.recipe).base_method
+        if method != "task_arithmetic":
+            raise UserError(
+                f"--as-adapter: base_method {method} processes the task vectors densely, so the "
+                "merged delta has no exact low rank; pass --adapter-rank R (SVD of the merged delta)"
+            )
+
+
+def write_learned_adapter(
+    plan: MergePlan,
+    out: Path,
+    experts: list,
+    coefficient: Callable[[str, int], float],
+    rank: int | None,
+    *,
+    force: bool,
+    files: dict[str, str],
+    card_extra: str,
+    progress: Callable[[int, int, str], None] | None,
+) -> dict[str, tuple[int, float]]:
+    """theta0 + sum_t coefficient(name, t) tau_t as a PEFT LoRA adapter at OUT, with `files` and
+    the recipe of `plan` (it reproduces the merge) beside it."""
+    from .lora import write_adapter
+    from .merge import model_card
+    from .recipe import dump_recipe
+
+    r = plan.recipe
+    return write_adapter(
+        out,
+        plan.base,
+        experts,
+        coefficient,
+        rank,
+        force=force,
+        dtype=DTYPES[r.out_dtype or r.dtype or "float32"],
+        base_ref=r.resolve_path(r.base_model),
+        card=model_card(plan, card_extra),
+        files={**files, "divmerge_recipe.yaml": dump_recipe(r)},
+        progress=progress,
+        inputs=[c.path for c in plan.inputs],
+    )
 
 
 def merged_tensor(

@@ -4,6 +4,7 @@ merge written back as an adapter (checked against PEFT's own merge_and_unload)."
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import write_recipe
 from divmerge_cli import merge, tiny
-from divmerge_cli.checkpoint import open_checkpoint
+from divmerge_cli.checkpoint import Checkpoint, open_checkpoint
 from divmerge_cli.lora import LoraExpert, LowRank, factor
 from divmerge_cli.recipe import load_recipe
 
@@ -50,18 +51,28 @@ def lora_zoo(tmp_path_factory, llama_zoo, tok) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lora")
     zoo = {"base": llama_zoo["base"]}
     for i, (name, cfg) in enumerate(ADAPTERS.items()):
-        model = peft.get_peft_model(_peft_model(llama_zoo["base"]), peft.LoraConfig(**cfg))
-        g = torch.Generator().manual_seed(i + 10)
-        with torch.no_grad():
-            for n, w in model.named_parameters():
-                if "lora_" in n:
-                    w.copy_(torch.randn(w.shape, generator=g) * 0.1)
-                elif "modules_to_save" in n:
-                    w.add_(torch.randn(w.shape, generator=g) * 0.02)
-        model.save_pretrained(root / name)
-        zoo[name] = root / name
-        zoo[f"{name}_full"] = tiny.save(model.merge_and_unload(), tok, root / f"{name}_full")
+        _random_adapter(llama_zoo["base"], cfg, i + 10, 0.1, tok, root / name, zoo)
     return zoo
+
+
+def _random_adapter(
+    base: Path, cfg: dict, seed: int, std: float, tok, out: Path, zoo: dict
+) -> None:
+    """A LoRA adapter on `base` with random factors (std `std`; saved modules nudged) at zoo[name],
+    and its merge_and_unload() as a full checkpoint at zoo[name_full]."""
+    model = peft.get_peft_model(_peft_model(base), peft.LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, w in model.named_parameters():
+            if "lora_" in n:
+                w.copy_(torch.randn(w.shape, generator=g) * std)
+            elif "modules_to_save" in n:
+                w.add_(torch.randn(w.shape, generator=g) * 0.02)
+    model.save_pretrained(out)
+    zoo[out.name] = out
+    zoo[f"{out.name}_full"] = tiny.save(
+        model.merge_and_unload(), tok, out.parent / f"{out.name}_full"
+    )
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -404,3 +415,156 @@ def test_learned_loop_applies_adapters_low_rank_and_matches_the_dense_merge(
         got = MergedModel(model, tv).logits(gamma, {"input_ids": ids})
         want = dense(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5)
+
+
+# --- DivMerge / AdaMerging on adapters: low-rank τ in the loop, the teacher folded from the adapter
+
+
+@pytest.fixture(scope="session")
+def toy_lora(toy, tmp_path_factory) -> dict[str, Path]:
+    """A random LoRA adapter per toy task on the toy base (all linear layers and the embedding),
+    and each one's merge_and_unload() as a full checkpoint (`<task>_full`)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("toy_lora")
+    tok = AutoTokenizer.from_pretrained(toy / "base")
+    zoo = {}
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for i, task in enumerate(("sent", "rev")):
+        cfg = dict(r=4, lora_alpha=8, target_modules=targets + ["embed_tokens"] * i)
+        _random_adapter(toy / "base", cfg, i + 20, 0.3, tok, root / task, zoo)
+    return zoo
+
+
+def _learned(toy, toy_lora, tmp_path: Path, models: dict[str, Path], **params) -> Path:
+    return write_recipe(
+        tmp_path / "learned.yaml",
+        {
+            "merge_method": "divmerge",
+            "base_model": str(toy / "base"),
+            "models": [{"model": str(m), "task": t} for t, m in models.items()],
+            "tasks": str(toy / "tasks.yaml"),
+            "parameters": {"epochs": 2, "samples": 8, "top_k": 16, "lr": 0.05, **params},
+            "dtype": "float32",
+        },
+    )
+
+
+def _optimized(recipe: Path, out: Path, cache: Path, mode: str | None = None) -> dict:
+    from divmerge_cli import optimize
+
+    plan = merge.plan_merge(load_recipe(recipe))
+    return optimize.run_optimized(plan, out, cache_dir=cache, mode=(mode, "test") if mode else None)
+
+
+@pytest.mark.parametrize("method", ["divmerge", "adamerging"])
+def test_learned_objective_drops_on_adapter_experts(method, toy, toy_lora, tmp_path):
+    ad = {t: toy_lora[t] for t in ("sent", "rev")}
+    r = _learned(toy, toy_lora, tmp_path, ad, granularity="layer", epochs=3)
+    if method == "adamerging":
+        text = r.read_text().replace("merge_method: divmerge", "merge_method: adamerging")
+        r.write_text(text)
+    s = _optimized(r, tmp_path / "m", tmp_path / "cache")
+    # the toy base is near uniform (entropy ≈ log V): AdaMerging's entropy moves little
+    drop = 0.98 if method == "divmerge" else 1.0
+    assert sum(s["after"].values()) < sum(s["before"].values()) * drop, s
+    assert s["objective"] == ("js" if method == "divmerge" else "entropy")
+    assert torch.tensor(s["gamma"]).shape == (2, 4)
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_gamma_from_adapters_equals_gamma_from_the_dense_experts(mode, toy, toy_lora, tmp_path):
+    """Same teachers (the adapter folded in float32 vs its saved merge_and_unload), same loop:
+    the low-rank hooks give the Γ the dense task vectors give."""
+    got = {}
+    for kind in ("", "_full"):
+        models = {t: toy_lora[t + kind] for t in ("sent", "rev")}
+        r = _learned(toy, toy_lora, tmp_path, models, granularity="layer")
+        got[kind] = _optimized(r, tmp_path / f"m{kind}", tmp_path / "cache", mode)
+    assert got[""]["task_vectors"] == mode
+    assert got[""]["before"] == pytest.approx(got["_full"]["before"], abs=1e-5)
+    assert torch.allclose(
+        torch.tensor(got[""]["gamma"]), torch.tensor(got["_full"]["gamma"]), atol=1e-5
+    )
+    assert got[""]["gamma"] != got[""]["gamma"][:1] * 2  # learned, not the init
+    ours, theirs = weights(tmp_path / "m"), weights(tmp_path / "m_full")
+    for n in theirs:
+        assert torch.allclose(ours[n], theirs[n], atol=1e-5), n
+
+
+def test_mixed_recipe_adapter_and_full_checkpoint_learns(toy, toy_lora, tmp_path):
+    r = _learned(toy, toy_lora, tmp_path, {"sent": toy_lora["sent"], "rev": toy / "rev"})
+    s = _optimized(r, tmp_path / "m", tmp_path / "cache")
+    assert sum(s["after"].values()) < sum(s["before"].values()), s
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_teacher_of_an_adapter_is_keyed_on_the_adapter_and_its_base(toy, toy_lora, tmp_path):
+    from divmerge_cli.lora import content_hash
+
+    base = open_checkpoint(str(toy / "base"), "base_model")
+    on_base = open_checkpoint(str(toy_lora["sent"]), "a", base=base)
+    on_other = open_checkpoint(str(toy_lora["sent"]), "a", base=Checkpoint(toy / "rev", "b"))
+    other = open_checkpoint(str(toy_lora["rev"]), "a", base=base)
+    keys = {content_hash(x) for x in (on_base, on_other, other, toy / "base")}
+    assert len(keys) == 4
+    assert content_hash(base) == content_hash(toy / "base")  # a full model: its folder's hash
+
+
+def test_adapter_bytes_are_what_memory_mode_holds(lora_zoo):
+    from divmerge_cli.taskvectors import TaskVectors
+
+    base = open_checkpoint(str(lora_zoo["base"]), "base_model")
+    model = _peft_model(lora_zoo["base"])
+    state = dict(model.state_dict(keep_vars=True))
+    names = base.names
+    for a in ADAPTERS:
+        e = open_checkpoint(str(lora_zoo[a]), a, base=base)
+        tv = TaskVectors.load([e], {n: state[n] for n in names}, base, names, [0] * len(names))
+        # a2's saved embedding equals θ0 (PEFT saves it beside an embedding target): counted,
+        # since only its bytes could tell
+        extra = 0 if a != "a2" else 4 * math.prod(base.shape("model.embed_tokens.weight"))
+        assert e.adapter_bytes == tv.nbytes + extra, a
+
+
+def test_learned_as_adapter_at_exact_rank_equals_the_full_model(toy, toy_lora, tmp_path, cli):
+    models = {t: toy_lora[t] for t in ("sent", "rev")}
+    r = _learned(toy, toy_lora, tmp_path, models, granularity="layer", epochs=1)
+    cache = ("--cache-dir", tmp_path / "cache")
+    code, _, err = cli("run", r, "-o", tmp_path / "full", *cache)
+    assert code == 0, err
+    code, out, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter", *cache)
+    assert code == 0, err
+    ad = tmp_path / "ad"
+    for f in (
+        "coefficients.json",
+        "train_log.jsonl",
+        "divmerge_recipe.yaml",
+        "adapter_config.json",
+    ):
+        assert (ad / f).is_file(), f
+    assert (ad / "coefficients.json").read_text() == (
+        tmp_path / "full" / "coefficients.json"
+    ).read_text()
+    assert "objective at init" in (ad / "README.md").read_text()
+    full, got = weights(tmp_path / "full"), _merge_and_unload(toy / "base", ad)
+    for n in full:
+        assert torch.allclose(got[n], full[n], atol=1e-5), n
+    # its divmerge_recipe.yaml reproduces it (Γ fixed from coefficients.json, nothing learned)
+    code, _, err = cli("run", ad / "divmerge_recipe.yaml", "-o", tmp_path / "again", "--as-adapter")
+    assert code == 0, err
+    again = weights(tmp_path / "again")
+    assert again.keys() == weights(ad).keys()
+    assert all(torch.allclose(again[k], v, atol=1e-6) for k, v in weights(ad).items())
+
+
+def test_learned_as_adapter_refuses_dense_experts_before_learning(toy, toy_lora, tmp_path, cli):
+    r = _learned(toy, toy_lora, tmp_path, {"sent": toy_lora["sent"], "rev": toy / "rev"})
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter", "--cache-dir", tmp_path)
+    assert code == 2 and "is a full checkpoint" in err and "--adapter-rank" in err
+    assert not list(tmp_path.glob("*/meta.json"))  # refused before any teacher generated
+    r = _learned(
+        toy, toy_lora, tmp_path, {t: toy_lora[t] for t in ("sent", "rev")}, base_method="ties"
+    )
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter")
+    assert code == 2 and "base_method ties" in err
