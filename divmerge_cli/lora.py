@@ -227,12 +227,19 @@ def is_adapter(path: Path) -> bool:
 # --- an adapter expert as a whole model (the teacher that generates DivMerge's targets) -----
 
 
-def model_folder(expert) -> Path:
-    """The folder holding the config and tokenizer an expert runs with: the model under its
-    adapters (an adapter folder's own tokenizer files, if any, are not what the base reads)."""
+def home(expert):
+    """The full model an adapter sits on (its config, side files and tokenizer are the ones the
+    adapter runs with); anything else is its own home."""
     while isinstance(expert, LoraExpert):
         expert = expert.base
-    return Path(getattr(expert, "path", expert))
+    return expert
+
+
+def model_folder(expert) -> Path:
+    """The folder holding the config and tokenizer an expert (a folder, checkpoint or adapter)
+    runs with: an adapter folder's own tokenizer files, if any, are not what the base reads."""
+    h = home(expert)
+    return Path(getattr(h, "path", h))
 
 
 def content_hash(expert) -> str:

@@ -36,7 +36,7 @@ from .layers import (
     is_embedding,
     layer_position,
 )
-from .lora import LoraExpert, open_model
+from .lora import LoraExpert, home, open_model
 from .methods import METHODS, Method, Stages, run_stages
 from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe, recipe_data
 from .tasks import TaskSpec, load_tasks
@@ -161,7 +161,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         names,
         specs,
         block_counts(names),
-        tokenizer_dir(recipe, _home((base if method.uses_base else None) or models[0])),
+        tokenizer_dir(recipe, home((base if method.uses_base else None) or models[0])),
         sources,
     )
     _check_hashes(plan)
@@ -192,13 +192,6 @@ def input_hash(plan: MergePlan, key: str) -> str:
     if key not in plan.hashes:
         plan.hashes[key] = hash_model_dir(plan.sources[key].path)
     return plan.hashes[key]
-
-
-def _home(ref: Checkpoint) -> Checkpoint:
-    """The full model an adapter sits on (side files and the tokenizer come from it)."""
-    while isinstance(ref, LoraExpert):
-        ref = ref.base
-    return ref
 
 
 def tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
@@ -461,7 +454,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> None:
     """config.json (dtype updated), generation config, tokenizer, the resolved recipe, a model card."""
-    ref = _home(plan.base or plan.models[0])
+    ref = home(plan.base or plan.models[0])
     config = dict(ref.config)
     out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
     if out_dtype:
