@@ -568,3 +568,28 @@ def test_learned_as_adapter_refuses_dense_experts_before_learning(toy, toy_lora,
     )
     code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter")
     assert code == 2 and "base_method ties" in err
+
+
+def test_learned_loop_on_a_tied_embedding_adapter_changes_embedding_and_head(tmp_path, tok):
+    """With tie_word_embeddings an embedding target's τ is the head's too: both users of the one
+    weight get a hook, so Γ = 1 gives the expert itself (its merge_and_unload checkpoint)."""
+    from divmerge_cli.taskvectors import MergedModel, TaskVectors
+
+    base_dir = tiny.save(tiny.tiny_llama(len(tok), tie_word_embeddings=True), tok, tmp_path / "b")
+    zoo: dict = {}
+    cfg = dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])
+    _random_adapter(base_dir, cfg, 5, 0.3, tok, tmp_path / "t", zoo)
+    base = open_checkpoint(str(base_dir), "base_model")
+    expert = open_checkpoint(str(zoo["t"]), "t", base=base)
+    model = _peft_model(base_dir)
+    state = dict(model.state_dict(keep_vars=True))
+    names = [n for n in base.names if n in state and n != "lm_head.weight"]
+    tv = TaskVectors.load([expert], {n: state[n] for n in names}, base, names, [0] * len(names))
+    assert len(tv.low_rank["model.embed_tokens.weight"]) == 1
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = MergedModel(model, tv).logits(torch.tensor([[1.0]]), {"input_ids": ids})
+        want = _peft_model(zoo["t_full"])(input_ids=ids).logits
+        plain = _peft_model(base_dir)(input_ids=ids).logits
+    assert not torch.allclose(want, plain, atol=1e-3)
+    assert torch.allclose(got, want, atol=1e-5)
