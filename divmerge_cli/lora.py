@@ -242,6 +242,13 @@ def model_folder(expert) -> Path:
     return Path(getattr(h, "path", h))
 
 
+def mergekit_ref(expert) -> str:
+    """How mergekit names the expert: a folder, or `model+adapter` (it reads no bare adapter)."""
+    if isinstance(expert, LoraExpert):
+        return f"{mergekit_ref(expert.base)}+{expert.path}"
+    return str(expert.path)
+
+
 def content_hash(expert) -> str:
     """sha256 of what an expert computes: a model folder's files, or an adapter's files and
     config together with the hash of the model it is applied to."""

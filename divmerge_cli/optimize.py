@@ -25,6 +25,7 @@ from .checkpoint import DTYPES
 from .coefficients import groups_for, initial_gamma
 from .errors import UserError
 from .estimate import Estimate, estimate_learned
+from .lora import mergekit_ref
 from .merge import MergePlan, run_merge
 from .objectives import DIVERGENCES, OBJECTIVES, collate, sample_means
 from .recipe import OptimizeParams, Recipe, optimize_params  # noqa: F401 - re-exported
@@ -729,7 +730,7 @@ def mergekit_yaml(pb: Problem, gamma: torch.Tensor) -> str:
                     filters = sorted(members, key=len, reverse=True)
                 entries += [{"filter": f, "value": row[g]} for f in filters]
             weight = entries
-        models.append({"model": str(ckpt.path), "parameters": {"weight": weight}})
+        models.append({"model": mergekit_ref(ckpt), "parameters": {"weight": weight}})
     recipe = {
         "merge_method": "task_arithmetic",
         "base_model": str(pb.plan.base.path),

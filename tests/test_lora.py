@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import write_recipe
@@ -497,6 +498,11 @@ def test_mixed_recipe_adapter_and_full_checkpoint_learns(toy, toy_lora, tmp_path
     s = _optimized(r, tmp_path / "m", tmp_path / "cache")
     assert sum(s["after"].values()) < sum(s["before"].values()), s
     assert (tmp_path / "m" / "model.safetensors").is_file()
+    mk = yaml.safe_load((tmp_path / "m" / "mergekit_task_arithmetic.yaml").read_text())
+    assert [m["model"] for m in mk["models"]] == [
+        f"{toy / 'base'}+{toy_lora['sent']}",
+        str(toy / "rev"),
+    ]
 
 
 def test_teacher_of_an_adapter_is_keyed_on_the_adapter_and_its_base(toy, toy_lora, tmp_path):
