@@ -879,13 +879,19 @@ DEMO_METHODS = {
 @app.command()
 def methods() -> None:
     """List the merge methods, their parameters and papers."""
-    from .methods import METHODS
+    from .methods import METHODS, OPTIMIZE_DEFAULTS
 
     table = Table(title="divmerge methods")
     for col in ("method", "per-model parameters", "global parameters", "paper"):
         table.add_column(col)
     for name, m in METHODS.items():
-        table.add_row(name, _fmt_params(m.model_params), _fmt_params(m.global_params), m.paper)
+        per_model, glob = m.model_params, m.global_params
+        if m.optimized:  # every learned-merge parameter, with this method's defaults
+            glob = {k: v for k, v in {**OPTIMIZE_DEFAULTS, **glob}.items() if v is not None}
+            if m.objective:
+                glob.pop("divergence", None)
+            per_model = {"density": "with base_method ties/dare_*"}
+        table.add_row(name, _fmt_params(per_model), _fmt_params(glob), m.paper)
     out.print(table)
 
 

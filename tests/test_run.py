@@ -339,10 +339,16 @@ def test_validate_reads_headers_only(tmp_path, llama_zoo, cli, monkeypatch):
     assert code == 0 and "ok" in out, err
 
 
-def test_methods_lists_every_method(cli):
+def test_methods_lists_every_method(cli, monkeypatch):
+    from divmerge_cli import cli as cli_module
+
+    monkeypatch.setattr(cli_module.out, "width", 400)  # one line per method
     code, out, _ = cli("methods")
     assert code == 0 and all(m in out for m in ("ties", "dare_linear", "multislerp"))
     assert "normalize=true" in out and "rescale=true" in out  # switches as a recipe spells them
+    # learned methods list every parameter they take, the Remark 3 base method and its density
+    for key in ("base_method=task_arithmetic", "task_vectors=auto", "granularity=layer"):
+        assert key in out, key
 
 
 def test_hub_id_offline_says_to_pass_a_local_folder(tmp_path, llama_zoo, cli, monkeypatch):
