@@ -57,7 +57,8 @@ def make_expert(base: Path, out: Path, seed: int, scale: float = 1e-3) -> Path:
             tuple(
                 p.name
                 for p in base.iterdir()
-                if p.suffix != ".safetensors" and p.name not in ("config.json", "model.safetensors.index.json")
+                if p.suffix != ".safetensors"
+                and p.name not in ("config.json", "model.safetensors.index.json")
             ),
         )
     return out

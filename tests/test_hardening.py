@@ -100,12 +100,12 @@ def test_ctrl_c_during_divmerge_exits_130_and_names_the_resumable_state(tmp_path
 # Slows the writer down so that the signal arrives while the merged tensors are being written.
 SLOW_WRITE = """
 import sys, time
-from divmerge_cli import merge
-real = merge.merge_tensor
-def slow(*a):
+from divmerge_cli.checkpoint import ShardWriter
+real = ShardWriter.write
+def slow(self, *a):
     time.sleep(0.2)
-    return real(*a)
-merge.merge_tensor = slow
+    return real(self, *a)
+ShardWriter.write = slow
 sys.argv = ["divmerge", *sys.argv[1:]]
 from divmerge_cli.cli import main
 main()
