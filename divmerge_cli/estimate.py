@@ -132,7 +132,7 @@ def estimate_learned(
     per_block = b * seq_len * (12 * h + 4 * inter) * c + 2 * b * heads * seq_len * seq_len * c
     logits = LOGIT_COPIES * b * seq_len * vocab * 4
     act_memory = n_blocks * per_block + logits
-    act_stream = n_blocks * b * seq_len * h * c + per_block + logits
+    act_stream = n_blocks * b * seq_len * h * c + per_block  # logits added below
 
     memory = RUNTIME_BYTES + model + taus + model + act_memory
     from .taskvectors import KEEP_BYTES
@@ -148,9 +148,11 @@ def estimate_learned(
         + held
         + outside * c
         + biggest_block * (c + 4)  # one block merged, and its float32 accumulator
-        + 2 * biggest_tensor * 4  # one tau being read, and a float32 accumulator
-        + (kept if kept <= KEEP_BYTES else 0)
+        # one tau being read, and a float32 accumulator unless the merged tensor is one already
+        + biggest_tensor * 4 * (1 if c == 4 else 2)
         + act_stream
+        # a block's kept tau live during its backward pass, after the logits' memory is freed
+        + max(logits, kept if kept <= KEEP_BYTES else 0)
     )
     out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
     out_size = _itemsize(torch.float32) if out_dtype == "float32" else 2
