@@ -279,10 +279,11 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
     """`adapter`: (rank,) for --as-adapter (rank None: exact)."""
     from .checkpoint import check_space
     from .optimize import preflight, run_optimized
+    from .recipe import optimize_params
     from .taskvectors import pick_mode
 
     r = plan.recipe
-    if plan_params(plan).coefficients:  # Gamma fixed: a plain streamed write, no teacher
+    if optimize_params(plan.recipe).coefficients:  # Gamma fixed: a plain streamed write, no teacher
         summary = run_optimized(
             plan,
             output,
@@ -295,7 +296,9 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
         out.print(f"[green]merged[/] with {r.merge_method} (Gamma from a file) -> {output}")
         return
     est = preflight(plan, seed)
-    mode, reason = pick_mode(plan_params(plan).task_vectors, est.memory_bytes, est.available)
+    mode, reason = pick_mode(
+        optimize_params(plan.recipe).task_vectors, est.memory_bytes, est.available
+    )
     if est.peak(mode) > est.available:
         raise UserError(f"{r.source}: {est.too_big(mode)}")
     check_space(output, est.disk_bytes)  # before the optimization, not after it
@@ -347,12 +350,6 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
     )
 
 
-def plan_params(plan):
-    from .recipe import optimize_params
-
-    return optimize_params(plan.recipe)
-
-
 def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:
     return lambda done, total, name: prog.update(task, completed=done, info=name)
 
@@ -375,12 +372,16 @@ def validate(
     report["warnings"] = plan.warnings
     for w in plan.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    if plan.method.optimized and not plan_params(plan).coefficients:
+    from .recipe import optimize_params
+
+    if plan.method.optimized and not optimize_params(plan.recipe).coefficients:
         from .optimize import preflight
         from .taskvectors import pick_mode
 
         est = preflight(plan)
-        mode, reason = pick_mode(plan_params(plan).task_vectors, est.memory_bytes, est.available)
+        mode, reason = pick_mode(
+            optimize_params(plan.recipe).task_vectors, est.memory_bytes, est.available
+        )
         report.update(
             peak_memory_bytes=est.peak(mode),
             device_memory_bytes=est.peak(mode),

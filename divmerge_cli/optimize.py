@@ -99,9 +99,9 @@ def prepare(
                 progress=tick,
             )
         samples.extend(got)
-    seq_len = max((len(x.prompt_ids) + len(x.gen_ids) for x in samples), default=1)
-    est = estimate_learned(plan, params, compute_dtype(recipe), seq_len, _world())
-    if mode is None:
+    if mode is None:  # the CLI decides before the teacher runs; a direct call decides here
+        seq_len = max((len(x.prompt_ids) + len(x.gen_ids) for x in samples), default=1)
+        est = estimate_learned(plan, params, compute_dtype(recipe), seq_len, _world())
         mode, reason = pick_mode(params.task_vectors, est.memory_bytes, available or est.available)
     else:
         reason = f"task_vectors: {mode}"
