@@ -479,7 +479,6 @@ def eval_(
     fail_under: FailUnder = None,
 ) -> None:
     """Score MODELS on the tasks' labelled rows (accuracy / ROUGE-1) and their ANP vs the experts."""
-    from .checkpoint import check_weights_readable
 
     if split not in ("validation", "test"):
         raise UserError(f"--split: {split!r} is not valid; use validation or test")
@@ -507,9 +506,7 @@ def eval_(
         refs[task] = Path(p)
     gates = _gates(fail_under_anp, fail_under, names, refs)
     for m in [*models, *refs.values()]:
-        if not (Path(m) / "config.json").is_file():
-            raise UserError(f"{m}: not a Hugging Face model folder (no config.json)")
-        check_weights_readable(Path(m), "eval", allow_pickle)
+        _check_scored(m, allow_pickle)
     opts = {"split": split, "limit": limit, "batch_size": batch_size, "seed": seed}
     report = _eval_report(models, specs, refs, lm_tasks, opts, cache_dir or _default_cache("eval"))
     if divergence:
@@ -576,6 +573,20 @@ def _eval_report(models, specs, refs, lm_tasks, opts: dict, cache: Path) -> dict
             t: {"model": str(p), "score": ref_scores[t]} for t, p in refs.items()
         }
     return report
+
+
+def _check_scored(m: Path, allow_pickle: bool) -> None:
+    """A model folder with readable weights, an adapter over a local base, or BASE+ADAPTER."""
+    from .checkpoint import check_weights_readable
+    from .lora import model_folder, scored_model
+
+    if not (Path(m) / "config.json").is_file() and not (Path(m) / "adapter_config.json").is_file():
+        if "+" not in str(m) or Path(m).exists():
+            raise UserError(
+                f"{m}: not a Hugging Face model folder (no config.json) nor a LoRA adapter folder"
+            )
+    folder = model_folder(scored_model(m, "eval"))  # an adapter's header checks happen here
+    check_weights_readable(folder, "eval", allow_pickle)
 
 
 def _score_model(path: Path, own: dict, lm_tasks, opts: dict, cache: Path, bars) -> dict:
@@ -680,6 +691,7 @@ def _default_cache(kind: str) -> Path:
 def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir, progress=None) -> dict:
     """JS and KL of each expert to MODEL on the teacher targets a merge with default settings
     learns from (same samples count, top_k and cache)."""
+    from .lora import scored_model
     from .methods import OPTIMIZE_DEFAULTS
     from .optimize import model_divergences
     from .teacher import default_cache_dir, teacher_samples
@@ -690,7 +702,7 @@ def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir, progres
         if spec is None or not spec.validation:
             continue
         samples = teacher_samples(
-            expert,
+            scored_model(expert, f"--reference {task}"),
             task,
             spec,
             samples=limit or OPTIMIZE_DEFAULTS["samples"],

@@ -21,8 +21,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import UserError
 from .generate import greedy_generate
-from .hashing import hash_json, hash_model_dir
-from .hf import load_model, load_tokenizer
+from .hashing import hash_json
+from .hf import load_tokenizer
+from .lora import content_hash, load_expert_model, model_folder, scored_model
 from .tasks import TaskSpec, load_rows, render_prompt
 
 # Bump when scoring changes meaning, so old cached scores stop matching.
@@ -195,16 +196,18 @@ def evaluate_model(
     cache_dir: Path | None = None,
     progress: ScoreProgress | None = None,
 ) -> dict[str, TaskScore]:
-    """Score the checkpoint in `model_dir` on every task's labelled `split` rows.
+    """Score the checkpoint in `model_dir` (or a LoRA adapter: lora.scored_model) on every task's
+    labelled `split` rows.
 
     With `cache_dir`, each task's score is stored under a hash of (model files, task spec, rows,
     split, limit, seed); a rerun with the same inputs loads neither the model nor generates.
     `progress(task, done, total)` follows the generation batches; a cached task reports 1 of 1.
     """
+    expert = scored_model(model_dir, str(model_dir))
     rows = {t: labelled_rows(t, spec, split, limit, seed) for t, spec in tasks.items()}
     cache_path = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
     cached = _read_cache(cache_path) if cache_path else {}
-    model_hash = hash_model_dir(model_dir) if cache_path else ""
+    model_hash = content_hash(expert) if cache_path else ""
     keys = {t: _cache_key(model_hash, t, tasks[t], rows[t], split, limit, seed) for t in tasks}
 
     out: dict[str, TaskScore] = {}
@@ -218,7 +221,7 @@ def evaluate_model(
                 progress(task, 1, 1)
             continue
         if model is None:  # load lazily: a fully cached run never touches the weights
-            model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+            model, tokenizer = load_expert_model(expert), load_tokenizer(model_folder(expert))
         tick = (lambda d, n, t=task: progress(t, d, n)) if progress else None
         out[task] = score_task(model, tokenizer, task, spec, rows[task], batch_size, None, tick)
         fresh[keys[task]] = asdict(out[task])

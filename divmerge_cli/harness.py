@@ -21,7 +21,6 @@ import yaml
 
 from .errors import UserError, suggest
 from .evaluate import TaskScore
-from .hf import load_model, load_tokenizer
 
 INSTALL = "pip install 'divmerge[harness]'"
 
@@ -220,10 +219,13 @@ def harness_scores(
     seed: int = 0,
     progress: HarnessProgress | None = None,
 ) -> dict[str, HarnessScore]:
-    """Run the lm-eval tasks on the checkpoint in `model_dir`: {task: its first metric}."""
+    """Run the lm-eval tasks on the checkpoint in `model_dir` (or an adapter, folded in:
+    lora.scored_model): {task: its first metric}."""
     from lm_eval import simple_evaluate
 
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    from .lora import load_scored
+
+    model, tokenizer = load_scored(model_dir, str(model_dir))
     with _quiet():
         lm = _progress_lm(model, tokenizer, batch_size, progress)
         res = simple_evaluate(

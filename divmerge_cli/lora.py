@@ -285,6 +285,35 @@ def load_expert_model(expert, dtype: torch.dtype = torch.float32):
     return peft_model.merge_and_unload().eval()
 
 
+def scored_model(ref: str | Path, where: str):
+    """A model to score or generate with: a checkpoint folder, mergekit's `model+adapter`, or a
+    LoRA adapter folder whose adapter_config.json names a local base model."""
+    ref = str(ref)
+    if "+" in ref and not Path(ref).exists():
+        return open_model(ref, str, where, None)
+    path = Path(ref)
+    if not is_adapter(path):
+        return path
+    try:
+        on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: {path}/adapter_config.json is not readable JSON ({e})") from None
+    if not on or not Path(on).is_dir():
+        raise UserError(
+            f"{where}: {path} is a LoRA adapter whose base_model_name_or_path ({on!r}) is not a "
+            f"local folder; name the model it applies to as BASE+{path}"
+        )
+    return open_model(f"{on}+{path}", str, where, None)
+
+
+def load_scored(ref: str | Path, where: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of scored_model(ref): an adapter is folded into its base."""
+    from . import hf
+
+    expert = scored_model(ref, where)
+    return load_expert_model(expert, dtype), hf.load_tokenizer(model_folder(expert))
+
+
 def open_model(
     ref: str,
     resolve: Callable[[str], str],

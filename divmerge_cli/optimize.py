@@ -25,7 +25,7 @@ from .checkpoint import DTYPES
 from .coefficients import groups_for, initial_gamma
 from .errors import UserError
 from .estimate import Estimate, estimate_learned
-from .lora import mergekit_ref
+from .lora import load_scored, mergekit_ref
 from .merge import MergePlan, run_merge
 from .objectives import DIVERGENCES, OBJECTIVES, collate, sample_means
 from .recipe import OptimizeParams, Recipe, optimize_params  # noqa: F401 - re-exported
@@ -239,8 +239,8 @@ def model_divergences(
     device: str = "cpu",
 ) -> dict[str, float]:
     """D_X(teacher || model) for D = JS and KL over the teacher's samples (paper Table 2, Fig. 5)."""
-    model = hf.load_model(model_dir, torch.float32).to(device)
-    tok = hf.load_tokenizer(model_dir)
+    model, tok = load_scored(model_dir, str(model_dir))
+    model = model.to(device)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     start = getattr(model.config, "decoder_start_token_id", None)
     vals: dict[str, list[torch.Tensor]] = {d: [] for d in DIVERGENCES}

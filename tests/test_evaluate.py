@@ -162,7 +162,7 @@ def test_eval_cache_hits_on_rerun_and_misses_after_a_change(
         raise AssertionError("cache hit expected: nothing should be loaded or generated")
 
     monkeypatch.setattr(evaluate, "greedy_generate", boom)
-    monkeypatch.setattr(evaluate, "load_model", boom)
+    monkeypatch.setattr(evaluate, "load_expert_model", boom)
     seen = []
     hit = evaluate.evaluate_model(tiny_dir, two_tasks, cache_dir=cache, progress=_record(seen))
     assert hit == first and seen == [("qa", 1, 1), ("gen", 1, 1)]  # a cached task is done at once

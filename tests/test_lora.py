@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from conftest import write_recipe
 from divmerge_cli import merge, tiny
 from divmerge_cli.checkpoint import Checkpoint, open_checkpoint
+from divmerge_cli.errors import UserError
 from divmerge_cli.lora import LoraExpert, LowRank, factor
 from divmerge_cli.recipe import load_recipe
 
@@ -599,3 +601,102 @@ def test_learned_loop_on_a_tied_embedding_adapter_changes_embedding_and_head(tmp
         plain = _peft_model(base_dir)(input_ids=ids).logits
     assert not torch.allclose(want, plain, atol=1e-3)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+# --- adapters as the experts of evaluation and sweeps; PEFT's combinations beside ours -------
+
+
+@pytest.fixture(scope="session")
+def trained_lora(toy, tmp_path_factory) -> dict[str, Path]:
+    """A LoRA adapter (r 4, every linear layer) fine-tuned on each toy task, and its
+    merge_and_unload() as a full checkpoint (`<task>_full`)."""
+    from transformers import AutoTokenizer
+
+    from conftest import TASKS
+    from divmerge_cli.sft import finetune
+
+    root = tmp_path_factory.mktemp("trained_lora")
+    tok = AutoTokenizer.from_pretrained(toy / "base")
+    out = {}
+    for i, (task, (make, prompt, target)) in enumerate(TASKS.items()):
+        rng = random.Random(100 + i)
+        rows = [make(rng) for _ in range(120)]
+        torch.manual_seed(i)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+        model = peft.get_peft_model(_peft_model(toy / "base"), cfg)
+        ex = [(prompt.format(**r), " " + r[target]) for r in rows]
+        finetune(model, tok, ex, steps=60, batch_size=8, lr=1e-2, seed=i)
+        model.save_pretrained(root / task)
+        out[task] = root / task
+        out[f"{task}_full"] = tiny.save(model.merge_and_unload(), tok, root / f"{task}_full")
+    return out
+
+
+def test_an_adapter_scores_as_its_folded_model(toy, trained_lora, tmp_path):
+    from divmerge_cli.evaluate import evaluate_model
+    from divmerge_cli.tasks import load_tasks
+
+    specs = load_tasks(str(toy / "tasks.yaml"), toy, "tasks.yaml")
+    base = toy / "base"
+    full = evaluate_model(trained_lora["sent_full"], specs, "test")
+    assert full["sent"].score > 0.5  # a real expert, so equal scores mean something
+    # the adapter folder (its config names the local base) and mergekit's model+adapter
+    for ref in (trained_lora["sent"], f"{base}+{trained_lora['sent']}"):
+        assert evaluate_model(ref, specs, "test") == full
+    moved = _adapter_copy({"a0": trained_lora["sent"]}, tmp_path, base_model_name_or_path="x/y")
+    with pytest.raises(
+        UserError, match=r"not a local folder; name the model it applies to as BASE\+"
+    ):
+        evaluate_model(moved, specs, "test")
+
+
+def test_sweep_on_adapters_and_peft_cat_equal_task_arithmetic(toy, trained_lora, tmp_path):
+    import subprocess
+    import sys
+
+    from divmerge_cli import sweep
+
+    tasks = yaml.safe_load((toy / "tasks.yaml").read_text())
+    for spec in tasks.values():
+        for split in ("validation", "test"):
+            spec[split] = str(toy / spec[split])
+    dm = {"granularity": "task", "epochs": 1, "samples": 4, "batch_size": 4, "top_k": 8}
+    raw = {
+        "base_model": str(toy / "base"),
+        "experts": {t: str(trained_lora[t]) for t in ("sent", "rev")},
+        "tasks": tasks,
+        "k": 2,
+        "methods": {
+            "ta": {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}},
+            "dm": {"merge_method": "divmerge", "parameters": dm},
+        },
+        "eval": {"limit": 12, "batch_size": 8},
+    }
+    path = write_recipe(tmp_path / "sweep.yaml", raw)
+    cfg = sweep.load_sweep(path)
+    rows = sweep.run_sweep(cfg, cache_dir=tmp_path / "cache")
+    refs = {r["task"]: r["score"] for r in rows if r["type"] == "reference"}
+    assert refs["sent"] > 0.5 and refs["rev"] > 0
+    cells = {r["label"]: r for r in sweep.cell_rows(rows)}
+    assert list(cells["dm"]["gamma"]) == ["sent", "rev"]  # learned on the adapters' factors
+    script = Path(__file__).resolve().parent.parent / "scripts" / "zoo" / "peft_merges.py"
+    for _ in range(2):  # the second run finds its cell and does nothing
+        subprocess.run(
+            [sys.executable, str(script), str(path), "--types", "cat"], check=True,
+            capture_output=True,
+        )  # fmt: skip
+    peft_rows = [json.loads(x) for x in (tmp_path / "results-peft.jsonl").read_text().splitlines()]
+    assert len(peft_rows) == 1 and peft_rows[0]["label"] == "peft_cat"
+    assert peft_rows[0]["scores"] == cells["ta"]["scores"]  # cat with weights 1 is our TA
+    assert peft_rows[0]["anp"] == pytest.approx(cells["ta"]["anp"])
+
+
+def test_eval_cli_scores_adapters_and_takes_them_as_references(toy, trained_lora, tmp_path, cli):
+    base, sent = toy / "base", trained_lora["sent"]
+    args = ("--tasks", toy / "tasks.yaml", "--split", "test", "--json", tmp_path / "s.json")
+    code, _, err = cli("eval", f"{base}+{sent}", *args, "--reference", f"sent={sent}")
+    assert code == 0, err
+    entry = json.loads((tmp_path / "s.json").read_text())["models"][f"{base}+{sent}"]
+    assert entry["tasks"]["sent"]["score"] > 0.5 and entry["anp"] == pytest.approx(1.0)
+    code, _, err = cli("eval", toy / "sent.val.jsonl", *args)
+    assert code == 2 and "nor a LoRA adapter folder" in err

@@ -234,10 +234,14 @@ def test_checkpoints_every_n_steps_but_not_at_the_end():
 
 
 def test_run_settings_leave_out_steps_so_a_run_can_grow():
-    args = argparse.Namespace(steps=150, batch_size=8, lr=1e-4, seed=0, save_every=50)
+    args = argparse.Namespace(steps=150, batch_size=8, lr=1e-4, seed=0, save_every=50, lora_rank=0)
     longer = argparse.Namespace(**{**vars(args), "steps": 300})
     assert build.run_settings(args, "abc") == build.run_settings(longer, "abc")
     assert build.run_settings(args, "abc") != build.run_settings(args, "abd")
+    # the zoo's full fine-tunes keep their settings (and checkpoints); LoRA adds its own
+    assert "lora_rank" not in build.run_settings(args, "abc")
+    lora = argparse.Namespace(**{**vars(args), "lora_rank": 16, "lora_alpha": 32.0})
+    assert build.run_settings(lora, "abc")["lora_rank"] == 16
 
 
 # ---------------------------------------------------------------------------------- real file
@@ -273,11 +277,13 @@ def _tiny_zoo(root: Path, llama_zoo) -> tuple[Path, dict]:
     return root, load_tasks(str(tasks), root, str(tasks))
 
 
-def test_an_interrupted_build_resumes_from_its_checkpoint(tmp_path, llama_zoo, monkeypatch):
+@pytest.mark.parametrize("kind", ["experts", "lora"])
+def test_an_interrupted_build_resumes_from_its_checkpoint(kind, tmp_path, llama_zoo, monkeypatch):
     import json
 
     zoo, specs = _tiny_zoo(tmp_path, llama_zoo)
-    args = argparse.Namespace(steps=4, batch_size=2, lr=1e-3, seed=0, save_every=2)
+    rank = {"lora_rank": 4, "lora_alpha": 8.0} if kind == "lora" else {"lora_rank": 0}
+    args = argparse.Namespace(steps=4, batch_size=2, lr=1e-3, seed=0, save_every=2, **rank)
     real_log = build.log_line
 
     def crash_after_checkpoint(path, text):
@@ -288,18 +294,23 @@ def test_an_interrupted_build_resumes_from_its_checkpoint(tmp_path, llama_zoo, m
     monkeypatch.setattr(build, "log_line", crash_after_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         build.build_expert(zoo, "rt", specs["rt"], args)
-    state = json.loads((zoo / "experts" / ".work" / "rt" / "state.json").read_text())
+    state = json.loads((zoo / kind / ".work" / "rt" / "state.json").read_text())
     assert state["step"] == 2 and len(state["losses"]) == 2
-    assert not (zoo / "experts" / "rt").exists()
+    assert not (zoo / kind / "rt").exists()
 
     monkeypatch.setattr(build, "log_line", real_log)
     build.build_expert(zoo, "rt", specs["rt"], args)
-    info = json.loads((zoo / "experts" / "rt" / "expert.json").read_text())
+    info = json.loads((zoo / kind / "rt" / "expert.json").read_text())
     assert info["losses"][:2] == state["losses"] and len(info["losses"]) == 4
-    assert not (zoo / "experts" / ".work" / "rt").exists()
-    log = (zoo / "logs" / "rt.log").read_text()
-    assert f"start at step 2/4 from {zoo / 'experts' / '.work' / 'rt'}" in log
+    assert not (zoo / kind / ".work" / "rt").exists()
+    log = (zoo / "logs" / ("lora-rt.log" if rank["lora_rank"] else "rt.log")).read_text()
+    assert f"start at step 2/4 from {zoo / kind / '.work' / 'rt'}" in log
     assert "step 4/4 loss" in log
+    if rank["lora_rank"]:  # an adapter on every linear layer, trained (B moved from its zeros)
+        cfg = json.loads((zoo / kind / "rt" / "adapter_config.json").read_text())
+        assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+        b = {k: v for k, v in _load_st(zoo / kind / "rt").items() if "lora_B" in k}
+        assert b and all(v.abs().max() > 0 for v in b.values())
 
 
 def test_score_base_chat_wraps_prompts_and_keeps_other_scores(tmp_path, llama_zoo, monkeypatch):
@@ -325,6 +336,12 @@ def test_score_base_chat_wraps_prompts_and_keeps_other_scores(tmp_path, llama_zo
     entry = json.loads((zoo / "scores.json").read_text())["rt"]
     assert entry["base"] == 0.25 and entry["metric"] == "accuracy"
     assert 0.0 <= entry["base_chat"] <= 1.0
+
+
+def _load_st(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
 
 
 # ----------------------------------------------------------------------------- table2.py
@@ -384,6 +401,7 @@ def test_zoo_sweep_files_validate(tmp_path, name):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(row + "\n")
         (zoo / "experts" / task).mkdir(parents=True)
+        (zoo / "lora" / task).mkdir(parents=True)
     (zoo / "base").mkdir()
     (zoo / "sweeps" / name).write_text((ROOT / "docs/zoo/sweeps" / name).read_text())
     cfg = load_sweep(zoo / "sweeps" / name)

@@ -164,7 +164,8 @@ def check_checkpoints(cfg: SweepConfig) -> None:
     """Base and experts fit together (architecture, tensor names, shapes); headers only."""
     base = open_checkpoint(str(cfg.base_model), f"{cfg.source}: base_model")
     experts = [
-        open_checkpoint(str(p), f"{cfg.source}: experts.{t}") for t, p in cfg.experts.items()
+        open_checkpoint(str(p), f"{cfg.source}: experts.{t}", base=base)
+        for t, p in cfg.experts.items()
     ]
     check_compatible(base, experts)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..evaluate import anp, evaluate_model
+from ..lora import is_adapter
 from ..merge import plan_merge, run_merge
 from ..methods import METHODS
 from ..optimize import run_optimized, state_dir_for
@@ -51,8 +52,10 @@ def reference_scores(
             if progress:
                 progress("reference", i, len(cfg.experts), t)
             e = cfg.eval
+            # an adapter expert is scored on the sweep's base, not the one its config names
+            model = f"{cfg.base_model}+{expert}" if is_adapter(expert) else expert
             s = evaluate_model(
-                expert, {t: cfg.tasks[t]}, e.split, e.limit, e.batch_size, cfg.seed, cache_dir
+                model, {t: cfg.tasks[t]}, e.split, e.limit, e.batch_size, cfg.seed, cache_dir
             )[t]
             known[t] = {
                 "type": "reference",

@@ -80,7 +80,9 @@ def is_checkpoint(step: int, steps: int, every: int) -> bool:
 
 def run_settings(args: argparse.Namespace, train_sha256: str) -> dict:
     """What a checkpoint's weights depend on, besides the step count (--steps may grow)."""
+    lora = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha} if args.lora_rank else {}
     return {
+        **lora,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
@@ -135,15 +137,53 @@ def log_line(path: Path, text: str) -> None:
     print(f"{stamp} {path.stem}: {text}", flush=True)
 
 
-def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace) -> None:
-    """Fine-tune (or resume) the expert ZOO_DIR/experts/<task>; nothing to do when it exists."""
-    from divmerge_cli import sft
-    from divmerge_cli.checkpoint import has_weights
-    from divmerge_cli.hf import load_model, load_tokenizer
+def expert_dir(zoo: Path, task: str, args: argparse.Namespace) -> Path:
+    """ZOO_DIR/experts/<task>, or ZOO_DIR/lora/<task> for a LoRA adapter (--lora-rank)."""
+    return zoo / ("lora" if args.lora_rank else "experts") / task
 
-    out = zoo / "experts" / task
-    log = zoo / "logs" / f"{task}.log"
-    if has_weights(out):
+
+def is_built(folder: Path) -> bool:
+    from divmerge_cli.checkpoint import has_weights
+
+    return has_weights(folder) or (folder / "adapter_model.safetensors").is_file()
+
+
+def trainable(source: Path, base: Path, args: argparse.Namespace):
+    """The model to fine-tune from `source`: the base (or a checkpoint) for a full fine-tune; for
+    LoRA, the base with a fresh seeded adapter (r, alpha, every linear layer) or the adapter
+    checkpointed in `source`."""
+    import torch
+
+    from divmerge_cli.hf import load_model
+
+    if not args.lora_rank:
+        return load_model(source)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = load_model(base)
+    if source != base:
+        return PeftModel.from_pretrained(model, str(source), is_trainable=True)
+    torch.manual_seed(args.seed)  # lora_A's random init
+    config = LoraConfig(
+        r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules="all-linear",
+        lora_dropout=0.0,
+    )  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace) -> None:
+    """Fine-tune (or resume) the expert ZOO_DIR/experts/<task> (or the LoRA adapter
+    ZOO_DIR/lora/<task>); nothing to do when it exists."""
+    from divmerge_cli import sft
+    from divmerge_cli.hf import load_tokenizer
+
+    out = expert_dir(zoo, task, args)
+    log = (
+        zoo / "logs" / f"{out.parent.name}-{task}.log"
+        if args.lora_rank
+        else zoo / "logs" / f"{task}.log"
+    )
+    if is_built(out):
         print(f"{task}: {out} exists, skipped", flush=True)
         return
     train_path = zoo / "data" / task / "train.jsonl"
@@ -152,15 +192,15 @@ def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace) -> None:
     settings = run_settings(args, hashlib.sha256(train_path.read_bytes()).hexdigest())
     order = example_order(len(examples), args.steps * args.batch_size, args.seed)
 
-    work = zoo / "experts" / WORK / task
-    state = json.loads((work / "state.json").read_text()) if has_weights(work) else None
+    work = out.parent / WORK / task
+    state = json.loads((work / "state.json").read_text()) if is_built(work) else None
     if state is not None and state["settings"] != settings:
         log_line(log, f"checkpoint at {work} has other settings; starting over")
         state = None
     start = min(state["step"], args.steps) if state else 0
     losses: list[float] = state["losses"][:start] if state else []
     source = work if start else zoo / "base"
-    model, tok = load_model(source), load_tokenizer(source)
+    model, tok = trainable(source, zoo / "base", args), load_tokenizer(zoo / "base")
     log_line(log, f"start at step {start}/{args.steps} from {source} ({len(examples)} examples)")
 
     # One finetune call for the remaining steps: AdamW keeps its moments throughout. The
@@ -199,15 +239,17 @@ def _mean(xs: list[float]) -> float:
 # ---------------------------------------------------------------------------------- scoring
 
 
-def score_expert(zoo: Path, task: str, spec, limit: int, batch_size: int) -> dict:
-    """Base and expert on the task's test split; merged into ZOO_DIR/scores.json."""
+def score_expert(zoo: Path, task: str, spec, limit: int, batch_size: int, lora: bool) -> dict:
+    """Base and expert (or LoRA expert) on the task's test split; into ZOO_DIR/scores.json."""
     from divmerge_cli.evaluate import evaluate_model
 
     cache = zoo / "cache" / "eval"
+    name = "lora_expert" if lora else "expert"
+    expert = zoo / "lora" / task if lora else zoo / "experts" / task
     scores = {}
-    for name, model_dir in (("base", zoo / "base"), ("expert", zoo / "experts" / task)):
+    for key, model_dir in (("base", zoo / "base"), (name, expert)):
         s = evaluate_model(model_dir, {task: spec}, "test", limit, batch_size, 0, cache)[task]
-        scores[name] = s.score
+        scores[key] = s.score
     return merge_scores(zoo, task, {"metric": spec.metric, "n": s.n, "split": "test", **scores})
 
 
@@ -274,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument(
+        "--lora-rank", type=int, default=0,
+        help="train a LoRA adapter of this rank on every linear layer (ZOO_DIR/lora/TASK)",
+    )  # fmt: skip
+    ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -286,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         help="only score the base with its chat template (base_chat in scores.json)",
     )
     a = ap.parse_args(argv)
+    if a.lora_alpha is None:
+        a.lora_alpha = 2.0 * a.lora_rank
 
     import torch
 
@@ -312,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         build_expert(zoo, task, spec, a)
         if a.eval_limit > 0:
-            e = score_expert(zoo, task, spec, a.eval_limit, a.eval_batch_size)
+            lora = bool(a.lora_rank)
+            e = score_expert(zoo, task, spec, a.eval_limit, a.eval_batch_size, lora)
+            name = "lora_expert" if lora else "expert"
             print(
-                f"{task}: {e['metric']} base {e['base']:.4f} expert {e['expert']:.4f} (n={e['n']})",
+                f"{task}: {e['metric']} base {e['base']:.4f} {name} {e[name]:.4f} (n={e['n']})",
                 flush=True,
             )
     return 0
