@@ -11,7 +11,13 @@ from .checkpoint import TOKENIZER_FILES
 # Files whose bytes decide what a model folder computes; README, recipes, cards do not. The
 # tokenizer files are the ones a merge copies (one list: a file copied but not hashed, as
 # added_tokens.json once was, would let a cache entry outlive a tokenizer change).
-_MODEL_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "config.json")
+_MODEL_GLOBS = (
+    "*.safetensors",
+    "*.bin",
+    "*.safetensors.index.json",
+    "config.json",
+    "adapter_config.json",
+)
 
 
 def model_files(model_dir: str | Path) -> list[Path]:

@@ -48,3 +48,14 @@ def test_weights_change_the_hash_and_a_readme_does_not(tmp_path, llama_zoo):
 def test_hash_json_ignores_key_order_only():
     assert hash_json({"a": 1, "b": [1, 2]}) == hash_json({"b": [1, 2], "a": 1})
     assert hash_json({"a": 1, "b": [1, 2]}) != hash_json({"a": 1, "b": [2, 1]})
+
+
+def test_an_adapters_config_changes_its_hash(tmp_path):
+    # lora_alpha scales tau: a sha256 pin or cache entry must not survive a changed config
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_model.safetensors").write_bytes(b"weights")
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    before = hash_model_dir(d)
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 16}')
+    assert hash_model_dir(d) != before

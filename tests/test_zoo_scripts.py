@@ -484,6 +484,29 @@ def test_paired_table_compares_on_shared_subsets_only():
     assert "| ties |" not in md
 
 
+def test_lora_table_puts_the_full_fine_tunes_beside_the_adapters(tmp_path):
+    rep = _load("report")
+    lora = [
+        _cell("ties", "a+b", 0.90),
+        _cell("ties", "a+c", 0.80),
+        _cell("ties", "a+b+c+d+e", 0.60),
+        _cell("peft_svd", "a+b", 0.70),
+    ]
+    full = [_cell("ties", "a+b", 1.0), _cell("ties", "a+b+c+d+e", 0.5)]
+    md = rep.lora_table(lora, full)
+    # pairs 90 and 80: mean 85, sd 7.071, 1.96 * 7.071 / sqrt(2) = 9.80
+    assert "| ties | 85.00 ± 9.80 | 60.00 | 100.00 | 50.00 |" in md
+    assert "| peft_svd | 70.00 | - | - | - |" in md  # PEFT has no full-fine-tune counterpart
+    csv = tmp_path / "experts.csv"
+    csv.write_text("task,metric,n,base,base_chat,expert\na,accuracy,100,0.0,,0.87\n")
+    scores = {
+        "a": {"metric": "accuracy", "n": 100, "base": 0.0, "lora_expert": 0.8},
+        "b": {"metric": "rouge1", "n": 100, "base": 0.1, "expert": 0.3},  # no adapter: left out
+    }
+    md = rep.lora_experts_table(scores, csv)
+    assert "| a | accuracy | 100 | 0.0000 | 0.8000 | 0.8700 |" in md and "| b |" not in md
+
+
 # ----------------------------------------------------------------------------- task_vectors.py
 
 

@@ -1,6 +1,13 @@
 """Collect the zoo's sweep results into docs/results/: raw JSONL, tables, CSV, plots, paper side by side.
 
     python scripts/zoo/report.py ZOO_DIR [--out docs/results]
+    python scripts/zoo/report.py ZOO_DIR --lora [--out docs/results/lora] [--full docs/results]
+
+With --lora it reads only the LoRA zoo's results (ZOO_DIR/results/lora_*.jsonl, PEFT's rows
+included) and writes to --out the raw files, tables.md / CSV / plots, lora.md (each method's
+ANP on the adapters beside the same method on the full fine-tunes, read from the committed
+results in --full; paired differences; wall time; the adapters against the base) and
+lora_zoo.json (sha256 of every adapter folder). Without it, the lora_* files are left out.
 
 Reads ZOO_DIR/results/*.jsonl (written by `divmerge sweep ZOO_DIR/sweeps/*.yaml`) and
 ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to --out:
@@ -224,17 +231,102 @@ def zoo_hashes(zoo: Path) -> dict[str, str]:
 
 
 ORDER = ["pairwise_datafree", "pairwise_divmerge_js", "pairwise_adamerging", "pairwise_divmerge_kl"]
+ORDER += ["lora_pairwise_datafree", "lora_pairwise_divmerge", "lora_pairwise_divmerge-peft"]
+ORDER += ["lora_pairwise_adamerging"]
+LORA = "lora_"
+
+
+def lora_table(lora: list[dict], full: list[dict]) -> str:
+    """Mean ANP (%) of each method on the adapters (pairs: ± 95% half-width; k = 5) beside the
+    same method on the full fine-tunes."""
+    from divmerge_cli.sweep import summarize
+
+    ours, theirs = summarize(lora), summarize(full)
+
+    def cell(by_k: dict, k: int) -> str:
+        s = by_k.get(k)
+        if s is None:
+            return "-"
+        return f"{s.mean:.2f}" + (f" ± {s.ci95:.2f}" if s.ci95 is not None else "")
+
+    out = [
+        "**Mean ANP (%): LoRA experts beside full fine-tunes (pairs: mean ± 95% half-width over"
+        " the 10 pairs)**",
+        "",
+        "| method | LoRA, pairs | LoRA, k=5 | full FT, pairs | full FT, k=5 |",
+        "|---|---|---|---|---|",
+    ]
+    for label, by_k in ours.items():
+        other = theirs.get(label, {})
+        row = [cell(by_k, 2), cell(by_k, 5), cell(other, 2), cell(other, 5)]
+        out.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(out) + "\n"
+
+
+def lora_experts_table(scores: dict, full_csv: Path) -> str:
+    """Base, LoRA expert and (from the committed experts.csv) full expert on each task."""
+    full = {}
+    if full_csv.is_file():
+        head, *lines = full_csv.read_text().splitlines()
+        for line in lines:
+            rec = dict(zip(head.split(","), line.split(",")))
+            full[rec["task"]] = float(rec["expert"])
+    out = [
+        "| task | metric | n | base | LoRA expert | full-FT expert |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t, e in scores.items():
+        if "lora_expert" in e:
+            row = f"| {t} | {e['metric']} | {e['n']} | {e['base']:.4f} | {e['lora_expert']:.4f} |"
+            out.append(f"{row} {_f(full.get(t), 4)} |")
+    return "\n".join(out) + "\n"
+
+
+def lora_report(zoo: Path, out: Path, full_dir: Path) -> list[Path]:
+    from divmerge_cli.hashing import hash_model_dir
+    from divmerge_cli.sweep import write_reports
+
+    files = _ordered([p for p in (zoo / "results").glob(f"{LORA}*.jsonl")])
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (out / f.name).write_text(placeholder(f.read_text(), str(zoo.resolve())))
+    rows = collect([out / f.name for f in files])
+    full_files = [p for p in full_dir.glob("*.jsonl") if not p.name.startswith(LORA)]
+    full = collect(_ordered(full_files))
+    written = write_reports(rows, out)
+    parts = [lora_table(rows, full)]
+    parts += [paired_table(rows, b) for b in ("task_arithmetic", "divmerge_js_layer")]
+    parts.append(timing_table(rows))
+    scores = zoo / "scores.json"
+    if scores.is_file():
+        parts.append(lora_experts_table(json.loads(scores.read_text()), full_dir / "experts.csv"))
+    (out / "lora.md").write_text("\n".join(parts))
+    hashes = {f"lora/{d.name}": hash_model_dir(d) for d in sorted((zoo / "lora").iterdir())}
+    hashes = {k: v for k, v in hashes.items() if not k.startswith("lora/.")}
+    (out / "lora_zoo.json").write_text(json.dumps(hashes, indent=2) + "\n")
+    return [*written, out / "lora.md", out / "lora_zoo.json"]
+
+
+def _ordered(files: list[Path]) -> list[Path]:
+    return sorted(files, key=lambda p: ((ORDER + [p.stem]).index(p.stem), p.stem))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("zoo_dir", type=Path)
-    ap.add_argument("--out", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--lora", action="store_true", help="report the LoRA zoo's results only")
+    ap.add_argument("--full", type=Path, default=Path("docs/results"), help="full-FT results")
     a = ap.parse_args(argv)
     from divmerge_cli.sweep import write_reports
 
-    found = sorted((a.zoo_dir / "results").glob("*.jsonl"))
-    files = sorted(found, key=lambda p: (ORDER + [p.stem]).index(p.stem))
+    if a.lora:
+        written = lora_report(a.zoo_dir, a.out or Path("docs/results/lora"), a.full)
+        print("wrote " + ", ".join(str(p) for p in written))
+        return 0
+    a.out = a.out or Path("docs/results")
+    found = (a.zoo_dir / "results").glob("*.jsonl")
+    files = _ordered([p for p in found if not p.name.startswith(LORA)])
     a.out.mkdir(parents=True, exist_ok=True)
     zoo = str(a.zoo_dir.resolve())
     for f in files:  # committed results name the zoo as $ZOO, not the folder of one machine
