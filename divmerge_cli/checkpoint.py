@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -480,6 +481,26 @@ def remove_stale_temps(out: Path) -> list[tuple[Path, str]]:
             shutil.rmtree(p, ignore_errors=True)
             done.append((p, "removed"))
     return done
+
+
+def scratch_dir(parent: Path, kind: str) -> Path:
+    """A new temporary folder `.KIND-PID-*` in `parent`; remove_orphans finds it after a kill."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{kind}-{os.getpid()}-", dir=parent))
+
+
+def remove_orphans(parent: Path, kind: str) -> list[Path]:
+    """Remove the `.KIND-PID-*` folders in `parent` whose process is gone (a killed run's)."""
+    import psutil
+
+    pattern = re.compile(re.escape(f".{kind}-") + r"(\d+)-")
+    gone = []
+    for p in sorted(Path(parent).glob(f".{kind}-*")):
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not psutil.pid_exists(int(m[1])):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
 
 
 _held: dict[str, int] = {}  # lock files this process holds -> how many nested holders

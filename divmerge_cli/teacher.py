@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load, save_file
 
 from . import hf
+from .checkpoint import remove_orphans, scratch_dir
 from .generate import Generation, greedy_generate
 from .hashing import hash_json
 from .lora import content_hash, load_expert_model, model_folder
@@ -175,8 +176,8 @@ def _flatten(gens: list[Generation], top_k: int | str) -> dict[str, torch.Tensor
 def _write_entry(
     entry: Path, gens: list[Generation], top_k, max_new_tokens: int, source: str
 ) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name[:16]}-", dir=entry.parent))
+    remove_orphans(entry.parent, "tmp")  # entries a killed run was writing
+    tmp = scratch_dir(entry.parent, "tmp")
     try:
         save_file(_flatten(gens, top_k), str(tmp / TENSORS))
         meta = {

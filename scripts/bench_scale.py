@@ -179,6 +179,7 @@ def child(args) -> None:
     t0 = time.perf_counter()
     pb = optimize.prepare(plan, cache_dir=args.cache)
     prep = time.perf_counter() - t0
+    print(f"prepared in {prep:.1f} s", file=sys.stderr, flush=True)
     acc = Accelerator(cpu=True)
     steps = []
     if args.floor:  # a fresh model: no task vectors, no merged weights, the same batch
@@ -209,6 +210,8 @@ def child(args) -> None:
             t = time.perf_counter()
             optimize._step(pb, run, step, acc)
             steps.append(time.perf_counter() - t)
+            # a step of the 1.7B row takes many minutes: its figure survives a stopped run
+            print(f"step {step + 1}: {steps[-1]:.1f} s", file=sys.stderr, flush=True)
     print(
         json.dumps(
             {

@@ -88,3 +88,24 @@ def test_has_weights_wants_config_and_safetensors(tmp_path, llama_zoo):
     (d / "model.safetensors.index.json").write_text("{}")
     assert has_weights(d)
     assert not has_weights(tmp_path / "nowhere")
+
+
+def test_remove_orphans_takes_only_dead_processes_folders(tmp_path):
+    import os
+    import subprocess
+
+    from divmerge_cli.checkpoint import remove_orphans, scratch_dir
+
+    dead = subprocess.Popen(["true"])  # a process that has exited: its PID is gone
+    dead.wait()
+    orphan = tmp_path / f".tmp-{dead.pid}-abc"
+    orphan.mkdir()
+    (orphan / "teacher.safetensors").write_bytes(b"half")
+    mine = scratch_dir(tmp_path, "tmp")  # this live process's
+    other = tmp_path / f".cell-{dead.pid}-x"  # another kind is left alone
+    other.mkdir()
+    entry = tmp_path / "0123abcd"  # a cache entry
+    entry.mkdir()
+    assert mine.name.startswith(f".tmp-{os.getpid()}-")
+    assert remove_orphans(tmp_path, "tmp") == [orphan]
+    assert not orphan.exists() and mine.exists() and other.exists() and entry.exists()

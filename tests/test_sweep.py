@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,9 @@ def test_sweep_end_to_end(tmp_path, small_zoo, experts):
     }
     path = write_sweep(tmp_path / "s", small_zoo, experts, methods=methods, k=[1, 2, 3])
     cfg = sweep.load_sweep(path)
+    killed = subprocess.Popen(["true"])
+    killed.wait()  # a sweep killed while scoring a cell left its merged model behind
+    (tmp_path / "s" / "results-merged" / f".cell-{killed.pid}-x" / "merged").mkdir(parents=True)
     events = []
     out = sweep.run_sweep(cfg, lambda *a: events.append(a), cache_dir=tmp_path / "cache")
     rows = sweep.cell_rows(out)

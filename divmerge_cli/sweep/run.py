@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..checkpoint import remove_orphans, scratch_dir
 from ..errors import UserError
 from ..evaluate import anp, evaluate_model
 from ..lora import is_adapter
@@ -102,6 +102,7 @@ def run_sweep(
     eval_cache = Path(cache_dir) / "eval" if cache_dir else None
     refs = reference_scores(cfg, rows, eval_cache, progress)
     work = Path(work_dir) if work_dir else cfg.results.with_name(cfg.results.stem + "-merged")
+    remove_orphans(work, "cell")  # merged models of cells a killed sweep was scoring
     done = {cell_id(r) for r in rows if r.get("type") == "cell"}
     cells = cfg.cells()
     for i, (label, subset) in enumerate(cells):
@@ -138,7 +139,7 @@ def run_cell(
     if cfg.keep_merged:
         scratch, out = None, work / label / "+".join(subset)
     else:
-        scratch = Path(tempfile.mkdtemp(prefix=".cell-", dir=work))
+        scratch = scratch_dir(work, "cell")
         out = scratch / "merged"
     optimized = METHODS[recipe.merge_method].optimized
     try:
