@@ -234,6 +234,10 @@ class Checkpoint:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
+    def dense_tau(self, name: str) -> bool | None:
+        """Whether tau(name) is a dense tensor, told from headers (None: only reading tells)."""
+        return True
+
     def tau(self, name: str, base) -> torch.Tensor:
         """The task vector theta_t - theta0 on one tensor, float32 (see taskvectors.py)."""
         tau = self.get(name).float()  # a fresh buffer (read from disk): subtract in place

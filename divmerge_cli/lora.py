@@ -206,6 +206,9 @@ class LoraExpert:
         b = lr.B if start is None else lr.B[start:stop]
         return x.float() + (b @ lr.A) * lr.scale
 
+    def dense_tau(self, name: str) -> bool | None:
+        return None  # low rank, dense or absent: a saved module equal to θ0 is absent
+
     def tau(self, name: str, base) -> Tensor | LowRank | None:
         """τ_t on one tensor against θ0 (`base` needs only `get`): LowRank on a target, dense on a
         saved module, None elsewhere; dense everywhere when the adapter sits on another model."""

@@ -38,6 +38,9 @@ class StoredExpert:
     def dtype(self, name: str) -> torch.dtype:
         return self.ckpt.dtype(name)
 
+    def dense_tau(self, name: str) -> bool | None:
+        return name in self.ckpt.index
+
     def tau(self, name: str, base) -> torch.Tensor | None:
         return self.ckpt.get(name).float() if name in self.ckpt.index else None
 

@@ -2,8 +2,10 @@
 
 An *expert* is anything with checkpoint.Checkpoint's read API (`names`, `shape`, `dtype`, `get`)
 plus `tau(name, base)`: its task vector on one tensor in its native form, a dense float32 tensor
-(a full checkpoint), a `LowRank` (a LoRA target), or None (zero there). Data-free methods read
-experts through `get` (theta_t rows); the learned loop reads them through `tau`.
+(a full checkpoint), a `LowRank` (a LoRA target), or None (zero there), and `dense_tau(name)`:
+True/False when the headers tell whether that tau is dense, None when only reading tells (so
+`stream` classifies full checkpoints without reading them). Data-free methods read experts
+through `get` (theta_t rows); the learned loop reads them through `tau`.
 
 How the learned loop holds them is a property of the store, not of the loop:
 - `memory`: every dense tau loaded once, stacked per tensor in its storage dtype;
@@ -165,6 +167,11 @@ class TaskVectors:
         for name in names:
             dense_idx[name], low[name], held = [], [], []
             for t, e in enumerate(experts):
+                dense = e.dense_tau(name)
+                if mode == "stream" and dense is not None:  # known from headers: no read
+                    if dense:
+                        dense_idx[name].append(t)
+                    continue
                 tau = e.tau(name, base)
                 if isinstance(tau, LowRank):
                     low[name].append((t, tau))

@@ -236,6 +236,9 @@ def test_task_vectors_merge_matches_formula_and_keeps_storage_dtype():
         def dtype(self, n):
             return self.d[n].dtype
 
+        def dense_tau(self, n):
+            return True
+
         def tau(self, n, base):
             return self.get(n).float() - base.get(n).float()
 

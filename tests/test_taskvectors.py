@@ -26,6 +26,9 @@ class LowRankExpert:
     def dtype(self, name):
         return torch.float32
 
+    def dense_tau(self, name):
+        return None
+
     def tau(self, name, base):
         return self.factors.get(name)
 
@@ -38,6 +41,9 @@ class DenseView:
 
     def dtype(self, name):
         return torch.float32
+
+    def dense_tau(self, name):
+        return None
 
     def tau(self, name, base):
         f = self.lr.factors.get(name)
@@ -111,3 +117,17 @@ def test_an_fsdp_launch_streams_and_refuses_memory_mode(monkeypatch):
         pick_mode("memory", 10, 100)
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing to shard across
     assert pick_mode("auto", 10, 100)[0] == "memory"
+
+
+def test_stream_classifies_full_checkpoints_from_headers(setup, monkeypatch):
+    # reading every expert whole at load (to learn that its tau is dense) took minutes at 1.7B
+    model, base, names = setup
+    reads = []
+    real = Checkpoint.tau
+    monkeypatch.setattr(Checkpoint, "tau", lambda self, n, b: reads.append(n) or real(self, n, b))
+    state = dict(model.state_dict(keep_vars=True))
+    theta0 = {n: state[n] for n in names}
+    stream = TaskVectors.load([base, base], theta0, base, names, [0] * len(names), "stream")
+    assert reads == [] and all(stream.dense_idx[n] == [0, 1] for n in names)
+    TaskVectors.load([base, base], theta0, base, names, [0] * len(names), "memory")
+    assert len(reads) == 2 * len(names)
