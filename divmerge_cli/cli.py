@@ -278,7 +278,7 @@ def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> N
 def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, adapter=None) -> None:
     """`adapter`: (rank,) for --as-adapter (rank None: exact)."""
     from .checkpoint import check_space
-    from .optimize import preflight, run_optimized
+    from .optimize import fit_teacher_batch, run_optimized
     from .recipe import optimize_params
     from .taskvectors import pick_mode
 
@@ -295,14 +295,16 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
         )
         out.print(f"[green]merged[/] with {r.merge_method} (Gamma from a file) -> {output}")
         return
-    est = preflight(plan, seed)
+    plan, est, lowered = fit_teacher_batch(plan, seed)
     mode, reason = pick_mode(
         optimize_params(plan.recipe).task_vectors, est.memory_bytes, est.available
     )
     if est.peak(mode) > est.available:
         raise UserError(f"{r.source}: {est.too_big(mode)}")
     check_space(output, est.disk_bytes)  # before the optimization, not after it
-    err.print(reason, highlight=False)
+    for line in (lowered, reason):
+        if line:
+            err.print(line, highlight=False)
     with _progress() as prog:
         tasks: dict[str, object] = {}
 
@@ -375,14 +377,16 @@ def validate(
     from .recipe import optimize_params
 
     if plan.method.optimized and not optimize_params(plan.recipe).coefficients:
-        from .optimize import preflight
+        from .optimize import fit_teacher_batch
         from .taskvectors import pick_mode
 
-        est = preflight(plan)
+        plan, est, lowered = fit_teacher_batch(plan)
         mode, reason = pick_mode(
             optimize_params(plan.recipe).task_vectors, est.memory_bytes, est.available
         )
+        reason = f"{lowered}; {reason}" if lowered else reason
         report.update(
+            gen_batch_size=optimize_params(plan.recipe).gen_batch_size,
             peak_memory_bytes=est.peak(mode),
             device_memory_bytes=est.peak(mode),
             disk_bytes=est.disk_bytes,

@@ -177,6 +177,24 @@ def preflight(plan: MergePlan, seed: int = 0) -> Estimate:
     return estimate_learned(plan, params, compute_dtype(plan.recipe), seq_len, _world())
 
 
+def fit_teacher_batch(plan: MergePlan, seed: int = 0) -> tuple[MergePlan, Estimate, str | None]:
+    """preflight(), with the default gen_batch_size halved until the teacher phase fits the
+    memory available (a value the recipe gives is kept). Returns the plan (its recipe carrying
+    the lowered value), the estimate and a note saying what was lowered, if anything."""
+    est = preflight(plan, seed)
+    params = plan.recipe.parameters
+    if "gen_batch_size" in params or est.teacher_bytes <= est.available:
+        return plan, est, None
+    start = size = optimize_params(plan.recipe).gen_batch_size
+    while size > 1 and est.teacher_bytes > est.available:
+        size //= 2
+        recipe = plan.recipe.model_copy(update={"parameters": {**params, "gen_batch_size": size}})
+        plan = dataclasses.replace(plan, recipe=recipe)
+        est = preflight(plan, seed)
+    note = f"parameters.gen_batch_size {start} -> {size}: the teacher phase fits in memory"
+    return plan, est, note
+
+
 def compute_dtype(recipe: Recipe) -> torch.dtype:
     """The dtype of the merged forward and backward passes (Gamma and Adam stay float32)."""
     return DTYPES[recipe.dtype] if recipe.dtype else torch.float32

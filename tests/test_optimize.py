@@ -345,6 +345,31 @@ def test_validate_json_reports_the_preflight_estimate(toy, tmp_path, cli):
     assert "estimate: peak memory" in out
 
 
+def test_default_teacher_batch_is_lowered_until_the_teacher_fits(toy, tmp_path, monkeypatch):
+    plan = plan_merge(load_recipe(recipe(toy, tmp_path, granularity="layer")))
+    est = {g: optimize.preflight(_with_gen_batch(plan, g)) for g in (16, 8, 4)}
+    assert est[16].teacher_bytes > est[8].teacher_bytes > est[4].teacher_bytes
+    monkeypatch.setenv("DIVMERGE_MAX_MEMORY", str(est[4].teacher_bytes))  # 8 does not fit
+    fitted, got, note = optimize.fit_teacher_batch(plan)
+    assert (
+        fitted.recipe.parameters["gen_batch_size"] == 4
+        and got.teacher_bytes == est[4].teacher_bytes
+    )
+    assert note == "parameters.gen_batch_size 16 -> 4: the teacher phase fits in memory"
+    # a value the recipe gives is the user's: kept (run then refuses, naming the knob)
+    given = _with_gen_batch(plan, 16)
+    assert optimize.fit_teacher_batch(given)[0].recipe.parameters["gen_batch_size"] == 16
+    monkeypatch.setenv("DIVMERGE_MAX_MEMORY", str(10**15))  # fits: nothing changes
+    assert optimize.fit_teacher_batch(plan)[2] is None
+
+
+def _with_gen_batch(plan, size: int):
+    import dataclasses
+
+    params = {**plan.recipe.parameters, "gen_batch_size": size}
+    return dataclasses.replace(plan, recipe=plan.recipe.model_copy(update={"parameters": params}))
+
+
 def test_run_refuses_a_merge_that_cannot_fit_before_reading_weights(
     toy, tmp_path, cli, monkeypatch
 ):
