@@ -388,6 +388,7 @@ def test_table2_correlates_minus_divergence_with_perf_over_experts_only():
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "docs/zoo/sweeps").glob("*.yaml")))
 def test_zoo_sweep_files_validate(tmp_path, name):
     from divmerge_cli.sweep import load_sweep
+    from divmerge_cli.sweep.config import build_recipe
 
     zoo = tmp_path / "zoo"
     (zoo / "sweeps").mkdir(parents=True)
@@ -408,8 +409,11 @@ def test_zoo_sweep_files_validate(tmp_path, name):
     assert list(cfg.experts) == list(specs)
     assert cfg.results.parent == (zoo / "results").resolve()
     assert cfg.eval.limit == 50
-    expected = {"per_k3.yaml": 3, "per_k4.yaml": 3}.get(name, 1 if "k5" in name else 10)
+    sampled = ("per_k3.yaml", "per_k4.yaml", "remark3_k3.yaml", "remark3_k4.yaml")
+    expected = 3 if name in sampled else 1 if "k5" in name else 10
     assert len(cfg.subsets()) == expected
+    for label in cfg.methods:  # every method's parameters validate as a recipe
+        build_recipe(cfg, label, cfg.subsets()[0])
     assert cfg.results.name == name.replace(".yaml", ".jsonl")  # one results file per sweep
 
 
