@@ -295,12 +295,11 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
         )
         out.print(f"[green]merged[/] with {r.merge_method} (Gamma from a file) -> {output}")
         return
-    plan, est, lowered = fit_teacher_batch(plan, seed)
-    mode, reason = pick_mode(
-        optimize_params(plan.recipe).task_vectors, est.memory_bytes, est.available
-    )
-    if est.peak(mode) > est.available:
-        raise UserError(f"{r.source}: {est.too_big(mode)}")
+    plan, est, lowered = fit_teacher_batch(plan, seed, dev)
+    mode, reason = pick_mode(optimize_params(plan.recipe).task_vectors, *est.memory_mode_need())
+    problem = est.too_big(mode)
+    if problem:
+        raise UserError(f"{r.source}: {problem}")
     check_space(output, est.disk_bytes)  # before the optimization, not after it
     for line in (lowered, reason):
         if line:
@@ -380,15 +379,14 @@ def validate(
         from .optimize import fit_teacher_batch
         from .taskvectors import pick_mode
 
-        plan, est, lowered = fit_teacher_batch(plan)
-        mode, reason = pick_mode(
-            optimize_params(plan.recipe).task_vectors, est.memory_bytes, est.available
-        )
+        plan, est, lowered = fit_teacher_batch(plan, device=_device("auto"))
+        mode, reason = pick_mode(optimize_params(plan.recipe).task_vectors, *est.memory_mode_need())
         reason = f"{lowered}; {reason}" if lowered else reason
         report.update(
             gen_batch_size=optimize_params(plan.recipe).gen_batch_size,
             peak_memory_bytes=est.peak(mode),
-            device_memory_bytes=est.peak(mode),
+            device=est.device,
+            device_memory_bytes=est.device_peak(mode),
             disk_bytes=est.disk_bytes,
             task_vectors=mode,
             task_vectors_reason=reason,

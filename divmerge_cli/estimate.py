@@ -30,30 +30,66 @@ MAX_MEMORY_ENV = "DIVMERGE_MAX_MEMORY"
 
 @dataclass(frozen=True)
 class Estimate:
-    memory_bytes: int  # peak host memory in `memory` mode
-    stream_bytes: int  # peak host memory in `stream` mode
+    memory_bytes: int  # peak memory of the learning phase in `memory` mode (CPU: host)
+    stream_bytes: int  # the same in `stream` mode
     teacher_bytes: int  # peak while one expert generates (float32, one batch of gen_batch_size)
     disk_bytes: int  # the output checkpoint, the teacher cache and the state
     available: int  # memory the process may use (DIVMERGE_MAX_MEMORY, else what is free)
 
     process_bytes: int = 0  # peak while TIES/DARE-processed task vectors are computed
+    # On a GPU the learning phase splits: theta0, the merged weights and the activations live on
+    # the device, the held tau (memory mode) and the teacher (which generates on the CPU) on the
+    # host. Untested on a GPU (none here); on the CPU device and host are one memory.
+    device: str = "cpu"
+    device_memory_bytes: int = 0  # memory mode, on the GPU
+    device_stream_bytes: int = 0  # stream mode, on the GPU
+    host_learn_bytes: dict | None = None  # mode -> host bytes of the learning phase on a GPU
+    device_available: int = 0  # free GPU memory
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
     def peak(self, mode: str) -> int:
-        learn = self.memory_bytes if mode == "memory" else self.stream_bytes
-        return max(learn, self.teacher_bytes, self.process_bytes)
+        """Peak host memory."""
+        return max(self._host_learn(mode), self.teacher_bytes, self.process_bytes)
 
-    def too_big(self, mode: str) -> str:
-        """One line: which phase does not fit, by how much, and the knobs that shrink it."""
+    def _host_learn(self, mode: str) -> int:
+        if self.gpu:
+            return (self.host_learn_bytes or {})[mode]
+        return self.memory_bytes if mode == "memory" else self.stream_bytes
+
+    def device_peak(self, mode: str) -> int:
+        """Peak memory of the device the merge learns on (the host's peak on the CPU)."""
+        if not self.gpu:
+            return self.peak(mode)
+        return self.device_memory_bytes if mode == "memory" else self.device_stream_bytes
+
+    def memory_mode_need(self) -> tuple[int, int]:
+        """(what memory mode needs, what is available) where it binds: the GPU, else the host."""
+        if self.gpu:
+            return self.device_memory_bytes, self.device_available
+        return self.memory_bytes, self.available
+
+    def too_big(self, mode: str) -> str | None:
+        """None when the run fits; else one line: which phase does not fit, by how much, and the
+        knobs that shrink it."""
         gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
-        learn = self.memory_bytes if mode == "memory" else self.stream_bytes
+        learn_knobs = (
+            "parameters.batch_size"
+            + (", parameters.task_vectors: stream" if mode == "memory" else "")
+            + " or dtype: bfloat16"
+        )
+        if self.gpu and self.device_peak(mode) > self.device_available:
+            return (
+                f"this merge needs about {gb(self.device_peak(mode))} of {self.device} memory for "
+                f"learning ({mode} task vectors), {gb(self.device_available)} free; lower it "
+                f"with {learn_knobs}"
+            )
+        if self.peak(mode) <= self.available:
+            return None
         phase, knobs = max(
-            (
-                learn,
-                "learning",
-                "parameters.batch_size"
-                + (", parameters.task_vectors: stream" if mode == "memory" else "")
-                + " or dtype: bfloat16",
-            ),
+            (self._host_learn(mode), "learning", learn_knobs),
             (self.teacher_bytes, "teacher generation", "parameters.gen_batch_size"),
             (self.process_bytes, "processing the task vectors", "base_method: task_arithmetic"),
         )[1:]
@@ -90,6 +126,7 @@ def estimate_learned(
     compute: torch.dtype,
     seq_len: int,
     n_processes: int = 1,
+    device: str = "cpu",
 ) -> Estimate:
     """The figures for one process of a divmerge/adamerging run of `plan` (see the module doc)."""
     base, cfg = plan.base, plan.base.config
@@ -170,4 +207,31 @@ def estimate_learned(
     kv_heads = cfg.get("num_key_value_heads") or heads
     kv = 2 * n_blocks * params.gen_batch_size * seq_len * (h * kv_heads // max(heads, 1)) * 4
     gen = RUNTIME_BYTES + p_total * 4 + kv + 4 * params.gen_batch_size * seq_len * vocab * 4
-    return Estimate(int(memory), int(stream), int(gen), int(disk), available_memory(), int(process))
+    gpu = {}
+    if device.startswith("cuda"):
+        # one tau at a time is moved to the device, in float32
+        gpu = dict(
+            device_memory_bytes=int(model + model + act_memory + biggest_tensor * 4),
+            device_stream_bytes=int(stream - RUNTIME_BYTES),
+            # theta0 is loaded on the host before it moves; memory mode holds the tau there
+            host_learn_bytes={
+                "memory": int(RUNTIME_BYTES + max(model, taus)),
+                "stream": int(RUNTIME_BYTES + model),
+            },
+            device_available=gpu_free(device),
+        )
+    return Estimate(
+        int(memory), int(stream), int(gen), int(disk), available_memory(), int(process),
+        device=device, **gpu,
+    )  # fmt: skip
+
+
+def gpu_free(device: str) -> int:
+    """Free memory on a CUDA device (DIVMERGE_MAX_MEMORY caps it too, for tests)."""
+    free = torch.cuda.mem_get_info(torch.device(device))[0]
+    limit = os.environ.get(MAX_MEMORY_ENV)
+    if limit:
+        from .checkpoint import parse_size
+
+        free = min(free, parse_size(limit))
+    return int(free)

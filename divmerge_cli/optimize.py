@@ -101,8 +101,9 @@ def prepare(
         samples.extend(got)
     if mode is None:  # the CLI decides before the teacher runs; a direct call decides here
         seq_len = max((len(x.prompt_ids) + len(x.gen_ids) for x in samples), default=1)
-        est = estimate_learned(plan, params, compute_dtype(recipe), seq_len, _world())
-        mode, reason = pick_mode(params.task_vectors, est.memory_bytes, available or est.available)
+        est = estimate_learned(plan, params, compute_dtype(recipe), seq_len, _world(), device)
+        need, free = est.memory_mode_need()
+        mode, reason = pick_mode(params.task_vectors, need, available or free)
     else:
         reason = f"task_vectors: {mode}"
     if fsdp_launch():
@@ -163,7 +164,7 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def preflight(plan: MergePlan, seed: int = 0) -> Estimate:
+def preflight(plan: MergePlan, seed: int = 0, device: str = "cpu") -> Estimate:
     """The estimate before any weight is read: sequence length from the rendered validation
     prompts (tokenized with the base's tokenizer) plus each task's max_new_tokens."""
     params, tasks, names = check_tasks(plan.recipe, plan)
@@ -174,14 +175,16 @@ def preflight(plan: MergePlan, seed: int = 0) -> Estimate:
         rows = load_rows(spec.validation, limit=params.samples, seed=seed)
         ids = tok([render_prompt(task, spec, r) for r in rows])["input_ids"]
         seq_len = max(seq_len, max(map(len, ids), default=0) + spec.max_new_tokens)
-    return estimate_learned(plan, params, compute_dtype(plan.recipe), seq_len, _world())
+    return estimate_learned(plan, params, compute_dtype(plan.recipe), seq_len, _world(), device)
 
 
-def fit_teacher_batch(plan: MergePlan, seed: int = 0) -> tuple[MergePlan, Estimate, str | None]:
+def fit_teacher_batch(
+    plan: MergePlan, seed: int = 0, device: str = "cpu"
+) -> tuple[MergePlan, Estimate, str | None]:
     """preflight(), with the default gen_batch_size halved until the teacher phase fits the
     memory available (a value the recipe gives is kept). Returns the plan (its recipe carrying
     the lowered value), the estimate and a note saying what was lowered, if anything."""
-    est = preflight(plan, seed)
+    est = preflight(plan, seed, device)
     params = plan.recipe.parameters
     if "gen_batch_size" in params or est.teacher_bytes <= est.available:
         return plan, est, None
@@ -190,7 +193,7 @@ def fit_teacher_batch(plan: MergePlan, seed: int = 0) -> tuple[MergePlan, Estima
         size //= 2
         recipe = plan.recipe.model_copy(update={"parameters": {**params, "gen_batch_size": size}})
         plan = dataclasses.replace(plan, recipe=recipe)
-        est = preflight(plan, seed)
+        est = preflight(plan, seed, device)
     note = f"parameters.gen_batch_size {start} -> {size}: the teacher phase fits in memory"
     return plan, est, note
 

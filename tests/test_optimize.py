@@ -342,7 +342,40 @@ def test_validate_json_reports_the_preflight_estimate(toy, tmp_path, cli):
     for key in ("peak_memory_bytes", "device_memory_bytes", "disk_bytes"):
         assert v[key] > 0, key
     assert v["task_vectors"] in ("memory", "stream")
+    assert v["device"] == "cpu" and v["device_memory_bytes"] == v["peak_memory_bytes"]  # one memory
     assert "estimate: peak memory" in out
+
+
+def test_on_a_gpu_the_estimate_splits_device_and_host(toy, tmp_path, monkeypatch):
+    from divmerge_cli import estimate
+
+    monkeypatch.setattr(estimate, "gpu_free", lambda device: 10**6)  # no CUDA here: a tiny GPU
+    plan = plan_merge(load_recipe(recipe(toy, tmp_path, granularity="layer")))
+    cpu, gpu = optimize.preflight(plan), optimize.preflight(plan, device="cuda")
+    assert cpu.device_peak("memory") == cpu.peak("memory") and cpu.too_big("memory") is None
+    # theta0, the merged weights and the activations on the device; the runtime and the held
+    # tau on the host
+    rt = estimate.RUNTIME_BYTES
+    assert gpu.device_memory_bytes < cpu.memory_bytes - rt and gpu.device_stream_bytes == (
+        cpu.stream_bytes - rt
+    )
+    assert gpu.peak("memory") < cpu.peak("memory") or gpu.peak("memory") == cpu.teacher_bytes
+    assert gpu.memory_mode_need() == (gpu.device_memory_bytes, 10**6)
+    msg = gpu.too_big("memory")
+    assert msg.startswith(f"this merge needs about {gpu.device_memory_bytes / 1e9:.2f} GB of cuda")
+    assert "0.00 GB free" in msg and "task_vectors: stream" in msg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_estimate_covers_the_measured_device_peak(toy, tmp_path):
+    plan = plan_merge(load_recipe(recipe(toy, tmp_path, granularity="layer", epochs=1)))
+    for mode in ("memory", "stream"):
+        est = optimize.preflight(plan, device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        optimize.run_optimized(
+            plan, tmp_path / mode, cache_dir=tmp_path / "cache", device="cuda", mode=(mode, "test")
+        )
+        assert torch.cuda.max_memory_allocated() <= est.device_peak(mode)
 
 
 def test_default_teacher_batch_is_lowered_until_the_teacher_fits(toy, tmp_path, monkeypatch):
