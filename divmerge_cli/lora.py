@@ -188,11 +188,15 @@ class LoraExpert:
         return held + sum(math.prod(self.base.shape(n)) * size(n) for n in self.own)
 
     def lowrank(self, name: str) -> LowRank:
-        if self._cache is None or self._cache[0] != name:  # row chunks of one tensor reuse it
+        # row chunks of one tensor reuse it; read once, so a worker thread that replaces it
+        # meanwhile cannot hand this one another tensor's factors
+        cached = self._cache
+        if cached is None or cached[0] != name:
             kb, ka, s, t = self.factors[name]
             b, a = self._file.get(kb).float(), self._file.get(ka).float()
-            self._cache = (name, LowRank(a.T, b.T, s) if t else LowRank(b, a, s))
-        return self._cache[1]
+            cached = (name, LowRank(a.T, b.T, s) if t else LowRank(b, a, s))
+            self._cache = cached
+        return cached[1]
 
     def get(self, name: str, start: int | None = None, stop: int | None = None) -> Tensor:
         """θ_t rows: θ0 (or the adapter's own copy of the tensor) + s·B[rows]@A on a target."""

@@ -425,9 +425,7 @@ def run_merge(
     with atomic_folder(out, need) as tmp:
         writer = ShardWriter(tmp, plan.out_specs, shard_bytes)
         try:
-            # LoraExpert keeps one tensor's factors in a cache that concurrent jobs would share
-            lora = any(isinstance(c, LoraExpert) for c in plan.inputs)
-            merged = pipeline(works, threads if device == "cpu" and not lora else 1)
+            merged = pipeline(works, threads if device == "cpu" else 1)
             for i, (name, t) in enumerate(zip(plan.names, merged)):
                 writer.write(name, t.to(plan.out_specs[name][1]))
                 if progress:
