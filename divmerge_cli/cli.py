@@ -135,6 +135,11 @@ def run(
         if as_adapter and not plan.method.optimized:
             return _run_as_adapter(plan, output, adapter_rank, force, seed, dev)
         if plan.method.optimized:
+            from .optimize import slow_dtype_warning
+
+            slow = slow_dtype_warning(r, dev)
+            if slow:
+                err.print(f"[yellow]warning:[/] {slow}", highlight=False, soft_wrap=True)
             _on_interrupt(lambda: _kept_state(output))
             adapter = None
             if as_adapter:  # refused before any teacher generates, not after the learning
@@ -376,9 +381,13 @@ def validate(
     from .recipe import optimize_params
 
     if plan.method.optimized and not optimize_params(plan.recipe).coefficients:
-        from .optimize import fit_teacher_batch
+        from .optimize import fit_teacher_batch, slow_dtype_warning
         from .taskvectors import pick_mode
 
+        slow = slow_dtype_warning(plan.recipe, _device("auto"))
+        if slow:
+            report["warnings"] = [*report["warnings"], slow]
+            err.print(f"[yellow]warning:[/] {slow}", highlight=False, soft_wrap=True)
         plan, est, lowered = fit_teacher_batch(plan, device=_device("auto"))
         mode, reason = pick_mode(optimize_params(plan.recipe).task_vectors, *est.memory_mode_need())
         reason = f"{lowered}; {reason}" if lowered else reason

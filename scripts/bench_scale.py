@@ -6,6 +6,7 @@ the `validate` estimate; the floor is one plain forward+backward of the base on 
 
     python scripts/bench_scale.py WORKDIR --base /work/models/smollm2-135m-f32 [--n 2 4 8 16]
     python scripts/bench_scale.py WORKDIR --synthetic-1p7b [--n 4]   # SmolLM2-1.7B config, bf16
+        [--dtype float32]   # the compute dtype (default: float32, bfloat16 for --synthetic-1p7b)
 
 Experts are the base plus seeded Gaussian noise (0.1% of each tensor's std), written tensor by
 tensor. Results are appended to WORKDIR/bench_scale.jsonl (a rerun skips finished rows).
@@ -157,7 +158,7 @@ def recipe(work: Path, base: Path, experts: list[Path], mode: str, dtype: str) -
         },
         "dtype": dtype,
     }
-    path = work / f"recipe_{n}_{mode}.yaml"
+    path = work / f"recipe_{n}_{mode}_{dtype}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -264,6 +265,7 @@ def main() -> None:
     ap.add_argument("--no-floor", action="store_true", help="skip the plain forward+backward row")
     ap.add_argument("--tokenizer-from", type=Path, default=Path("/work/models/smollm2-135m-f32"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype of the merge")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--warm", action="store_true")
     ap.add_argument("--floor", action="store_true")
@@ -273,21 +275,23 @@ def main() -> None:
     if args.child:
         return child(args)
     args.work.mkdir(parents=True, exist_ok=True)
-    dtype = "float32"
+    dtype = args.dtype or ("bfloat16" if args.synthetic_1p7b else "float32")
     base = args.base
     if args.synthetic_1p7b:
         base = make_synthetic_1p7b(args.work / "base-1p7b", args.tokenizer_from)
-        dtype = "bfloat16"
     results = args.work / "bench_scale.jsonl"
     done = (
-        {(r["n"], r["mode"]) for r in map(json.loads, results.read_text().splitlines())}
+        {
+            (r["n"], r["mode"], r.get("dtype", "float32"))
+            for r in map(json.loads, results.read_text().splitlines())
+        }
         if results.exists()
         else set()
     )
     for n in args.n:
         experts = [make_expert(base, args.work / f"{base.name}-e{i}", seed=i + 1) for i in range(n)]
         for mode in ([] if args.no_floor else ["floor"]) + args.modes:
-            if (n, mode) in done:
+            if (n, mode, dtype) in done:
                 continue
             rec = recipe(args.work, base, experts, "stream" if mode == "floor" else mode, dtype)
             measure(args, rec, "--warm")
@@ -296,6 +300,7 @@ def main() -> None:
                 "base": str(base),
                 "n": n,
                 "mode": mode,
+                "dtype": dtype,
                 "threads": args.threads,
                 "peak_rss_gb": res["peak_rss"] / 1e9,
                 "s_per_step": sum(res["steps_s"]) / len(res["steps_s"]),
@@ -308,12 +313,16 @@ def main() -> None:
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(
-                f"n={n:2d} {mode:6s} peak {row['peak_rss_gb']:6.2f} GB  {row['s_per_step']:7.2f} s/step  "
+                f"n={n:2d} {mode:6s} {dtype} peak {row['peak_rss_gb']:6.2f} GB  {row['s_per_step']:7.2f} s/step  "
                 f"estimate {row['estimate_gb']:6.2f} GB  (load {row['load']:.1f})",
                 flush=True,
             )
     rows = [json.loads(x) for x in results.read_text().splitlines()]
-    by = {(r["n"], r["mode"]): r for r in rows if r["base"] == str(base)}
+    by = {
+        (r["n"], r["mode"]): r
+        for r in rows
+        if r["base"] == str(base) and r.get("dtype", "float32") == dtype
+    }
     ns = sorted({r["n"] for r in by.values()})
     if ns and all((n, "stream") in by for n in (ns[0], ns[-1])):
         a, b = by[(ns[0], "stream")], by[(ns[-1], "stream")]

@@ -561,3 +561,20 @@ def test_a_dare_output_recipe_records_its_seed(toy, tmp_path, cli):
         load_file(tmp_path / "again" / "model.safetensors"),
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned(toy, tmp_path, cli, monkeypatch, native):
+    monkeypatch.setattr(optimize, "native_low_precision", lambda dtype: native)
+    raw = recipe(toy, tmp_path, granularity="layer")
+    raw.write_text(raw.read_text().replace("dtype: float32", "dtype: bfloat16"))
+    code, _, err = cli("validate", raw, "--json", tmp_path / "v.json")
+    assert code == 0, err
+    warned = "slow fallback, hundreds of times slower than float32" in " ".join(err.split())
+    assert warned is not native
+    assert (
+        any("slow fallback" in w for w in json.loads((tmp_path / "v.json").read_text())["warnings"])
+        is not native
+    )
+    raw.write_text(raw.read_text().replace("dtype: bfloat16", "dtype: float32"))
+    assert optimize.slow_dtype_warning(load_recipe(raw), "cpu") is None  # float32: never warned

@@ -134,8 +134,10 @@ def test_threads_option_env_and_affinity(monkeypatch, tmp_path, llama_zoo, cli):
 
 
 def test_lora_adapters_merge_on_worker_threads_bit_identical_to_one(
-    lora_zoo, tmp_path, monkeypatch
-):  # noqa: F811
+    lora_zoo,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
     # LoraExpert caches one tensor's factors; worker threads share the expert
     models = [{"model": str(lora_zoo[a]), "parameters": {"density": 0.5}} for a in ADAPTERS]
     recipe = {"merge_method": "ties", "base_model": str(lora_zoo["base"]), "models": models}
