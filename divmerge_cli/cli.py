@@ -801,6 +801,7 @@ def sweep(
     from .sweep import load_sweep, pairwise_table, per_k_table
 
     cfg = load_sweep(sweep_file)
+    _sweep_warnings(cfg)
     _on_interrupt(
         lambda: (
             f"the finished cells are kept in {cfg.results}; rerun to continue"
@@ -813,6 +814,17 @@ def sweep(
         out.print(_rich_table(pairwise_table(rows)))
     out.print(_rich_table(per_k_table(rows)))
     out.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _sweep_warnings(cfg) -> None:
+    """What each method's recipe ignores, once per method (its cells share the parameters)."""
+    from .sweep.config import build_recipe
+
+    first = cfg.subsets()[0]
+    for label in cfg.methods:
+        for w in build_recipe(cfg, label, first).warnings:
+            msg = f"{cfg.source}: methods.{label}: {_plain(w).removeprefix(f'{cfg.source}: ')}"
+            err.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
 
 
 @app.command()

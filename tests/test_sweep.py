@@ -301,6 +301,15 @@ def test_sweep_end_to_end(tmp_path, small_zoo, experts):
     assert "| sentiment | accuracy |" in md  # the references table
 
 
+def test_sweep_prints_what_a_method_ignores_once(tmp_path, small_zoo, experts, cli):
+    methods = {"ta": {"merge_method": "task_arithmetic", "parameters": {"density": 0.2}}}
+    path = write_sweep(tmp_path / "s", small_zoo, experts, methods=methods, k=[1])
+    code, _, err = cli("sweep", path, "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    line = f"{path}: methods.ta: parameters.density: ignored; task_arithmetic takes no density"
+    assert " ".join(err.split()).count(line) == 1, err
+
+
 def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, small_zoo, experts, monkeypatch):
     methods = {
         "ties": {"merge_method": "ties", "parameters": {"density": 0.2}},
