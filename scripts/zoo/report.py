@@ -272,6 +272,8 @@ def lora_experts_table(scores: dict, full_csv: Path) -> str:
             rec = dict(zip(head.split(","), line.split(",")))
             full[rec["task"]] = float(rec["expert"])
     out = [
+        "**Base and experts on each task's test split (100 seeded rows, greedy)**",
+        "",
         "| task | metric | n | base | LoRA expert | full-FT expert |",
         "|---|---|---|---|---|---|",
     ]
