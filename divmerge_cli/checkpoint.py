@@ -234,14 +234,15 @@ class Checkpoint:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
-    def dense_tau(self, name: str) -> bool | None:
+    def tau_is_dense(self, name: str) -> bool | None:
         """Whether tau(name) is a dense tensor, told from headers (None: only reading tells)."""
         return True
 
     def tau(self, name: str, base) -> torch.Tensor:
         """The task vector theta_t - theta0 on one tensor, float32 (see taskvectors.py)."""
         tau = self.get(name).float()  # a fresh buffer (read from disk): subtract in place
-        return tau.sub_(base.get(name).float())
+        # tau lives on the host (theta0 may sit on a GPU); the merge moves it when it is used
+        return tau.sub_(base.get(name).to(tau.device, torch.float32))
 
     @property
     def nbytes(self) -> int:
@@ -497,7 +498,7 @@ def remove_orphans(parent: Path, kind: str) -> list[Path]:
     """Remove the `.KIND-PID-*` folders in `parent` whose process is gone (a killed run's)."""
     import psutil
 
-    pattern = re.compile(re.escape(f".{kind}-") + r"(\d+)-")
+    pattern = re.compile(re.escape(f".{kind}-") + r"(\d{1,7})-")  # PIDs are at most 2**22
     gone = []
     for p in sorted(Path(parent).glob(f".{kind}-*")):
         m = pattern.match(p.name)

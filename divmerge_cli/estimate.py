@@ -66,8 +66,12 @@ class Estimate:
         return self.device_memory_bytes if mode == "memory" else self.device_stream_bytes
 
     def memory_mode_need(self) -> tuple[int, int]:
-        """(what memory mode needs, what is available) where it binds: the GPU, else the host."""
+        """(what memory mode needs, what is available) where it binds: on a GPU the device, unless
+        the host cannot hold the task vectors memory mode keeps there."""
         if self.gpu:
+            host = (self.host_learn_bytes or {})["memory"]
+            if host > self.available:
+                return host, self.available
             return self.device_memory_bytes, self.device_available
         return self.memory_bytes, self.available
 

@@ -210,18 +210,20 @@ class LoraExpert:
         b = lr.B if start is None else lr.B[start:stop]
         return x.float() + (b @ lr.A) * lr.scale
 
-    def dense_tau(self, name: str) -> bool | None:
+    def tau_is_dense(self, name: str) -> bool | None:
         return None  # low rank, dense or absent: a saved module equal to θ0 is absent
 
     def tau(self, name: str, base) -> Tensor | LowRank | None:
         """τ_t on one tensor against θ0 (`base` needs only `get`): LowRank on a target, dense on a
         saved module, None elsewhere; dense everywhere when the adapter sits on another model."""
         if not self.on_base:
-            d = self.get(name).float() - base.get(name).float()
+            d = self.get(name).float()
+            d -= base.get(name).to(d.device, torch.float32)  # theta0 may sit on a GPU
             return d if d.any() else None
         lr = self.lowrank(name) if name in self.factors else None
         if name in self.own:  # a saved module, or an embedding's own copy (often θ0 itself)
-            d = self._file.get(self.own[name]).float() - base.get(name).float()
+            d = self._file.get(self.own[name]).float()
+            d -= base.get(name).to(d.device, torch.float32)
             if d.any():
                 return d + lr.dense() if lr else d
         return lr

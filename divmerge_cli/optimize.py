@@ -189,13 +189,16 @@ def fit_teacher_batch(
     if "gen_batch_size" in params or est.teacher_bytes <= est.available:
         return plan, est, None
     start = size = optimize_params(plan.recipe).gen_batch_size
+    fitted = plan
     while size > 1 and est.teacher_bytes > est.available:
         size //= 2
         recipe = plan.recipe.model_copy(update={"parameters": {**params, "gen_batch_size": size}})
-        plan = dataclasses.replace(plan, recipe=recipe)
-        est = preflight(plan, seed, device)
+        fitted = dataclasses.replace(plan, recipe=recipe)
+        est = preflight(fitted, seed, device)
+    if est.teacher_bytes > est.available:  # not even one sequence at a time: run refuses
+        return plan, preflight(plan, seed, device), None
     note = f"parameters.gen_batch_size {start} -> {size}: the teacher phase fits in memory"
-    return plan, est, note
+    return fitted, est, note
 
 
 def native_low_precision(dtype: str) -> bool:
@@ -215,6 +218,8 @@ def slow_dtype_warning(recipe: Recipe, device: str) -> str | None:
     backward pass's matrix products take a scalar fallback (measured 450x slower than float32
     for one SmolLM2-1.7B MLP product on an AVX2 CPU, README: Memory)."""
     if device != "cpu" or recipe.dtype not in ("bfloat16", "float16"):
+        return None
+    if optimize_params(recipe).coefficients:  # Gamma from a file: no backward pass
         return None
     if native_low_precision(recipe.dtype):
         return None
@@ -478,9 +483,13 @@ def _save(run: _Run, step: int) -> None:
 def run_key(pb: Problem, seed: int) -> str:
     from .hashing import hash_json
 
+    recipe = pb.plan.recipe.model_dump(mode="json", exclude={"source"})
+    # the teacher's batch changes no sample (they are in the key) and may be lowered to fit the
+    # memory free at the time (fit_teacher_batch): a resumed run must not depend on it
+    recipe["parameters"].pop("gen_batch_size", None)
     return hash_json(
         {
-            "recipe": pb.plan.recipe.model_dump(mode="json", exclude={"source"}),
+            "recipe": recipe,
             "seed": seed,
             "samples": [(s.task, s.prompt_ids.tolist(), s.gen_ids.tolist()) for s in pb.samples],
         }

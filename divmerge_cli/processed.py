@@ -38,7 +38,7 @@ class StoredExpert:
     def dtype(self, name: str) -> torch.dtype:
         return self.ckpt.dtype(name)
 
-    def dense_tau(self, name: str) -> bool | None:
+    def tau_is_dense(self, name: str) -> bool | None:
         return name in self.ckpt.index
 
     def tau(self, name: str, base) -> torch.Tensor | None:

@@ -2,7 +2,7 @@
 
 An *expert* is anything with checkpoint.Checkpoint's read API (`names`, `shape`, `dtype`, `get`)
 plus `tau(name, base)`: its task vector on one tensor in its native form, a dense float32 tensor
-(a full checkpoint), a `LowRank` (a LoRA target), or None (zero there), and `dense_tau(name)`:
+(a full checkpoint), a `LowRank` (a LoRA target), or None (zero there), and `tau_is_dense(name)`:
 True/False when the headers tell whether that tau is dense, None when only reading tells (so
 `stream` classifies full checkpoints without reading them). Data-free methods read experts
 through `get` (theta_t rows); the learned loop reads them through `tau`.
@@ -66,7 +66,8 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coeff: Tensor, base: Tensor, taus) -> Tensor:
         ctx.taus = taus
-        if isinstance(taus, Tensor) and taus.dtype == base.dtype == torch.float32:
+        fast = isinstance(taus, Tensor) and taus.device == base.device
+        if fast and taus.dtype == base.dtype == torch.float32:
             ctx.save_for_backward(coeff)
             return torch.addmv(base.reshape(-1), taus.reshape(len(taus), -1).t(), coeff).view(
                 base.shape
@@ -88,7 +89,7 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         coeff, *held = ctx.saved_tensors
         taus, flat_grad = (held or ctx.taus), grad.reshape(-1).float()
-        if isinstance(taus, Tensor) and taus.dtype == torch.float32:
+        if isinstance(taus, Tensor) and taus.dtype == torch.float32 and taus.device == grad.device:
             dc = torch.mv(taus.reshape(len(taus), -1), flat_grad)
         else:
             dc = torch.stack(
@@ -167,7 +168,7 @@ class TaskVectors:
         for name in names:
             dense_idx[name], low[name], held = [], [], []
             for t, e in enumerate(experts):
-                dense = e.dense_tau(name)
+                dense = e.tau_is_dense(name)
                 if mode == "stream" and dense is not None:  # known from headers: no read
                     if dense:
                         dense_idx[name].append(t)

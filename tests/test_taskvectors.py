@@ -26,7 +26,7 @@ class LowRankExpert:
     def dtype(self, name):
         return torch.float32
 
-    def dense_tau(self, name):
+    def tau_is_dense(self, name):
         return None
 
     def tau(self, name, base):
@@ -42,7 +42,7 @@ class DenseView:
     def dtype(self, name):
         return torch.float32
 
-    def dense_tau(self, name):
+    def tau_is_dense(self, name):
         return None
 
     def tau(self, name, base):

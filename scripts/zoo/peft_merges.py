@@ -1,6 +1,6 @@
 """PEFT's own adapter combinations on a LoRA sweep's subsets, scored like the sweep's cells.
 
-    python scripts/zoo/peft_merges.py ZOO_DIR/sweeps/lora_pairwise.yaml [--types linear cat svd
+    python scripts/zoo/peft_merges.py ZOO_DIR/sweeps/lora_pairwise_divmerge.yaml [--types linear cat svd
         ties ties_svd] [--density 0.2] [--weight 1.0] [--results FILE] [--threads 1]
 
 For each subset of the sweep file (its `k`, its seed) and each combination type, the subset's

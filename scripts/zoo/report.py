@@ -272,7 +272,7 @@ def lora_experts_table(scores: dict, full_csv: Path) -> str:
             rec = dict(zip(head.split(","), line.split(",")))
             full[rec["task"]] = float(rec["expert"])
     out = [
-        "**Base and experts on each task's test split (100 seeded rows, greedy)**",
+        "**Base and experts on each task's test split (n seeded rows, greedy)**",
         "",
         "| task | metric | n | base | LoRA expert | full-FT expert |",
         "|---|---|---|---|---|---|",
@@ -303,8 +303,8 @@ def lora_report(zoo: Path, out: Path, full_dir: Path) -> list[Path]:
     if scores.is_file():
         parts.append(lora_experts_table(json.loads(scores.read_text()), full_dir / "experts.csv"))
     (out / "lora.md").write_text("\n".join(parts))
-    hashes = {f"lora/{d.name}": hash_model_dir(d) for d in sorted((zoo / "lora").iterdir())}
-    hashes = {k: v for k, v in hashes.items() if not k.startswith("lora/.")}
+    adapters = [d for d in sorted((zoo / "lora").iterdir()) if (d / "expert.json").is_file()]
+    hashes = {f"lora/{d.name}": hash_model_dir(d) for d in adapters}  # finished adapters only
     (out / "lora_zoo.json").write_text(json.dumps(hashes, indent=2) + "\n")
     return [*written, out / "lora.md", out / "lora_zoo.json"]
 

@@ -17,9 +17,14 @@ peft() { python "$REPO/scripts/zoo/peft_merges.py" "$ZOO/sweeps/$1.yaml" >>"$ZOO
   sweep lora_pairwise_datafree
   sweep lora_pairwise_adamerging
 ) &
+A=$!
 (
   sweep lora_pairwise_divmerge
   peft lora_pairwise_divmerge
 ) &
-wait
-python "$REPO/scripts/zoo/report.py" "$ZOO" --out "$REPO/docs/results"
+B=$!
+failed=0
+wait "$A" || failed=1
+wait "$B" || failed=1
+if [ "$failed" != 0 ]; then echo "a lane failed (see $ZOO/logs/); no report written" >&2; exit 1; fi
+python "$REPO/scripts/zoo/report.py" "$ZOO" --lora --out "$REPO/docs/results/lora" --full "$REPO/docs/results"

@@ -14,9 +14,14 @@ sweep() { divmerge sweep "$ZOO/sweeps/$1.yaml" --cache-dir "$ZOO/cache" >>"$ZOO/
   sweep remark3_k3
   sweep stability_k3
 ) &
+A=$!
 (
   sweep remark3_pairwise
   sweep remark3_k4
 ) &
-wait
+B=$!
+failed=0
+wait "$A" || failed=1
+wait "$B" || failed=1
+if [ "$failed" != 0 ]; then echo "a lane failed (see $ZOO/logs/); no report written" >&2; exit 1; fi
 python "$REPO/scripts/zoo/report.py" "$ZOO" --out "$REPO/docs/results"

@@ -17,11 +17,16 @@ sweep() { divmerge sweep "$ZOO/sweeps/$1.yaml" --cache-dir "$ZOO/cache" >>"$ZOO/
   sweep pairwise_divmerge_kl
   sweep epochs4_k5_divmerge
 ) &
+A=$!
 (
   sweep pairwise_datafree
   sweep pairwise_adamerging
   sweep per_k4
   sweep epochs4_k5_adamerging
 ) &
-wait
+B=$!
+failed=0
+wait "$A" || failed=1
+wait "$B" || failed=1
+if [ "$failed" != 0 ]; then echo "a lane failed (see $ZOO/logs/); no report written" >&2; exit 1; fi
 python "$REPO/scripts/zoo/report.py" "$ZOO" --out "$REPO/docs/results"
