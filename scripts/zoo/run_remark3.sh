@@ -4,11 +4,7 @@
 # lanes of one torch thread each; resumable (finished cells are skipped). Logs in ZOO_DIR/logs/.
 #   scripts/zoo/run_remark3.sh ZOO_DIR
 set -euo pipefail
-ZOO=$(realpath "$1")
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-mkdir -p "$ZOO/logs"
-sweep() { divmerge sweep "$ZOO/sweeps/$1.yaml" --cache-dir "$ZOO/cache" >>"$ZOO/logs/sweep_$1.log" 2>&1; }
+. "$(dirname "$0")/lanes.sh" "$1"
 (
   sweep remark3_k5
   sweep remark3_k3
@@ -20,8 +16,5 @@ A=$!
   sweep remark3_k4
 ) &
 B=$!
-failed=0
-wait "$A" || failed=1
-wait "$B" || failed=1
-if [ "$failed" != 0 ]; then echo "a lane failed (see $ZOO/logs/); no report written" >&2; exit 1; fi
+wait_lanes "$A" "$B"
 python "$REPO/scripts/zoo/report.py" "$ZOO" --out "$REPO/docs/results"

@@ -3,11 +3,7 @@
 # rerun after an interruption and finished cells are skipped. Logs in ZOO_DIR/logs/.
 #   scripts/zoo/run_sweeps.sh ZOO_DIR
 set -euo pipefail
-ZOO=$(realpath "$1")
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-mkdir -p "$ZOO/logs"
-sweep() { divmerge sweep "$ZOO/sweeps/$1.yaml" --cache-dir "$ZOO/cache" >>"$ZOO/logs/sweep_$1.log" 2>&1; }
+. "$(dirname "$0")/lanes.sh" "$1"
 (
   python "$REPO/scripts/zoo/table2.py" "$ZOO" --out "$REPO/docs/results/table2" >"$ZOO/logs/table2.log" 2>&1
   sweep pairwise_divmerge_js
@@ -25,8 +21,5 @@ A=$!
   sweep epochs4_k5_adamerging
 ) &
 B=$!
-failed=0
-wait "$A" || failed=1
-wait "$B" || failed=1
-if [ "$failed" != 0 ]; then echo "a lane failed (see $ZOO/logs/); no report written" >&2; exit 1; fi
+wait_lanes "$A" "$B"
 python "$REPO/scripts/zoo/report.py" "$ZOO" --out "$REPO/docs/results"
