@@ -541,3 +541,12 @@ def test_task_vector_norms_and_cosines_by_hand():
     assert s["cosine"] == pytest.approx({"a|b": 0.0, "a|c": 1.0, "b|c": 0.0})
     md = tv.to_markdown(s, ["a", "b", "c"])
     assert "| a | 0.2000 | 1 | 0.000 | 1.000 |" in md
+
+
+def test_report_without_results_writes_nothing(tmp_path):
+    rep = _load("report")
+    (tmp_path / "zoo" / "results").mkdir(parents=True)
+    for extra in ([], ["--lora"]):
+        with pytest.raises(SystemExit, match="no sweep results to report"):
+            rep.main([str(tmp_path / "zoo"), "--out", str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists()

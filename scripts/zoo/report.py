@@ -288,7 +288,7 @@ def lora_report(zoo: Path, out: Path, full_dir: Path) -> list[Path]:
     from divmerge_cli.hashing import hash_model_dir
     from divmerge_cli.sweep import write_reports
 
-    files = _ordered([p for p in (zoo / "results").glob(f"{LORA}*.jsonl")])
+    files = _require(_ordered([p for p in (zoo / "results").glob(f"{LORA}*.jsonl")]), zoo)
     out.mkdir(parents=True, exist_ok=True)
     for f in files:
         (out / f.name).write_text(placeholder(f.read_text(), str(zoo.resolve())))
@@ -307,6 +307,13 @@ def lora_report(zoo: Path, out: Path, full_dir: Path) -> list[Path]:
     hashes = {f"lora/{d.name}": hash_model_dir(d) for d in adapters}  # finished adapters only
     (out / "lora_zoo.json").write_text(json.dumps(hashes, indent=2) + "\n")
     return [*written, out / "lora.md", out / "lora_zoo.json"]
+
+
+def _require(files: list[Path], zoo: Path) -> list[Path]:
+    """The results files, or stop: an empty report would overwrite the committed one."""
+    if not files:
+        raise SystemExit(f"{zoo}/results: no sweep results to report; nothing was written")
+    return files
 
 
 def _ordered(files: list[Path]) -> list[Path]:
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     a.out = a.out or Path("docs/results")
     found = (a.zoo_dir / "results").glob("*.jsonl")
-    files = _ordered([p for p in found if not p.name.startswith(LORA)])
+    files = _require(_ordered([p for p in found if not p.name.startswith(LORA)]), a.zoo_dir)
     a.out.mkdir(parents=True, exist_ok=True)
     zoo = str(a.zoo_dir.resolve())
     for f in files:  # committed results name the zoo as $ZOO, not the folder of one machine
