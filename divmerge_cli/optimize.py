@@ -167,6 +167,13 @@ def _world() -> int:
 def preflight(plan: MergePlan, seed: int = 0, device: str = "cpu") -> Estimate:
     """The estimate before any weight is read: sequence length from the rendered validation
     prompts (tokenized with the base's tokenizer) plus each task's max_new_tokens."""
+    params = optimize_params(plan.recipe)
+    return estimate_learned(
+        plan, params, compute_dtype(plan.recipe), _seq_len(plan, seed), _world(), device
+    )
+
+
+def _seq_len(plan: MergePlan, seed: int) -> int:
     params, tasks, names = check_tasks(plan.recipe, plan)
     tok = hf.load_tokenizer(plan.base.path)
     seq_len = 1
@@ -175,7 +182,7 @@ def preflight(plan: MergePlan, seed: int = 0, device: str = "cpu") -> Estimate:
         rows = load_rows(spec.validation, limit=params.samples, seed=seed)
         ids = tok([render_prompt(task, spec, r) for r in rows])["input_ids"]
         seq_len = max(seq_len, max(map(len, ids), default=0) + spec.max_new_tokens)
-    return estimate_learned(plan, params, compute_dtype(plan.recipe), seq_len, _world(), device)
+    return seq_len
 
 
 def fit_teacher_batch(
@@ -184,7 +191,13 @@ def fit_teacher_batch(
     """preflight(), with the default gen_batch_size halved until the teacher phase fits the
     memory available (a value the recipe gives is kept). Returns the plan (its recipe carrying
     the lowered value), the estimate and a note saying what was lowered, if anything."""
-    est = preflight(plan, seed, device)
+    seq_len = _seq_len(plan, seed)  # tokenized once; only the batch changes below
+
+    def estimate(p: MergePlan) -> Estimate:
+        params = optimize_params(p.recipe)
+        return estimate_learned(p, params, compute_dtype(p.recipe), seq_len, _world(), device)
+
+    first = est = estimate(plan)
     params = plan.recipe.parameters
     if "gen_batch_size" in params or est.teacher_bytes <= est.available:
         return plan, est, None
@@ -194,9 +207,9 @@ def fit_teacher_batch(
         size //= 2
         recipe = plan.recipe.model_copy(update={"parameters": {**params, "gen_batch_size": size}})
         fitted = dataclasses.replace(plan, recipe=recipe)
-        est = preflight(fitted, seed, device)
+        est = estimate(fitted)
     if est.teacher_bytes > est.available:  # not even one sequence at a time: run refuses
-        return plan, preflight(plan, seed, device), None
+        return plan, first, None
     note = f"parameters.gen_batch_size {start} -> {size}: the teacher phase fits in memory"
     return fitted, est, note
 
