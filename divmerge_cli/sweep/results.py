@@ -61,6 +61,35 @@ def append_row(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def cell_row(
+    label: str,
+    key: str,
+    merge_method: str,
+    parameters: dict,
+    subset: tuple[str, ...],
+    scores: dict,
+    refs: dict[str, float],
+    seconds: float,
+) -> dict:
+    """One cell's line: its scores (evaluate.TaskScore per task) and ANP against `refs`."""
+    from ..evaluate import anp
+
+    plain = {t: s.score for t, s in scores.items()}
+    return {
+        "type": "cell",
+        "label": label,
+        "key": key,
+        "merge_method": merge_method,
+        "parameters": parameters,
+        "subset": list(subset),
+        "k": len(subset),
+        "scores": plain,
+        "metrics": {t: s.metric for t, s in scores.items()},
+        "anp": anp(plain, {t: refs[t] for t in subset}),
+        "seconds": round(seconds, 3),
+    }
+
+
 def cell_id(row: dict) -> tuple[str, str, tuple[str, ...]]:
     return row["label"], row["key"], tuple(row["subset"])
 

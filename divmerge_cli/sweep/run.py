@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import remove_orphans, scratch_dir
 from ..errors import UserError
-from ..evaluate import anp, evaluate_model
+from ..evaluate import evaluate_model
 from ..lora import is_adapter
 from ..merge import plan_merge, run_merge
 from ..methods import METHODS
@@ -23,6 +23,7 @@ from .config import SweepConfig, build_recipe, check_checkpoints, method_key
 from .results import (
     append_row,
     cell_id,
+    cell_row,
     check_results_file,
     drop_torn_tail,
     header_row,
@@ -164,19 +165,16 @@ def run_cell(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(state_dir_for(out), ignore_errors=True)  # optimizer state of a failed run
-    row = {
-        "type": "cell",
-        "label": label,
-        "key": method_key(recipe),
-        "merge_method": recipe.merge_method,
-        "parameters": cfg.methods[label].get("parameters", {}),
-        "subset": list(subset),
-        "k": len(subset),
-        "scores": {t: s.score for t, s in scores.items()},
-        "metrics": {t: s.metric for t, s in scores.items()},
-        "anp": anp({t: s.score for t, s in scores.items()}, {t: refs[t] for t in subset}),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    row = cell_row(
+        label,
+        method_key(recipe),
+        recipe.merge_method,
+        cfg.methods[label].get("parameters", {}),
+        subset,
+        scores,
+        refs,
+        time.perf_counter() - start,
+    )
     if optimized:
         row["groups"] = summary["groups"]
         row["gamma"] = dict(zip(summary["tasks"], summary["gamma"]))

@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from divmerge_cli.evaluate import anp, labelled_rows, score_task
+    from divmerge_cli.evaluate import labelled_rows, score_task
     from divmerge_cli.hf import load_tokenizer
     from divmerge_cli.sweep.config import load_sweep
-    from divmerge_cli.sweep.results import append_row, cell_id, read_results
+    from divmerge_cli.sweep.results import append_row, cell_id, cell_row, read_results
 
     torch.set_num_threads(a.threads)
     cfg = load_sweep(a.sweep)
@@ -91,23 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows = labelled_rows(t, cfg.tasks[t], e.split, e.limit, cfg.seed)
                 scores[t] = score_task(model, tokenizer, t, cfg.tasks[t], rows, e.batch_size)
             del model
-            plain = {t: s.score for t, s in scores.items()}
-            row = {
-                "type": "cell",
-                "label": label,
-                "key": key,
-                "merge_method": f"peft:{kind}",
-                "parameters": {
-                    "weight": a.weight,
-                    **({"density": a.density} if kind in WITH_DENSITY else {}),
-                },
-                "subset": list(subset),
-                "k": len(subset),
-                "scores": plain,
-                "metrics": {t: s.metric for t, s in scores.items()},
-                "anp": anp(plain, {t: refs[t] for t in subset}),
-                "seconds": round(time.perf_counter() - start, 3),
-            }
+            extra = {"density": a.density} if kind in WITH_DENSITY else {}
+            params = {"weight": a.weight, **extra}
+            seconds = time.perf_counter() - start
+            row = cell_row(label, key, f"peft:{kind}", params, subset, scores, refs, seconds)
             append_row(out, row)
             print(
                 f"{label} {'+'.join(subset)}: ANP {100 * row['anp']:.2f} ({row['seconds']:.0f} s)",
