@@ -780,12 +780,18 @@ def _sweep_reporter(prog: Progress) -> Callable[[str, int, int, str], None]:
     return report
 
 
-def _run_sweep(cfg, cache_dir: Path | None, device: str) -> list[dict]:
+def _run_sweep(
+    cfg, cache_dir: Path | None, device: str, only: list[str] | None = None
+) -> tuple[list[dict], list[Path]]:
     from .sweep import run_sweep, write_reports
 
     with _progress() as prog:
         rows = run_sweep(
-            cfg, _sweep_reporter(prog), cache_dir=cache_dir or _default_cache(""), device=device
+            cfg,
+            _sweep_reporter(prog),
+            cache_dir=cache_dir or _default_cache(""),
+            device=device,
+            only=only,
         )
     written = write_reports(rows, cfg.results.parent)
     return rows, written
@@ -796,6 +802,10 @@ def sweep(
     sweep_file: Annotated[Path, typer.Argument(help="sweep YAML (see recipes/sweep.example.yaml)")],
     device: Device = "auto",
     cache_dir: Annotated[Path | None, typer.Option(help="teacher and score cache")] = None,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(help="run only the cells of this method label (repeatable); tables show all"),
+    ] = None,
 ) -> None:
     """Merge every k-subset of tasks with every method, score, and tabulate ANP (resumable)."""
     from .sweep import load_sweep, pairwise_table, per_k_table
@@ -809,7 +819,7 @@ def sweep(
             else None
         )
     )
-    rows, written = _run_sweep(cfg, cache_dir, _device(device))
+    rows, written = _run_sweep(cfg, cache_dir, _device(device), method)
     if any(r.get("k") == 2 for r in rows):
         out.print(_rich_table(pairwise_table(rows)))
     out.print(_rich_table(per_k_table(rows)))

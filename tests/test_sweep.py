@@ -310,6 +310,60 @@ def test_sweep_prints_what_a_method_ignores_once(tmp_path, small_zoo, experts, c
     assert " ".join(err.split()).count(line) == 1, err
 
 
+def test_sweep_method_option_runs_only_those_cells(tmp_path, small_zoo, experts, cli):
+    methods = {
+        "ta": {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}},
+        "half": {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.5}},
+    }
+    path = write_sweep(tmp_path / "s", small_zoo, experts, methods=methods, k=[1])
+    code, _, err = cli("sweep", path, "--cache-dir", tmp_path / "cache", "--method", "half")
+    assert code == 0, err
+    cells = lines_of(sweep.load_sweep(path).results, "cell")
+    assert [r["label"] for r in cells] == ["half"] * 3
+    code, _, err = cli("sweep", path, "--cache-dir", tmp_path / "cache", "--method", "haf")
+    assert code != 0 and "Traceback" not in err
+    assert f"{path}: methods: no method labelled 'haf' (did you mean 'half'?)" in " ".join(
+        err.split()
+    )
+    assert len(lines_of(sweep.load_sweep(path).results, "cell")) == 3  # nothing ran
+
+
+def test_reuse_cells_copies_shared_cells_so_the_sweep_skips_them(
+    tmp_path, small_zoo, experts, monkeypatch
+):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "zoo_reuse", EXAMPLE.parents[1] / "scripts/zoo/reuse_cells.py"
+    )
+    reuse = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reuse)
+    ta = {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}}
+    half = {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.5}}
+    src_cfg = sweep.load_sweep(
+        write_sweep(tmp_path / "a", small_zoo, experts, methods={"ta": ta}, k=[1])
+    )
+    src = sweep.cell_rows(sweep.run_sweep(src_cfg))
+    path = write_sweep(tmp_path / "b", small_zoo, experts, methods={"ta": ta, "half": half}, k=[1])
+
+    assert reuse.reuse(path, [src_cfg.results]) == 3
+    assert reuse.reuse(path, [src_cfg.results]) == 0  # already there
+    cfg = sweep.load_sweep(path)
+    assert lines_of(cfg.results, "reference") == lines_of(src_cfg.results, "reference")
+
+    def no_scoring(*a, **kw):
+        raise AssertionError("a copied cell was scored again")
+
+    monkeypatch.setattr(sweep.run, "evaluate_model", no_scoring)
+    rows = sweep.cell_rows(sweep.run_sweep(cfg, only=["ta"]))
+    assert rows == src
+
+    other = write_sweep(tmp_path / "c", small_zoo, experts, methods={"ta": ta}, k=[1], seed=3)
+    with pytest.raises(UserError, match=rf"^{src_cfg.results} \(from .*\): written with seed = 0"):
+        reuse.reuse(other, [src_cfg.results])
+    assert not sweep.load_sweep(other).results.exists()  # nothing written
+
+
 def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, small_zoo, experts, monkeypatch):
     methods = {
         "ties": {"merge_method": "ties", "parameters": {"density": 0.2}},

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..checkpoint import remove_orphans, scratch_dir
-from ..errors import UserError
+from ..errors import UserError, suggest
 from ..evaluate import evaluate_model
 from ..lora import is_adapter
 from ..merge import plan_merge, run_merge
@@ -85,15 +85,23 @@ def run_sweep(
     cache_dir: Path | None = None,
     work_dir: Path | None = None,
     device: str = "cpu",
+    only: Iterable[str] | None = None,
 ) -> list[dict]:
-    """Run every cell not already in the results file; return sweep_rows(cfg) (the references,
-    then every cell of this sweep in cell order), ready for write_reports.
+    """Run every cell not already in the results file (of the methods labelled in `only`, when
+    given); return sweep_rows(cfg) (the references, then every finished cell of this sweep in
+    cell order, whatever its method), ready for write_reports.
 
     `cache_dir` holds the experts' score cache (cache_dir/eval) and the teacher cache of
     optimized methods (cache_dir/teacher); None: no score cache, the default teacher cache.
     Merged models are written under `work_dir` (default: beside the results file, in
     <results stem>-merged/) and deleted after scoring unless `keep_merged`.
     """
+    for label in only or ():
+        if label not in cfg.methods:
+            raise UserError(
+                f"{cfg.source}: methods: no method labelled '{label}'{suggest(label, cfg.methods)};"
+                f" labels: {', '.join(cfg.methods)}"
+            )
     check_checkpoints(cfg)
     drop_torn_tail(cfg.results)
     rows = read_results(cfg.results)
@@ -105,7 +113,7 @@ def run_sweep(
     work = Path(work_dir) if work_dir else cfg.results.with_name(cfg.results.stem + "-merged")
     remove_orphans(work, "cell")  # merged models of cells a killed sweep was scoring
     done = {cell_id(r) for r in rows if r.get("type") == "cell"}
-    cells = cfg.cells()
+    cells = [c for c in cfg.cells() if only is None or c[0] in set(only)]
     for i, (label, subset) in enumerate(cells):
         recipe = build_recipe(cfg, label, subset)
         name = f"{label} {'+'.join(subset)}"
