@@ -488,6 +488,41 @@ def test_paired_table_compares_on_shared_subsets_only():
     assert "| ties |" not in md
 
 
+def test_remark3_methods_are_paired_with_divmerge_on_plain_task_vectors():
+    rep = _load("report")
+    assert rep.counterpart("divmerge_dare_ties_js_layer_e4") == "divmerge_js_layer_e4"
+    assert rep.counterpart("divmerge_ties_js_task") == "divmerge_js_task"
+    assert rep.counterpart("divmerge_js_layer") is None and rep.counterpart("ties") is None
+    rows = [
+        _cell("divmerge_js_layer", "a+b", 0.90),
+        _cell("divmerge_js_layer", "a+c", 0.80),
+        _cell("ties", "a+b", 0.70),
+        _cell("divmerge_ties_js_layer", "a+b", 0.95),  # +5 on DivMerge, +25 on TIES
+        _cell("divmerge_ties_js_layer", "a+c", 0.70),  # -10; no TIES cell
+        _cell("divmerge_ties_js_task", "a+b+c", 0.5),  # no divmerge_js_task cell
+    ]
+    md = rep.remark3_table(rows)
+    # differences +5 and -10: mean -2.5, sd 10.61, 1.96 * 10.61 / sqrt(2) = 14.70
+    want = "| divmerge_ties_js_layer | 2 | 2 | 82.50 | divmerge_js_layer | -2.50 | -17.20 .. +12.20"
+    assert want + " | 1 / 0 / 1 | +25.00 | - |" in md
+    assert "| divmerge_ties_js_task | 3 | 1 | 50.00 | divmerge_js_task | - | - | - | - | - |" in md
+    assert [line.split(" | ")[0] for line in md.splitlines()[4:]] == [
+        "| divmerge_ties_js_layer",
+        "| divmerge_ties_js_task",
+    ]  # the baselines get no rows of their own
+
+
+def test_stability_table_spreads_over_every_subset_beside_table_4():
+    rep = _load("report")
+    pairs = [_cell("ties", "a+b", 0.90), _cell("ties", "a+c", 0.80), _cell("dm", "a+b", 1.0)]
+    triples = [_cell("ties", "a+b+c", 0.60), _cell("ties", "a+b+d", 0.80)]
+    triples.append(_cell("ties", "a+b", 0.1))  # a pair in the k = 3 file: not k = 3
+    md = rep.stability_table(pairs, triples)
+    # pairs: 85 ± 9.80 (see the LoRA test); 3-subsets: 70 ± 1.96 * 14.14 / sqrt(2) = 19.60
+    assert "| ties | 85.00 ± 9.80 (2) | 70.00 ± 19.60 (2) | 4.44 | 19.01 |" in md
+    assert "| dm | 100.00 (1) | - | - | - |" in md
+
+
 def test_lora_table_puts_the_full_fine_tunes_beside_the_adapters(tmp_path):
     rep = _load("report")
     lora = [

@@ -4,7 +4,12 @@ ZOO=$(realpath "$1")
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 mkdir -p "$ZOO/logs"
-sweep() { divmerge sweep "$ZOO/sweeps/$1.yaml" --cache-dir "$ZOO/cache" >>"$ZOO/logs/sweep_$1.log" 2>&1; }
+# sweep NAME [--method LABEL ...]: one sweep file at a time (a lock per file), so two lanes may
+# each run some of one file's methods without interleaving writes to its results
+sweep() {
+  flock "$ZOO/logs/.sweep_$1.lock" divmerge sweep "$ZOO/sweeps/$1.yaml" --cache-dir "$ZOO/cache" \
+    "${@:2}" >>"$ZOO/logs/sweep_$1.log" 2>&1
+}
 peft() { python "$REPO/scripts/zoo/peft_merges.py" "$ZOO/sweeps/$1.yaml" >>"$ZOO/logs/peft_$1.log" 2>&1; }
 # wait_lanes PID...: every lane, then stop (no report) if one failed
 wait_lanes() {

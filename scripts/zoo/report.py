@@ -16,6 +16,9 @@ ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to
   over the cells of every file);
 - paper.md: our pairwise and per-k ANP beside the paper's Tables 3, 6 and 7; paired differences
   against task arithmetic and TIES on the same subsets; wall time per cell;
+- remark3.md: DivMerge on TIES / DARE-processed task vectors against DivMerge and TIES on the same
+  subsets, and each method's spread over every pair and every 3-subset (stability_*.jsonl, kept
+  out of the other tables) beside the paper's Table 4;
 - experts.md / experts.csv: base vs expert on each task's test split;
 - zoo.json: sha256 of the base's and each expert's files (divmerge_cli.hashing.hash_model_dir) and
   of the data manifest (copied as data_manifest.json), so a rebuilt zoo can be checked against
@@ -68,6 +71,19 @@ PAPER_TABLE7 = _by_k(
         4: (53.38, 64.85, 56.42, 60.88, 87.52, 91.75, 83.15, 94.97, 97.44),
     }
 )
+
+
+# Table 4: half-width (points) of the 95% interval of ANP over task subsets, generation tasks,
+# merging 2 and 3 tasks.
+PAPER_TABLE4 = {
+    "average": (2.60, 2.96),
+    "multislerp": (21.04, 27.97),
+    "ties": (4.44, 19.01),
+    "adamerging_task": (10.08, 23.94),
+    "adamerging_layer": (9.94, 19.03),
+    "divmerge_js_task": (1.94, 5.37),
+    "divmerge_js_layer": (1.05, 1.09),
+}
 
 
 def collect(files: list[Path]) -> list[dict]:
@@ -175,6 +191,84 @@ def paired_table(rows: list[dict], baseline: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def counterpart(label: str) -> str | None:
+    """The DivMerge label a Remark 3 label is compared with: the same label without its base
+    method (divmerge_dare_ties_js_layer_e4 -> divmerge_js_layer_e4); None for other labels."""
+    for base in ("_dare_ties_", "_dare_linear_", "_ties_"):
+        if label.startswith("divmerge" + base):
+            return "divmerge_" + label.removeprefix("divmerge" + base)
+    return None
+
+
+def remark3_table(rows: list[dict]) -> str:
+    """Each Remark 3 method against DivMerge on plain task vectors (same divergence, granularity
+    and steps) and against data-free TIES, on the same subsets: mean ANP difference (points) with
+    its normal 95% interval and wins / ties / losses against DivMerge."""
+    from divmerge_cli.sweep import cell_rows, stats
+
+    anp: dict[tuple[str, int], dict[tuple[str, ...], float]] = {}
+    for r in cell_rows(rows):
+        anp.setdefault((r["label"], int(r["k"])), {})[tuple(r["subset"])] = 100 * r["anp"]
+
+    def diff(cells: dict, other: dict) -> tuple[str, str, list[float]]:
+        d = [cells[s] - other[s] for s in cells if s in other]
+        if not d:
+            return "-", "-", d
+        st = stats(d)
+        ci = "-" if st.ci95 is None else f"{st.mean - st.ci95:+.2f} .. {st.mean + st.ci95:+.2f}"
+        return f"{st.mean:+.2f}", ci, d
+
+    out = [
+        "**Remark 3: DivMerge on processed task vectors against DivMerge on plain ones and against"
+        " TIES, on the same subsets (ANP difference in points)**",
+        "",
+        "| method | k | subsets | mean ANP | vs | Δ | 95% interval | wins / ties / losses"
+        " | Δ vs TIES | 95% interval |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (label, k), cells in sorted(anp.items(), key=lambda x: (x[0][1], x[0][0])):
+        other = counterpart(label)
+        if other is None:
+            continue
+        mean, ci, d = diff(cells, anp.get((other, k), {}))
+        signs = [(x > 1e-9) - (x < -1e-9) for x in d]
+        wtl = f"{signs.count(1)} / {signs.count(0)} / {signs.count(-1)}" if d else "-"
+        t_mean, t_ci, _ = diff(cells, anp.get(("ties", k), {}))
+        avg = statistics.fmean(cells.values())
+        out.append(
+            f"| {label} | {k} | {len(cells)} | {avg:.2f} | {other} | {mean} | {ci} | {wtl}"
+            f" | {t_mean} | {t_ci} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def stability_table(pairs: list[dict], triples: list[dict]) -> str:
+    """Mean ANP ± the half-width of its 95% interval over every pair (k = 2) and every 3-subset
+    (k = 3) of the zoo's tasks, beside the paper's Table 4 half-widths (generation tasks)."""
+    from divmerge_cli.sweep import summarize
+
+    two = {lb: by_k[2] for lb, by_k in summarize(pairs).items() if 2 in by_k}
+    three = {lb: by_k[3] for lb, by_k in summarize(triples).items() if 3 in by_k}
+
+    def cell(s) -> str:
+        if s is None:
+            return "-"
+        return f"{s.mean:.2f}" + ("" if s.ci95 is None else f" ± {s.ci95:.2f}") + f" ({s.n})"
+
+    out = [
+        "**Stability across subsets: mean ANP (%) ± 95% half-width (subsets), beside the paper's"
+        " Table 4 half-widths**",
+        "",
+        "| method | k=2, every pair | k=3, every 3-subset | paper ± k=2 | paper ± k=3 |",
+        "|---|---|---|---|---|",
+    ]
+    for label in [*three, *(lb for lb in two if lb not in three)]:
+        paper = PAPER_TABLE4.get(label, (None, None))
+        row = [cell(two.get(label)), cell(three.get(label)), _f(paper[0]), _f(paper[1])]
+        out.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(out) + "\n"
+
+
 def timing_table(rows: list[dict]) -> str:
     """Mean wall seconds per cell (merge or optimize + merge, then scoring) by method and k."""
     from divmerge_cli.sweep import cell_rows
@@ -234,6 +328,7 @@ ORDER = ["pairwise_datafree", "pairwise_divmerge_js", "pairwise_adamerging", "pa
 ORDER += ["lora_pairwise_datafree", "lora_pairwise_divmerge", "lora_pairwise_divmerge-peft"]
 ORDER += ["lora_pairwise_adamerging"]
 LORA = "lora_"
+STABILITY = "stability_"  # every subset of one k: kept out of the seeded per-k tables
 
 
 def lora_table(lora: list[dict], full: list[dict]) -> str:
@@ -340,8 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     zoo = str(a.zoo_dir.resolve())
     for f in files:  # committed results name the zoo as $ZOO, not the folder of one machine
         (a.out / f.name).write_text(placeholder(f.read_text(), zoo))
-    rows = collect([a.out / f.name for f in files])
+    rows = collect([a.out / f.name for f in files if not f.name.startswith(STABILITY)])
+    stable = collect([a.out / f.name for f in files if f.name.startswith(STABILITY)])
     written = write_reports(rows, a.out)
+    (a.out / "remark3.md").write_text(remark3_table(rows) + "\n" + stability_table(rows, stable))
+    written.append(a.out / "remark3.md")
     (a.out / "paper.md").write_text(
         "\n".join(
             [
