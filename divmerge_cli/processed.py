@@ -46,10 +46,10 @@ class StoredExpert:
 
 
 def process_tensor(
-    taus: torch.Tensor, base_method: str, per_model: list[dict], glob: dict, rng: torch.Generator
+    t: torch.Tensor, base_method: str, per_model: list[dict], glob: dict, rng: torch.Generator
 ) -> torch.Tensor:
-    """The processed task vectors m_t * tau'_t of one tensor, from the stacked tau [n, ...]."""
-    t = taus.clone()
+    """The processed task vectors m_t * tau'_t of one tensor, in place of the stacked tau [n, ...]
+    (one more tensor of one expert's size at most: the largest tensors times n experts bind)."""
     if base_method in ("dare_linear", "dare_ties"):
         for tau, m in zip(t, per_model):  # the data-free DARE's order: same masks for one seed
             _dare(tau, m["density"], glob["rescale"], rng)
@@ -61,7 +61,8 @@ def process_tensor(
                 tau.masked_fill_(tau.abs() < thr, 0.0)
     if base_method in ("ties", "dare_ties"):
         sign = torch.where(t.sum(0) >= 0, 1.0, -1.0)  # elected once, from the unweighted sum
-        t.mul_((t * sign) > 0)
+        for tau in t:
+            tau.masked_fill_(tau * sign <= 0, 0.0)
     return t
 
 
@@ -88,14 +89,14 @@ def process(
             (d / "config.json").write_text("{}")
             writers.append(ShardWriter(d, specs, 1 << 62))
         for name in names:
-            taus = []
-            for e in experts:
+            taus = torch.zeros((len(experts), *base.shape(name)))
+            for tau_t, e in zip(taus, experts):
                 tau = dense_tau(e, name, base)
-                taus.append(torch.zeros(base.shape(name)) if tau is None else tau)
+                if tau is not None:
+                    tau_t.copy_(tau)
+                del tau
             per_model, glob = params(mplan, name)
-            out = process_tensor(
-                torch.stack(taus), base_method, per_model, glob, generator(seed, name)
-            )
+            out = process_tensor(taus, base_method, per_model, glob, generator(seed, name))
             for w, tau in zip(writers, out):
                 w.write(name, tau)
         for w in writers:
