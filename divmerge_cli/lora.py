@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,7 +89,7 @@ class LoraExpert:
         self.own: dict[str, str] = {}  # base name -> adapter key of a whole tensor it replaces
         self._map(cfg, st)
         self.warnings = self._base_warning(cfg.get("base_model_name_or_path"), base_ref)
-        self._cache: tuple[str, LowRank] | None = None
+        self._local = threading.local()  # per worker thread: .cache = (name, LowRank)
 
     def _map(self, cfg: dict, st: Path) -> None:
         """PEFT key names -> base tensor names, each checked against the base's shapes."""
@@ -188,14 +189,14 @@ class LoraExpert:
         return held + sum(math.prod(self.base.shape(n)) * size(n) for n in self.own)
 
     def lowrank(self, name: str) -> LowRank:
-        # row chunks of one tensor reuse it; read once, so a worker thread that replaces it
-        # meanwhile cannot hand this one another tensor's factors
-        cached = self._cache
+        # row chunks of one tensor reuse it; one entry per worker thread, so threads working on
+        # different tensors do not evict each other's factors
+        cached = getattr(self._local, "cache", None)
         if cached is None or cached[0] != name:
             kb, ka, s, t = self.factors[name]
             b, a = self._file.get(kb).float(), self._file.get(ka).float()
             cached = (name, LowRank(a.T, b.T, s) if t else LowRank(b, a, s))
-            self._cache = cached
+            self._local.cache = cached
         return cached[1]
 
     def get(self, name: str, start: int | None = None, stop: int | None = None) -> Tensor:
