@@ -48,8 +48,9 @@ class StoredExpert:
 def process_tensor(
     t: torch.Tensor, base_method: str, per_model: list[dict], glob: dict, rng: torch.Generator
 ) -> torch.Tensor:
-    """The processed task vectors m_t * tau'_t of one tensor, in place of the stacked tau [n, ...]
-    (one more tensor of one expert's size at most: the largest tensors times n experts bind)."""
+    """The processed task vectors m_t * tau'_t of one tensor, in place of the stacked tau [n, ...]:
+    beside it only a few temporaries of one expert's size (|tau|, the elected sign, a mask), where
+    a copy of the stack would double the n experts' largest tensors."""
     if base_method in ("dare_linear", "dare_ties"):
         for tau, m in zip(t, per_model):  # the data-free DARE's order: same masks for one seed
             _dare(tau, m["density"], glob["rescale"], rng)
@@ -93,6 +94,7 @@ def process(
             for tau_t, e in zip(taus, experts):
                 tau = dense_tau(e, name, base)
                 if tau is not None:
+                    assert tau.shape == tau_t.shape, name  # copy_ would broadcast silently
                     tau_t.copy_(tau)
                 del tau
             per_model, glob = params(mplan, name)

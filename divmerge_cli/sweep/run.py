@@ -96,6 +96,7 @@ def run_sweep(
     Merged models are written under `work_dir` (default: beside the results file, in
     <results stem>-merged/) and deleted after scoring unless `keep_merged`.
     """
+    only = None if only is None else set(only)
     for label in only or ():
         if label not in cfg.methods:
             raise UserError(
@@ -113,7 +114,7 @@ def run_sweep(
     work = Path(work_dir) if work_dir else cfg.results.with_name(cfg.results.stem + "-merged")
     remove_orphans(work, "cell")  # merged models of cells a killed sweep was scoring
     done = {cell_id(r) for r in rows if r.get("type") == "cell"}
-    cells = [c for c in cfg.cells() if only is None or c[0] in set(only)]
+    cells = [c for c in cfg.cells() if only is None or c[0] in only]
     for i, (label, subset) in enumerate(cells):
         recipe = build_recipe(cfg, label, subset)
         name = f"{label} {'+'.join(subset)}"

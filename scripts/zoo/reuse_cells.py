@@ -23,9 +23,16 @@ def reuse(sweep_file: Path, sources: list[Path]) -> int:
     cells were copied."""
     from divmerge_cli.sweep import read_results
     from divmerge_cli.sweep.config import build_recipe, load_sweep, method_key
-    from divmerge_cli.sweep.results import append_row, cell_id, check_results_file, header_row
+    from divmerge_cli.sweep.results import (
+        append_row,
+        cell_id,
+        check_results_file,
+        drop_torn_tail,
+        header_row,
+    )
 
     cfg = load_sweep(sweep_file)
+    drop_torn_tail(cfg.results)  # a killed sweep's half line would swallow the first copied row
     rows = read_results(cfg.results) if cfg.results.is_file() else []
     check_results_file(cfg, rows)
     loaded = []
@@ -59,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sweep_file", type=Path)
     ap.add_argument("sources", type=Path, nargs="+", help="results files to copy cells from")
     a = ap.parse_args(argv)
+    for p in a.sources:
+        if not p.is_file():
+            print(f"warning: {p}: no such results file; skipped", file=sys.stderr)
     try:
         n = reuse(a.sweep_file, [p for p in a.sources if p.is_file()])
     except UserError as e:
