@@ -483,3 +483,27 @@ def test_learned_method_keys_ignore_where_task_vectors_live_and_later_defaults()
     assert key(granularity="task", task_vectors="stream") == key(granularity="task")
     assert key(granularity="task", base_method="task_arithmetic") == key(granularity="task")
     assert key(granularity="task", base_method="ties") != key(granularity="task")
+
+
+def test_results_file_keeps_its_references_across_task_fields_added_later(tmp_path):
+    from divmerge_cli.hashing import hash_json
+    from divmerge_cli.sweep.results import check_results_file, header_row, spec_hash
+
+    for name in ("base", "e"):
+        (tmp_path / name).mkdir()
+    for split in ("validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text('{"x": "a", "y": "b"}\n')
+    task = {"validation": "validation.jsonl", "test": "test.jsonl", "prompt": "{x}", "target": "y"}
+    raw = {"base_model": "base", "experts": {"t": "e"}, "tasks": {"t": task}, "k": [1]}
+    raw["methods"] = {"ta": {"merge_method": "task_arithmetic"}}
+    cfg = sweep.sweep_from_dict(raw, tmp_path / "sweep.yaml")
+    spec = cfg.tasks["t"]
+    ref = {"type": "reference", "task": "t", "expert": str(cfg.experts["t"])}
+    # before `sha256` existed, a task's hash had no such key; then it was hashed as null for a while
+    before = hash_json({k: v for k, v in spec.model_dump(mode="json").items() if k != "sha256"})
+    assert spec_hash(spec) == before[:16]
+    for written in (before[:16], hash_json(spec.model_dump(mode="json"))[:16]):
+        check_results_file(cfg, [header_row(cfg), {**ref, "spec": written}])
+    other = spec.model_copy(update={"prompt": "{x}?"})
+    with pytest.raises(UserError, match="another expert or task definition"):
+        check_results_file(cfg, [header_row(cfg), {**ref, "spec": spec_hash(other)}])

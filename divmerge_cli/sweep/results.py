@@ -121,7 +121,11 @@ def check_results_file(cfg: SweepConfig, rows: list[dict]) -> None:
                     )
         if row.get("type") == "reference" and row["task"] in cfg.tasks:
             t = row["task"]
-            if row["expert"] != str(cfg.experts[t]) or row["spec"] != spec_hash(cfg.tasks[t]):
+            same_spec = row["spec"] in (
+                spec_hash(cfg.tasks[t]),
+                _spec_hash_with_nulls(cfg.tasks[t]),
+            )
+            if row["expert"] != str(cfg.experts[t]) or not same_spec:
                 raise UserError(
                     f"{where}: task '{t}' was scored with another expert or task definition "
                     f"(experts.{t} / tasks.{t} changed); use another `results:` file"
@@ -129,6 +133,13 @@ def check_results_file(cfg: SweepConfig, rows: list[dict]) -> None:
 
 
 def spec_hash(spec: TaskSpec) -> str:
+    """A task definition's hash. Unset fields are left out, so a field added later (`sha256`)
+    does not make older results files look like another task's."""
+    return hash_json(spec.model_dump(mode="json", exclude_none=True))[:16]
+
+
+def _spec_hash_with_nulls(spec: TaskSpec) -> str:
+    """The hash results files were written with while unset fields counted (as null)."""
     return hash_json(spec.model_dump(mode="json"))[:16]
 
 
