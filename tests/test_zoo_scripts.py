@@ -578,6 +578,23 @@ def test_task_vector_norms_and_cosines_by_hand():
     assert "| a | 0.2000 | 1 | 0.000 | 1.000 |" in md
 
 
+def test_weights_hash_ignores_the_header_and_sees_one_changed_value(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    rep = _load("report")
+    w = {"b": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "a": torch.ones(4)}
+    for name, meta in (("x", {"format": "pt"}), ("y", {"format": "pt", "by": "other"})):
+        (tmp_path / name).mkdir()
+        save_file(w, tmp_path / name / "model.safetensors", metadata=meta)
+    (tmp_path / "y" / "config.json").write_text('{"transformers_version": "9"}')
+    assert rep.hash_weights(tmp_path / "x") == rep.hash_weights(tmp_path / "y")
+    w["a"][2] = 1.0000001
+    (tmp_path / "z").mkdir()
+    save_file(w, tmp_path / "z" / "model.safetensors")
+    assert rep.hash_weights(tmp_path / "z") != rep.hash_weights(tmp_path / "x")
+
+
 def test_report_without_results_writes_nothing(tmp_path):
     rep = _load("report")
     (tmp_path / "zoo" / "results").mkdir(parents=True)

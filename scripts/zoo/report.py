@@ -317,11 +317,34 @@ def zoo_hashes(zoo: Path) -> dict[str, str]:
     out = {
         "data/manifest.json": hashlib.sha256((zoo / "data/manifest.json").read_bytes()).hexdigest()
     }
-    out["base"] = hash_model_dir(zoo / "base")
-    for d in sorted((zoo / "experts").iterdir()):
+    dirs = {"base": zoo / "base"}
+    dirs |= {f"experts/{d.name}": d for d in sorted((zoo / "experts").iterdir())}
+    for key, d in dirs.items():
         if not d.name.startswith("."):
-            out[f"experts/{d.name}"] = hash_model_dir(d)
+            out[key] = hash_model_dir(d)
+            out[f"weights:{key}"] = hash_weights(d)
     return out
+
+
+def hash_weights(model_dir: Path) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: the same for the same
+    weights whatever transformers wrote beside them or in the safetensors header."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    tensors = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        st = safe_open(str(f), "pt")
+        tensors |= {name: (st, name) for name in st.keys()}
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        st, _ = tensors[name]
+        t = st.get_tensor(name).contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 ORDER = ["pairwise_datafree", "pairwise_divmerge_js", "pairwise_adamerging", "pairwise_divmerge_kl"]
