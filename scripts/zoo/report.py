@@ -167,27 +167,43 @@ def paper_tables(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def paired_table(rows: list[dict], baseline: str) -> str:
-    """Each method against `baseline` on the same subsets: mean difference of ANP (points) with a
-    normal 95% interval, and wins / ties / losses. Pairing removes the subsets' own spread."""
-    from divmerge_cli.sweep import cell_rows, stats
+def _anp_by_cell(rows: list[dict]) -> dict[tuple[str, int], dict[tuple[str, ...], float]]:
+    """(label, k) -> subset -> ANP (%)."""
+    from divmerge_cli.sweep import cell_rows
 
     anp: dict[tuple[str, int], dict[tuple[str, ...], float]] = {}
     for r in cell_rows(rows):
         anp.setdefault((r["label"], int(r["k"])), {})[tuple(r["subset"])] = 100 * r["anp"]
+    return anp
+
+
+def _paired(cells: dict, other: dict) -> tuple[str, str, str, int]:
+    """Mean ANP difference on the subsets both have, its normal 95% interval, wins / ties /
+    losses, and how many subsets were paired (formatted; "-" where there are none)."""
+    from divmerge_cli.sweep import stats
+
+    d = [cells[s] - other[s] for s in cells if s in other]
+    if not d:
+        return "-", "-", "-", 0
+    st = stats(d)
+    ci = "-" if st.ci95 is None else f"{st.mean - st.ci95:+.2f} .. {st.mean + st.ci95:+.2f}"
+    signs = [(x > 1e-9) - (x < -1e-9) for x in d]  # float noise counts as a tie
+    wtl = f"{signs.count(1)} / {signs.count(0)} / {signs.count(-1)}"
+    return f"{st.mean:+.2f}", ci, wtl, st.n
+
+
+def paired_table(rows: list[dict], baseline: str) -> str:
+    """Each method against `baseline` on the same subsets: mean difference of ANP (points) with a
+    normal 95% interval, and wins / ties / losses. Pairing removes the subsets' own spread."""
+    anp = _anp_by_cell(rows)
     out = [f"**Against {baseline} on the same subsets: ANP difference (points)**", ""]
     out += ["| method | k | subsets | mean Δ | 95% interval | wins / ties / losses |"]
     out += ["|---|---|---|---|---|---|"]
     for (label, k), cells in anp.items():
-        base = anp.get((baseline, k), {})
-        d = [cells[s] - base[s] for s in cells if s in base]
-        if label == baseline or not d:
+        mean, ci, wtl, n = _paired(cells, anp.get((baseline, k), {}))
+        if label == baseline or not n:
             continue
-        st = stats(d)
-        ci = "-" if st.ci95 is None else f"{st.mean - st.ci95:+.2f} .. {st.mean + st.ci95:+.2f}"
-        signs = [(x > 1e-9) - (x < -1e-9) for x in d]  # float noise counts as a tie
-        wtl = f"{signs.count(1)} / {signs.count(0)} / {signs.count(-1)}"
-        out.append(f"| {label} | {k} | {st.n} | {st.mean:+.2f} | {ci} | {wtl} |")
+        out.append(f"| {label} | {k} | {n} | {mean} | {ci} | {wtl} |")
     return "\n".join(out) + "\n"
 
 
@@ -204,20 +220,7 @@ def remark3_table(rows: list[dict]) -> str:
     """Each Remark 3 method against DivMerge on plain task vectors (same divergence, granularity
     and steps) and against data-free TIES, on the same subsets: mean ANP difference (points) with
     its normal 95% interval and wins / ties / losses against DivMerge."""
-    from divmerge_cli.sweep import cell_rows, stats
-
-    anp: dict[tuple[str, int], dict[tuple[str, ...], float]] = {}
-    for r in cell_rows(rows):
-        anp.setdefault((r["label"], int(r["k"])), {})[tuple(r["subset"])] = 100 * r["anp"]
-
-    def diff(cells: dict, other: dict) -> tuple[str, str, list[float]]:
-        d = [cells[s] - other[s] for s in cells if s in other]
-        if not d:
-            return "-", "-", d
-        st = stats(d)
-        ci = "-" if st.ci95 is None else f"{st.mean - st.ci95:+.2f} .. {st.mean + st.ci95:+.2f}"
-        return f"{st.mean:+.2f}", ci, d
-
+    anp = _anp_by_cell(rows)
     out = [
         "**Remark 3: DivMerge on processed task vectors against DivMerge on plain ones and against"
         " TIES, on the same subsets (ANP difference in points)**",
@@ -230,10 +233,8 @@ def remark3_table(rows: list[dict]) -> str:
         other = counterpart(label)
         if other is None:
             continue
-        mean, ci, d = diff(cells, anp.get((other, k), {}))
-        signs = [(x > 1e-9) - (x < -1e-9) for x in d]
-        wtl = f"{signs.count(1)} / {signs.count(0)} / {signs.count(-1)}" if d else "-"
-        t_mean, t_ci, _ = diff(cells, anp.get(("ties", k), {}))
+        mean, ci, wtl, _ = _paired(cells, anp.get((other, k), {}))
+        t_mean, t_ci, _, _ = _paired(cells, anp.get(("ties", k), {}))
         avg = statistics.fmean(cells.values())
         out.append(
             f"| {label} | {k} | {len(cells)} | {avg:.2f} | {other} | {mean} | {ci} | {wtl}"
