@@ -1,7 +1,7 @@
 # Sourced by run_*.sh (`. lanes.sh ZOO_DIR`): the zoo folder, one torch thread per lane (a 2-core
 # machine), logs in ZOO_DIR/logs/, the two kinds of job and the wait for the lanes.
 ZOO=$(realpath "$1")
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)  # this file's checkout, whoever sources it
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 mkdir -p "$ZOO/logs"
 # sweep NAME [--method LABEL ...]: one sweep file at a time (a lock per file), so two lanes may
