@@ -283,9 +283,8 @@ def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> N
 def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, adapter=None) -> None:
     """`adapter`: (rank,) for --as-adapter (rank None: exact)."""
     from .checkpoint import check_space
-    from .optimize import fit_teacher_batch, run_optimized
+    from .optimize import preflight_learned, run_optimized
     from .recipe import optimize_params
-    from .taskvectors import pick_mode
 
     r = plan.recipe
     if optimize_params(plan.recipe).coefficients:  # Gamma fixed: a plain streamed write, no teacher
@@ -300,8 +299,7 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
         )
         out.print(f"[green]merged[/] with {r.merge_method} (Gamma from a file) -> {output}")
         return
-    plan, est, lowered = fit_teacher_batch(plan, seed, dev)
-    mode, reason = pick_mode(optimize_params(plan.recipe).task_vectors, *est.memory_mode_need())
+    plan, est, mode, reason, lowered = preflight_learned(plan, seed, dev)
     problem = est.too_big(mode)
     if problem:
         raise UserError(f"{r.source}: {problem}")
@@ -381,15 +379,13 @@ def validate(
     from .recipe import optimize_params
 
     if plan.method.optimized and not optimize_params(plan.recipe).coefficients:
-        from .optimize import fit_teacher_batch, slow_dtype_warning
-        from .taskvectors import pick_mode
+        from .optimize import preflight_learned, slow_dtype_warning
 
         slow = slow_dtype_warning(plan.recipe, _device("auto"))
         if slow:
             report["warnings"] = [*report["warnings"], slow]
             err.print(f"[yellow]warning:[/] {slow}", highlight=False, soft_wrap=True)
-        plan, est, lowered = fit_teacher_batch(plan, device=_device("auto"))
-        mode, reason = pick_mode(optimize_params(plan.recipe).task_vectors, *est.memory_mode_need())
+        plan, est, mode, reason, lowered = preflight_learned(plan, device=_device("auto"))
         reason = f"{lowered}; {reason}" if lowered else reason
         report.update(
             gen_batch_size=optimize_params(plan.recipe).gen_batch_size,

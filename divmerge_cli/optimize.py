@@ -214,6 +214,16 @@ def fit_teacher_batch(
     return fitted, est, note
 
 
+def preflight_learned(
+    plan: MergePlan, seed: int = 0, device: str = "cpu"
+) -> tuple[MergePlan, Estimate, str, str, str | None]:
+    """fit_teacher_batch() and the task-vector mode it leaves room for: (plan, estimate, mode,
+    reason, note on a lowered gen_batch_size). What `run` and `validate` decide before work."""
+    plan, est, lowered = fit_teacher_batch(plan, seed, device)
+    mode, reason = pick_mode(optimize_params(plan.recipe).task_vectors, *est.memory_mode_need())
+    return plan, est, mode, reason, lowered
+
+
 def native_low_precision(dtype: str) -> bool:
     """Whether this CPU has native bfloat16 / float16 matrix products (oneDNN's own probe)."""
     probe = {

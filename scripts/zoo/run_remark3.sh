@@ -2,7 +2,8 @@
 # Issue 16 on the full-fine-tune zoo: Remark 3 (DivMerge on TIES / DARE-TIES-processed task
 # vectors) at k = 2..5 and the 32-step check, and every 3-subset for the stability table, in two
 # lanes of one torch thread each; resumable (finished cells are skipped). Logs in ZOO_DIR/logs/.
-# Layer-level cells first (DivMerge's best granularity), the 32-step check last; the stability
+# Layer-level cells first (DivMerge's best granularity); the lanes are balanced by measured cell
+# times (about two hours each from the state of 2026-11-30). The stability
 # sweep reuses the k = 3 cells it shares with per_k3 and remark3_k3.
 #   scripts/zoo/run_remark3.sh ZOO_DIR
 set -euo pipefail
@@ -17,15 +18,15 @@ TASK=(--method divmerge_ties_js_task --method divmerge_dare_ties_js_task)
     "$ZOO/sweeps/stability_k3.yaml" "$ZOO/results/per_k3.jsonl" "$ZOO/results/remark3_k3.jsonl" \
     >>"$ZOO/logs/sweep_stability_k3.log" 2>&1
   sweep stability_k3
+  sweep remark3_k3 "${TASK[@]}"
 ) &
 A=$!
 (
   sweep remark3_pairwise "${LAYER[@]}"
   sweep remark3_k5 "${TASK[@]}"
   sweep remark3_k4 "${TASK[@]}"
-  sweep remark3_k3 "${TASK[@]}"
-  sweep remark3_pairwise "${TASK[@]}"
   sweep remark3_k5
+  sweep remark3_pairwise "${TASK[@]}"
 ) &
 B=$!
 wait_lanes "$A" "$B"
