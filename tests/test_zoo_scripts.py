@@ -512,6 +512,24 @@ def test_remark3_methods_are_paired_with_divmerge_on_plain_task_vectors():
     ]  # the baselines get no rows of their own
 
 
+def test_remark3_by_k_puts_each_method_under_its_counterpart_with_subset_counts():
+    rep = _load("report")
+    rows = [
+        _cell("divmerge_js_layer", "a+b", 0.90),
+        _cell("divmerge_js_layer", "a+c", 0.80),
+        _cell("ties", "a+b+c", 0.70),
+        _cell("divmerge_ties_js_layer", "a+b", 1.0),
+        _cell("divmerge_ties_js_layer", "a+b+c", 0.5),
+        _cell("average", "a+b", 0.5),  # neither TIES nor Remark 3: no row
+    ]
+    lines = rep.remark3_by_k(rows).splitlines()[4:]
+    assert lines == [
+        "| ties | - | 70.00 (1) | - | - |",
+        "| divmerge_js_layer | 85.00 (2) | - | - | - |",
+        "| divmerge_ties_js_layer | 100.00 (1) | 50.00 (1) | - | - |",
+    ]
+
+
 def test_stability_table_spreads_over_every_subset_beside_table_4():
     rep = _load("report")
     pairs = [_cell("ties", "a+b", 0.90), _cell("ties", "a+c", 0.80), _cell("dm", "a+b", 1.0)]

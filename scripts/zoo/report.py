@@ -16,8 +16,8 @@ ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to
   over the cells of every file);
 - paper.md: our pairwise and per-k ANP beside the paper's Tables 3, 6 and 7; paired differences
   against task arithmetic and TIES on the same subsets; wall time per cell;
-- remark3.md: DivMerge on TIES / DARE-processed task vectors against DivMerge and TIES on the same
-  subsets, and each method's spread over every pair and every 3-subset (stability_*.jsonl, kept
+- remark3.md: mean ANP by k of DivMerge on TIES / DARE-processed task vectors, and its paired
+  difference against DivMerge and TIES on the same subsets, and each method's spread over every pair and every 3-subset (stability_*.jsonl, kept
   out of the other tables) beside the paper's Table 4;
 - experts.md / experts.csv: base vs expert on each task's test split;
 - zoo.json: sha256 of the base's and each expert's files (divmerge_cli.hashing.hash_model_dir) and
@@ -243,6 +243,27 @@ def remark3_table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def remark3_by_k(rows: list[dict]) -> str:
+    """Mean ANP by k for TIES, each Remark 3 method and its DivMerge counterpart (the subsets each
+    mean covers in brackets): the summary table of docs/RESULTS.md's Remark 3 section."""
+    from divmerge_cli.sweep import summarize
+
+    by_label = summarize(rows)
+    remark3 = [lb for lb in by_label if counterpart(lb)]
+    labels = ["ties", *dict.fromkeys(x for lb in remark3 for x in (counterpart(lb), lb))]
+    out = [
+        "**Remark 3 by number of merged tasks: mean ANP (%) (subsets)**",
+        "",
+        "| method | k=2 | k=3 | k=4 | k=5 |",
+        "|---|---|---|---|---|",
+    ]
+    for label in labels:
+        by_k = by_label.get(label, {})
+        row = [f"{by_k[k].mean:.2f} ({by_k[k].n})" if k in by_k else "-" for k in (2, 3, 4, 5)]
+        out.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(out) + "\n"
+
+
 def stability_table(pairs: list[dict], triples: list[dict]) -> str:
     """Mean ANP ± the half-width of its 95% interval over every pair (k = 2) and every 3-subset
     (k = 3) of the zoo's tasks, beside the paper's Table 4 half-widths (generation tasks)."""
@@ -462,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = collect([a.out / f.name for f in files if not f.name.startswith(STABILITY)])
     stable = collect([a.out / f.name for f in files if f.name.startswith(STABILITY)])
     written = write_reports(rows, a.out)
-    (a.out / "remark3.md").write_text(remark3_table(rows) + "\n" + stability_table(rows, stable))
+    (a.out / "remark3.md").write_text(
+        "\n".join([remark3_by_k(rows), remark3_table(rows), stability_table(rows, stable)])
+    )
     written.append(a.out / "remark3.md")
     (a.out / "paper.md").write_text(
         "\n".join(
