@@ -93,7 +93,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1e6  # KB -> GB
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024 / 1e9  # KiB -> GB
 
 
 FLOOR = """
