@@ -14,11 +14,11 @@ TASK=(--method divmerge_ties_js_task --method divmerge_dare_ties_js_task)
   sweep remark3_k5 "${LAYER[@]}"
   sweep remark3_k4 "${LAYER[@]}"
   sweep remark3_k3 "${LAYER[@]}"
+  sweep remark3_k3 "${TASK[@]}"
   flock "$ZOO/logs/.sweep_stability_k3.lock" python "$REPO/scripts/zoo/reuse_cells.py" \
     "$ZOO/sweeps/stability_k3.yaml" "$ZOO/results/per_k3.jsonl" "$ZOO/results/remark3_k3.jsonl" \
     >>"$ZOO/logs/sweep_stability_k3.log" 2>&1
   sweep stability_k3
-  sweep remark3_k3 "${TASK[@]}"
 ) &
 A=$!
 (
