@@ -16,9 +16,10 @@ ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to
   over the cells of every file);
 - paper.md: our pairwise and per-k ANP beside the paper's Tables 3, 6 and 7; paired differences
   against task arithmetic and TIES on the same subsets; wall time per cell;
-- remark3.md: mean ANP by k of DivMerge on TIES / DARE-processed task vectors, and its paired
-  difference against DivMerge and TIES on the same subsets, and each method's spread over every pair and every 3-subset (stability_*.jsonl, kept
-  out of the other tables) beside the paper's Table 4;
+- remark3.md: mean ANP by k of DivMerge on TIES / DARE-processed task vectors, its paired
+  difference against DivMerge and TIES on the same subsets, and each method's spread over every
+  pair and every 3-subset (stability_*.jsonl, kept out of the other tables) beside the paper's
+  Table 4;
 - experts.md / experts.csv: base vs expert on each task's test split;
 - zoo.json: sha256 of the base's and each expert's files (divmerge_cli.hashing.hash_model_dir) and
   of the data manifest (copied as data_manifest.json), so a rebuilt zoo can be checked against

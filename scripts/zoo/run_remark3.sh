@@ -2,9 +2,8 @@
 # Issue 16 on the full-fine-tune zoo: Remark 3 (DivMerge on TIES / DARE-TIES-processed task
 # vectors) at k = 2..5 and the 32-step check, and every 3-subset for the stability table, in two
 # lanes of one torch thread each; resumable (finished cells are skipped). Logs in ZOO_DIR/logs/.
-# Layer-level cells first (DivMerge's best granularity); the lanes are balanced by measured cell
-# times (about two hours each from the state of 2026-11-30). The stability
-# sweep reuses the k = 3 cells it shares with per_k3 and remark3_k3.
+# Layer-level cells first (DivMerge's best granularity), the lanes balanced by measured cell
+# times; the stability sweep reuses the k = 3 cells it shares with per_k3 and remark3_k3.
 #   scripts/zoo/run_remark3.sh ZOO_DIR
 set -euo pipefail
 . "$(dirname "$0")/lanes.sh" "$1"
