@@ -358,14 +358,13 @@ def hash_weights(model_dir: Path) -> str:
     import torch
     from safetensors import safe_open
 
-    tensors = {}
+    files = {}  # tensor name -> the open file holding it
     for f in sorted(model_dir.glob("*.safetensors")):
         st = safe_open(str(f), "pt")
-        tensors |= {name: (st, name) for name in st.keys()}
+        files |= dict.fromkeys(st.keys(), st)
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        st, _ = tensors[name]
-        t = st.get_tensor(name).contiguous()
+    for name in sorted(files):
+        t = files[name].get_tensor(name).contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
