@@ -99,8 +99,10 @@ def test_adapter_reads_as_its_merged_model_one_tensor_at_a_time(lora_zoo, tmp_pa
         assert isinstance(e, LoraExpert)
         for n in base.names:
             assert torch.allclose(e.get(n).float(), dense.get(n).float(), atol=1e-6), (a, n)
-            rows = e.get(n, 3, 7)  # a row chunk is the same rows of the whole
-            assert torch.equal(rows.float(), e.get(n).float()[3:7]), (a, n)
+            # a row chunk is the same rows of the whole; B[rows] @ A and (B @ A)[rows] are
+            # different BLAS calls, equal up to rounding (not bitwise on every CPU)
+            rows = e.get(n, 3, 7)
+            torch.testing.assert_close(rows.float(), e.get(n).float()[3:7], rtol=1e-6, atol=1e-7)
             tau = e.tau(n, base)
             expect = dense.get(n).float() - base.get(n).float()
             if tau is None:
