@@ -195,7 +195,10 @@ class LoraExpert:
         if cached is None or cached[0] != name:
             kb, ka, s, t = self.factors[name]
             b, a = self._file.get(kb).float(), self._file.get(ka).float()
-            cached = (name, LowRank(a.T, b.T, s) if t else LowRank(b, a, s))
+            cached = (
+                name,
+                LowRank(a.T.contiguous(), b.T.contiguous(), s) if t else LowRank(b, a, s),
+            )
             self._local.cache = cached
         return cached[1]
 

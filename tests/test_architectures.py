@@ -1,0 +1,309 @@
+"""Learned merges on every architecture family people merge, built from transformers' own config
+classes (hidden 64, 2 blocks, a word-level vocabulary of a few dozen): dense, tied and untied,
+renamed on load (GPT-NeoX), fused on load (Mixtral, Qwen2-MoE, Qwen3-MoE), and checkpoints that
+store buffers, a 0-dim tensor, or a tied embedding under both names. For each: `validate` agrees
+with `run`; DivMerge at layer level learns the same Gamma with task vectors in memory and
+streamed; the output loads in transformers with no missing, unexpected or mismatched key and
+finite logits; every stored tensor is theta0 + sum Gamma tau with the group the layout gives it,
+and the exported mergekit recipe reproduces it; a data-free task arithmetic is theta0 + sum
+lambda tau on every stored tensor."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conftest import write_recipe
+from divmerge_cli import tiny
+from divmerge_cli.layers import block_of
+
+WORDS = "the cat dog sat ran on a mat log red blue big small one two three yes no".split()
+TEXTS = [" ".join(WORDS[i : i + 4]) for i in range(len(WORDS) - 4)]
+DENSE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+# name -> (config class, its arguments, how the stored checkpoint is altered)
+ARCHS: dict[str, tuple[str, dict, str | None]] = {
+    "llama": ("LlamaConfig", DENSE, None),
+    "llama_tied": ("LlamaConfig", {**DENSE, "tie_word_embeddings": True}, None),
+    "llama_tied_both_stored": ("LlamaConfig", {**DENSE, "tie_word_embeddings": True}, "both"),
+    "llama_inv_freq": ("LlamaConfig", DENSE, "inv_freq"),
+    "llama_0_dim": ("LlamaConfig", DENSE, "scalar"),
+    "qwen2": ("Qwen2Config", DENSE, None),
+    "qwen3": ("Qwen3Config", {**DENSE, "head_dim": 16}, None),
+    "gemma2": ("Gemma2Config", {**DENSE, "head_dim": 16}, None),
+    "gemma3_text": ("Gemma3TextConfig", {**DENSE, "head_dim": 16, "sliding_window": 16}, None),
+    "phi3": ("Phi3Config", DENSE, None),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64), "attn_bias"),
+    "olmo2": ("Olmo2Config", DENSE, None),
+    "falcon": (
+        "FalconConfig",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+        None,
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        None,
+    ),
+    "mixtral": ("MixtralConfig", {**DENSE, "num_local_experts": 4, "num_experts_per_tok": 2}, None),
+    "qwen2_moe": ("Qwen2MoeConfig", {**DENSE, **MOE, "shared_expert_intermediate_size": 64}, None),
+    "qwen3_moe": ("Qwen3MoeConfig", {**DENSE, **MOE, "head_dim": 16}, None),
+}
+TASK_NAMES = ("a", "b")
+
+
+def _build(arch: str, root: Path) -> dict[str, Path]:
+    """base + two experts (the base plus noise) of one architecture, as transformers saves them,
+    then altered as ARCHS says; their tasks file."""
+    cls, kw, alter = ARCHS[arch]
+    if not hasattr(transformers, cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls}")
+    tok = tiny.build_word_tokenizer(TEXTS)
+    ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    try:
+        cfg = getattr(transformers, cls)(vocab_size=len(tok), **ids, **kw)
+        torch.manual_seed(0)
+        base = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    except Exception as e:  # noqa: BLE001 - what this transformers cannot build is skipped
+        pytest.skip(f"transformers {transformers.__version__} cannot build {cls}: {e}")
+    zoo = {"base": tiny.save(base, tok, root / "base")}
+    for i, t in enumerate(TASK_NAMES):
+        zoo[t] = tiny.save(tiny.perturbed(base, 0.05, seed=i + 1), tok, root / t)
+    for i, path in enumerate(zoo.values()):
+        w = load_file(path / "model.safetensors")
+        w = ALTER[alter](w, i) if alter else w
+        save_file(w, path / "model.safetensors", metadata={"format": "pt"})
+    rows = [{"text": t} for t in TEXTS[:4]]
+    for t in TASK_NAMES:
+        (root / f"{t}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = {
+        t: {"validation": f"{t}.jsonl", "prompt": "{text}", "target": "text", "max_new_tokens": 2}
+        for t in TASK_NAMES
+    }
+    zoo["tasks"] = write_recipe(root / "tasks.yaml", tasks)
+    return zoo
+
+
+def _both(w: dict, i: int) -> dict:  # a tied head stored beside its embedding (older saves)
+    return {**w, "lm_head.weight": w["model.embed_tokens.weight"].clone()}
+
+
+def _inv_freq(w: dict, i: int) -> dict:  # per-block rotary buffers (older Llama-family uploads)
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    return {
+        **w,
+        **{f"model.layers.{b}.self_attn.rotary_emb.inv_freq": inv.clone() for b in range(2)},
+    }
+
+
+def _scalar(w: dict, i: int) -> dict:  # a 0-dim tensor that differs between the models
+    return {**w, "model.logit_scale": torch.tensor(1.0 + 0.25 * i)}
+
+
+def _attn_bias(w: dict, i: int) -> dict:  # GPT-2's stored causal mask and masked_bias
+    mask = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+    extra = {f"transformer.h.{b}.attn.bias": mask.clone() for b in range(2)}
+    extra |= {f"transformer.h.{b}.attn.masked_bias": torch.tensor(-1e4) for b in range(2)}
+    return {**w, **extra}
+
+
+ALTER = {"both": _both, "inv_freq": _inv_freq, "scalar": _scalar, "attn_bias": _attn_bias}
+# stored tensors the module does not hold, per alteration: merged at each task's mean Gamma
+UNUSED = {
+    "inv_freq": r"rotary_emb\.inv_freq$",
+    "scalar": r"^model\.logit_scale$",
+    "attn_bias": r"\.attn\.(bias|masked_bias)$",
+}
+
+
+def _recipe(zoo: dict, tmp: Path, name: str, **params) -> Path:
+    return write_recipe(
+        tmp / f"{name}.yaml",
+        {
+            "merge_method": "divmerge",
+            "base_model": str(zoo["base"]),
+            "models": [{"model": str(zoo[t]), "task": t} for t in TASK_NAMES],
+            "tasks": str(zoo["tasks"]),
+            "parameters": {
+                "granularity": "layer",
+                "epochs": 1,
+                "samples": 4,
+                "batch_size": 4,
+                "top_k": 8,
+                "lr": 0.05,
+                **params,
+            },
+            "dtype": "float32",
+        },
+    )
+
+
+def _group(arch: str, stored: str, groups: list[str]) -> str | None:
+    """The group a stored tensor must take, worked out from its name and the architecture (None:
+    each task's mean Gamma): a block's tensors, its experts and router included, take the
+    block's; outside blocks, embeddings and the head; a tied head stored beside its embedding,
+    and GPT-NeoX's embed_out (the module's lm_head), as the module uses them."""
+    alter = ARCHS[arch][2]
+    if alter in UNUSED and re.search(UNUSED[alter], stored):
+        return None
+    if stored == "lm_head.weight" and alter == "both":
+        return "embeddings"
+    if stored == "embed_out.weight":
+        return "head"
+    b = block_of(stored)
+    if b:
+        assert f"{b[0]}.{b[1]}" in groups, (stored, groups)
+        return f"{b[0]}.{b[1]}"
+    return "embeddings" if re.search(r"embed|wte|wpe|word_embeddings", stored) else "head"
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_learned_merge_on_every_architecture(arch, tmp_path, cli):
+    zoo = _build(arch, tmp_path / "zoo")
+    cache = tmp_path / "cache"
+    gammas = {}
+    for mode in ("memory", "stream"):
+        r = _recipe(zoo, tmp_path, mode, task_vectors=mode)
+        code, _, verr = cli("validate", r)
+        assert code == 0, verr
+        code, _, err = cli("run", r, "-o", tmp_path / mode, "--cache-dir", cache)
+        assert code == 0, err
+        warned = [x for x in err.splitlines() if "not tensors of the" in x]
+        assert warned == [x for x in verr.splitlines() if "not tensors of the" in x]
+        assert bool(warned) == (ARCHS[arch][2] in UNUSED), err  # one line, when there are some
+        coeffs = json.loads((tmp_path / mode / "coefficients.json").read_text())
+        gammas[mode] = torch.tensor([list(coeffs["gamma"][t].values()) for t in TASK_NAMES])
+    assert torch.allclose(gammas["memory"], gammas["stream"], atol=1e-5), arch
+    out = tmp_path / "memory"
+    groups = coeffs["groups"]
+    assert groups[0] == "embeddings" and groups[-1] == "head" and len(groups) == 4, groups
+
+    # every stored tensor, in the stored names: theta0 + sum Gamma tau with its group's Gamma
+    base = load_file(zoo["base"] / "model.safetensors")
+    experts = [load_file(zoo[t] / "model.safetensors") for t in TASK_NAMES]
+    merged = load_file(out / "model.safetensors")
+    assert sorted(merged) == sorted(base), arch  # per-expert tensors stay per expert
+    g = gammas["memory"]
+    for name, theta0 in base.items():
+        group = _group(arch, name, groups)
+        c = g.mean(1) if group is None else g[:, groups.index(group)]
+        want = theta0.float() + sum(
+            c[t] * (e[name].float() - theta0.float()) for t, e in enumerate(experts)
+        )
+        assert merged[name].shape == theta0.shape
+        assert torch.allclose(merged[name].float(), want, atol=1e-6), (arch, name, group)
+
+    # the output loads as its inputs do (a stored tensor the module lacks stays unexpected,
+    # nothing else), and runs
+    auto = transformers.AutoModelForCausalLM
+    _, want = auto.from_pretrained(zoo["base"], output_loading_info=True)
+    model, info = auto.from_pretrained(out, output_loading_info=True)
+    for k in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        assert info[k] == want[k], (arch, k, info[k])
+        assert not info[k] or k == "unexpected_keys" and ARCHS[arch][2] in UNUSED, (arch, k)
+    assert torch.isfinite(model(torch.tensor([[2, 5, 6, 7]])).logits).all()
+
+    # the exported mergekit recipe reproduces every tensor when rerun through divmerge
+    code, _, err = cli("run", out / "mergekit_task_arithmetic.yaml", "-o", tmp_path / "mk")
+    assert code == 0, err
+    again = load_file(tmp_path / "mk" / "model.safetensors")
+    assert all(torch.allclose(again[k], merged[k], atol=1e-6) for k in merged), arch
+
+    # a data-free task arithmetic of the same inputs: theta0 + sum lambda tau on every tensor
+    raw = yaml.safe_load(_recipe(zoo, tmp_path, "ta").read_text())
+    raw.update(merge_method="task_arithmetic", parameters={"lambda": 0.7})
+    raw["models"] = [
+        {"model": str(zoo[t]), "parameters": {"weight": w}} for t, w in zip(TASK_NAMES, (0.3, 0.9))
+    ]
+    raw.pop("tasks")
+    code, _, err = cli("run", write_recipe(tmp_path / "ta.yaml", raw), "-o", tmp_path / "ta")
+    assert code == 0, err
+    ta = load_file(tmp_path / "ta" / "model.safetensors")
+    for name, theta0 in base.items():
+        want = theta0.float() + 0.7 * sum(
+            w * (e[name].float() - theta0.float()) for w, e in zip((0.3, 0.9), experts)
+        )
+        assert torch.allclose(ta[name].float(), want, atol=1e-6), (arch, name)
+
+
+def _drop(name: str):
+    def mutate(zoo: dict) -> None:
+        for t in ("base", *TASK_NAMES):
+            w = load_file(zoo[t] / "model.safetensors")
+            del w[name]
+            save_file(w, zoo[t] / "model.safetensors", metadata={"format": "pt"})
+
+    return mutate
+
+
+def _model_type(zoo: dict) -> None:
+    for t in ("base", *TASK_NAMES):
+        cfg = json.loads((zoo[t] / "config.json").read_text())
+        (zoo[t] / "config.json").write_text(json.dumps({**cfg, "model_type": "nosuchmodel"}))
+
+
+def _conv1d_lora(zoo: dict) -> None:
+    peft = pytest.importorskip("peft")
+    model = transformers.AutoModelForCausalLM.from_pretrained(zoo["base"])
+    cfg = peft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
+    peft.get_peft_model(model, cfg).save_pretrained(zoo["a"].parent / "lora")
+    zoo["a"] = zoo["a"].parent / "lora"
+
+
+@pytest.mark.parametrize(
+    ("arch", "mutate", "expected"),
+    [
+        # one layer's experts incomplete: the fused tensor would have 3 rows of 4
+        ("mixtral", _drop("model.layers.1.block_sparse_moe.experts.3.w1.weight"), "convert"),
+        ("llama", _drop("model.norm.weight"), "has a parameter model.norm.weight that no stored"),
+        ("llama", _model_type, "cannot build the model"),
+        ("gpt2", _conv1d_lora, "belongs to a Conv1D"),
+    ],
+)
+def test_validate_refuses_what_run_would_before_any_teacher_runs(
+    arch, mutate, expected, tmp_path, cli
+):
+    zoo = _build(arch, tmp_path / "zoo")
+    mutate(zoo)
+    r = _recipe(zoo, tmp_path, "r")
+    code, _, verr = cli("validate", r)
+    assert code == 2 and expected in verr, verr
+    code, _, err = cli("run", r, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert code == 2 and err.strip() == verr.strip(), err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_filters_match_the_stored_or_the_module_name_of_an_expert_tensor(tmp_path, cli):
+    zoo = _build("mixtral", tmp_path / "zoo")
+    # mergekit under transformers 5 names Mixtral's experts by the module (mlp.experts.*), the
+    # checkpoint by block_sparse_moe.experts.N.wK: a filter written either way reaches them
+    weight = [{"filter": "w2", "value": 2.0}, {"filter": "mlp.experts", "value": 0.5}]
+    raw = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo["base"]),
+        "models": [{"model": str(zoo["a"]), "parameters": {"weight": [*weight, {"value": 1.0}]}}],
+    }
+    code, _, err = cli("run", write_recipe(tmp_path / "r.yaml", raw), "-o", tmp_path / "out")
+    assert code == 0, err
+    base = load_file(zoo["base"] / "model.safetensors")
+    a = load_file(zoo["a"] / "model.safetensors")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    for name in base:
+        w = 2.0 if ".w2." in name else 0.5 if ".experts." in name else 1.0  # router: fallback
+        want = base[name] + w * (a[name] - base[name])
+        assert torch.allclose(out[name], want, atol=1e-6), name
