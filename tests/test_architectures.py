@@ -307,3 +307,28 @@ def test_filters_match_the_stored_or_the_module_name_of_an_expert_tensor(tmp_pat
         w = 2.0 if ".w2." in name else 0.5 if ".experts." in name else 1.0  # router: fallback
         want = base[name] + w * (a[name] - base[name])
         assert torch.allclose(out[name], want, atol=1e-6), name
+
+
+@pytest.mark.parametrize("arch", ["llama_tied_both_stored", "mixtral"])
+def test_the_exported_recipe_reproduces_the_merge_through_mergekit(arch, tmp_path, cli):
+    """mergekit 0.1.5 (an oracle, not a dependency) on the exported recipe: every tensor it
+    writes equals ours. It names tensors by the module (Mixtral's experts fused), so ours are
+    converted by transformers' loader before the comparison."""
+    mk = pytest.importorskip("mergekit.merge", reason="mergekit (and its deps) not importable")
+    from mergekit.config import MergeConfiguration
+
+    zoo = _build(arch, tmp_path / "zoo")
+    out = tmp_path / "out"
+    code, _, err = cli("run", _recipe(zoo, tmp_path, "r"), "-o", out, "--cache-dir", tmp_path / "c")
+    assert code == 0, err
+    recipe = yaml.safe_load((out / "mergekit_task_arithmetic.yaml").read_text())
+    mk.run_merge(
+        MergeConfiguration.model_validate(recipe),
+        str(tmp_path / "mk"),
+        options=mk.MergeOptions(copy_tokenizer=False, lazy_unpickle=False),
+    )
+    theirs = load_file(tmp_path / "mk" / "model.safetensors")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert "model.embed_tokens.weight" in theirs
+    for name, t in theirs.items():
+        assert torch.allclose(t.float(), ours[name].float(), atol=1e-6), (arch, name)
