@@ -300,19 +300,41 @@ def module_names(layout: Layout | None, ckpt=None) -> dict[str, tuple[str, ...]]
     """stored name -> the module tensor names it becomes, where they differ (Mixtral's
     `block_sparse_moe.experts.0.w1.weight` -> `mlp.experts.gate_up_proj`): a recipe's `filter:`
     matches either, so filters written against the module (as mergekit under transformers 5
-    names tensors) reach the stored tensors. Without a layout, `ckpt`'s is built when the
-    architecture allows; else {} (filters match the stored names only)."""
-    if layout is None and ckpt is not None:
+    names tensors) reach the stored tensors. Without a layout, `ckpt`'s (data-free merges: {}
+    when transformers cannot load it as it is)."""
+    layout = layout or (_unchecked(ckpt) if ckpt is not None else None)
+    if layout is None:
+        return {}
+    return {s: u.targets for u in layout.units for s in u.stored if u.targets != (s,)}
+
+
+def stored_names(ckpt) -> dict[str, str]:
+    """module tensor name -> the stored name it is loaded from, for tensors transformers only
+    renames (GPT-NeoX's `lm_head.weight` is stored as `embed_out.weight`): PEFT adapters name
+    the module's. {} when transformers cannot load the checkpoint as it is."""
+    layout = _unchecked(ckpt)
+    units = layout.units if layout else []
+    return {
+        u.targets[0]: u.stored[0] for u in units if not u.converter and u.targets[0] != u.stored[0]
+    }
+
+
+_LAYOUTS: dict[tuple, Layout | None] = {}
+
+
+def _unchecked(ckpt) -> Layout | None:
+    """`ckpt`'s layout, or None when its architecture cannot be built or would not load (data-
+    free merges and adapters need no module); built once per checkpoint."""
+    key = (str(ckpt.path), tuple(ckpt.names))
+    if key not in _LAYOUTS:
         try:
             from . import hf
 
             specs = {n: (ckpt.shape(n), ckpt.dtype(n)) for n in ckpt.names}
-            layout = build(hf.skeleton(ckpt.path), specs)
-        except Exception:  # noqa: BLE001 - data-free merges need no module: stored names only
-            return {}
-    if layout is None:
-        return {}
-    return {s: u.targets for u in layout.units for s in u.stored if u.targets != (s,)}
+            _LAYOUTS[key] = build(hf.skeleton(ckpt.path), specs)
+        except Exception:  # noqa: BLE001 - no module: stored names only
+            _LAYOUTS[key] = None
+    return _LAYOUTS[key]
 
 
 def _check_low_rank(layout: Layout, experts: list) -> None:

@@ -224,6 +224,32 @@ def test_learned_merge_on_every_architecture(arch, tmp_path, cli):
     again = load_file(tmp_path / "mk" / "model.safetensors")
     assert all(torch.allclose(again[k], merged[k], atol=1e-6) for k in merged), arch
 
+    # divmerge_recipe.yaml (Gamma fixed from coefficients.json, no model loaded) writes the same
+    code, _, err = cli("run", out / "divmerge_recipe.yaml", "-o", tmp_path / "fixed")
+    assert code == 0, err
+    fixed = load_file(tmp_path / "fixed" / "model.safetensors")
+    assert all(torch.equal(fixed[k], merged[k]) for k in merged), arch
+
+    # AdaMerging, one Gamma per module tensor (a fused expert tensor is one), streamed
+    r = _recipe(zoo, tmp_path, "ada", granularity="tensor", task_vectors="stream")
+    raw = yaml.safe_load(r.read_text())
+    code, _, err = cli(
+        "run", write_recipe(r, {**raw, "merge_method": "adamerging"}), "-o", tmp_path / "ada"
+    )
+    assert code == 0, err
+    ada_groups = json.loads((tmp_path / "ada" / "coefficients.json").read_text())["groups"]
+    assert sorted(ada_groups) == sorted(n for n, _ in model.named_parameters()), arch
+    ada = load_file(tmp_path / "ada" / "model.safetensors")
+    assert sorted(ada) == sorted(base) and all(
+        torch.isfinite(t.float()).all() for t in ada.values()
+    )
+    code, _, err = cli(
+        "run", tmp_path / "ada" / "mergekit_task_arithmetic.yaml", "-o", tmp_path / "adamk"
+    )
+    assert code == 0, err
+    again = load_file(tmp_path / "adamk" / "model.safetensors")
+    assert all(torch.allclose(again[k], ada[k], atol=1e-6) for k in ada), arch
+
     # a data-free task arithmetic of the same inputs: theta0 + sum lambda tau on every tensor
     raw = yaml.safe_load(_recipe(zoo, tmp_path, "ta").read_text())
     raw.update(merge_method="task_arithmetic", parameters={"lambda": 0.7})
@@ -332,3 +358,48 @@ def test_the_exported_recipe_reproduces_the_merge_through_mergekit(arch, tmp_pat
     assert "model.embed_tokens.weight" in theirs
     for name, t in theirs.items():
         assert torch.allclose(t.float(), ours[name].float(), atol=1e-6), (arch, name)
+
+
+@pytest.mark.parametrize(
+    ("arch", "targets"),
+    [
+        ("qwen2_moe", ["q_proj", "v_proj", "shared_expert.up_proj"]),
+        ("gpt_neox", ["query_key_value", "lm_head"]),  # lm_head is stored as embed_out
+    ],
+)
+def test_lora_experts_on_moe_and_renamed_architectures(arch, targets, tmp_path, cli):
+    peft = pytest.importorskip("peft")
+    zoo = _build(arch, tmp_path / "zoo")
+    full = {}
+    for i, t in enumerate(TASK_NAMES):
+        model = transformers.AutoModelForCausalLM.from_pretrained(zoo["base"])
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, w in lora.named_parameters():
+                if "lora_" in n:
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+        lora.save_pretrained(tmp_path / f"lora_{t}")
+        zoo[t] = tmp_path / f"lora_{t}"
+        lora.merge_and_unload().save_pretrained(tmp_path / f"full_{t}")
+        full[t] = load_file(tmp_path / f"full_{t}" / "model.safetensors")
+    gammas = {}
+    for mode in ("memory", "stream"):
+        r = _recipe(zoo, tmp_path, mode, task_vectors=mode)
+        code, _, err = cli("run", r, "-o", tmp_path / mode, "--cache-dir", tmp_path / "cache")
+        assert code == 0, err
+        coeffs = json.loads((tmp_path / mode / "coefficients.json").read_text())
+        gammas[mode] = torch.tensor([list(coeffs["gamma"][t].values()) for t in TASK_NAMES])
+    assert torch.allclose(gammas["memory"], gammas["stream"], atol=1e-5), arch
+    base = load_file(zoo["base"] / "model.safetensors")
+    merged = load_file(tmp_path / "memory" / "model.safetensors")
+    assert sorted(merged) == sorted(base)
+    groups = coeffs["groups"]
+    changed = 0
+    for name, theta0 in base.items():
+        c = gammas["memory"][:, groups.index(_group(arch, name, groups))]
+        taus = [full[t][name] - theta0 for t in TASK_NAMES]
+        changed += any(bool(tau.any()) for tau in taus)
+        want = theta0 + sum(ct * tau for ct, tau in zip(c, taus))
+        assert torch.allclose(merged[name], want, atol=1e-5), (arch, name)
+    assert changed >= 3, changed  # the adapters' targets, the renamed head included
