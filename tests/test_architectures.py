@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -403,3 +405,25 @@ def test_lora_experts_on_moe_and_renamed_architectures(arch, targets, tmp_path, 
         want = theta0 + sum(ct * tau for ct, tau in zip(c, taus))
         assert torch.allclose(merged[name], want, atol=1e-5), (arch, name)
     assert changed >= 3, changed  # the adapters' targets, the renamed head included
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo CPU processes")
+def test_theta0_sharded_by_fsdp_on_a_moe_gives_the_same_gamma(tmp_path, cli):
+    """FSDP shards each block's theta0 by rows: a fused expert tensor is converted from its
+    stored experts, then this process's rows are taken."""
+    zoo = _build("mixtral", tmp_path / "zoo")
+    r = _recipe(zoo, tmp_path, "r", batch_size=1, samples=3)
+    code, _, err = cli("run", r, "-o", tmp_path / "one", "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version"]
+    cmd = [*launch, "2", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "-m", "divmerge_cli.cli", "run", str(r)]
+    cmd += ["-o", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (
+        json.loads((tmp_path / d / "coefficients.json").read_text()) for d in ("one", "two")
+    )
+    got = [torch.tensor([list(c["gamma"][t].values()) for t in TASK_NAMES]) for c in (one, two)]
+    assert torch.allclose(got[0], got[1], atol=1e-5)
+    assert "sharded across 2 processes" in (tmp_path / "two" / "README.md").read_text()
