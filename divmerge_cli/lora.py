@@ -98,7 +98,7 @@ class LoraExpert:
         pairs: dict[str, dict] = {}
         # PEFT names tensors by the module; the base may store them renamed (GPT-NeoX's lm_head
         # is stored as embed_out)
-        stored = stored_names(self.base)
+        stored = stored_names(home(self.base))
         for key in self._file.index:
             # modules_to_save are stored under the base's name; a targeted embedding's own
             # weights (saved with it when the vocabulary may have changed) under base_layer
