@@ -343,7 +343,7 @@ def _check_low_rank(layout: Layout, experts: list) -> None:
     from .lora import LoraExpert
     from .taskvectors import low_rank_users
 
-    params = dict(layout.model.named_parameters())
+    params = dict(layout.model.named_parameters(remove_duplicate=False))  # a tied head too
     for e in experts:
         if not isinstance(e, LoraExpert) or not e.on_base:
             continue
