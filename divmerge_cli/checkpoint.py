@@ -355,7 +355,8 @@ class ShardWriter:
             raise RuntimeError(
                 f"writer expected {expected} {shape} {dtype}, got {name} {tuple(tensor.shape)}"
             )
-        t = tensor.detach().to("cpu").contiguous()
+        # flattened first: a 0-dim tensor has no last axis to view as bytes
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
         self._open[1].write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         self._next += 1
 

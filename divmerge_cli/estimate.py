@@ -160,6 +160,16 @@ def estimate_learned(
             outside += numel[n]
     biggest_block = max(blocks.values(), default=0)
     biggest_tensor = max(numel.values(), default=0)
+    # a group transformers fuses on load (a layer's experts) is one module tensor, read whole:
+    # its stored theta0 and tau, their stacks and the fused result are held while it converts
+    # (layout.ModuleView); loading theta0, transformers keeps the stored experts' pages mapped
+    # beside their fused copies
+    layout = getattr(plan, "layout", None)
+    units = [u for u in (layout.units if layout else ()) if u.converter]
+    fused = [sum(numel.get(s, 0) for s in u.stored) for u in units]
+    biggest_tensor = max([biggest_tensor, *fused])
+    convert = 4 * 4 * max(fused, default=0)
+    convert += sum(numel.get(s, 0) * _itemsize(base.dtype(s)) for u in units for s in u.stored)
 
     bs = params.batch_size or 4 * len(plan.models)
     b = math.ceil(bs / n_processes)
@@ -175,7 +185,7 @@ def estimate_learned(
     act_memory = n_blocks * per_block + logits
     act_stream = n_blocks * b * seq_len * h * c + per_block  # logits added below
 
-    memory = RUNTIME_BYTES + model + taus + model + act_memory
+    memory = RUNTIME_BYTES + model + taus + model + act_memory + convert
     from .taskvectors import KEEP_BYTES
 
     kept = (
@@ -191,6 +201,7 @@ def estimate_learned(
         + biggest_block * (c + 4)  # one block merged, and its float32 accumulator
         # one tau being read, and a float32 accumulator unless the merged tensor is one already
         + biggest_tensor * 4 * (1 if c == 4 else 2)
+        + convert
         + act_stream
         # a block's kept tau live during its backward pass, after the logits' memory is freed
         + max(logits, kept if kept <= KEEP_BYTES else 0)

@@ -93,11 +93,17 @@ class LoraExpert:
 
     def _map(self, cfg: dict, st: Path) -> None:
         """PEFT key names -> base tensor names, each checked against the base's shapes."""
+        from .layout import stored_names
+
         pairs: dict[str, dict] = {}
+        # PEFT names tensors by the module; the base may store them renamed (GPT-NeoX's lm_head
+        # is stored as embed_out)
+        stored = stored_names(home(self.base))
         for key in self._file.index:
             # modules_to_save are stored under the base's name; a targeted embedding's own
             # weights (saved with it when the vocabulary may have changed) under base_layer
             rest = key.removeprefix(PREFIX).replace(".base_layer.", ".")
+            rest = stored.get(rest, rest)
             m = _FACTOR.match(rest) or _EMB_FACTOR.match(rest)
             if m:
                 pairs.setdefault(m.group(1), {})[m.group(2)] = key
@@ -121,7 +127,7 @@ class LoraExpert:
             else (lambda m: bool(cfg.get("fan_in_fan_out")))
         )
         for module, p in pairs.items():
-            name = f"{module}.weight"
+            name = stored.get(f"{module}.weight", f"{module}.weight")
             if "A" not in p or "B" not in p:
                 raise UserError(f"{self.where}: {st} has only one LoRA factor of {module}")
             if name not in self.base.index:
@@ -195,7 +201,10 @@ class LoraExpert:
         if cached is None or cached[0] != name:
             kb, ka, s, t = self.factors[name]
             b, a = self._file.get(kb).float(), self._file.get(ka).float()
-            cached = (name, LowRank(a.T, b.T, s) if t else LowRank(b, a, s))
+            cached = (
+                name,
+                LowRank(a.T.contiguous(), b.T.contiguous(), s) if t else LowRank(b, a, s),
+            )
             self._local.cache = cached
         return cached[1]
 

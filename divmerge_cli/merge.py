@@ -45,13 +45,15 @@ CHUNK_ELEMENTS = 1 << 17  # row chunks of ~128K elements: the per-chunk work sta
 WINDOW_PER_THREAD = 2  # tensors in flight per worker thread: enough to fill stage barriers
 
 
-def resolve_value(value: ParamValue, name: str, t: float) -> float | None:
+def resolve_value(value: ParamValue, name: str | tuple[str, ...], t: float) -> float | None:
     """A scalar; a list interpolated across layers at t; or [{filter, value}], first entry whose
     filter is a substring of the tensor name (or has no filter) wins. None when no filter matches:
-    the caller falls through to the global parameters, then the method's default (as mergekit)."""
+    the caller falls through to the global parameters, then the method's default (as mergekit).
+    `name` may be several names of one tensor (stored and module): a filter matches any."""
+    names = (name,) if isinstance(name, str) else name
     if isinstance(value, list) and value and isinstance(value[0], FilterValue):
         for fv in value:
-            if fv.filter in (None, "*") or fv.filter in name:
+            if fv.filter in (None, "*") or any(fv.filter in n for n in names):
                 return resolve_value(fv.value, name, t)
         return None
     if isinstance(value, list):
@@ -64,7 +66,9 @@ def resolve_value(value: ParamValue, name: str, t: float) -> float | None:
     return float(value)
 
 
-def _first(name: str, t: float, default: float, *values: ParamValue | None) -> float:
+def _first(
+    name: str | tuple[str, ...], t: float, default: float, *values: ParamValue | None
+) -> float:
     for v in values:
         if v is not None and (r := resolve_value(v, name, t)) is not None:
             return r
@@ -86,6 +90,10 @@ class MergePlan:
     sources: dict[str, Checkpoint] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)  # content hashes checked or computed
     warnings: list[str] = field(default_factory=list)  # for the CLI to print (adapters' bases)
+    layout: object | None = None  # learned merges: stored tensors <-> module (layout.Layout)
+    # stored name -> its module names where they differ (MoE experts fused on load): filters
+    # match either (layout.module_names)
+    module_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -165,11 +173,26 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         sources,
     )
     _check_hashes(plan)
+    if method.optimized:  # the module the learned merge runs, checked before any teacher works
+        from .layout import plan_layout
+
+        plan.layout, unused = plan_layout(plan.base, plan.models)
+        plan.warnings += unused
+    if _has_filters(recipe):
+        from .layout import module_names
+
+        plan.module_names = module_names(plan.layout, ref)
     for n in names if not method.optimized else ():  # every parameter resolves, before heavy work
         _params(plan, n)
     adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
-    plan.warnings = [w for c in adapters for w in c.warnings]
+    plan.warnings = [w for c in adapters for w in c.warnings] + plan.warnings
     return plan
+
+
+def _has_filters(recipe: Recipe) -> bool:
+    values = [*recipe.parameters.values()]
+    values += [v for m in recipe.models for v in (m.parameters or {}).values()]
+    return any(isinstance(v, list) and v and isinstance(v[0], FilterValue) for v in values)
 
 
 def _check_hashes(plan: MergePlan) -> None:
@@ -239,6 +262,7 @@ def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
 def _params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
     r, m = plan.recipe, plan.method
     t = layer_position(name, plan.counts)
+    name = (name, *plan.module_names.get(name, ()))  # a filter may name the module tensor
     per_model = [
         {
             k: _first(name, t, d, e.parameters.get(k), r.parameters.get(k))

@@ -25,6 +25,7 @@ from .checkpoint import DTYPES
 from .coefficients import groups_for, initial_gamma
 from .errors import UserError
 from .estimate import Estimate, estimate_learned
+from .layout import ModuleView, StoredTheta0
 from .lora import load_scored, mergekit_ref
 from .merge import MergePlan, run_merge
 from .objectives import DIVERGENCES, OBJECTIVES, collate, sample_means
@@ -37,7 +38,6 @@ from .taskvectors import (
     fsdp_launch,
     pick_mode,
     shard_base,
-    tied_aliases,
 )
 from .teacher import TeacherSample, default_cache_dir, teacher_samples
 
@@ -55,7 +55,8 @@ class Problem:
     groups: list[str]
     student: MergedModel
     mode_reason: str  # which task_vectors mode runs, and why
-    aliases: dict[str, str]  # a tied tensor's second name -> the name it is merged under
+    experts: list  # the task vector sources in stored layout (the writer's; tv's are views)
+    stored_index: dict[str, int]  # stored tensor -> its Gamma group (see learned_groups)
     pad_id: int
     seq2seq: bool
     start_id: int | None
@@ -106,26 +107,21 @@ def prepare(
         mode, reason = pick_mode(params.task_vectors, need, available or free)
     else:
         reason = f"task_vectors: {mode}"
+    tensors, groups, gidx, stored_index = learned_groups(plan, params.granularity)
+    base_view = ModuleView(plan.base, plan.layout)
     if fsdp_launch():
-        model = shard_base(plan.base.path, plan.base, compute_dtype(recipe), plan.names, device)
+        model = shard_base(plan.base.path, base_view, compute_dtype(recipe), tensors, device)
     else:
         model = hf.load_model(plan.base.path, compute_dtype(recipe)).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     state = dict(model.state_dict(keep_vars=True))
-    float_names = [n for n in plan.names if plan.base.dtype(n).is_floating_point]
-    aliases = tied_aliases(model, float_names)  # a tied tensor stored twice is merged once
-    float_names = [n for n in float_names if n not in aliases]
-    unknown = [n for n in float_names if n not in state]
-    if unknown:
-        raise UserError(
-            f"base_model: tensor {unknown[0]} is not a parameter of the {type(model).__name__} it loads as"
-        )
-    groups, gidx = groups_for(float_names, params.granularity)
-    theta0 = {n: state[n] for n in float_names}
+    theta0 = {n: state[n] for n in tensors}
     with main_first() if main_first else nullcontext():  # one process writes, the others read
-        experts = task_vector_sources(plan, params, seed, work_dir or cache / "processed")
-    tv = TaskVectors.load(experts, theta0, plan.base, float_names, gidx, mode)
+        sources = task_vector_sources(plan, params, seed, work_dir or cache / "processed")
+    stored0 = StoredTheta0(plan.base)  # a converted group's theta0, read once for n experts
+    experts = [ModuleView(e, plan.layout, stored0) for e in sources]
+    tv = TaskVectors.load(experts, theta0, base_view, tensors, gidx, mode)
     tok = hf.load_tokenizer(plan.base.path)
     objective = plan.method.objective or params.divergence
     return Problem(
@@ -136,12 +132,53 @@ def prepare(
         groups=groups,
         student=MergedModel(model, tv, fsdp_launch()),
         mode_reason=reason,
-        aliases=aliases,
+        experts=sources,
+        stored_index=stored_index,
         pad_id=tok.pad_token_id,
         seq2seq=bool(getattr(model.config, "is_encoder_decoder", False)),
         start_id=getattr(model.config, "decoder_start_token_id", None),
         objective=objective,
     )
+
+
+def learned_groups(
+    plan: MergePlan, granularity: str
+) -> tuple[list[str], list[str], list[int], dict[str, int]]:
+    """(module tensors Gamma acts on, group names, the group of each, the group of each stored
+    tensor). Groups are formed over the layout's units in stored order: the tensors a converter
+    fuses (a layer's experts) share one Gamma, and a tied head stored beside its embedding takes
+    the embedding's. Integer tensors have none (copied from the base)."""
+    layout = plan.layout
+    units = [
+        u for u in layout.units if not u.copy and plan.base.dtype(u.stored[0]).is_floating_point
+    ]
+    groups, index = groups_for([u.name for u in units], granularity)
+    of_unit = {u.name: g for u, g in zip(units, index)}
+    names = [p for u in units for p in u.params]
+    gidx = [of_unit[u.name] for u in units for _ in u.params]
+    stored = {}
+    for u in layout.units:
+        owner = layout.of_param.get(u.name)  # a copy's owner: the unit providing the tensor
+        if owner is not None and owner.name in of_unit:
+            stored.update(dict.fromkeys(u.stored, of_unit[owner.name]))
+    return names, groups, gidx, stored
+
+
+def stored_coefficients(
+    plan: MergePlan, stored_index: dict[str, int], gamma: torch.Tensor
+) -> Callable[[str], torch.Tensor | None]:
+    """Each stored tensor's coefficients Gamma[:, g], for the writer. A floating tensor the
+    module does not hold (a stored buffer, a leftover) has no group: it is merged by task
+    arithmetic at each task's mean Gamma (for buffers equal in every model, theta0 itself). None:
+    copied from the base (integer tensors)."""
+    mean = gamma.mean(1)
+
+    def of(name: str) -> torch.Tensor | None:
+        if name in stored_index:
+            return gamma[:, stored_index[name]]
+        return mean if plan.base.dtype(name).is_floating_point else None
+
+    return of
 
 
 def task_vector_sources(plan: MergePlan, params: OptimizeParams, seed: int, work_dir: Path) -> list:
@@ -594,12 +631,13 @@ def run_optimized(
             "coefficients.json": json.dumps(coefficients_json(pb, gamma), indent=2) + "\n",
             "train_log.jsonl": "".join(json.dumps(x) + "\n" for x in log),
         }
+        coeff = stored_coefficients(pb.plan, pb.stored_index, gamma)
         if as_adapter:
             summary["adapter"] = write_learned_adapter(
                 reproducing(pb.plan, seed),
                 out,
-                pb.tv.experts,
-                lambda n, t: float(gamma[t, pb.tv.group_index[pb.aliases.get(n, n)]]),
+                pb.experts,
+                lambda n, t: float(coeff(n)[t]),
                 adapter_rank,
                 force=force,
                 files=files,
@@ -617,9 +655,7 @@ def run_optimized(
                 shard_bytes=shard_bytes,
                 device=str(acc.device),
                 progress=_merge_tick(progress),
-                tensors=lambda n: merged_tensor(
-                    pb.plan, pb.tv.experts, pb.tv.group_index, gamma, pb.aliases.get(n, n)
-                ),
+                tensors=lambda n: merged_tensor(pb.plan, pb.experts, coeff, n),
                 extra_files=files,
                 card_extra=card_extra(pb, gamma, before, after),
             )
@@ -662,24 +698,21 @@ def write_fixed(
             f"{where}: {source} is not a coefficients.json with a Gamma for every task "
             f"({type(e).__name__}: {e})"
         ) from None
-    floats = [n for n in plan.names if plan.base.dtype(n).is_floating_point]
-    aliases = tied_aliases(hf.skeleton(plan.base.path), floats)
-    floats = [n for n in floats if n not in aliases]
-    got, gidx = groups_for(floats, params.granularity)
+    _, got, _, stored_index = learned_groups(plan, params.granularity)
     if got != groups:
         raise UserError(
             f"{where}: {source} has groups for another granularity or model "
             f"({len(groups)} groups, {params.granularity} level here has {len(got)})"
         )
     experts = task_vector_sources(plan, params, seed, state_dir_for(out))
-    index = dict(zip(floats, gidx))
+    coeff = stored_coefficients(plan, stored_index, gamma)
     card = f"\nGamma fixed from `{source.name}` ({params.granularity} level, base_method {params.base_method})."
     if adapter is not None:
         write_learned_adapter(
             plan,
             out,
             experts,
-            lambda n, t: float(gamma[t, index[aliases.get(n, n)]]),
+            lambda n, t: float(coeff(n)[t]),
             adapter[0],
             force=force,
             files={"coefficients.json": source.read_text()},
@@ -701,7 +734,7 @@ def write_fixed(
         seed=seed,
         shard_bytes=shard_bytes,
         progress=_merge_tick(progress),
-        tensors=lambda name: merged_tensor(plan, experts, index, gamma, aliases.get(name, name)),
+        tensors=lambda name: merged_tensor(plan, experts, coeff, name),
         extra_files={"coefficients.json": source.read_text()},
         card_extra=card,
     )
@@ -763,19 +796,23 @@ def write_learned_adapter(
 
 
 def merged_tensor(
-    plan: MergePlan, experts: list, group_index: dict[str, int], gamma: torch.Tensor, name: str
+    plan: MergePlan,
+    experts: list,
+    coefficients: Callable[[str], torch.Tensor | None],
+    name: str,
 ) -> torch.Tensor:
-    """theta0 + sum_t Gamma_t tau_t on one tensor, in float32 from the stored theta0 (whatever
-    the compute dtype was), the task vectors read again one at a time."""
+    """theta0 + sum_t c_t tau_t on one stored tensor, c = coefficients(name) (None: copied from
+    the base), in float32 from the stored theta0 (whatever the compute dtype was), the task
+    vectors read again one at a time."""
     base = plan.base
-    if name not in group_index:
-        return base.get(name)  # integer buffers are copied from the base
-    g = group_index[name]
+    c = coefficients(name)
+    if c is None:
+        return base.get(name)
     out = base.get(name).float()
     for t, e in enumerate(experts):
         tau = dense_tau(e, name, base)
         if tau is not None:
-            out.add_(tau, alpha=float(gamma[t, g]))
+            out.add_(tau, alpha=float(c[t]))
     return out
 
 
@@ -792,24 +829,41 @@ def coefficients_json(pb: Problem, gamma: torch.Tensor) -> dict:
     }
 
 
+def mergekit_filters(
+    plan: MergePlan, stored_index: dict[str, int], groups: list[str], granularity: str
+) -> list[tuple[str, int | None]]:
+    """(filter, group) pairs that give every stored floating tensor its coefficient, in the
+    checkpoint's names (group None: each task's mean Gamma, for tensors the module does not
+    hold). A block is one prefix filter when that prefix picks exactly its tensors; every other
+    tensor is named whole. Whole names come first, longest first, so no filter catches a tensor
+    another one names (mergekit and divmerge take the first filter that is a substring)."""
+    floats = [n for n in plan.names if plan.base.dtype(n).is_floating_point]
+    exact: list[tuple[str, int | None]] = [(n, None) for n in floats if n not in stored_index]
+    prefixes = []
+    for g, group in enumerate(groups):
+        members = [n for n in floats if stored_index.get(n) == g]
+        prefix = group + "."
+        picked = [n for n in floats if prefix in n and n in stored_index]
+        block = granularity == "layer" and group not in ("embeddings", "head")
+        if block and picked == members and all(n.startswith(prefix) for n in members):
+            prefixes.append((prefix, g))
+        else:
+            exact += [(n, g) for n in members]
+    return sorted(exact, key=lambda fg: -len(fg[0])) + prefixes
+
+
 def mergekit_yaml(pb: Problem, gamma: torch.Tensor) -> str:
-    """A mergekit task_arithmetic recipe giving the same tensors: per-group weights via filters."""
-    names = pb.tv.names
-    gidx = [pb.tv.group_index[n] for n in names]
+    """A mergekit task_arithmetic recipe giving the same tensors: per-group weights via filters
+    on the stored tensor names (see mergekit_filters)."""
+    filters = mergekit_filters(pb.plan, pb.stored_index, pb.groups, pb.params.granularity)
     models = []
     for ckpt, row in zip(pb.plan.models, gamma.tolist()):
-        if len(pb.groups) == 1:
-            weight = row[0]
-        else:
-            entries = []
-            for g, group in enumerate(pb.groups):
-                members = [n for n, i in zip(names, gidx) if i == g]
-                if pb.params.granularity == "layer" and group not in ("embeddings", "head"):
-                    filters = [group + "."]
-                else:
-                    filters = sorted(members, key=len, reverse=True)
-                entries += [{"filter": f, "value": row[g]} for f in filters]
-            weight = entries
+        mean = sum(row) / len(row)
+        weight = (
+            row[0]
+            if len(pb.groups) == 1  # one Gamma: the mean is that Gamma too
+            else [{"filter": f, "value": mean if g is None else row[g]} for f, g in filters]
+        )
         models.append({"model": mergekit_ref(ckpt), "parameters": {"weight": weight}})
     recipe = {
         "merge_method": "task_arithmetic",

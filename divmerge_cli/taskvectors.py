@@ -311,35 +311,25 @@ class MergedModel:
             rows = torch.nn.functional.embedding(args[0], b.to(out.device, out.dtype))
             return out + (rows * coef(out.dtype)) @ a.to(out.device, out.dtype)
 
-        param = self.tv.base.params[name]
-        users = [m for m in self.model.modules() if getattr(m, "weight", None) is param]
-        # exact nn.Embedding: subclasses (Gemma's scaled embedding) change the looked-up rows
-        bad = [m for m in users if not (isinstance(m, nn.Linear) or type(m) is nn.Embedding)]
-        if not users or bad or not name.endswith(".weight"):
-            kind = type(bad[0]).__name__ if bad else "module that is not an nn.Linear"
-            raise UserError(
-                f"tensor {name}: a LoRA task vector is learned through an nn.Linear or "
-                f"nn.Embedding weight, and this one belongs to a {kind}; merge it with a "
-                "data-free method"
-            )
+        users = low_rank_users(self.model, self.tv.base.params[name], name)
         for m in users:  # modules() lists a module once; a tied weight has two users
             m.register_forward_hook(linear if isinstance(m, nn.Linear) else embedding)
 
 
-def tied_aliases(model: nn.Module, names: list[str]) -> dict[str, str]:
-    """{second name: first name} for tensors the model ties (one parameter under two names, such
-    as lm_head.weight and embed_tokens.weight when a checkpoint stores both)."""
-    state = model.state_dict(keep_vars=True)
-    first: dict[int, str] = {}
-    out = {}
-    for n in names:
-        if n in state:
-            key = id(state[n])
-            if key in first:
-                out[n] = first[key]
-            else:
-                first[key] = n
-    return out
+def low_rank_users(model: nn.Module, param: Tensor, name: str) -> list[nn.Module]:
+    """The modules whose weight is `param` (two when an embedding is tied to the head); a LoRA
+    task vector is learned through them, so each must be an nn.Linear or an exact nn.Embedding
+    (subclasses, such as Gemma's scaled embedding, change the looked-up rows)."""
+    users = [m for m in model.modules() if getattr(m, "weight", None) is param]
+    bad = [m for m in users if not (isinstance(m, nn.Linear) or type(m) is nn.Embedding)]
+    if param is None or not users or bad or not name.endswith(".weight"):
+        kind = type(bad[0]).__name__ if bad else "module that is not an nn.Linear"
+        raise UserError(
+            f"tensor {name}: a LoRA task vector is learned through an nn.Linear or "
+            f"nn.Embedding weight, and this one belongs to a {kind}; merge it with a "
+            "data-free method"
+        )
+    return users
 
 
 def _tensor(module: nn.Module, name: str) -> Tensor:

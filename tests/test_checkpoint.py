@@ -44,6 +44,7 @@ def test_shard_writer_output_reads_back_with_safetensors(tmp_path):
         "b": torch.randn(10, generator=g).to(torch.bfloat16),
         "c": torch.arange(6, dtype=torch.int64).view(2, 3),
         "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(2.5),  # 0-dim: no axis to view as bytes
     }
     specs = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
     w = ShardWriter(tmp_path, specs, max_bytes=70)  # a: 64 bytes, b: 20, c: 48
@@ -52,7 +53,7 @@ def test_shard_writer_output_reads_back_with_safetensors(tmp_path):
     w.close()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert sorted(index["weight_map"]) == sorted(tensors)
-    assert index["metadata"]["total_size"] == 64 + 20 + 48
+    assert index["metadata"]["total_size"] == 64 + 20 + 48 + 4
     got = {}
     for f in set(index["weight_map"].values()):
         got.update(load_file(str(tmp_path / f)))

@@ -98,3 +98,35 @@ def test_check_compatible_names_the_tensor_at_fault(tmp_path, llama_zoo, t5_zoo)
     t5 = open_checkpoint(str(t5_zoo["e0"]), "models[0].model")
     with pytest.raises(UserError, match=r"models\[0\]\.model: model_type is 't5' but base_model"):
         merge.check_compatible(base, [t5])
+
+
+@pytest.mark.parametrize(
+    ("method", "want"),
+    [
+        ("linear", 1.1),  # (1.0 + 1.1 + 1.2) / 3: the base joins the average
+        ("task_arithmetic", 1.3),
+        ("ties", 1.15),  # both kept (k = 1), signs agree, normalized
+        ("dare_linear", None),
+        ("dare_ties", None),
+        ("slerp", 1.05),
+        ("multislerp", 1.15),
+    ],
+)
+def test_a_0_dim_tensor_merges_with_every_method(tmp_path, llama_zoo, cli, method, want):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    zoo = {}
+    for i, name in enumerate(("base", "e0", "e1")):
+        shutil.copytree(llama_zoo[name], tmp_path / name)
+        w = load_file(tmp_path / name / "model.safetensors")
+        w["model.logit_scale"] = torch.tensor(1.0 + 0.1 * i)
+        save_file(w, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        zoo[name] = tmp_path / name
+    models = ("e0",) if method == "slerp" else ("e0", "e1")
+    params = {"t": 0.5} if method == "slerp" else {}
+    p = plan(tmp_path, zoo, method, params, models, {"density": 0.5})
+    out = merge.run_merge(p, tmp_path / "out")
+    got = load_file(out / "model.safetensors")["model.logit_scale"]
+    assert got.shape == () and (want is None or abs(float(got) - want) < 1e-6), float(got)

@@ -458,7 +458,8 @@ def test_base_method_at_gamma_one_equals_the_data_free_method(toy, tmp_path, cli
     pb = optimize.prepare(r, seed=3, cache_dir=tmp_path / "cache", work_dir=tmp_path / "w")
     ones = torch.ones(2, len(pb.groups))
     for name, w in want.items():
-        got = optimize.merged_tensor(pb.plan, pb.tv.experts, pb.tv.group_index, ones, name)
+        coeff = optimize.stored_coefficients(pb.plan, pb.stored_index, ones)
+        got = optimize.merged_tensor(pb.plan, pb.experts, coeff, name)
         assert torch.allclose(got, w, atol=1e-6), name
     # the processed vectors are sparse: TIES keeps at most half of each tau
     tau = pb.tv.experts[0].tau("model.layers.0.mlp.up_proj.weight", None)

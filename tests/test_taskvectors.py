@@ -131,3 +131,31 @@ def test_stream_classifies_full_checkpoints_from_headers(setup, monkeypatch):
     assert reads == [] and all(stream.dense_idx[n] == [0, 1] for n in names)
     TaskVectors.load([base, base], theta0, base, names, [0] * len(names), "memory")
     assert len(reads) == 2 * len(names)
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_a_0_dim_tensor_merges_and_gets_its_gradient(mode):
+    class Scalar:  # one expert: a 0-dim tensor (a learned scale) read like a checkpoint's
+        def __init__(self, v: float):
+            self.v = torch.tensor(v)
+
+        def get(self, name, start=None, stop=None):
+            return self.v
+
+        def dtype(self, name):
+            return torch.float32
+
+        def tau_is_dense(self, name):
+            return True
+
+        def tau(self, name, base):
+            return self.v - base.get(name)
+
+    tv = TaskVectors.load(
+        [Scalar(1.5), Scalar(0.0)], {"s": torch.tensor(1.0)}, Scalar(1.0), ["s"], [0], mode
+    )
+    gamma = torch.tensor([[0.5], [0.2]], requires_grad=True)
+    out = tv.combine("s", gamma)
+    out.backward()
+    assert out.shape == () and abs(float(out.detach()) - 1.05) < 1e-6  # 1 + 0.25 - 0.2
+    assert gamma.grad[:, 0].tolist() == [0.5, -1.0]  # dGamma_t = tau_t
