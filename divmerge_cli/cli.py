@@ -16,7 +16,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from . import __version__
@@ -40,18 +47,40 @@ FailUnder = Annotated[
     list[str] | None,
     typer.Option(help="TASK=SCORE: exit 3 if a model scores under SCORE on TASK (repeatable)"),
 ]
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="no progress bars or records (warnings, errors, results still print)"
+    ),
+]
+_ui = {"quiet": False}  # set by each command that shows progress
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-        disable=not err.is_terminal and os.environ.get("DIVMERGE_PROGRESS") != "1",
+def _progress():
+    """Bars on a terminal; elsewhere (a log, CI) plain one-line records on stderr, at most one
+    per phase every DIVMERGE_PROGRESS_INTERVAL seconds (10) plus its start and end. Under a
+    multi-process launch only the main process shows progress."""
+    quiet = _ui["quiet"] or _distributed_rank() != 0
+    if err.is_terminal or quiet:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+            disable=quiet,
+        )
+    from .progress import INTERVAL_ENV, ProgressLog, interval_from
+
+    try:
+        interval = interval_from(os.environ.get(INTERVAL_ENV))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return ProgressLog(
+        lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True), interval
     )
 
 
@@ -110,8 +139,10 @@ def run(
     ] = False,
     fail_under_anp: FailUnderAnp = None,
     fail_under: FailUnder = None,
+    quiet: Quiet = False,
 ) -> None:
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
+    _ui["quiet"] = quiet
     from .checkpoint import check_out, parse_size
     from .merge import plan_merge, run_merge
     from .recipe import load_recipe
@@ -158,7 +189,8 @@ def run(
         torch.set_num_threads(1)
         random.seed(seed)
         with _progress() as prog:
-            task = prog.add_task(f"{r.merge_method}", total=len(plan.names), info="")
+            # starts when run_merge has checked OUT and the disk, at its first report
+            task = prog.add_task(f"{r.merge_method}", total=None, info="")
             run_merge(
                 plan,
                 output,
@@ -263,7 +295,7 @@ def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> N
     from .lora import merge_as_adapter
 
     with _progress() as prog:
-        task = prog.add_task(f"{plan.recipe.merge_method} -> adapter", total=1, info="")
+        task = prog.add_task(f"{plan.recipe.merge_method} -> adapter", total=None, info="")
         ranks = merge_as_adapter(
             plan,
             output,
@@ -318,7 +350,7 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
                     "optimize": r.merge_method,
                     "write": "write",
                 }[phase]
-                tasks[key] = prog.add_task(label, total=total, info="")
+                tasks[key] = prog.add_task(label, total=None, info="")  # total: the update's
             prog.update(
                 tasks[key], completed=done, total=total, info="" if phase == "teacher" else info
             )
@@ -355,7 +387,7 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
 
 
 def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:
-    return lambda done, total, name: prog.update(task, completed=done, info=name)
+    return lambda done, total, name: prog.update(task, completed=done, total=total, info=name)
 
 
 @app.command()
@@ -484,8 +516,10 @@ def eval_(
     ] = False,
     fail_under_anp: FailUnderAnp = None,
     fail_under: FailUnder = None,
+    quiet: Quiet = False,
 ) -> None:
     """Score MODELS on the tasks' labelled rows (accuracy / ROUGE-1) and their ANP vs the experts."""
+    _ui["quiet"] = quiet
 
     if split not in ("validation", "test"):
         raise UserError(f"--split: {split!r} is not valid; use validation or test")
@@ -519,7 +553,7 @@ def eval_(
     if divergence:
         with _progress() as prog:
             bar = prog.add_task("divergence", total=len(models), info="")
-            teacher = prog.add_task("teacher", total=1, info="")
+            teacher = prog.add_task("teacher", total=None, info="")
             for i, m in enumerate(models):
                 prog.update(bar, completed=i, info=str(m)[-60:])
                 report["models"][str(m)]["divergence"] = _divergences(
@@ -621,14 +655,15 @@ class _EvalBars:
     """Three bars: models (and references) scored, tasks of the current model, its batches."""
 
     def __init__(self, prog: Progress, n_models: int):
-        self.prog, self.done = prog, -1
-        self.models = prog.add_task("models", total=n_models, info="")
-        self.tasks = prog.add_task("tasks", total=1, info="")
-        self.batches = prog.add_task("batches", total=1, info="")
+        self.prog, self.done, self.n = prog, -1, n_models
+        # totals come with the first model, task and batch (a log's first record names them)
+        self.models = prog.add_task("models", total=None, info="")
+        self.tasks = prog.add_task("tasks", total=None, info="")
+        self.batches = prog.add_task("batches", total=None, info="")
 
     def model(self, name: str, n_tasks: int) -> None:
         self.done += 1
-        self.prog.update(self.models, completed=self.done, info=name[-60:])
+        self.prog.update(self.models, completed=self.done, total=self.n, info=name[-60:])
         self.prog.update(self.tasks, completed=0, total=max(n_tasks, 1), info="")
 
     def finish(self) -> None:
@@ -770,7 +805,7 @@ def _sweep_reporter(prog: Progress) -> Callable[[str, int, int, str], None]:
             "write": "write",
         }.get(key, key)
         if key not in bars:
-            bars[key] = prog.add_task(label, total=total, info="")
+            bars[key] = prog.add_task(label, total=None, info="")
         prog.update(bars[key], completed=done, total=total, info=info[-60:])
 
     return report
@@ -802,8 +837,10 @@ def sweep(
         list[str] | None,
         typer.Option(help="run only the cells of this method label (repeatable); tables show all"),
     ] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Merge every k-subset of tasks with every method, score, and tabulate ANP (resumable)."""
+    _ui["quiet"] = quiet
     from .sweep import load_sweep, pairwise_table, per_k_table
 
     cfg = load_sweep(sweep_file)
@@ -843,8 +880,10 @@ def demo(
     zoo_only: Annotated[
         bool, typer.Option(help="build the zoo (for recipes/) and stop; no merges")
     ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Build a tiny base and four toy experts offline, merge them with five methods, print ANP."""
+    _ui["quiet"] = quiet
     import torch
     import yaml
 
@@ -858,7 +897,7 @@ def demo(
 
         def report(stage: str, done: int, total: int) -> None:
             if stage not in bars:
-                bars[stage] = prog.add_task(f"zoo: {stage}", total=total, info="")
+                bars[stage] = prog.add_task(f"zoo: {stage}", total=None, info="")
             prog.update(bars[stage], completed=done, total=total)
 
         zoo = build_zoo(root / "zoo", size=size, progress=report)
@@ -1010,6 +1049,7 @@ def main() -> None:
     1, Ctrl-C 130, SIGTERM 143."""
     _stopped_by.clear()
     _kept.clear()
+    _ui["quiet"] = False
     handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if the shell ignores it
         handlers[signal.SIGINT] = signal.default_int_handler

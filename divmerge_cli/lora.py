@@ -456,6 +456,8 @@ def save_adapter(
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
     whole: list[str] = []
+    if progress:
+        progress(0, len(modules), "")
     for i, (mod, names) in enumerate(modules.items()):
         ds = {n: delta(n) for n in names if base.dtype(n).is_floating_point}
         w = ds.get(f"{mod}.weight")

@@ -426,6 +426,8 @@ def run_merge(
         writer = ShardWriter(tmp, plan.out_specs, shard_bytes)
         try:
             merged = pipeline(works, threads if device == "cpu" else 1)
+            if progress:
+                progress(0, len(plan.names), "")
             for i, (name, t) in enumerate(zip(plan.names, merged)):
                 writer.write(name, t.to(plan.out_specs[name][1]))
                 if progress:

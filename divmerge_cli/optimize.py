@@ -402,6 +402,8 @@ def train(
     """Adam on Gamma. Each process takes a share of every batch; Gamma's gradient is summed across
     processes, so n processes take the same steps as one. Gamma is checkpointed after every step."""
     run = _restore(pb, seed, state_dir, resume, accelerator)
+    if progress:
+        progress("optimize", run.start, len(run.schedule), "")
     for step in range(run.start, len(run.schedule)):
         total = _step(pb, run, step, accelerator)
         # epochs of equal length: step s of len(schedule) falls in epoch s * epochs // len + 1
@@ -411,7 +413,8 @@ def train(
         if accelerator.is_main_process:
             _save(run, step + 1)
         if progress:
-            progress("optimize", step + 1, len(run.schedule), f"loss {total:.4f}")
+            info = f"epoch {epoch}/{pb.params.epochs}, loss {total:.4f}"
+            progress("optimize", step + 1, len(run.schedule), info)
     return run.gamma.detach().cpu(), run.log
 
 
