@@ -429,13 +429,14 @@ def validate(
             task_vectors_reason=reason,
             available_memory_bytes=est.available,
         )
-    size = sum(c.nbytes for c in plan.inputs) / 1e9
+    from .checkpoint import human_size as gb
+
+    size = sum(c.nbytes for c in plan.inputs)
     out.print(
         f"[green]ok[/] {recipe}: {r.merge_method} over {len(plan.inputs)} checkpoints "
-        f"({len(plan.names)} tensors, {size:.2f} GB to read)"
+        f"({len(plan.names)} tensors, {gb(size)} to read)"
     )
     if "peak_memory_bytes" in report:
-        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
         out.print(
             f"estimate: peak memory {gb(report['peak_memory_bytes'])} "
             f"(available {gb(report['available_memory_bytes'])}), "

@@ -78,7 +78,8 @@ class Estimate:
     def too_big(self, mode: str) -> str | None:
         """None when the run fits; else one line: which phase does not fit, by how much, and the
         knobs that shrink it."""
-        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        from .checkpoint import human_size as gb
+
         learn_knobs = (
             "parameters.batch_size"
             + (", parameters.task_vectors: stream" if mode == "memory" else "")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import TASKS, write_recipe
 from divmerge_cli import optimize
+from divmerge_cli.checkpoint import human_size
 from divmerge_cli.coefficients import groups_for, initial_gamma
 from divmerge_cli.errors import UserError
 from divmerge_cli.merge import plan_merge
@@ -364,8 +365,9 @@ def test_on_a_gpu_the_estimate_splits_device_and_host(toy, tmp_path, monkeypatch
     assert gpu.peak("memory") == max(host, gpu.teacher_bytes, gpu.process_bytes)
     assert gpu.memory_mode_need() == (gpu.device_memory_bytes, 10**6)
     msg = gpu.too_big("memory")
-    assert msg.startswith(f"this merge needs about {gpu.device_memory_bytes / 1e9:.2f} GB of cuda")
-    assert "0.00 GB free" in msg and "task_vectors: stream" in msg
+    need = human_size(gpu.device_memory_bytes)
+    assert msg.startswith(f"this merge needs about {need} of cuda")
+    assert "1.00 MB free" in msg and "task_vectors: stream" in msg
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -421,7 +423,7 @@ def test_run_refuses_a_merge_that_cannot_fit_before_reading_weights(
     monkeypatch.setenv("DIVMERGE_MAX_MEMORY", "1000")
     r = recipe(toy, tmp_path, granularity="layer", task_vectors="stream")
     code, _, err = cli("run", r, "-o", tmp_path / "m", "--cache-dir", tmp_path / "cache")
-    assert code == 2 and "GB of memory" in err and "batch_size" in err, err
+    assert code == 2 and "MB of memory" in err and "batch_size" in err, err
     assert not (tmp_path / "m").exists() and not (tmp_path / "cache").exists()
 
 
