@@ -369,9 +369,10 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
             as_adapter=adapter is not None,
             adapter_rank=(adapter or (None,))[0],
         )
-    table = Table(title=f"{r.merge_method}: objective ({summary['objective']}) per task")
-    for col in ("task", "at init", "learned", "mean Gamma"):
-        table.add_column(col, justify="right" if col != "task" else "left")
+    table = _table(
+        f"{r.merge_method}: objective ({summary['objective']}) per task",
+        ["task", "at init", "learned", "mean Gamma"],
+    )
     for t, row in zip(summary["tasks"], summary["gamma"]):
         table.add_row(
             t,
@@ -760,9 +761,7 @@ def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir, progres
 
 
 def _score_table(name: str, entry: dict, refs: dict[str, float]) -> Table:
-    table = Table(title=name)
-    for col in ("task", "metric", "score", "n", "expert", "normalized"):
-        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    table = _table(name, ["task", "metric", "score", "n", "expert", "normalized"], left=2)
     for t, s in entry["tasks"].items():
         ref = refs.get(t)
         norm = f"{s['score'] / ref:.3f}" if ref else "-"
@@ -785,11 +784,19 @@ def _rich_table(t) -> Table:
     """A sweep.Table (ANP in %) as a rich table."""
     from .sweep import fmt_value
 
-    table = Table(title=t.title)
-    for i, col in enumerate(t.columns):
-        table.add_column(str(col), justify="left" if i == 0 else "right")
+    table = _table(t.title, [str(col) for col in t.columns])
     for row in t.rows:
         table.add_row(*[fmt_value(v) for v in row])
+    return table
+
+
+def _table(title: str, columns: list[str], left: int = 1) -> Table:
+    """A rich table, its first `left` columns left-justified. Cells wrap, and a word longer than
+    its column folds onto the next line instead of being cut with an ellipsis: method, task and
+    model names stay whole at 80 columns."""
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i < left else "right", overflow="fold")
     return table
 
 
@@ -924,15 +931,11 @@ def demo(
     sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     cfg = load_sweep(sweep_file)
     rows, written = _run_sweep(cfg, root / "cache", "cpu")
-    scores = Table(title="demo: score per task (merged over all tasks)")
     cells = [r for r in rows if r.get("type") == "cell" and r["k"] == len(zoo.experts)]
     refs = {r["task"]: r["score"] for r in rows if r.get("type") == "reference"}
     if cells:
         tasks_ = list(cells[0]["scores"])
-        scores.add_column("model")
-        for t in tasks_:
-            scores.add_column(t, justify="right")
-        scores.add_column("ANP %", justify="right")
+        scores = _table("demo: score per task (merged over all tasks)", ["model", *tasks_, "ANP %"])
         scores.add_row("experts", *[f"{refs[t]:.3f}" for t in tasks_], "100.0")
         for r in cells:
             scores.add_row(
@@ -963,9 +966,9 @@ def methods() -> None:
     """List the merge methods, their parameters and papers."""
     from .methods import METHODS, OPTIMIZE_DEFAULTS
 
-    table = Table(title="divmerge methods")
-    for col in ("method", "per-model parameters", "global parameters", "paper"):
-        table.add_column(col)
+    table = _table(
+        "divmerge methods", ["method", "per-model parameters", "global parameters", "paper"], left=4
+    )
     for name, m in METHODS.items():
         per_model, glob = m.model_params, m.global_params
         if m.optimized:  # every learned-merge parameter, with this method's defaults
