@@ -400,6 +400,19 @@ def validate(
     ] = None,
 ) -> None:
     """Check RECIPE and every checkpoint it names (headers and configs only, no weights)."""
+    try:
+        report = _validate(recipe, allow_pickle)
+    except UserError as e:  # a refused recipe is a result too: CI reads why from the JSON
+        if json_out:
+            error = _short(" ".join(str(e).splitlines()))
+            _write_json(json_out, {"recipe": str(recipe), "ok": False, "error": error})
+        raise
+    if json_out:
+        _write_json(json_out, report)
+
+
+def _validate(recipe: Path, allow_pickle: bool) -> dict:
+    """validate's checks, printed as they pass; their report for --json. UserError: refused."""
     from .merge import plan_merge
     from .recipe import load_recipe
 
@@ -443,10 +456,7 @@ def validate(
             f"(available {gb(report['available_memory_bytes'])}), "
             f"disk {gb(report['disk_bytes'])}; {report['task_vectors_reason']}"
         )
-    if json_out:
-        import json
-
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def _warn(recipe):
