@@ -143,8 +143,9 @@ class LoraExpert:
             self.factors[name] = (p["B"], p["A"], s, transpose)
 
     def _base_warning(self, named: str | None, base_ref: str | None) -> list[str]:
-        """The adapter names its base: say so when that is not the recipe's base (a warning, since
-        the same model is often spelled as a hub id in one place and a local folder in another)."""
+        """The adapter names its base: say so when that is not the model it is applied to (the
+        recipe's base_model, or MODEL of `MODEL+ADAPTER`); a warning, since the same model is often
+        spelled as a hub id in one place and a local folder in another."""
         if not named:
             return []
         same = {str(self.base.path.resolve()), self.base.path.name.lower(), base_ref or ""}
@@ -153,8 +154,8 @@ class LoraExpert:
         if Path(named).expanduser().exists() and Path(named).resolve() == self.base.path.resolve():
             return []
         return [
-            f"{self.where}: {self.path} was trained on {named}, but the recipe's base is "
-            f"{base_ref or self.base.path}"
+            f"{self.where}: {self.path} was trained on {named} (its adapter_config.json's "
+            f"base_model_name_or_path) but is applied to {base_ref or self.base.path}"
         ]
 
     # --- the checkpoint read API ----------------------------------------------------------

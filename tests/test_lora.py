@@ -273,6 +273,22 @@ def test_adapter_checks_from_headers(lora_zoo, tmp_path, tok, cli):
     recipe["models"] = [{"model": str(named)}]
     code, _, err = cli("validate", write_recipe(tmp_path / "w.yaml", recipe))
     assert code == 0 and "warning" in err and "trained on org/another-model" in err
+    assert f"is applied to {lora_zoo['base']}" in " ".join(err.split())
+
+
+def test_model_plus_adapter_warning_names_the_model_it_is_applied_to(
+    lora_zoo, llama_zoo, tmp_path, cli
+):
+    e1 = llama_zoo["e1"]  # not the recipe's base: the adapter is folded into e1
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(lora_zoo["base"]),
+        "models": [{"model": f"{e1}+{lora_zoo['a0']}"}, {"model": str(llama_zoo["e0"])}],
+    }
+    code, _, err = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))
+    warning = " ".join(err.split())
+    assert code == 0 and f"was trained on {lora_zoo['base']}" in warning, err
+    assert f"is applied to {e1}" in warning and "recipe's base" not in warning, err
 
 
 def _ta(lora_zoo, models: list[str], **params) -> dict:
