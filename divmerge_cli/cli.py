@@ -310,6 +310,25 @@ def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> N
         f"[green]merged[/] {plan.recipe.merge_method} into a LoRA adapter of {len(ranks)} modules "
         f"(rank <= {max(k for k, _ in ranks.values())}, worst relative error {worst:.2e}) -> {output}"
     )
+    _warn_lossy_adapter(ranks, rank, output)
+
+
+def _warn_lossy_adapter(ranks: dict, rank: int | None, output: Path) -> None:
+    """--adapter-rank: say which modules the truncation loses most of (the card lists them all)."""
+    from .lora import ADAPTER_ERROR_WARN, lossy_modules
+
+    lossy = lossy_modules(ranks)
+    if not lossy:
+        return
+    most = ", ".join(f"{m} ({e:.2f})" for m, e in lossy[:3])
+    err.print(
+        f"[yellow]warning:[/] --adapter-rank {rank}: {len(lossy)} of {len(ranks)} modules have a "
+        f"relative error above {ADAPTER_ERROR_WARN} (half of their merged change lost), most: "
+        f"{escape(most)}; raise --adapter-rank or write a full model (every module's error: "
+        f"{escape(str(output / 'README.md'))})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, adapter=None) -> None:
@@ -330,6 +349,8 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
             adapter_rank=(adapter or (None,))[0],
         )
         out.print(f"[green]merged[/] with {r.merge_method} (Gamma from a file) -> {output}")
+        if adapter:
+            _warn_lossy_adapter(summary["adapter"], adapter[0], output)
         return
     plan, est, mode, reason, lowered = preflight_learned(plan, seed, dev)
     problem = est.too_big(mode)
@@ -385,6 +406,8 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
     out.print(
         f"[green]merged[/] with {r.merge_method} {what}({summary['steps']} steps) -> {output}"
     )
+    if adapter:
+        _warn_lossy_adapter(summary["adapter"], adapter[0], output)
 
 
 def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:

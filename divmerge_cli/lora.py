@@ -524,6 +524,18 @@ def _task_type(config: dict) -> str | None:
     return "SEQ_2_SEQ_LM" if config.get("is_encoder_decoder") else None
 
 
+# Relative Frobenius error ||Δ - B·A|| / ||Δ|| above which --adapter-rank warns: the module's
+# adapter misses half of its merged change or more. Below it a truncated merge tends to behave
+# like the full one (DARE drops 90 % of a task vector's entries and keeps its behaviour).
+ADAPTER_ERROR_WARN = 0.5
+
+
+def lossy_modules(ranks: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
+    """(module, relative error) of the modules above ADAPTER_ERROR_WARN, the worst first."""
+    lossy = [(m, e) for m, (_, e) in ranks.items() if e > ADAPTER_ERROR_WARN]
+    return sorted(lossy, key=lambda x: -x[1])
+
+
 def adapter_card(ranks: dict[str, tuple[int, float]], whole: list[str], rank: int | None) -> str:
     how = (
         "exact: the low-rank task vectors side by side"

@@ -678,7 +678,7 @@ def write_fixed(
     index = dict(zip(floats, gidx))
     card = f"\nGamma fixed from `{source.name}` ({params.granularity} level, base_method {params.base_method})."
     if adapter is not None:
-        write_learned_adapter(
+        ranks = write_learned_adapter(
             plan,
             out,
             experts,
@@ -696,6 +696,7 @@ def write_fixed(
             "gamma": gamma.tolist(),
             "steps": 0,
             "fixed": True,
+            "adapter": ranks,
         }
     run_merge(
         plan,

@@ -357,6 +357,36 @@ def test_as_adapter_svd_truncation_reports_the_true_error(lora_zoo, llama_zoo, t
         assert torch.allclose(got[k], full[k], atol=1e-6)
 
 
+def test_a_lossy_adapter_rank_warns_naming_the_modules_that_lose_most(llama_zoo, tmp_path, cli):
+    """TIES on dense experts at rank 1: exit 0, one warning naming the worst modules (as the
+    card measures them); a rank that keeps everything says nothing."""
+    import re
+
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(llama_zoo["base"]),
+        "models": [{"model": str(llama_zoo[e])} for e in ("e0", "e1", "e2")],
+        "parameters": {"density": 0.2},
+    }
+    r = write_recipe(tmp_path / "r.yaml", recipe)
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter", "--adapter-rank", "1")
+    assert code == 0, err
+    card = (tmp_path / "ad" / "README.md").read_text()
+    errors = {m: float(e) for m, e in re.findall(r"\| `(.+?)` \| \d+ \| (\S+) \|", card)}
+    worst = sorted(errors, key=errors.get, reverse=True)
+    lossy = [m for m in worst if errors[m] > 0.5]
+    assert lossy, errors
+    warning = " ".join(err.split())
+    assert warning.count("warning:") == 1
+    head = f"--adapter-rank 1: {len(lossy)} of {len(errors)} modules have a relative error above"
+    assert f"{head} 0.5" in warning, err
+    assert f"{worst[0]} ({errors[worst[0]]:.2f}), {worst[1]} ({errors[worst[1]]:.2f})" in warning
+    code, _, err = cli(
+        "run", r, "-o", tmp_path / "ad", "--force", "--as-adapter", "--adapter-rank", "32"
+    )
+    assert code == 0 and "warning" not in err, err
+
+
 def test_as_adapter_nonlinear_methods_need_a_rank(lora_zoo, tmp_path, cli):
     recipe = _ta(lora_zoo, [lora_zoo["a0"], lora_zoo["a1"]])
     recipe.update(merge_method="ties", parameters={"density": 0.5})
