@@ -14,6 +14,7 @@ import json
 import math
 import re
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -288,7 +289,13 @@ def load_expert_model(expert, dtype: torch.dtype = torch.float32):
 
     model = load_expert_model(expert.base, dtype)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(expert.path))  # a local folder: no hub
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated `is_gradient_checkpointing` while wrapping the
+            # model: a FutureWarning about PEFT's code that the user can do nothing about
+            warnings.filterwarnings(
+                "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+            )
+            peft_model = PeftModel.from_pretrained(model, str(expert.path))  # local: no hub
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(
             f"{expert.where}: PEFT cannot apply {expert.path} ({str(e).splitlines()[0]})"

@@ -678,6 +678,18 @@ def trained_lora(toy, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def test_folding_an_adapter_leaks_no_library_future_warning(lora_zoo):
+    """PEFT reads a property transformers 5 deprecated; scoring an adapter must not show it."""
+    import warnings
+
+    from divmerge_cli.lora import load_scored
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_scored(f"{lora_zoo['base']}+{lora_zoo['a0']}", "eval")
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], seen
+
+
 def test_an_adapter_scores_as_its_folded_model(toy, trained_lora, tmp_path):
     from divmerge_cli.evaluate import evaluate_model
     from divmerge_cli.tasks import load_tasks
