@@ -866,6 +866,15 @@ def _run_sweep(
             only=only,
         )
     written = write_reports(rows, cfg.results.parent)
+    from .sweep.plots import can_plot
+
+    if not can_plot():
+        err.print(
+            "[yellow]warning:[/] plots not drawn (anp_vs_k.png, gamma_trace.png): matplotlib is "
+            "not installed; pip install 'divmerge\\[plot]' draws them on the next run",
+            highlight=False,
+            soft_wrap=True,
+        )
     return rows, written
 
 
