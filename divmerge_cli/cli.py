@@ -1006,7 +1006,7 @@ DEMO_METHODS = {
 @app.command()
 def methods() -> None:
     """List the merge methods, their parameters and papers."""
-    from .methods import METHODS, OPTIMIZE_DEFAULTS
+    from .methods import METHODS, OPTIMIZE_DEFAULTS, TEACHER_ONLY
 
     table = _table(
         "divmerge methods", ["method", "per-model parameters", "global parameters", "paper"], left=4
@@ -1015,8 +1015,8 @@ def methods() -> None:
         per_model, glob = m.model_params, m.global_params
         if m.optimized:  # every learned-merge parameter, with this method's defaults
             glob = {k: v for k, v in {**OPTIMIZE_DEFAULTS, **glob}.items() if v is not None}
-            if m.objective:
-                glob.pop("divergence", None)
+            for key in TEACHER_ONLY if m.objective else ():
+                glob.pop(key, None)
             per_model = {"density": "with base_method ties/dare_*"}
         table.add_row(name, _fmt_params(per_model), _fmt_params(glob), m.paper)
     out.print(table)

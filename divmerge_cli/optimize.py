@@ -24,7 +24,7 @@ from . import hf
 from .checkpoint import DTYPES
 from .coefficients import groups_for, initial_gamma
 from .errors import UserError
-from .estimate import Estimate, estimate_learned
+from .estimate import Estimate, estimate_learned, teacher_top_k
 from .lora import load_scored, mergekit_ref
 from .merge import MergePlan, run_merge
 from .objectives import DIVERGENCES, OBJECTIVES, collate, sample_means
@@ -92,7 +92,7 @@ def prepare(
                 task,
                 tasks[task],
                 samples=params.samples,
-                top_k=params.top_k,
+                top_k=teacher_top_k(plan, params),
                 seed=seed,
                 cache_dir=cache,
                 batch_size=params.gen_batch_size,

@@ -89,6 +89,30 @@ def test_adamerging_runs_and_lowers_entropy(toy, tmp_path):
     assert sum(s["after"].values()) < sum(s["before"].values())
 
 
+def test_adamerging_stores_and_estimates_no_teacher_top_k(toy, tmp_path, cli):
+    """Entropy reads no teacher distribution: its cache holds token ids only, its disk estimate
+    does not grow with top_k (ignored, with a warning), and DivMerge's still does."""
+    from safetensors import safe_open
+
+    r = plan_merge(load_recipe(recipe(toy, tmp_path, method="adamerging", top_k=256)))
+    optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
+    entries = list((tmp_path / "cache").glob("*/tensors.safetensors"))
+    assert len(entries) == 2  # one per expert
+    for e in entries:
+        with safe_open(str(e), "pt") as f:
+            assert set(f.keys()) == {"prompt_ids", "prompt_offsets", "gen_ids", "gen_offsets"}
+    disk = {}
+    for method in ("adamerging", "divmerge"):
+        for k in (8, 256):
+            path = recipe(toy, tmp_path, method=method, top_k=k)
+            code, _, err = cli("validate", path, "--json", tmp_path / "v.json")
+            assert code == 0, err
+            assert ("top_k: ignored" in err) == (method == "adamerging"), err
+            disk[method, k] = json.loads((tmp_path / "v.json").read_text())["disk_bytes"]
+    assert disk["adamerging", 8] == disk["adamerging", 256] < disk["divmerge", 8]
+    assert disk["divmerge", 8] < disk["divmerge", 256]
+
+
 def test_one_expert_js_goes_to_zero_at_gamma_one(toy, tmp_path):
     r = write_recipe(
         tmp_path / "r.yaml",
