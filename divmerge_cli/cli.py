@@ -62,7 +62,7 @@ def _progress():
     multi-process launch only the main process shows progress."""
     quiet = _ui["quiet"] or _distributed_rank() != 0
     if err.is_terminal or quiet:
-        return Progress(
+        return _Bars(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -82,6 +82,14 @@ def _progress():
     return ProgressLog(
         lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True), interval
     )
+
+
+class _Bars(Progress):
+    """rich's bars, a bar's info cut to its last 60 characters (a path's or a cell's end) so that
+    each bar keeps one line; the records of a log get the whole info."""
+
+    def update(self, task_id, *, info: str | None = None, **kw) -> None:
+        super().update(task_id, **kw, **({} if info is None else {"info": info[-60:]}))
 
 
 def _device(choice: str) -> str:
@@ -590,7 +598,7 @@ def eval_(
             bar = prog.add_task("divergence", total=len(models), info="")
             teacher = prog.add_task("teacher", total=None, info="")
             for i, m in enumerate(models):
-                prog.update(bar, completed=i, info=str(m)[-60:])
+                prog.update(bar, completed=i, info=str(m))
                 report["models"][str(m)]["divergence"] = _divergences(
                     m, refs, specs, limit, seed, batch_size, cache_dir,
                     lambda d, n: prog.update(teacher, completed=d, total=n),
@@ -698,7 +706,7 @@ class _EvalBars:
 
     def model(self, name: str, n_tasks: int) -> None:
         self.done += 1
-        self.prog.update(self.models, completed=self.done, total=self.n, info=name[-60:])
+        self.prog.update(self.models, completed=self.done, total=self.n, info=name)
         self.prog.update(self.tasks, completed=0, total=max(n_tasks, 1), info="")
 
     def finish(self) -> None:
@@ -847,7 +855,7 @@ def _sweep_reporter(prog: Progress) -> Callable[[str, int, int, str], None]:
         }.get(key, key)
         if key not in bars:
             bars[key] = prog.add_task(label, total=None, info="")
-        prog.update(bars[key], completed=done, total=total, info=info[-60:])
+        prog.update(bars[key], completed=done, total=total, info=info)
 
     return report
 

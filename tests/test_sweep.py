@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -326,6 +327,23 @@ def test_sweep_without_matplotlib_says_once_that_it_drew_no_plot(
     assert " ".join(err.split()).count("warning: plots not drawn") == 1, err
     assert "matplotlib is not installed" in err and "divmerge[plot]" in err
     assert not (tmp_path / "s" / "anp_vs_k.png").exists()
+
+
+def test_sweep_records_each_phase_whole_in_a_log(tmp_path, small_zoo, experts, cli, monkeypatch):
+    """Off a terminal: the experts' scoring ends, and a cell's record keeps its whole label."""
+    label = "task_arithmetic_with_a_label_longer_than_a_bar"
+    methods = {label: {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}}}
+    path = write_sweep(tmp_path / "s", small_zoo, experts, methods=methods, k=[3])
+    monkeypatch.setenv("DIVMERGE_PROGRESS_INTERVAL", "3600")
+    code, _, err = cli("sweep", path, "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    records = [x for x in err.splitlines() if x.startswith("progress: ")]
+    assert records[0] == "progress: experts: started, 0/3 - sentiment"
+    assert records[1].startswith("progress: experts: done, 3/3 in ")
+    cell = f"{label} sentiment+topic+translation: ANP "
+    assert re.fullmatch(
+        rf"progress: cells: done, 1/1 in \S+ - {re.escape(cell)}\d+\.\d\d", records[-1]
+    )
 
 
 def test_sweep_method_option_runs_only_those_cells(tmp_path, small_zoo, experts, cli):
