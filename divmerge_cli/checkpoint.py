@@ -432,11 +432,15 @@ def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
 
 
 def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    """Bytes in the decimal units parse_size reads, three significant digits or more: 512 B,
+    8.39 MB, 45.2 MB, 610 MB, 1.25 GB (every size divmerge prints goes through here)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 999.5 or unit == "TB":
+            break
         n /= 1000
-    return ""  # unreachable
+    if unit == "B" or abs(n) >= 99.95:
+        return f"{n:.0f} {unit}"
+    return f"{n:.2f} {unit}" if abs(n) < 9.995 else f"{n:.1f} {unit}"
 
 
 def check_space(out: Path, need: int) -> None:

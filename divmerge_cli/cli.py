@@ -16,7 +16,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from . import __version__
@@ -40,19 +47,49 @@ FailUnder = Annotated[
     list[str] | None,
     typer.Option(help="TASK=SCORE: exit 3 if a model scores under SCORE on TASK (repeatable)"),
 ]
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="no progress bars or records (warnings, errors, results still print)"
+    ),
+]
+_ui = {"quiet": False}  # set by each command that shows progress
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-        disable=not err.is_terminal and os.environ.get("DIVMERGE_PROGRESS") != "1",
+def _progress():
+    """Bars on a terminal; elsewhere (a log, CI) plain one-line records on stderr, at most one
+    per phase every DIVMERGE_PROGRESS_INTERVAL seconds (10) plus its start and end. Under a
+    multi-process launch only the main process shows progress."""
+    quiet = _ui["quiet"] or _distributed_rank() != 0
+    if err.is_terminal or quiet:
+        return _Bars(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+            disable=quiet,
+        )
+    from .progress import INTERVAL_ENV, ProgressLog, interval_from
+
+    try:
+        interval = interval_from(os.environ.get(INTERVAL_ENV))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return ProgressLog(
+        lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True), interval
     )
+
+
+class _Bars(Progress):
+    """rich's bars, a bar's info cut to its last 60 characters (a path's or a cell's end) so that
+    each bar keeps one line; the records of a log get the whole info."""
+
+    def update(self, task_id, *, info: str | None = None, **kw) -> None:
+        super().update(task_id, **kw, **({} if info is None else {"info": info[-60:]}))
 
 
 def _device(choice: str) -> str:
@@ -110,8 +147,10 @@ def run(
     ] = False,
     fail_under_anp: FailUnderAnp = None,
     fail_under: FailUnder = None,
+    quiet: Quiet = False,
 ) -> None:
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
+    _ui["quiet"] = quiet
     from .checkpoint import check_out, parse_size
     from .merge import plan_merge, run_merge
     from .recipe import load_recipe
@@ -158,7 +197,8 @@ def run(
         torch.set_num_threads(1)
         random.seed(seed)
         with _progress() as prog:
-            task = prog.add_task(f"{r.merge_method}", total=len(plan.names), info="")
+            # starts when run_merge has checked OUT and the disk, at its first report
+            task = prog.add_task(f"{r.merge_method}", total=None, info="")
             run_merge(
                 plan,
                 output,
@@ -263,7 +303,7 @@ def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> N
     from .lora import merge_as_adapter
 
     with _progress() as prog:
-        task = prog.add_task(f"{plan.recipe.merge_method} -> adapter", total=1, info="")
+        task = prog.add_task(f"{plan.recipe.merge_method} -> adapter", total=None, info="")
         ranks = merge_as_adapter(
             plan,
             output,
@@ -277,6 +317,25 @@ def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> N
     out.print(
         f"[green]merged[/] {plan.recipe.merge_method} into a LoRA adapter of {len(ranks)} modules "
         f"(rank <= {max(k for k, _ in ranks.values())}, worst relative error {worst:.2e}) -> {output}"
+    )
+    _warn_lossy_adapter(ranks, rank, output)
+
+
+def _warn_lossy_adapter(ranks: dict, rank: int | None, output: Path) -> None:
+    """--adapter-rank: say which modules the truncation loses most of (the card lists them all)."""
+    from .lora import ADAPTER_ERROR_WARN, lossy_modules
+
+    lossy = lossy_modules(ranks)
+    if not lossy:
+        return
+    most = ", ".join(f"{m} ({e:.2f})" for m, e in lossy[:3])
+    err.print(
+        f"[yellow]warning:[/] --adapter-rank {rank}: {len(lossy)} of {len(ranks)} modules have a "
+        f"relative error above {ADAPTER_ERROR_WARN} (half of their merged change lost), most: "
+        f"{escape(most)}; raise --adapter-rank or write a full model (every module's error: "
+        f"{escape(str(output / 'README.md'))})",
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -298,6 +357,8 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
             adapter_rank=(adapter or (None,))[0],
         )
         out.print(f"[green]merged[/] with {r.merge_method} (Gamma from a file) -> {output}")
+        if adapter:
+            _warn_lossy_adapter(summary["adapter"], adapter[0], output)
         return
     plan, est, mode, reason, lowered = preflight_learned(plan, seed, dev)
     problem = est.too_big(mode)
@@ -318,7 +379,7 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
                     "optimize": r.merge_method,
                     "write": "write",
                 }[phase]
-                tasks[key] = prog.add_task(label, total=total, info="")
+                tasks[key] = prog.add_task(label, total=None, info="")  # total: the update's
             prog.update(
                 tasks[key], completed=done, total=total, info="" if phase == "teacher" else info
             )
@@ -337,9 +398,10 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
             as_adapter=adapter is not None,
             adapter_rank=(adapter or (None,))[0],
         )
-    table = Table(title=f"{r.merge_method}: objective ({summary['objective']}) per task")
-    for col in ("task", "at init", "learned", "mean Gamma"):
-        table.add_column(col, justify="right" if col != "task" else "left")
+    table = _table(
+        f"{r.merge_method}: objective ({summary['objective']}) per task",
+        ["task", "at init", "learned", "mean Gamma"],
+    )
     for t, row in zip(summary["tasks"], summary["gamma"]):
         table.add_row(
             t,
@@ -352,10 +414,12 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
     out.print(
         f"[green]merged[/] with {r.merge_method} {what}({summary['steps']} steps) -> {output}"
     )
+    if adapter:
+        _warn_lossy_adapter(summary["adapter"], adapter[0], output)
 
 
 def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:
-    return lambda done, total, name: prog.update(task, completed=done, info=name)
+    return lambda done, total, name: prog.update(task, completed=done, total=total, info=name)
 
 
 @app.command()
@@ -367,6 +431,19 @@ def validate(
     ] = None,
 ) -> None:
     """Check RECIPE and every checkpoint it names (headers and configs only, no weights)."""
+    try:
+        report = _validate(recipe, allow_pickle)
+    except UserError as e:  # a refused recipe is a result too: CI reads why from the JSON
+        if json_out:
+            error = _short(" ".join(str(e).splitlines()))
+            _write_json(json_out, {"recipe": str(recipe), "ok": False, "error": error})
+        raise
+    if json_out:
+        _write_json(json_out, report)
+
+
+def _validate(recipe: Path, allow_pickle: bool) -> dict:
+    """validate's checks, printed as they pass; their report for --json. UserError: refused."""
     from .merge import plan_merge
     from .recipe import load_recipe
 
@@ -397,22 +474,20 @@ def validate(
             task_vectors_reason=reason,
             available_memory_bytes=est.available,
         )
-    size = sum(c.nbytes for c in plan.inputs) / 1e9
+    from .checkpoint import human_size as gb
+
+    size = sum(c.nbytes for c in plan.inputs)
     out.print(
         f"[green]ok[/] {recipe}: {r.merge_method} over {len(plan.inputs)} checkpoints "
-        f"({len(plan.names)} tensors, {size:.2f} GB to read)"
+        f"({len(plan.names)} tensors, {gb(size)} to read)"
     )
     if "peak_memory_bytes" in report:
-        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
         out.print(
             f"estimate: peak memory {gb(report['peak_memory_bytes'])} "
             f"(available {gb(report['available_memory_bytes'])}), "
             f"disk {gb(report['disk_bytes'])}; {report['task_vectors_reason']}"
         )
-    if json_out:
-        import json
-
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def _warn(recipe):
@@ -484,8 +559,10 @@ def eval_(
     ] = False,
     fail_under_anp: FailUnderAnp = None,
     fail_under: FailUnder = None,
+    quiet: Quiet = False,
 ) -> None:
     """Score MODELS on the tasks' labelled rows (accuracy / ROUGE-1) and their ANP vs the experts."""
+    _ui["quiet"] = quiet
 
     if split not in ("validation", "test"):
         raise UserError(f"--split: {split!r} is not valid; use validation or test")
@@ -519,9 +596,9 @@ def eval_(
     if divergence:
         with _progress() as prog:
             bar = prog.add_task("divergence", total=len(models), info="")
-            teacher = prog.add_task("teacher", total=1, info="")
+            teacher = prog.add_task("teacher", total=None, info="")
             for i, m in enumerate(models):
-                prog.update(bar, completed=i, info=str(m)[-60:])
+                prog.update(bar, completed=i, info=str(m))
                 report["models"][str(m)]["divergence"] = _divergences(
                     m, refs, specs, limit, seed, batch_size, cache_dir,
                     lambda d, n: prog.update(teacher, completed=d, total=n),
@@ -621,14 +698,15 @@ class _EvalBars:
     """Three bars: models (and references) scored, tasks of the current model, its batches."""
 
     def __init__(self, prog: Progress, n_models: int):
-        self.prog, self.done = prog, -1
-        self.models = prog.add_task("models", total=n_models, info="")
-        self.tasks = prog.add_task("tasks", total=1, info="")
-        self.batches = prog.add_task("batches", total=1, info="")
+        self.prog, self.done, self.n = prog, -1, n_models
+        # totals come with the first model, task and batch (a log's first record names them)
+        self.models = prog.add_task("models", total=None, info="")
+        self.tasks = prog.add_task("tasks", total=None, info="")
+        self.batches = prog.add_task("batches", total=None, info="")
 
     def model(self, name: str, n_tasks: int) -> None:
         self.done += 1
-        self.prog.update(self.models, completed=self.done, info=name[-60:])
+        self.prog.update(self.models, completed=self.done, total=self.n, info=name)
         self.prog.update(self.tasks, completed=0, total=max(n_tasks, 1), info="")
 
     def finish(self) -> None:
@@ -724,9 +802,7 @@ def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir, progres
 
 
 def _score_table(name: str, entry: dict, refs: dict[str, float]) -> Table:
-    table = Table(title=name)
-    for col in ("task", "metric", "score", "n", "expert", "normalized"):
-        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    table = _table(name, ["task", "metric", "score", "n", "expert", "normalized"], left=2)
     for t, s in entry["tasks"].items():
         ref = refs.get(t)
         norm = f"{s['score'] / ref:.3f}" if ref else "-"
@@ -749,11 +825,19 @@ def _rich_table(t) -> Table:
     """A sweep.Table (ANP in %) as a rich table."""
     from .sweep import fmt_value
 
-    table = Table(title=t.title)
-    for i, col in enumerate(t.columns):
-        table.add_column(str(col), justify="left" if i == 0 else "right")
+    table = _table(t.title, [str(col) for col in t.columns])
     for row in t.rows:
         table.add_row(*[fmt_value(v) for v in row])
+    return table
+
+
+def _table(title: str, columns: list[str], left: int = 1) -> Table:
+    """A rich table, its first `left` columns left-justified. Cells wrap, and a word longer than
+    its column folds onto the next line instead of being cut with an ellipsis: method, task and
+    model names stay whole at 80 columns."""
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i < left else "right", overflow="fold")
     return table
 
 
@@ -770,8 +854,8 @@ def _sweep_reporter(prog: Progress) -> Callable[[str, int, int, str], None]:
             "write": "write",
         }.get(key, key)
         if key not in bars:
-            bars[key] = prog.add_task(label, total=total, info="")
-        prog.update(bars[key], completed=done, total=total, info=info[-60:])
+            bars[key] = prog.add_task(label, total=None, info="")
+        prog.update(bars[key], completed=done, total=total, info=info)
 
     return report
 
@@ -790,6 +874,15 @@ def _run_sweep(
             only=only,
         )
     written = write_reports(rows, cfg.results.parent)
+    from .sweep.plots import can_plot
+
+    if not can_plot():
+        err.print(
+            "[yellow]warning:[/] plots not drawn (anp_vs_k.png, gamma_trace.png): matplotlib is "
+            "not installed; pip install 'divmerge\\[plot]' draws them on the next run",
+            highlight=False,
+            soft_wrap=True,
+        )
     return rows, written
 
 
@@ -802,8 +895,10 @@ def sweep(
         list[str] | None,
         typer.Option(help="run only the cells of this method label (repeatable); tables show all"),
     ] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Merge every k-subset of tasks with every method, score, and tabulate ANP (resumable)."""
+    _ui["quiet"] = quiet
     from .sweep import load_sweep, pairwise_table, per_k_table
 
     cfg = load_sweep(sweep_file)
@@ -843,8 +938,10 @@ def demo(
     zoo_only: Annotated[
         bool, typer.Option(help="build the zoo (for recipes/) and stop; no merges")
     ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Build a tiny base and four toy experts offline, merge them with five methods, print ANP."""
+    _ui["quiet"] = quiet
     import torch
     import yaml
 
@@ -858,7 +955,7 @@ def demo(
 
         def report(stage: str, done: int, total: int) -> None:
             if stage not in bars:
-                bars[stage] = prog.add_task(f"zoo: {stage}", total=total, info="")
+                bars[stage] = prog.add_task(f"zoo: {stage}", total=None, info="")
             prog.update(bars[stage], completed=done, total=total)
 
         zoo = build_zoo(root / "zoo", size=size, progress=report)
@@ -884,15 +981,11 @@ def demo(
     sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     cfg = load_sweep(sweep_file)
     rows, written = _run_sweep(cfg, root / "cache", "cpu")
-    scores = Table(title="demo: score per task (merged over all tasks)")
     cells = [r for r in rows if r.get("type") == "cell" and r["k"] == len(zoo.experts)]
     refs = {r["task"]: r["score"] for r in rows if r.get("type") == "reference"}
     if cells:
         tasks_ = list(cells[0]["scores"])
-        scores.add_column("model")
-        for t in tasks_:
-            scores.add_column(t, justify="right")
-        scores.add_column("ANP %", justify="right")
+        scores = _table("demo: score per task (merged over all tasks)", ["model", *tasks_, "ANP %"])
         scores.add_row("experts", *[f"{refs[t]:.3f}" for t in tasks_], "100.0")
         for r in cells:
             scores.add_row(
@@ -921,17 +1014,17 @@ DEMO_METHODS = {
 @app.command()
 def methods() -> None:
     """List the merge methods, their parameters and papers."""
-    from .methods import METHODS, OPTIMIZE_DEFAULTS
+    from .methods import METHODS, OPTIMIZE_DEFAULTS, TEACHER_ONLY
 
-    table = Table(title="divmerge methods")
-    for col in ("method", "per-model parameters", "global parameters", "paper"):
-        table.add_column(col)
+    table = _table(
+        "divmerge methods", ["method", "per-model parameters", "global parameters", "paper"], left=4
+    )
     for name, m in METHODS.items():
         per_model, glob = m.model_params, m.global_params
         if m.optimized:  # every learned-merge parameter, with this method's defaults
             glob = {k: v for k, v in {**OPTIMIZE_DEFAULTS, **glob}.items() if v is not None}
-            if m.objective:
-                glob.pop("divergence", None)
+            for key in TEACHER_ONLY if m.objective else ():
+                glob.pop(key, None)
             per_model = {"density": "with base_method ties/dare_*"}
         table.add_row(name, _fmt_params(per_model), _fmt_params(glob), m.paper)
     out.print(table)
@@ -1010,6 +1103,7 @@ def main() -> None:
     1, Ctrl-C 130, SIGTERM 143."""
     _stopped_by.clear()
     _kept.clear()
+    _ui["quiet"] = False
     handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if the shell ignores it
         handlers[signal.SIGINT] = signal.default_int_handler

@@ -21,6 +21,7 @@ import psutil
 import torch
 
 from .layers import block_of
+from .objectives import DIVERGENCES
 from .taskvectors import fsdp_launch
 
 RUNTIME_BYTES = 600 * 10**6  # python + torch + transformers + accelerate, imported (RSS)
@@ -78,7 +79,8 @@ class Estimate:
     def too_big(self, mode: str) -> str | None:
         """None when the run fits; else one line: which phase does not fit, by how much, and the
         knobs that shrink it."""
-        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        from .checkpoint import human_size as gb
+
         learn_knobs = (
             "parameters.batch_size"
             + (", parameters.task_vectors: stream" if mode == "memory" else "")
@@ -122,6 +124,14 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def _numel(shape) -> int:
     return math.prod(shape) if shape else 1
+
+
+def teacher_top_k(plan, params) -> int | str | None:
+    """What the teacher cache stores per generated position: the top-k (or full) distribution a
+    divergence compares with, or nothing (None: token ids only) for an objective that reads no
+    teacher distribution (AdaMerging's entropy)."""
+    objective = plan.method.objective or params.divergence
+    return params.top_k if objective in DIVERGENCES else None
 
 
 def estimate_learned(
@@ -210,11 +220,13 @@ def estimate_learned(
     out_size = _itemsize(torch.float32) if out_dtype == "float32" else 2
     if out_dtype is None:
         out_size = max((_itemsize(base.dtype(n)) for n in floats), default=4)
-    teacher = 0
-    if params.top_k == "full":
-        teacher = len(plan.models) * params.samples * seq_len * vocab * 4
-    else:
-        teacher = len(plan.models) * params.samples * seq_len * min(params.top_k, vocab or 1) * 10
+    top_k = teacher_top_k(plan, params)
+    per_token = 8  # the prompt's and the generation's ids (int64)
+    if top_k == "full":
+        per_token += vocab * 4
+    elif top_k is not None:
+        per_token += min(top_k, vocab or 1) * 10
+    teacher = len(plan.models) * params.samples * seq_len * per_token
     disk = p_total * out_size + teacher + (n_experts * p_total * 4 if processed else 0)
     # processing holds every expert's float32 tau of one tensor, and a copy
     process = RUNTIME_BYTES + 2 * n_experts * biggest_tensor * 4 if processed else 0

@@ -101,7 +101,7 @@ def anp(scores: dict[str, float], references: dict[str, float]) -> float:
     return sum(ratios) / len(ratios)
 
 
-# progress(task, done, total): generation batches of `task` scored so far.
+# progress(task, done, total): rows of `task` generated so far (0 when its generation starts).
 ScoreProgress = Callable[[str, int, int], None]
 
 
@@ -201,7 +201,8 @@ def evaluate_model(
 
     With `cache_dir`, each task's score is stored under a hash of (model files, task spec, rows,
     split, limit, seed); a rerun with the same inputs loads neither the model nor generates.
-    `progress(task, done, total)` follows the generation batches; a cached task reports 1 of 1.
+    `progress(task, done, total)` follows the generation batches (0 first); a cached task
+    reports 1 of 1.
     """
     expert = scored_model(model_dir, str(model_dir))
     rows = {t: labelled_rows(t, spec, split, limit, seed) for t, spec in tasks.items()}

@@ -105,7 +105,8 @@ def greedy_generate(
     """Greedy-decode each prompt until EOS or `max_new_tokens`; outputs in the order of `prompts`.
 
     Decoder-only models are fed left-padded batches, T5 right-padded encoder inputs. Prompts are
-    batched by length to waste little on padding. `progress(done, total)` is called after each batch.
+    batched by length to waste little on padding. `progress(done, total)` is called before the
+    first batch (done 0) and after each batch.
     """
     _check_top_k(top_k, model.config.get_text_config().vocab_size)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -118,6 +119,8 @@ def greedy_generate(
     model.generation_config = GenerationConfig()  # generate() fills unset options from it
     tokenizer.padding_side = "right" if seq2seq else "left"
     try:
+        if progress is not None:
+            progress(0, len(order))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             for i, gen in zip(

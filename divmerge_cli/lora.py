@@ -14,6 +14,7 @@ import json
 import math
 import re
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -149,8 +150,9 @@ class LoraExpert:
             self.factors[name] = (p["B"], p["A"], s, transpose)
 
     def _base_warning(self, named: str | None, base_ref: str | None) -> list[str]:
-        """The adapter names its base: say so when that is not the recipe's base (a warning, since
-        the same model is often spelled as a hub id in one place and a local folder in another)."""
+        """The adapter names its base: say so when that is not the model it is applied to (the
+        recipe's base_model, or MODEL of `MODEL+ADAPTER`); a warning, since the same model is often
+        spelled as a hub id in one place and a local folder in another."""
         if not named:
             return []
         same = {str(self.base.path.resolve()), self.base.path.name.lower(), base_ref or ""}
@@ -159,8 +161,8 @@ class LoraExpert:
         if Path(named).expanduser().exists() and Path(named).resolve() == self.base.path.resolve():
             return []
         return [
-            f"{self.where}: {self.path} was trained on {named}, but the recipe's base is "
-            f"{base_ref or self.base.path}"
+            f"{self.where}: {self.path} was trained on {named} (its adapter_config.json's "
+            f"base_model_name_or_path) but is applied to {base_ref or self.base.path}"
         ]
 
     # --- the checkpoint read API ----------------------------------------------------------
@@ -296,7 +298,13 @@ def load_expert_model(expert, dtype: torch.dtype = torch.float32):
 
     model = load_expert_model(expert.base, dtype)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(expert.path))  # a local folder: no hub
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated `is_gradient_checkpointing` while wrapping the
+            # model: a FutureWarning about PEFT's code that the user can do nothing about
+            warnings.filterwarnings(
+                "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+            )
+            peft_model = PeftModel.from_pretrained(model, str(expert.path))  # local: no hub
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(
             f"{expert.where}: PEFT cannot apply {expert.path} ({str(e).splitlines()[0]})"
@@ -465,6 +473,8 @@ def save_adapter(
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
     whole: list[str] = []
+    if progress:
+        progress(0, len(modules), "")
     for i, (mod, names) in enumerate(modules.items()):
         ds = {n: delta(n) for n in names if base.dtype(n).is_floating_point}
         w = ds.get(f"{mod}.weight")
@@ -528,6 +538,18 @@ def _task_type(config: dict) -> str | None:
     if arch.endswith("ForCausalLM"):
         return "CAUSAL_LM"
     return "SEQ_2_SEQ_LM" if config.get("is_encoder_decoder") else None
+
+
+# Relative Frobenius error ||Δ - B·A|| / ||Δ|| above which --adapter-rank warns: the module's
+# adapter misses half of its merged change or more. Below it a truncated merge tends to behave
+# like the full one (DARE drops 90 % of a task vector's entries and keeps its behaviour).
+ADAPTER_ERROR_WARN = 0.5
+
+
+def lossy_modules(ranks: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
+    """(module, relative error) of the modules above ADAPTER_ERROR_WARN, the worst first."""
+    lossy = [(m, e) for m, (_, e) in ranks.items() if e > ADAPTER_ERROR_WARN]
+    return sorted(lossy, key=lambda x: -x[1])
 
 
 def adapter_card(ranks: dict[str, tuple[int, float]], whole: list[str], rank: int | None) -> str:

@@ -450,6 +450,8 @@ def run_merge(
         writer = ShardWriter(tmp, plan.out_specs, shard_bytes)
         try:
             merged = pipeline(works, threads if device == "cpu" else 1)
+            if progress:
+                progress(0, len(plan.names), "")
             for i, (name, t) in enumerate(zip(plan.names, merged)):
                 writer.write(name, t.to(plan.out_specs[name][1]))
                 if progress:
@@ -528,20 +530,26 @@ def _pinned_task(spec: TaskSpec) -> dict:
 
 
 def model_card(plan: MergePlan, extra: str = "", recipe: str | None = None) -> str:
+    """README.md: front matter, inputs and the recipe. Inputs are named as the merge read them
+    (a folder's absolute path, a hub id as given), not as `$VAR` or relative to the recipe."""
     r = plan.recipe
+    base = r.resolve_path(r.base_model) if r.base_model else None
+    front = {"tags": ["merge", "divmerge"], **({"base_model": base} if base else {})}
     lines = [
         "---",
-        "tags: [merge, divmerge]",
-        *([f"base_model: {r.base_model}"] if r.base_model else []),
+        yaml.safe_dump(front, sort_keys=False).rstrip(),  # quoted where a path needs it
         "---",
         f"# Merged with divmerge {__version__}",
         "",
         f"Method: **{r.merge_method}** ({plan.method.paper}).",
         "",
-        f"Base model: `{r.base_model}`" if r.base_model else "No base model.",
+        f"Base model: `{base}`" if base else "No base model.",
         "",
         "Models:",
-        *[f"- `{m.model}`" + (f" (task `{m.task}`)" if m.task else "") for m in r.models],
+        *[
+            f"- `{r.resolve_path(m.model)}`" + (f" (task `{m.task}`)" if m.task else "")
+            for m in r.models
+        ],
         "",
         "Recipe (`divmerge_recipe.yaml` reproduces this merge):",
         "",

@@ -498,6 +498,9 @@ OPTIMIZE_DEFAULTS = {
     "coefficients": None,  # a coefficients.json to reproduce instead of learning
     "seed": None,  # with coefficients: the --seed of the run that learned them (DARE's masks)
 }
+# What a divergence to the teacher's distributions needs; a method with its own objective (an
+# entropy needs no teacher distribution) takes neither, and its teacher cache holds token ids only.
+TEACHER_ONLY = ("divergence", "top_k")
 METHODS["divmerge"] = Method(
     fn=None,
     paper="Touayouch et al., 2026 (DivMerge, EACL)",

@@ -127,7 +127,7 @@ class Batch:
     target_index: Tensor  # [B, T] int64, positions in the full (un-trimmed) logits time axis
     full_len: int  # length of that time axis
     mask: Tensor
-    teacher: TeacherDist
+    teacher: TeacherDist | None  # None: the samples carry no teacher distribution
 
     def student_logits(self, logits: Tensor) -> Tensor:
         """[B, T, V] from the model's logits, whether or not it honored `logits_to_keep`."""
@@ -143,7 +143,7 @@ class Batch:
             },
             target_index=self.target_index.to(device),
             mask=self.mask.to(device),
-            teacher=self.teacher.to(device),
+            teacher=None if self.teacher is None else self.teacher.to(device),
         )
 
 
@@ -159,7 +159,9 @@ def _pad(seqs: Sequence[Tensor], value: float, left: bool = False) -> Tensor:
     return out
 
 
-def _padded_teacher(samples: Sequence[Generation]) -> TeacherDist:
+def _padded_teacher(samples: Sequence[Generation]) -> TeacherDist | None:
+    if all(s.probs is None and s.topk_ids is None for s in samples):
+        return None  # token ids only: for an objective that reads no teacher (entropy)
     if all(s.probs is not None for s in samples):
         return TeacherDist.full(_pad([s.probs for s in samples], 0.0))
     if all(s.topk_ids is not None for s in samples):

@@ -24,7 +24,7 @@ from . import hf
 from .checkpoint import DTYPES
 from .coefficients import groups_for, initial_gamma
 from .errors import UserError
-from .estimate import Estimate, estimate_learned
+from .estimate import Estimate, estimate_learned, teacher_top_k
 from .layout import ModuleView, StoredTheta0
 from .lora import load_scored, mergekit_ref
 from .merge import MergePlan, run_merge
@@ -93,7 +93,7 @@ def prepare(
                 task,
                 tasks[task],
                 samples=params.samples,
-                top_k=params.top_k,
+                top_k=teacher_top_k(plan, params),
                 seed=seed,
                 cache_dir=cache,
                 batch_size=params.gen_batch_size,
@@ -439,6 +439,8 @@ def train(
     """Adam on Gamma. Each process takes a share of every batch; Gamma's gradient is summed across
     processes, so n processes take the same steps as one. Gamma is checkpointed after every step."""
     run = _restore(pb, seed, state_dir, resume, accelerator)
+    if progress:
+        progress("optimize", run.start, len(run.schedule), "")
     for step in range(run.start, len(run.schedule)):
         total = _step(pb, run, step, accelerator)
         # epochs of equal length: step s of len(schedule) falls in epoch s * epochs // len + 1
@@ -448,7 +450,8 @@ def train(
         if accelerator.is_main_process:
             _save(run, step + 1)
         if progress:
-            progress("optimize", step + 1, len(run.schedule), f"loss {total:.4f}")
+            info = f"epoch {epoch}/{pb.params.epochs}, loss {total:.4f}"
+            progress("optimize", step + 1, len(run.schedule), info)
     return run.gamma.detach().cpu(), run.log
 
 
@@ -708,7 +711,7 @@ def write_fixed(
     coeff = stored_coefficients(plan, stored_index, gamma)
     card = f"\nGamma fixed from `{source.name}` ({params.granularity} level, base_method {params.base_method})."
     if adapter is not None:
-        write_learned_adapter(
+        ranks = write_learned_adapter(
             plan,
             out,
             experts,
@@ -726,6 +729,7 @@ def write_fixed(
             "gamma": gamma.tolist(),
             "steps": 0,
             "fixed": True,
+            "adapter": ranks,
         }
     run_merge(
         plan,

@@ -23,7 +23,7 @@ from pydantic import (
 
 from .errors import UserError, pydantic_message, read_yaml, suggest
 from .hashing import SHA256
-from .methods import METHODS, OPTIMIZE_DEFAULTS, RANGES
+from .methods import METHODS, OPTIMIZE_DEFAULTS, RANGES, TEACHER_ONLY
 from .objectives import DIVERGENCES
 from .tasks import expand_path
 
@@ -202,7 +202,7 @@ def _takes(name: str, per_model: bool, base_method: object = None) -> set[str]:
     own = _base_params(base_method)
     if per_model:
         return own - {"rescale"}
-    return own | set(OptimizeParams.model_fields) - ({"divergence"} if m.objective else set())
+    return own | set(OptimizeParams.model_fields) - (set(TEACHER_ONLY) if m.objective else set())
 
 
 def _takers(key: str, per_model: bool) -> list[str]:
@@ -376,7 +376,8 @@ def recipe_data(recipe: Recipe) -> dict:
     if METHODS[recipe.merge_method].optimized:
         defaults = optimize_params(recipe).model_dump(exclude_none=True)
         if METHODS[recipe.merge_method].objective:  # not a divergence to a teacher
-            defaults.pop("divergence")
+            for key in TEACHER_ONLY:
+                defaults.pop(key)
     else:
         defaults = dict(METHODS[recipe.merge_method].global_params)
     data["parameters"] = {**defaults, **data.get("parameters", {})}

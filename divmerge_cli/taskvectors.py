@@ -393,7 +393,8 @@ def shard_base(path, ckpt, dtype: torch.dtype, names: list[str], device: str) ->
 
 def pick_mode(choice: str, memory_bytes: int, available: int) -> tuple[str, str]:
     """(mode, reason) for `parameters.task_vectors`; `auto` streams when memory would not fit."""
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    from .checkpoint import human_size as gb
+
     if fsdp_launch():  # a sharded theta0 only works with blocks merged as they run
         if choice == "memory":
             raise UserError(

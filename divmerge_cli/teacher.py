@@ -75,7 +75,7 @@ def teacher_samples(
     spec: TaskSpec,
     *,
     samples: int,
-    top_k: int | Literal["full"],
+    top_k: int | Literal["full"] | None,
     seed: int,
     cache_dir: Path,
     batch_size: int,
@@ -164,7 +164,7 @@ def _flatten(gens: list[Generation], top_k: int | str) -> dict[str, torch.Tensor
     }
     if top_k == "full":
         t["probs"] = torch.cat([gen.probs for gen in gens])
-    else:
+    elif top_k is not None:  # None: the token ids only
         # int32 halves the ids on disk; vocabularies are far below 2**31.
         t["topk_ids"] = torch.cat([gen.topk_ids for gen in gens]).to(torch.int32)
         # float16 probabilities: a quarter of a dense row's precision needs, 25% fewer bytes
@@ -241,7 +241,7 @@ def _unflatten(
     t: dict[str, torch.Tensor], texts: list[str], n: int, top_k
 ) -> list[Generation] | None:
     po, go = t["prompt_offsets"], t["gen_offsets"]
-    dist = ["probs"] if top_k == "full" else ["topk_ids", "topk_probs", "tail"]
+    dist = {"full": ["probs"], None: []}.get(top_k, ["topk_ids", "topk_probs", "tail"])
     total = int(go[-1]) if len(go) else -1
     ok = (
         len(texts) == n
@@ -251,7 +251,10 @@ def _unflatten(
         and int(po[-1]) == len(t["prompt_ids"])
         and total == len(t["gen_ids"])
         and all(len(t[k]) == total for k in dist)
-        and (top_k == "full" or t["topk_ids"].shape[1:] == t["topk_probs"].shape[1:] == (top_k,))
+        and (
+            top_k in ("full", None)
+            or t["topk_ids"].shape[1:] == t["topk_probs"].shape[1:] == (top_k,)
+        )
     )
     if not ok:
         return None

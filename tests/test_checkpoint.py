@@ -4,15 +4,18 @@ safetensors' own reader, shard planning, sizes, and what counts as a finished mo
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import write_recipe
 from divmerge_cli.checkpoint import (
     Checkpoint,
     ShardWriter,
     has_weights,
+    human_size,
     parse_size,
     plan_shards,
 )
@@ -110,3 +113,23 @@ def test_remove_orphans_takes_only_dead_processes_folders(tmp_path):
     assert mine.name.startswith(f".tmp-{os.getpid()}-")
     assert remove_orphans(tmp_path, "tmp") == [orphan]
     assert not orphan.exists() and mine.exists() and other.exists() and entry.exists()
+
+
+def test_human_size_picks_the_unit_parse_size_reads_back():
+    cases = {0: "0 B", 512: "512 B", 8_390_000: "8.39 MB", 45_200_000: "45.2 MB"}
+    cases |= {610_000_000: "610 MB", 999_600_000: "1.00 GB", 1_250_000_000: "1.25 GB"}
+    for n, text in cases.items():
+        assert human_size(n) == text
+        if n:  # three digits kept: parse_size reads it back within 0.5 %
+            assert abs(parse_size(text.replace(" ", "")) - n) <= 0.005 * n
+
+
+def test_validate_prints_a_small_model_in_kilobytes(llama_zoo, tmp_path, cli):
+    recipe = {
+        "merge_method": "linear",
+        "base_model": str(llama_zoo["base"]),
+        "models": [{"model": str(llama_zoo["e0"])}, {"model": str(llama_zoo["e1"])}],
+    }
+    code, out, err = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))
+    assert code == 0 and "0.00 GB" not in out, err
+    assert re.search(r"\(21 tensors, \d+ KB to read\)", " ".join(out.split())), out

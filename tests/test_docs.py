@@ -40,3 +40,25 @@ def test_readme_installs_the_cpu_torch_for_cpu_users():
     assert installs
     assert all("--index-url https://download.pytorch.org/whl/cpu" in ln for ln in installs)
     assert "keeps pip from pulling" not in readme  # the old claim, false on the public index
+
+
+def _row(readme: str, start: str) -> str:
+    return next(line for line in readme.splitlines() if line.startswith(start))
+
+
+def test_readme_lists_every_run_option_and_data_free_parameter():
+    import typer
+
+    from divmerge_cli.cli import app
+    from divmerge_cli.methods import METHODS
+
+    readme = (ROOT / "README.md").read_text()
+    run = typer.main.get_command(app).commands["run"]
+    row = _row(readme, "| `divmerge run ")
+    named = [p.opts for p in run.params if p.opts[0].startswith("-")]
+    shown = [o for opts in named for o in opts if re.search(rf"(?<![\w-]){o}(?![\w-])", row)]
+    assert [opts for opts in named if not set(opts) & set(shown)] == []
+    for name, m in METHODS.items():
+        if not m.optimized:
+            params = _row(readme, f"| `{name}` |").split("|")[2]
+            assert [p for p in {**m.model_params, **m.global_params} if p not in params] == []

@@ -208,4 +208,5 @@ def test_evaluate_model_real_generation_on_a_trained_model(tmp_path):
 def test_evaluate_model_reports_every_generation_batch(tiny_dir, two_tasks):
     seen = []
     evaluate.evaluate_model(tiny_dir, two_tasks, batch_size=2, progress=_record(seen))
-    assert seen == [("qa", 2, 3), ("qa", 3, 3), ("gen", 1, 1)]  # 3 labelled qa rows, 1 gen row
+    # 3 labelled qa rows, 1 gen row; each task's generation reports its start (0) first
+    assert seen == [("qa", 0, 3), ("qa", 2, 3), ("qa", 3, 3), ("gen", 0, 1), ("gen", 1, 1)]

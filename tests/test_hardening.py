@@ -32,7 +32,9 @@ def ta_recipe(zoo: dict, *experts: str) -> dict:
 
 
 def one_line_error(code: int, err: str) -> bool:
-    return code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    """Exit 2 with one error line (after the progress records of what had started, if any)."""
+    lines = [x for x in err.strip().splitlines() if not x.startswith("progress: ")]
+    return code == 2 and "Traceback" not in err and len(lines) == 1
 
 
 def leftovers(folder: Path, name: str) -> list[str]:

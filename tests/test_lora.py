@@ -275,6 +275,22 @@ def test_adapter_checks_from_headers(lora_zoo, tmp_path, tok, cli):
     recipe["models"] = [{"model": str(named)}]
     code, _, err = cli("validate", write_recipe(tmp_path / "w.yaml", recipe))
     assert code == 0 and "warning" in err and "trained on org/another-model" in err
+    assert f"is applied to {lora_zoo['base']}" in " ".join(err.split())
+
+
+def test_model_plus_adapter_warning_names_the_model_it_is_applied_to(
+    lora_zoo, llama_zoo, tmp_path, cli
+):
+    e1 = llama_zoo["e1"]  # not the recipe's base: the adapter is folded into e1
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(lora_zoo["base"]),
+        "models": [{"model": f"{e1}+{lora_zoo['a0']}"}, {"model": str(llama_zoo["e0"])}],
+    }
+    code, _, err = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))
+    warning = " ".join(err.split())
+    assert code == 0 and f"was trained on {lora_zoo['base']}" in warning, err
+    assert f"is applied to {e1}" in warning and "recipe's base" not in warning, err
 
 
 def _ta(lora_zoo, models: list[str], **params) -> dict:
@@ -341,6 +357,36 @@ def test_as_adapter_svd_truncation_reports_the_true_error(lora_zoo, llama_zoo, t
     assert max(v.shape[0] for k, v in weights(tmp_path / "ad").items() if "lora_A" in k) == 3
     for k in ("model.norm.weight", "model.layers.1.input_layernorm.weight"):  # 1-D: saved whole
         assert torch.allclose(got[k], full[k], atol=1e-6)
+
+
+def test_a_lossy_adapter_rank_warns_naming_the_modules_that_lose_most(llama_zoo, tmp_path, cli):
+    """TIES on dense experts at rank 1: exit 0, one warning naming the worst modules (as the
+    card measures them); a rank that keeps everything says nothing."""
+    import re
+
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(llama_zoo["base"]),
+        "models": [{"model": str(llama_zoo[e])} for e in ("e0", "e1", "e2")],
+        "parameters": {"density": 0.2},
+    }
+    r = write_recipe(tmp_path / "r.yaml", recipe)
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter", "--adapter-rank", "1")
+    assert code == 0, err
+    card = (tmp_path / "ad" / "README.md").read_text()
+    errors = {m: float(e) for m, e in re.findall(r"\| `(.+?)` \| \d+ \| (\S+) \|", card)}
+    worst = sorted(errors, key=errors.get, reverse=True)
+    lossy = [m for m in worst if errors[m] > 0.5]
+    assert lossy, errors
+    warning = " ".join(err.split())
+    assert warning.count("warning:") == 1
+    head = f"--adapter-rank 1: {len(lossy)} of {len(errors)} modules have a relative error above"
+    assert f"{head} 0.5" in warning, err
+    assert f"{worst[0]} ({errors[worst[0]]:.2f}), {worst[1]} ({errors[worst[1]]:.2f})" in warning
+    code, _, err = cli(
+        "run", r, "-o", tmp_path / "ad", "--force", "--as-adapter", "--adapter-rank", "32"
+    )
+    assert code == 0 and "warning" not in err, err
 
 
 def test_as_adapter_nonlinear_methods_need_a_rank(lora_zoo, tmp_path, cli):
@@ -632,6 +678,18 @@ def trained_lora(toy, tmp_path_factory) -> dict[str, Path]:
         out[task] = root / task
         out[f"{task}_full"] = tiny.save(model.merge_and_unload(), tok, root / f"{task}_full")
     return out
+
+
+def test_folding_an_adapter_leaks_no_library_future_warning(lora_zoo):
+    """PEFT reads a property transformers 5 deprecated; scoring an adapter must not show it."""
+    import warnings
+
+    from divmerge_cli.lora import load_scored
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_scored(f"{lora_zoo['base']}+{lora_zoo['a0']}", "eval")
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], seen
 
 
 def test_an_adapter_scores_as_its_folded_model(toy, trained_lora, tmp_path):

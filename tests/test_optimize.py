@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import TASKS, write_recipe
 from divmerge_cli import optimize
+from divmerge_cli.checkpoint import human_size
 from divmerge_cli.coefficients import groups_for, initial_gamma
 from divmerge_cli.errors import UserError
 from divmerge_cli.merge import plan_merge
@@ -86,6 +87,30 @@ def test_adamerging_runs_and_lowers_entropy(toy, tmp_path):
     s = optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
     assert s["objective"] == "entropy"
     assert sum(s["after"].values()) < sum(s["before"].values())
+
+
+def test_adamerging_stores_and_estimates_no_teacher_top_k(toy, tmp_path, cli):
+    """Entropy reads no teacher distribution: its cache holds token ids only, its disk estimate
+    does not grow with top_k (ignored, with a warning), and DivMerge's still does."""
+    from safetensors import safe_open
+
+    r = plan_merge(load_recipe(recipe(toy, tmp_path, method="adamerging", top_k=256)))
+    optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
+    entries = list((tmp_path / "cache").glob("*/tensors.safetensors"))
+    assert len(entries) == 2  # one per expert
+    for e in entries:
+        with safe_open(str(e), "pt") as f:
+            assert set(f.keys()) == {"prompt_ids", "prompt_offsets", "gen_ids", "gen_offsets"}
+    disk = {}
+    for method in ("adamerging", "divmerge"):
+        for k in (8, 256):
+            path = recipe(toy, tmp_path, method=method, top_k=k)
+            code, _, err = cli("validate", path, "--json", tmp_path / "v.json")
+            assert code == 0, err
+            assert ("top_k: ignored" in err) == (method == "adamerging"), err
+            disk[method, k] = json.loads((tmp_path / "v.json").read_text())["disk_bytes"]
+    assert disk["adamerging", 8] == disk["adamerging", 256] < disk["divmerge", 8]
+    assert disk["divmerge", 8] < disk["divmerge", 256]
 
 
 def test_one_expert_js_goes_to_zero_at_gamma_one(toy, tmp_path):
@@ -364,8 +389,9 @@ def test_on_a_gpu_the_estimate_splits_device_and_host(toy, tmp_path, monkeypatch
     assert gpu.peak("memory") == max(host, gpu.teacher_bytes, gpu.process_bytes)
     assert gpu.memory_mode_need() == (gpu.device_memory_bytes, 10**6)
     msg = gpu.too_big("memory")
-    assert msg.startswith(f"this merge needs about {gpu.device_memory_bytes / 1e9:.2f} GB of cuda")
-    assert "0.00 GB free" in msg and "task_vectors: stream" in msg
+    need = human_size(gpu.device_memory_bytes)
+    assert msg.startswith(f"this merge needs about {need} of cuda")
+    assert "1.00 MB free" in msg and "task_vectors: stream" in msg
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -421,7 +447,7 @@ def test_run_refuses_a_merge_that_cannot_fit_before_reading_weights(
     monkeypatch.setenv("DIVMERGE_MAX_MEMORY", "1000")
     r = recipe(toy, tmp_path, granularity="layer", task_vectors="stream")
     code, _, err = cli("run", r, "-o", tmp_path / "m", "--cache-dir", tmp_path / "cache")
-    assert code == 2 and "GB of memory" in err and "batch_size" in err, err
+    assert code == 2 and "MB of memory" in err and "batch_size" in err, err
     assert not (tmp_path / "m").exists() and not (tmp_path / "cache").exists()
 
 

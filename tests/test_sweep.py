@@ -7,8 +7,10 @@ import io
 import itertools
 import json
 import math
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -308,6 +310,40 @@ def test_sweep_prints_what_a_method_ignores_once(tmp_path, small_zoo, experts, c
     assert code == 0, err
     line = f"{path}: methods.ta: parameters.density: ignored; task_arithmetic takes no density"
     assert " ".join(err.split()).count(line) == 1, err
+
+
+def test_sweep_without_matplotlib_says_once_that_it_drew_no_plot(
+    tmp_path, small_zoo, experts, cli, monkeypatch
+):
+    methods = {"ta": {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}}}
+    path = write_sweep(tmp_path / "s", small_zoo, experts, methods=methods, k=[1])
+    code, _, err = cli("sweep", path, "--cache-dir", tmp_path / "cache")
+    assert code == 0 and "warning" not in err and (tmp_path / "s" / "anp_vs_k.png").is_file()
+    (tmp_path / "s" / "anp_vs_k.png").unlink()
+    for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
+    code, out, err = cli("sweep", path, "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    assert " ".join(err.split()).count("warning: plots not drawn") == 1, err
+    assert "matplotlib is not installed" in err and "divmerge[plot]" in err
+    assert not (tmp_path / "s" / "anp_vs_k.png").exists()
+
+
+def test_sweep_records_each_phase_whole_in_a_log(tmp_path, small_zoo, experts, cli, monkeypatch):
+    """Off a terminal: the experts' scoring ends, and a cell's record keeps its whole label."""
+    label = "task_arithmetic_with_a_label_longer_than_a_bar"
+    methods = {label: {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}}}
+    path = write_sweep(tmp_path / "s", small_zoo, experts, methods=methods, k=[3])
+    monkeypatch.setenv("DIVMERGE_PROGRESS_INTERVAL", "3600")
+    code, _, err = cli("sweep", path, "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    records = [x for x in err.splitlines() if x.startswith("progress: ")]
+    assert records[0] == "progress: experts: started, 0/3 - sentiment"
+    assert records[1].startswith("progress: experts: done, 3/3 in ")
+    cell = f"{label} sentiment+topic+translation: ANP "
+    assert re.fullmatch(
+        rf"progress: cells: done, 1/1 in \S+ - {re.escape(cell)}\d+\.\d\d", records[-1]
+    )
 
 
 def test_sweep_method_option_runs_only_those_cells(tmp_path, small_zoo, experts, cli):

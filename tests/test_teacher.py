@@ -75,7 +75,7 @@ def test_generation_order_progress_and_top_k_check():
     gens = greedy_generate(
         model, tok, PROMPTS, 3, batch_size=3, progress=lambda d, n: calls.append((d, n))
     )
-    assert calls == [(3, 8), (6, 8), (8, 8)]
+    assert calls == [(0, 8), (3, 8), (6, 8), (8, 8)]  # a start, then after each batch
     assert gens[0].topk_ids is None and gens[0].probs is None
     # batched by length internally, but each output belongs to its prompt
     one = greedy_generate(model, tok, [PROMPTS[5]], 3)[0]

@@ -271,3 +271,18 @@ def test_density_is_a_learned_merges_own_with_a_ties_base_method(llama_zoo, tmp_
     assert r.models[0].parameters == {"density": 0.5}
     r = load_recipe(write_recipe(tmp_path / "r.yaml", dm(llama_zoo, tmp_path, density=0.3)))
     assert "parameters.density: ignored; divmerge takes no density" in r.warnings[0]
+
+
+def test_validate_json_reports_a_refused_recipe(llama_zoo, tmp_path, cli):
+    recipe = {"merge_method": "ties", "base_model": str(llama_zoo["base"]), "models": []}
+    recipe["models"] = [{"model": str(tmp_path / "missing")}]
+    r = write_recipe(tmp_path / "r.yaml", recipe)
+    code, _, err = cli("validate", r, "--json", tmp_path / "v.json")
+    assert code == 2, err
+    report = json.loads((tmp_path / "v.json").read_text())
+    message = err.strip().removeprefix("error: ")
+    assert report == {"recipe": str(r), "ok": False, "error": message}
+    assert "models[0].model" in report["error"]
+    ok = write_recipe(tmp_path / "ok.yaml", {**recipe, "models": [{"model": str(llama_zoo["e0"])}]})
+    code, _, err = cli("validate", ok, "--json", tmp_path / "v.json")  # replaced by the pass
+    assert code == 0 and json.loads((tmp_path / "v.json").read_text())["ok"] is True, err

@@ -9,14 +9,28 @@ from .results import cell_rows
 from .stats import Z95, Stats, summarize
 
 
-def write_plots(rows: list[dict], out: Path) -> list[Path]:
-    """anp_vs_k.png (Figure 2) and gamma_trace.png (Figure 7, if any optimized cell has a trace)
-    in `out`; nothing when matplotlib is not importable. Returns the files written."""
+def _matplotlib():
+    """(Figure, FigureCanvasAgg), or None when matplotlib is not importable."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
+        return None
+    return Figure, FigureCanvasAgg
+
+
+def can_plot() -> bool:
+    """Whether write_plots can draw (for the CLI to say when it cannot)."""
+    return _matplotlib() is not None
+
+
+def write_plots(rows: list[dict], out: Path) -> list[Path]:
+    """anp_vs_k.png (Figure 2) and gamma_trace.png (Figure 7, if any optimized cell has a trace)
+    in `out`; nothing when matplotlib is not importable. Returns the files written."""
+    mpl = _matplotlib()
+    if mpl is None:
         return []
+    Figure, FigureCanvasAgg = mpl
     written = []
     cells = cell_rows(rows)
     if cells:

@@ -47,7 +47,7 @@ def reference_scores(
 ) -> dict[str, float]:
     """Each expert's score on its own task: read from the results file, else measured and appended."""
     known = {r["task"]: r for r in rows if r.get("type") == "reference"}
-    refs = {}
+    refs_read, refs = dict(known), {}
     for i, (t, expert) in enumerate(cfg.experts.items()):
         if t not in known:
             if progress:
@@ -69,6 +69,8 @@ def reference_scores(
             }
             append_row(cfg.results, known[t])
         refs[t] = float(known[t]["score"])
+    if progress and len(known) > len(refs_read):  # the last expert scored: the phase ends
+        progress("reference", len(cfg.experts), len(cfg.experts), "")
     zero = [t for t, s in refs.items() if s == 0]
     if zero:
         raise UserError(
