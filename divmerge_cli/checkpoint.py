@@ -17,7 +17,7 @@ import shutil
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -409,14 +409,11 @@ NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse an existing OUT without --force, an OUT divmerge did not write even with --force, an
     OUT below a file, and any OUT that would replace or sit inside an input."""
-    out_r = resolve(out, "-o")
-    for p in inputs:
-        p = resolve(p, "model")
-        if out_r == p or p.is_relative_to(out_r) or out_r.is_relative_to(p):
-            raise UserError(f"-o {out}: overlaps the input model {p}; choose another output folder")
+    out_r = check_target(out, "-o", inputs, folder=True)
     blocker = next((d for d in out_r.parents if d.exists() and not d.is_dir()), None)
     if blocker:
         raise UserError(f"-o {out}: {blocker} is a file, not a folder; choose another output path")
+    _probe(next(d for d in out_r.parents if d.exists()), out, "-o")
     if not out.exists():
         return
     if not out.is_dir():
@@ -428,6 +425,68 @@ def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
             f"-o {out}: --force only replaces a folder divmerge wrote (one holding {RECIPE_COPY}); "
             "this one holds other files, so it is left alone: remove it yourself or choose another"
         )
+
+
+def check_out_file(path: Path, flag: str, inputs: Iterable[Path] = ()) -> None:
+    """Before any work: a file option's PATH (--json) can be written and writing it replaces no
+    input. '-' (stdout) always can."""
+    if str(path) == "-":
+        return
+    real = check_target(path, flag, inputs, folder=False)
+    if real.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file path")
+    if not real.parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {real.parent} does not exist")
+    _probe(real.parent, path, flag)
+
+
+def check_target(path: Path, flag: str, inputs: Iterable[Path], folder: bool) -> Path:
+    """The resolved PATH an output option names, refused when it is a dangling link or when
+    writing it would replace an input or a file inside one (for a folder: or hold an input)."""
+    path = Path(path)
+    real = resolve(path, flag)  # a link loop is refused here
+    if path.is_symlink() and not path.exists():
+        raise UserError(
+            f"{flag} {path}: is a link to {os.readlink(path)}, which does not exist; "
+            "give a path that does"
+        )
+    for p in inputs:
+        p = resolve(p, "input")
+        if real == p or real.is_relative_to(p) or (folder and p.is_relative_to(real)):
+            kind = "model" if p.is_dir() else "file"
+            raise UserError(
+                f"{flag} {path}: overlaps the input {kind} {p}; writing it would replace the "
+                "input: choose another path"
+            )
+    return real
+
+
+def _probe(folder: Path, path: Path, flag: str) -> None:
+    """A file can be created in FOLDER: not a read-only disk, nor a pseudo-filesystem like /proc
+    whose folders refuse new files (permissions alone do not tell, and root passes them)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".divmerge-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UserError(
+            f"{flag} {path}: {folder} is not writable (cannot create a file there: "
+            f"{e.strerror}); choose another path"
+        ) from None
+
+
+def standard_json(obj: object, indent: int | None = None) -> str:
+    """JSON that every parser reads: NaN and infinities, which json.dumps writes as the
+    non-standard NaN / Infinity, become null."""
+
+    def finite(x: object) -> object:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        return [finite(v) for v in x] if isinstance(x, list | tuple) else x
+
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
 def human_size(n: float) -> str:
@@ -460,6 +519,40 @@ def _raise_disk_error(e: OSError, out: Path, need: int | None) -> None:
     if e.errno in NOT_WRITABLE:
         raise UserError(f"-o {out}: cannot write there ({e.strerror}: {e.filename})") from None
     raise e
+
+
+@contextmanager
+def disk_full_is_user_error(folder: Path, need: int, what: str) -> Iterator[None]:
+    """A full disk while writing WHAT into FOLDER becomes the user's error, naming the folder and
+    the space the write needed."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        where = next(d for d in [Path(folder), *Path(folder).absolute().parents] if d.exists())
+        raise UserError(
+            f"{what} in {folder}: the disk is full ({human_size(shutil.disk_usage(where).free)} "
+            f"free, {human_size(need)} needed); free some space and rerun"
+        ) from None
+
+
+def write_file(path: Path, data: str | bytes, what: str) -> None:
+    """Write PATH whole or not at all: a temporary file beside it, renamed into place, removed
+    on any failure (a full disk leaves no empty or partial file behind)."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = None
+    with disk_full_is_user_error(path.parent, len(raw), what):
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _temp_name(out: Path, kind: str, pid: int | None = None) -> Path:

@@ -370,8 +370,13 @@ def validate(
     from .merge import plan_merge
     from .recipe import load_recipe
 
+    _stdout_for_json(json_out)
     r = _warn(load_recipe(recipe))
     plan = plan_merge(r, allow_pickle)
+    if json_out:
+        from .checkpoint import check_out_file
+
+        check_out_file(json_out, "--json", _recipe_inputs(r, plan))
     report: dict = {"recipe": str(recipe), "merge_method": r.merge_method, "ok": True}
     report["warnings"] = plan.warnings
     for w in plan.warnings:
@@ -410,9 +415,23 @@ def validate(
             f"disk {gb(report['disk_bytes'])}; {report['task_vectors_reason']}"
         )
     if json_out:
-        import json
+        _write_json(json_out, report)
 
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+def _recipe_inputs(r, plan) -> list[Path]:
+    """Every file and folder a recipe reads (an output must replace none of them)."""
+    from .recipe import optimize_params
+    from .tasks import task_files
+
+    files = [r.source, plan.tokenizer, *(c.path for c in plan.inputs)]
+    if plan.method.optimized and (fixed := optimize_params(r).coefficients):
+        files.append(Path(r.resolve_path(fixed)))
+    return files + task_files(r.tasks, r.source.parent, str(r.source))
+
+
+def _stdout_for_json(json_out: Path | None) -> None:
+    """With `--json -` the JSON is the command's stdout: tables and lines go to stderr."""
+    out.stderr = str(json_out) == "-"
 
 
 def _warn(recipe):
@@ -428,11 +447,12 @@ def _plain(message: object) -> str:
     return escape(_short(" ".join(str(message).splitlines())))
 
 
-def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:
-    """(tasks, reference expert per task, where) from a tasks YAML or a recipe with tasks."""
+def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], list[Path]]:
+    """(tasks, reference expert per task, the files read) from a tasks YAML or a recipe with
+    tasks."""
     from .errors import read_yaml
     from .recipe import load_recipe
-    from .tasks import load_tasks
+    from .tasks import load_tasks, task_files
 
     try:
         raw = read_yaml(path, "tasks") if path.is_file() else None
@@ -444,10 +464,11 @@ def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:
             raise UserError(f"--tasks {path}: the recipe has no tasks")
         tasks = load_tasks(r.tasks, r.source.parent, str(path))
         refs = {m.task: Path(r.resolve_path(m.model)) for m in r.models if m.task}
-        return tasks, refs, path
+        return tasks, refs, [path, *task_files(r.tasks, r.source.parent, str(path))]
     if not path.is_file():
         raise UserError(f"--tasks {path}: file not found (a tasks YAML or a recipe with tasks)")
-    return load_tasks(str(path.resolve()), path.parent, str(path)), {}, path
+    raw_ = str(path.resolve())
+    return load_tasks(raw_, path.parent, str(path)), {}, task_files(raw_, path.parent, str(path))
 
 
 @app.command("eval")
@@ -494,9 +515,8 @@ def eval_(
     if limit is not None and limit < 1:
         raise UserError(f"--limit: {limit} is not valid; use an integer >= 1")
     _check_seed(seed)
-    if json_out:
-        _check_writable(json_out, "--json")
-    specs, refs, _ = _eval_tasks(tasks) if tasks is not None else ({}, {}, None)
+    _stdout_for_json(json_out)
+    specs, refs, read = _eval_tasks(tasks) if tasks is not None else ({}, {}, [])
     items = [i.strip() for h in harness or [] for i in h.split(",") if i.strip()]
     if not specs and not items:
         raise UserError(
@@ -511,6 +531,10 @@ def eval_(
                 f"--reference {item}: use TASK=PATH with TASK one of {', '.join(names)}"
             )
         refs[task] = Path(p)
+    if json_out:
+        from .checkpoint import check_out_file
+
+        check_out_file(json_out, "--json", [*models, *refs.values(), *read])
     gates = _gates(fail_under_anp, fail_under, names, refs)
     for m in [*models, *refs.values()]:
         _check_scored(m, allow_pickle)
@@ -665,28 +689,18 @@ def _report_and_gate(report: dict, gates: list, json_out: Path | None) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees half of it."""
-    import json
-    import tempfile
+    """Standard JSON, to stdout for '-', else whole or not at all (a temporary file renamed)."""
+    from .checkpoint import standard_json, write_file
 
+    text = standard_json(obj, indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_file(path, text, f"--json {path}")
     except OSError as e:
         raise UserError(f"--json {path}: cannot write it ({e.strerror})") from None
-
-
-def _check_writable(path: Path, what: str) -> None:
-    """Before hours of work: PATH can be created or overwritten as a file."""
-    if path.is_dir():
-        raise UserError(f"{what} {path}: is a folder; give a file path")
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        raise UserError(f"{what} {path}: the folder {parent} does not exist")
-    if not os.access(path if path.exists() else parent, os.W_OK):
-        raise UserError(f"{what} {path}: not writable")
 
 
 def _default_cache(kind: str) -> Path:
@@ -1010,6 +1024,7 @@ def main() -> None:
     1, Ctrl-C 130, SIGTERM 143."""
     _stopped_by.clear()
     _kept.clear()
+    out.stderr = False
     handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if the shell ignores it
         handlers[signal.SIGINT] = signal.default_int_handler

