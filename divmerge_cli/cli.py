@@ -580,7 +580,7 @@ def _gates(anp_min: float | None, task_mins: list[str] | None, names: list[str],
 
 def _eval_report(models, specs, refs, lm_tasks, opts: dict, cache: Path) -> dict:
     """Scores of every model and reference, with progress bars per model, task and batch."""
-    from .evaluate import anp
+    from .evaluate import anp, normalized
     from .harness import only
 
     with _progress() as prog:
@@ -596,9 +596,19 @@ def _eval_report(models, specs, refs, lm_tasks, opts: dict, cache: Path) -> dict
             bars.model(str(m), len(specs) + (len(lm_tasks.names) if lm_tasks else 0))
             entry: dict = {"tasks": _score_model(m, specs, lm_tasks, opts, cache, bars)}
             known = {t: s["score"] for t, s in entry["tasks"].items() if t in ref_scores}
+            for t, score in known.items():
+                entry["tasks"][t]["normalized"] = normalized(score, ref_scores[t])
             entry["anp"] = anp(known, ref_scores) if known else None
             report["models"][str(m)] = entry
         bars.finish()
+    for t in [t for t, s in ref_scores.items() if not s]:
+        err.print(
+            f"[yellow]warning:[/] {escape(str(refs[t]))}, the reference of task {escape(t)}, "
+            "scores 0 on it, so that task's normalized score and ANP are undefined (null); "
+            + ("score more rows than --limit" if opts["limit"] else "check the expert and task"),
+            highlight=False,
+            soft_wrap=True,
+        )
     if refs:
         report["references"] = {
             t: {"model": str(p), "score": ref_scores[t]} for t, p in refs.items()
@@ -754,6 +764,8 @@ def _score_table(name: str, entry: dict, refs: dict[str, float]) -> Table:
         )
     if entry.get("anp") is not None:
         table.add_row("[bold]ANP[/]", "", "", "", "", f"[bold]{100 * entry['anp']:.2f} %[/]")
+    elif any(s.get("normalized", 0) is None for s in entry["tasks"].values()):
+        table.add_row("[bold]ANP[/]", "", "", "", "", "undefined")
     for t, d in entry.get("divergence", {}).items():
         table.add_row(f"JS / KL ({t} expert)", "", "", "", "", f"{d['js']:.4f} / {d['kl']:.4f}")
     return table

@@ -81,10 +81,17 @@ METRICS: dict[str, Callable[[list[str], list[str]], float]] = {
 }
 
 
-def anp(scores: dict[str, float], references: dict[str, float]) -> float:
+def normalized(score: float, reference: float) -> float | None:
+    """PERF(model, t) / PERF(expert t, t); None (undefined) when the expert scores 0 on t."""
+    return score / reference if reference else None
+
+
+def anp(scores: dict[str, float], references: dict[str, float]) -> float | None:
     """Average Normalized Performance (Eq. 5): mean over tasks of score / expert's score.
 
-    `scores` are the merged model's per-task scores, `references` each task's expert on it.
+    `scores` are the merged model's per-task scores, `references` each task's expert on it. None
+    when an expert scores 0 on its task (often on a few rows, --limit): that task's normalized
+    performance is undefined, and the mean over the other tasks would be another quantity.
     """
     if not scores:
         raise UserError("ANP: no tasks to average over")
@@ -92,13 +99,8 @@ def anp(scores: dict[str, float], references: dict[str, float]) -> float:
     for task, score in scores.items():
         if task not in references:
             raise UserError(f"ANP: no reference (expert) score for task {task!r}")
-        if references[task] == 0:
-            raise UserError(
-                f"ANP: the expert scores 0 on task {task!r}, so its normalized performance is "
-                "undefined; check the expert and the task's target/metric"
-            )
-        ratios.append(score / references[task])
-    return sum(ratios) / len(ratios)
+        ratios.append(normalized(score, references[task]))
+    return None if None in ratios else sum(ratios) / len(ratios)
 
 
 # progress(task, done, total): generation batches of `task` scored so far.
@@ -286,12 +288,17 @@ def check_gates(models: dict[str, dict], gates: list[Gate]) -> list[dict]:
                     "passed": value is not None and value >= g.threshold,
                 }
             )
+            zero = [t for t, s in entry["tasks"].items() if s.get("normalized", 0) is None]
+            if value is None and zero:
+                records[-1]["undefined"] = f"the expert scores 0 on task {zero[0]!r}"
     return records
 
 
 def gate_message(record: dict) -> str:
     """One line for a failed gate."""
     if record["gate"] == "anp":
+        if record.get("undefined"):
+            return f"{record['model']}: ANP is undefined ({record['undefined']})"
         if record["value"] is None:
             return f"{record['model']}: no ANP to gate (no task has a reference score)"
         return f"{record['model']}: ANP {record['value']:.2f} % is under {record['threshold']:g} %"

@@ -100,3 +100,51 @@ def test_json_output_has_no_nan_or_infinity():
 
     got = standard_json({"a": float("nan"), "b": [1.5, float("inf")], "c": (float("-inf"),)})
     assert json.loads(got) == {"a": None, "b": [1.5, None], "c": [None]}
+
+
+# --- a reference expert scoring 0: every score is written, ANP is undefined -------------------
+
+
+def _zero_reference_recipe(toy: Path, tmp_path: Path) -> Path:
+    """The base as the `sent` reference: it answers no review right, so it scores 0."""
+    return write_recipe(
+        tmp_path / "z.yaml",
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(toy / "base"),
+            "models": [
+                {"model": str(toy / "base"), "task": "sent"},
+                {"model": str(toy / "rev"), "task": "rev"},
+            ],
+            "tasks": str(toy / "tasks.yaml"),
+        },
+    )
+
+
+def test_eval_with_a_reference_scoring_0_writes_every_score(toy, tmp_path, cli):
+    r = _zero_reference_recipe(toy, tmp_path)
+    args = ["eval", toy / "sent", "--tasks", r, "--cache-dir", tmp_path / "c"]
+    code, out, err = cli(*args, "--json", tmp_path / "e.json")
+    assert code == 0 and "scores 0" in err and "undefined" in out, err
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["references"]["sent"]["score"] == 0  # what the test relies on
+    entry = report["models"][str(toy / "sent")]
+    assert set(entry["tasks"]) == set(TASKS) and entry["anp"] is None
+    assert entry["tasks"]["sent"]["normalized"] is None
+    rev = entry["tasks"]["rev"]
+    assert rev["normalized"] == rev["score"] / report["references"]["rev"]["score"]
+    # a gate on the task that has a reference works; an ANP gate cannot pass, and says why
+    code, _, err = cli(*args, "--fail-under", "rev=0", "--json", tmp_path / "g.json")
+    assert code == 0, err
+    code, _, err = cli(*args, "--fail-under-anp", "0", "--json", tmp_path / "a.json")
+    assert code == 3 and "ANP is undefined (the expert scores 0 on task 'sent')" in err, err
+    assert json.loads((tmp_path / "a.json").read_text())["gates"][0]["passed"] is False
+
+
+def test_run_eval_with_a_reference_scoring_0_writes_eval_json(toy, tmp_path, cli):
+    r = _zero_reference_recipe(toy, tmp_path)
+    out_dir = tmp_path / "m"
+    code, _, err = cli("run", r, "-o", out_dir, "--eval", "--cache-dir", tmp_path / "c")
+    assert code == 0 and "scores 0" in err, err
+    entry = json.loads((out_dir / "eval.json").read_text())["models"][str(out_dir)]
+    assert set(entry["tasks"]) == set(TASKS) and entry["anp"] is None
