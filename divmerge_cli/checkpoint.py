@@ -176,7 +176,7 @@ class Checkpoint:
             if not all(isinstance(f, str) for f in files):
                 raise UserError(f"{self.where}: {idx}: weight_map values must be file names")
             for f in files:  # a shard is a file of this folder, never a path out of it
-                if Path(f).is_absolute() or ".." in Path(f).parts:
+                if not plain_name(f):
                     raise UserError(
                         f"{self.where}: {idx} names {f!r}, outside {self.path}; an index may "
                         "only name files inside its model folder"
@@ -691,12 +691,34 @@ def atomic_folder(out: Path, need: int | None = None) -> Iterator[Path]:
             raise
 
 
-def copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
-    copied = []
-    for n in names:
-        if (src / n).is_file():
-            shutil.copy2(src / n, dst / n)
-            copied.append(n)
+def plain_name(name: str) -> bool:
+    """A name a model folder may use for one of its files: relative, never climbing out (`..`)."""
+    return not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+def side_files(src: Path, names: tuple[str, ...], where: str) -> list[str]:
+    """The files of NAMES that folder SRC holds, each checked to be the folder's own: the shard
+    index's rule, and through links too. A link out of the folder (merges.txt -> a private file
+    elsewhere) would copy that file into OUT. A hub cache snapshot's files link into its
+    repository's blobs/, which is inside."""
+    root = Path(src).resolve()
+    if root.parent.name == "snapshots":  # huggingface_hub: snapshots/REV/f -> ../../blobs/HASH
+        root = root.parent.parent
+    found = [n for n in names if (Path(src) / n).is_file()]
+    for n in found:
+        real = (Path(src) / n).resolve()
+        if not plain_name(n) or not real.is_relative_to(root):
+            raise UserError(
+                f"{where}: {Path(src) / n} links to {real}, outside {src}; divmerge copies only a "
+                "model folder's own files into the output (replace the link with a copy)"
+            )
+    return found
+
+
+def copy_side_files(src: Path, dst: Path, names: tuple[str, ...], where: str = "") -> list[str]:
+    copied = side_files(src, names, where or str(src))
+    for n in copied:
+        shutil.copy2(src / n, dst / n)
     return copied
 
 

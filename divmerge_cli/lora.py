@@ -438,10 +438,12 @@ def save_adapter(
     card: str = "",
     files: dict[str, str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    verify: Callable[[], None] | None = None,
 ) -> dict[str, tuple[int, float]]:
     """Write θ0 + delta(name) as a PEFT LoRA adapter folder at OUT (atomically). nn.Linear and
     nn.Embedding weights become LoRA factors (rank None: exact, needs LowRank deltas); any other
     changed module, or one with a dense delta at exact rank, is saved whole (modules_to_save).
+    `verify` runs last, before OUT is in place (MergePlan.check_unchanged).
     Returns {module: (rank, relative Frobenius error)}."""
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -510,6 +512,8 @@ def save_adapter(
         (tmp / "README.md").write_text(card + adapter_card(ranks, whole, rank))
         for fname, text in (files or {}).items():
             (tmp / fname).write_text(text)
+        if verify:
+            verify()
     return ranks
 
 
@@ -640,6 +644,7 @@ def merge_as_adapter(
         files={"divmerge_recipe.yaml": dump_recipe(r)},
         progress=progress,
         inputs=[c.path for c in plan.inputs] + [base.path],
+        verify=plan.check_unchanged,
     )
     if coefficient is not None:
         return write_adapter(out, base, plan.models, coefficient, rank, **kw)

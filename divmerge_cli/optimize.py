@@ -759,6 +759,7 @@ def write_learned_adapter(
         files={**files, "divmerge_recipe.yaml": dump_recipe(r)},
         progress=progress,
         inputs=[c.path for c in plan.inputs],
+        verify=plan.check_unchanged,
     )
 
 

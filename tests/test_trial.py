@@ -148,3 +148,70 @@ def test_run_eval_with_a_reference_scoring_0_writes_eval_json(toy, tmp_path, cli
     assert code == 0 and "scores 0" in err, err
     entry = json.loads((out_dir / "eval.json").read_text())["models"][str(out_dir)]
     assert set(entry["tasks"]) == set(TASKS) and entry["anp"] is None
+
+
+# --- an input replaced while a merge reads it ---------------------------------------------------
+
+
+def _replace_midway(monkeypatch, victim: Path, donor: Path, after: int = 5) -> None:
+    """After `after` tensor reads, VICTIM is replaced by a copy of DONOR (as `mv new old` does)."""
+    from divmerge_cli import checkpoint
+
+    real, calls = checkpoint.Checkpoint.get, []
+
+    def get(self, *a, **k):
+        calls.append(1)
+        if len(calls) == after:
+            shutil.copy(donor, victim.with_name("incoming"))
+            victim.with_name("incoming").replace(victim)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "get", get)
+
+
+@pytest.mark.parametrize("extra", [[], ["--as-adapter", "--adapter-rank", "2"]])
+def test_an_input_replaced_during_a_merge_exits_2_and_writes_nothing(
+    extra, llama_zoo, tmp_path, cli, monkeypatch
+):
+    zoo = {n: shutil.copytree(llama_zoo[n], tmp_path / n) for n in ("base", "e0", "e1")}
+    r = write_recipe(tmp_path / "r.yaml", ta_recipe(zoo))
+    _replace_midway(monkeypatch, zoo["e1"] / "model.safetensors", zoo["e0"] / "model.safetensors")
+    code, _, err = cli("run", r, "-o", tmp_path / "m", *extra)
+    assert one_line_error(code, err) and "changed while the merge" in err, err
+    assert str(zoo["e1"] / "model.safetensors") in err
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.divmerge-*"))
+
+
+# --- files copied into OUT are the model folder's own --------------------------------------------
+
+
+def test_a_tokenizer_file_linking_out_of_the_model_folder_is_not_copied(llama_zoo, tmp_path, cli):
+    zoo = {n: shutil.copytree(llama_zoo[n], tmp_path / n) for n in ("base", "e0", "e1")}
+    secret = tmp_path / "private" / "id_key"
+    secret.parent.mkdir()
+    secret.write_text("a private file")
+    (zoo["base"] / "merges.txt").symlink_to(secret)
+    r = write_recipe(tmp_path / "r.yaml", ta_recipe(zoo))
+    for args in (["validate", r], ["run", r, "-o", tmp_path / "m"]):
+        code, _, err = cli(*args)
+        assert one_line_error(code, err) and "merges.txt links to" in err and "outside" in err, err
+    assert not (tmp_path / "m").exists()
+    # a link to a file inside the folder is the folder's own file; so is a hub snapshot's link
+    # into its repository's blobs/
+    (zoo["base"] / "merges.txt").unlink()
+    (zoo["base"] / "merges.txt").symlink_to(zoo["base"] / "tokenizer.json")
+    snapshot = tmp_path / "models--org--base" / "snapshots" / "abc123"
+    blobs = tmp_path / "models--org--base" / "blobs"
+    blobs.mkdir(parents=True)
+    shutil.copytree(zoo["base"], snapshot)
+    for f in snapshot.iterdir():
+        f.replace(blobs / f.name)
+        f.symlink_to(Path("..") / ".." / "blobs" / f.name)
+    for base in (zoo["base"], snapshot):
+        recipe = {**ta_recipe(zoo), "base_model": str(base)}
+        r = write_recipe(tmp_path / "ok.yaml", recipe)
+        code, _, err = cli("run", r, "-o", tmp_path / "m", "--force")
+        assert code == 0, err
+        assert (tmp_path / "m" / "merges.txt").read_text() == (
+            zoo["base"] / "tokenizer.json"
+        ).read_text()
