@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .checkpoint import write_file
 from .errors import UserError
 from .generate import greedy_generate
 from .hashing import hash_json
@@ -182,10 +181,7 @@ def _write_cache(path: Path, entries: dict) -> None:
     """Merge `entries` into the cache file atomically (re-read first: other runs may have written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**_read_cache(path), **entries}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".eval_scores.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(merged, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_file(path, json.dumps(merged, indent=1, sort_keys=True), "the score cache")
 
 
 def evaluate_model(

@@ -8,6 +8,7 @@ model's predictions at the same positions (the tokens each expert generated on i
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch
 import yaml
 
 from . import hf
-from .checkpoint import DTYPES
+from .checkpoint import DTYPES, disk_full_is_user_error, write_file
 from .coefficients import groups_for, initial_gamma
 from .errors import UserError
 from .estimate import Estimate, estimate_learned
@@ -450,7 +451,7 @@ def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator)
         run.start = st["step"]
     if accelerator.is_main_process:  # the log is followable while the run goes (tail -f)
         state_dir.mkdir(parents=True, exist_ok=True)
-        run.log_file.write_text("".join(json.dumps(x) + "\n" for x in run.log))
+        write_file(run.log_file, "".join(json.dumps(x) + "\n" for x in run.log), STATE)
     return run
 
 
@@ -493,14 +494,23 @@ def _not_finite(pb: Problem, run: _Run, step: int, loss: float) -> UserError:
     )
 
 
+STATE = "the optimizer state"
+
+
 def _save(run: _Run, step: int) -> None:
-    with open(run.log_file, "a") as f:
-        f.write(json.dumps(run.log[-1]) + "\n")
+    """Append the step to the log, then replace state.pt whole. Serialized in memory first: on a
+    full disk torch.save fails with a C++ message and leaves an empty file; a plain write says
+    ENOSPC and write_file removes its temporary file."""
+    line = json.dumps(run.log[-1]) + "\n"
     state = {"key": run.key, "gamma": run.gamma.detach().cpu(), "opt": run.opt.state_dict()}
-    run.state_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run.state_file.with_suffix(".tmp")
-    torch.save({**state, "step": step}, tmp)
-    os.replace(tmp, run.state_file)
+    buf = io.BytesIO()
+    torch.save({**state, "step": step}, buf)
+    folder = run.state_file.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with disk_full_is_user_error(folder, len(line) + buf.tell(), STATE):
+        with open(run.log_file, "a") as f:  # a torn last line is past state.pt's step: dropped
+            f.write(line)
+    write_file(run.state_file, buf.getvalue(), STATE)
 
 
 def run_key(pb: Problem, seed: int) -> str:

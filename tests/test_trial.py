@@ -215,3 +215,115 @@ def test_a_tokenizer_file_linking_out_of_the_model_folder_is_not_copied(llama_zo
         assert (tmp_path / "m" / "merges.txt").read_text() == (
             zoo["base"] / "tokenizer.json"
         ).read_text()
+
+
+# --- a full disk while saving the optimizer state, the teacher cache or --json ------------------
+
+PAGE = 4096
+FULL_DISK = r"""
+set -e
+mount -t tmpfs -o size=1m tmpfs "$DISK"
+mkdir "$DISK/state" "$DISK/cache"
+dd if=/dev/zero of="$DISK/fill" bs=4096 count=$((256 - FREE)) 2>/dev/null || true
+set +e
+"$PYTHON" -m divmerge_cli.cli "$@" 2>"$OUT/err" >/dev/null
+echo $? >"$OUT/rc"
+rm "$DISK/fill"
+find "$DISK" -mindepth 1 -type f -printf '%P %s\n' >"$OUT/left"
+"""
+
+
+def _unshare_works() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def _on_a_full_disk(tmp_path: Path, args: list, free_pages: int) -> tuple[int, str, list[str]]:
+    """Run divmerge with tmp_path/disk a real 1 MB tmpfs (mounted in a private user and mount
+    namespace) with FREE_PAGES pages free; returns the exit code, stderr and the files left on
+    it (name and size) once the filler is removed."""
+    import os
+    import subprocess
+    import sys
+
+    disk, out = tmp_path / "disk", tmp_path / "run"
+    disk.mkdir()
+    out.mkdir()
+    env = {
+        **os.environ,
+        "DISK": str(disk),
+        "OUT": str(out),
+        "FREE": str(free_pages),
+        "PYTHON": sys.executable,
+        "PYTHONPATH": os.environ.get("PYTHONPATH") or str(Path(__file__).resolve().parents[1]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    cmd = ["unshare", "-rm", "sh", "-c", FULL_DISK, "sh", *map(str, args)]
+    subprocess.run(cmd, env=env, check=True, timeout=600, cwd=tmp_path)  # not the checkout
+    left = (out / "left").read_text().split("\n")
+    return int((out / "rc").read_text()), (out / "err").read_text(), [x for x in left if x]
+
+
+def _learned_recipe(llama_zoo: dict, tmp_path: Path) -> Path:
+    from conftest import TEXTS
+
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    tasks = {"t0": {"validation": "val.jsonl", "prompt": "{text}", "max_new_tokens": 3}}
+    write_recipe(tmp_path / "tasks.yaml", tasks)
+    recipe = {
+        "merge_method": "divmerge",
+        "base_model": str(llama_zoo["base"]),
+        "models": [{"model": str(llama_zoo["e0"]), "task": "t0"}],
+        "tasks": "tasks.yaml",
+        "parameters": {"samples": 4, "epochs": 1, "top_k": 8, "granularity": "task"},
+    }
+    return write_recipe(tmp_path / "dm.yaml", recipe)
+
+
+needs_unshare = pytest.mark.skipif(
+    not _unshare_works(), reason="needs `unshare -rm` to mount a small tmpfs"
+)
+
+
+@needs_unshare
+def test_a_full_disk_while_saving_the_optimizer_state_exits_2_and_leaves_no_empty_state(
+    llama_zoo, tmp_path
+):
+    r = _learned_recipe(llama_zoo, tmp_path)
+    # the state folder (beside OUT) on the full disk: one page free takes the log, not the state
+    (tmp_path / ".m.divmerge-state").symlink_to(tmp_path / "disk" / "state")
+    args = ["run", r, "-o", tmp_path / "m", "--cache-dir", tmp_path / "cache"]
+    code, err, left = _on_a_full_disk(tmp_path, args, free_pages=1)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err
+    assert "the optimizer state in" in last and "disk is full" in last and "needed" in last, err
+    assert str(tmp_path / ".m.divmerge-state") in last
+    assert not [x for x in left if x.startswith("state/") and "train_log" not in x], left
+    assert not (tmp_path / "m").exists()
+
+
+@needs_unshare
+def test_a_full_disk_while_writing_the_teacher_cache_exits_2_and_leaves_nothing(
+    llama_zoo, tmp_path
+):
+    r = _learned_recipe(llama_zoo, tmp_path)
+    args = ["run", r, "-o", tmp_path / "m", "--cache-dir", tmp_path / "disk" / "cache"]
+    code, err, left = _on_a_full_disk(tmp_path, args, free_pages=0)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err
+    assert f"the teacher cache in {tmp_path / 'disk' / 'cache'}" in last and "needed" in last, err
+    assert left == [], left
+
+
+@needs_unshare
+def test_a_full_disk_under_eval_json_exits_2_and_leaves_no_temp_file(toy, tmp_path):
+    args = ["eval", toy / "base", "--tasks", toy / "tasks.yaml", "--limit", "1"]
+    args += ["--cache-dir", tmp_path / "c", "--json", tmp_path / "disk" / "e.json"]
+    code, err, left = _on_a_full_disk(tmp_path, args, free_pages=0)
+    assert left == [], left  # no temporary file: it was left, 0 bytes
+    assert code == 2 and "Traceback" not in err and "--json" in err and "disk is full" in err, err
