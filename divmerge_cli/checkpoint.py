@@ -137,6 +137,11 @@ class Checkpoint:
         if not self.path.is_dir():
             raise UserError(f"{where}: {path} is not a folder holding a Hugging Face checkpoint")
         cfg = self.path / "config.json"
+        if not cfg.is_file() and (self.path / "adapter_model.safetensors").is_file():
+            raise UserError(
+                f"{where}: {path} holds adapter_model.safetensors but no adapter_config.json: a "
+                "LoRA adapter folder needs both (PEFT's save_pretrained writes them)"
+            )
         if not cfg.is_file():
             raise UserError(f"{where}: {path} has no config.json")
         try:
