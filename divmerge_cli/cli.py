@@ -131,6 +131,7 @@ def run(
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     check_out(output, force, [c.path for c in plan.inputs])
     _on_interrupt(lambda: f"nothing was written to {output}")
+    _finish_once(output, f"{output} is complete")
     with _writing(output, plan.method.optimized):
         if as_adapter and not plan.method.optimized:
             return _run_as_adapter(plan, output, adapter_rank, force, seed, dev)
@@ -196,6 +197,7 @@ def _run_eval(gated, output: Path, seed: int, cache_dir: Path | None) -> None:
         return
     specs, refs, gates = gated
     _on_interrupt(lambda: f"{output} is complete; its eval.json was not written")
+    _finish_once(output / "eval.json", f"{output} and its eval.json are complete")
     opts = {"split": "test", "limit": None, "batch_size": 16, "seed": seed}
     report = _eval_report([output], specs, refs, None, opts, cache_dir or _default_cache("eval"))
     _report_and_gate(report, gates, output / "eval.json")
@@ -1002,6 +1004,8 @@ ENVIRONMENT_ERRNOS = {
 MAX_MESSAGE = 500  # characters: a message quoting a huge input must stay one readable line
 _stopped_by: list[int] = []  # the signals that interrupted this command
 _kept: list[Callable[[], str | None]] = []  # what an interrupted command leaves, described
+_done: list[tuple[Callable[[], bool], str]] = []  # when the command's output is in place, saying so
+_deferred: list[int] = []  # signals that came once it was: the command finished its last second
 
 
 def _on_interrupt(describe: Callable[[], str | None]) -> None:
@@ -1009,8 +1013,31 @@ def _on_interrupt(describe: Callable[[], str | None]) -> None:
     _kept.insert(0, describe)
 
 
+def _finish_once(path: Path, complete: str) -> None:
+    """From now on, the command's work is done once a new PATH is in place (renamed there: its
+    inode is not the one it has now). A signal after that lets the command finish (exit 0, saying
+    so): stopping it would report an interruption, and "nothing was written", for work that is
+    complete. A second signal stops it, saying COMPLETE."""
+
+    def ino() -> int | None:
+        try:
+            return os.stat(path).st_ino
+        except OSError:
+            return None
+
+    if _deferred:  # a signal came while the previous phase finished: do not start this one
+        _deferred.clear()
+        _done.clear()
+        raise KeyboardInterrupt
+    before = ino()
+    _done[:] = [(lambda: (now := ino()) is not None and now != before, complete)]
+
+
 def _interrupt(signum: int, _frame) -> None:
     _stopped_by.append(signum)
+    if len(_stopped_by) == 1 and _done and _done[0][0]():
+        _deferred.append(signum)
+        return
     raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary folders are removed on the way out
 
 
@@ -1022,6 +1049,8 @@ def _interrupted() -> None:
     """Ctrl-C exits 130 and SIGTERM 143 (128 + signal, as shells do), saying what was kept."""
     sig = _stopped_by[0] if _stopped_by else signal.SIGINT
     kept = next((m for describe in _kept if (m := describe())), None)
+    if _done and _done[0][0]():
+        kept = _done[0][1]
     name = signal.Signals(sig).name
     err.print(
         f"[yellow]interrupted[/] ({name}): {escape(kept or 'nothing was written')}",
@@ -1036,6 +1065,8 @@ def main() -> None:
     1, Ctrl-C 130, SIGTERM 143."""
     _stopped_by.clear()
     _kept.clear()
+    _done.clear()
+    _deferred.clear()
     out.stderr = False
     handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if the shell ignores it
@@ -1091,7 +1122,13 @@ def _main_inner() -> None:
         if type(e).__name__ == "Abort":
             sys.exit(130)
         _unexpected(e)
-    if _stopped_by or code == 130:
+    if _deferred and _deferred == _stopped_by and code != 130:
+        err.print(
+            f"{signal.Signals(_deferred[0]).name} came after {escape(_done[0][1])}: finished",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif _stopped_by or code == 130:
         _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -327,3 +327,67 @@ def test_a_full_disk_under_eval_json_exits_2_and_leaves_no_temp_file(toy, tmp_pa
     code, err, left = _on_a_full_disk(tmp_path, args, free_pages=0)
     assert left == [], left  # no temporary file: it was left, 0 bytes
     assert code == 2 and "Traceback" not in err and "--json" in err and "disk is full" in err, err
+
+
+# --- a signal once OUT is in place ---------------------------------------------------------------
+
+
+def _signal_after(monkeypatch, module, name: str, signals: int) -> None:
+    """`module.name` (what writes OUT) sends this process SIGTERM SIGNALS times once it returns."""
+    import os
+    import signal
+
+    real = getattr(module, name)
+
+    def wrapped(*a, **k):
+        got = real(*a, **k)
+        for _ in range(signals):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return got
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_a_signal_after_out_is_in_place_finishes_with_exit_0(llama_zoo, tmp_path, cli, monkeypatch):
+    from divmerge_cli import merge
+
+    r = write_recipe(tmp_path / "r.yaml", ta_recipe(llama_zoo))
+    _signal_after(monkeypatch, merge, "run_merge", 1)
+    code, out, err = cli("run", r, "-o", tmp_path / "m")
+    assert code == 0, err
+    assert (
+        err.strip().splitlines()[-1] == f"SIGTERM came after {tmp_path / 'm'} is complete: finished"
+    )
+    assert "merged" in out and (tmp_path / "m" / "model.safetensors").is_file()
+    # a second signal stops the last second, and says OUT is complete (not "nothing was written")
+    _signal_after(monkeypatch, merge, "run_merge", 2)
+    code, _, err = cli("run", r, "-o", tmp_path / "m2")
+    assert code == 143, err
+    assert err.strip().splitlines()[-1] == f"interrupted (SIGTERM): {tmp_path / 'm2'} is complete"
+
+
+def test_a_signal_after_a_learned_merge_is_in_place_removes_the_state(
+    llama_zoo, tmp_path, cli, monkeypatch
+):
+    from divmerge_cli import optimize
+
+    r = _learned_recipe(llama_zoo, tmp_path)
+    _signal_after(monkeypatch, optimize, "run_merge", 1)
+    code, _, err = cli("run", r, "-o", tmp_path / "m", "--cache-dir", tmp_path / "c")
+    assert code == 0 and "SIGTERM came after" in err and "--resume" not in err, err
+    assert (tmp_path / "m" / "coefficients.json").is_file()
+    assert not (tmp_path / ".m.divmerge-state").exists()
+
+
+def test_a_signal_between_the_merge_and_its_eval_stops_before_the_eval(
+    toy, tmp_path, cli, monkeypatch
+):
+    from divmerge_cli import merge
+
+    _signal_after(monkeypatch, merge, "run_merge", 1)
+    out_dir = tmp_path / "m"
+    code, _, err = cli("run", _recipe(toy, tmp_path), "-o", out_dir, "--eval")
+    assert code == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last == f"interrupted (SIGTERM): {out_dir} is complete; its eval.json was not written"
+    assert (out_dir / "config.json").is_file() and not (out_dir / "eval.json").exists()
