@@ -154,9 +154,7 @@ def task_vector_sources(plan: MergePlan, params: OptimizeParams, seed: int, work
     from .merge import _generator, _params
     from .processed import process
 
-    key = hash_json(
-        {"recipe": plan.recipe.model_dump(mode="json", exclude={"source"}), "seed": seed}
-    )
+    key = hash_json({"recipe": _recipe_key(plan.recipe), "seed": seed})
     folder = Path(work_dir) / f"processed-{key[:16]}"
     return process(plan, plan.models, params.base_method, folder, seed, _generator, _params)
 
@@ -435,12 +433,12 @@ def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator)
     if resume and run.state_file.is_file():
         try:
             st = torch.load(run.state_file, weights_only=True)
-            log = run.log_file.read_text().splitlines()[: st["step"]]
-            run.log = [json.loads(x) for x in log]
+            steps = int(st["step"])
         except Exception:  # noqa: BLE001 - any unreadable state is the same for the user
             raise UserError(
                 f"--resume: {run.state_file} is damaged; rerun without --resume to start over"
             ) from None
+        run.log = _read_log(run.log_file, steps)
         if st.get("key") != run.key:
             raise UserError(
                 f"--resume: {run.state_file} belongs to a different recipe, data or seed; "
@@ -453,6 +451,34 @@ def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator)
         state_dir.mkdir(parents=True, exist_ok=True)
         write_file(run.log_file, "".join(json.dumps(x) + "\n" for x in run.log), STATE)
     return run
+
+
+def _read_log(path: Path, steps: int) -> list[dict]:
+    """The first STEPS records of train_log.jsonl, one per step in order (a line past them is a
+    step whose state was never saved). A garbled or missing record is refused: the resumed run
+    would report a wrong trace and step count."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    if len(lines) < steps:
+        raise UserError(
+            f"--resume: {path} holds {len(lines)} steps but the optimizer state is at step "
+            f"{steps}: the log was cut short; rerun without --resume to start over"
+        )
+    log = []
+    for i, line in enumerate(lines[:steps], start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or record.get("step") != i:
+            raise UserError(
+                f"--resume: {path}: line {i} is not the record of step {i} (garbled); the "
+                "optimizer state is fine, but its log is not: rerun without --resume to start over"
+            )
+        log.append(record)
+    return log
 
 
 def _step(pb: Problem, run: _Run, step: int, accelerator) -> float:
@@ -513,16 +539,27 @@ def _save(run: _Run, step: int) -> None:
     write_file(run.state_file, buf.getvalue(), STATE)
 
 
+# Parameters that say how a learned merge runs, not what it computes: the teacher's batch
+# changes no sample (they are in the key) and may be lowered to fit the memory free at the time
+# (fit_teacher_batch); where the task vectors live (memory or streamed) changes no value. A
+# resumed run or reused processed vectors must not depend on them.
+EXECUTION = ("gen_batch_size", "task_vectors")
+
+
+def _recipe_key(recipe: Recipe) -> dict:
+    """The recipe as a hash key, without its execution settings."""
+    data = recipe.model_dump(mode="json", exclude={"source"})
+    for k in EXECUTION:
+        data["parameters"].pop(k, None)
+    return data
+
+
 def run_key(pb: Problem, seed: int) -> str:
     from .hashing import hash_json
 
-    recipe = pb.plan.recipe.model_dump(mode="json", exclude={"source"})
-    # the teacher's batch changes no sample (they are in the key) and may be lowered to fit the
-    # memory free at the time (fit_teacher_batch): a resumed run must not depend on it
-    recipe["parameters"].pop("gen_batch_size", None)
     return hash_json(
         {
-            "recipe": recipe,
+            "recipe": _recipe_key(pb.plan.recipe),
             "seed": seed,
             "samples": [(s.task, s.prompt_ids.tolist(), s.gen_ids.tolist()) for s in pb.samples],
         }

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from test_eval_cli import _recipe
 from test_hardening import one_line_error, ta_recipe
+from test_optimize import recipe as toy_learned
 
 from conftest import TASKS, write_recipe
 
@@ -391,3 +392,89 @@ def test_a_signal_between_the_merge_and_its_eval_stops_before_the_eval(
     last = err.strip().splitlines()[-1]
     assert last == f"interrupted (SIGTERM): {out_dir} is complete; its eval.json was not written"
     assert (out_dir / "config.json").is_file() and not (out_dir / "eval.json").exists()
+
+
+# --- the state folder of a learned merge: processed vectors, the log, execution settings --------
+
+
+def test_damaged_processed_task_vectors_are_computed_again(toy, tmp_path):
+    import torch
+
+    from divmerge_cli import optimize
+    from divmerge_cli.merge import plan_merge
+    from divmerge_cli.recipe import load_recipe
+
+    r = plan_merge(load_recipe(toy_learned(toy, tmp_path, base_method="ties", density=0.3)))
+    params = optimize.optimize_params(r.recipe)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    first = optimize.task_vector_sources(r, params, 0, tmp_path / "w")
+    want = [e.tau(name, None) for e in first]
+    (stored,) = (tmp_path / "w").glob("processed-*/e1/model.safetensors")
+    stored.write_bytes(stored.read_bytes()[:-100])  # a truncated file: every run exited 2
+    again = optimize.task_vector_sources(r, params, 0, tmp_path / "w")
+    assert all(torch.equal(e.tau(name, None), w) for e, w in zip(again, want))
+
+
+def _interrupted_run(toy, tmp_path: Path, monkeypatch, **params):
+    """A learned merge stopped at its 4th loss evaluation (2 at init, then step 2): its plan, and
+    the state folder it left with 1 step saved."""
+    from divmerge_cli import optimize
+    from divmerge_cli.merge import plan_merge
+    from divmerge_cli.recipe import load_recipe
+
+    r = plan_merge(load_recipe(toy_learned(toy, tmp_path, granularity="layer", epochs=2, **params)))
+    real, calls = optimize.per_sample_loss, []
+
+    def interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(optimize, "per_sample_loss", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(optimize, "per_sample_loss", real)
+    return r, optimize.state_dir_for(tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda lines: [lines[0], '{"step": 2, "loss": 0.5, "gam'], "line 2 is not the record"),
+        (lambda lines: lines[:1], "holds 1 steps but the optimizer state is at step 2"),
+    ],
+    ids=["garbled line", "truncated"],
+)
+def test_a_damaged_train_log_is_named_not_resumed_silently(
+    damage, message, toy, tmp_path, monkeypatch
+):
+    from divmerge_cli import optimize
+    from divmerge_cli.errors import UserError
+
+    r, state = _interrupted_run(toy, tmp_path, monkeypatch)
+    log = state / "train_log.jsonl"
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2  # two steps saved before the interruption
+    log.write_text("\n".join(damage(lines)) + "\n")
+    with pytest.raises(UserError, match=message) as e:
+        optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache", resume=True)
+    assert "state.pt is damaged" not in str(e.value) and str(log) in str(e.value)
+
+
+def test_resume_may_switch_where_the_task_vectors_live(toy, tmp_path, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from divmerge_cli import optimize
+
+    r, state = _interrupted_run(toy, tmp_path, monkeypatch, task_vectors="memory")
+    full = optimize.run_optimized(r, tmp_path / "full", cache_dir=tmp_path / "cache")
+    params = {**r.recipe.parameters, "task_vectors": "stream"}
+    streamed = dataclasses.replace(r, recipe=r.recipe.model_copy(update={"parameters": params}))
+    resumed = optimize.run_optimized(
+        streamed, tmp_path / "m", cache_dir=tmp_path / "cache", resume=True
+    )
+    assert resumed["task_vectors"] == "stream" and resumed["steps"] == full["steps"]
+    assert torch.allclose(torch.tensor(resumed["gamma"]), torch.tensor(full["gamma"]), atol=1e-6)
