@@ -610,10 +610,11 @@ _held: dict[str, int] = {}  # lock files this process holds -> how many nested h
 
 
 @contextmanager
-def output_lock(out: Path) -> Iterator[None]:
+def output_lock(out: Path, what: str = "-o") -> Iterator[None]:
     """Hold `.OUT.divmerge-lock` beside OUT: a second run writing the same OUT at the same time is
-    refused, naming the process that holds it. The lock is an flock, so the system releases it when
-    its process dies (a killed run never blocks the next one). Re-entrant within a process."""
+    refused, naming the process that holds it (`what` names OUT: -o, a sweep's results file). The
+    lock is an flock, so the system releases it when its process dies (a killed run never blocks
+    the next one). Re-entrant within a process."""
     out = Path(out)
     lock = _temp_name(out, "lock")
     key = os.path.abspath(lock)
@@ -626,7 +627,7 @@ def output_lock(out: Path) -> Iterator[None]:
         return
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(lock, out)
+        fd = _acquire(lock, out, what)
     except OSError as e:
         _raise_disk_error(e, out, None)
     _held[key] = 1
@@ -638,7 +639,7 @@ def output_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _acquire(lock: Path, out: Path) -> int:
+def _acquire(lock: Path, out: Path, what: str) -> int:
     try:
         import fcntl
     except ImportError:  # Windows: no flock; the file still names the writer, nothing is refused
@@ -652,8 +653,8 @@ def _acquire(lock: Path, out: Path) -> int:
             other = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise UserError(
-                f"-o {out}: another divmerge run (PID {other}) is writing it; wait for it to "
-                "finish or choose another output folder"
+                f"{what} {out}: another divmerge run (PID {other}) is writing it; wait for it "
+                "to finish or choose another path"
             ) from None
         try:
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino

@@ -257,8 +257,9 @@ def _kept_state(output: Path) -> str | None:
 
 
 def _check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**32:
-        raise UserError(f"--seed: {seed} is out of range; use an integer in [0, 2**32)")
+    from .recipe import check_seed
+
+    check_seed(seed, "--seed")
 
 
 def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> None:

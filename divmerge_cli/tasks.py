@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import UserError, pydantic_message, read_yaml, resolve
+from .errors import Integer, UserError, pydantic_message, read_yaml, resolve
 from .hashing import SHA256, hash_file
 
 SPLITS = ("validation", "test")
@@ -33,7 +33,7 @@ class TaskSpec(BaseModel):
     )
     target: str | None = None  # field holding the reference answer
     metric: Literal["accuracy", "rouge1"] = "accuracy"
-    max_new_tokens: int = Field(16, ge=1, le=4096)
+    max_new_tokens: Integer = Field(16, ge=1, le=4096)
     # content hash per split file, checked before the rows are used (divmerge writes these into
     # the output's divmerge_recipe.yaml)
     sha256: dict[Literal["validation", "test"], Annotated[str, Field(pattern=SHA256)]] | None = None
