@@ -437,12 +437,36 @@ def check_out_file(path: Path, flag: str, inputs: Iterable[Path] = ()) -> None:
     input. '-' (stdout) always can."""
     if str(path) == "-":
         return
-    real = check_target(path, flag, inputs, folder=False)
+    real = check_target(path, flag, [p for p in inputs if not Path(p).is_dir()], folder=False)
+    for folder in (Path(p) for p in inputs if Path(p).is_dir()):
+        folder = resolve(folder, "input")
+        if real.is_relative_to(folder) and not _free_in_model(real):
+            raise UserError(
+                f"{flag} {path}: overlaps the input model {folder}: it would replace or add a file "
+                "the model is made of; write the JSON elsewhere or to a new name"
+            )
     if real.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file path")
     if not real.parent.is_dir():
         raise UserError(f"{flag} {path}: the folder {real.parent} does not exist")
     _probe(real.parent, path, flag)
+
+
+def _free_in_model(path: Path) -> bool:
+    """Whether a JSON report may be written at PATH inside a model folder: a new file the model
+    does not read (weights, config, tokenizer, adapter files), or a report divmerge wrote there
+    (a CI step's `--json OUT/gate.json`, rerun). Like --force, it replaces only its own."""
+    from .hashing import is_model_file
+
+    if is_model_file(path.name) or path.name == "generation_config.json":
+        return False
+    if not path.exists():
+        return True
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and ("models" in report or "ok" in report)
 
 
 def check_target(path: Path, flag: str, inputs: Iterable[Path], folder: bool) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from collections.abc import Iterable
@@ -19,6 +20,11 @@ _MODEL_GLOBS = (
     "config.json",
     "adapter_config.json",
 )
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a file of this name in a model folder is part of the model (model_files)."""
+    return name in TOKENIZER_FILES or any(fnmatch.fnmatchcase(name, g) for g in _MODEL_GLOBS)
 
 
 def model_files(model_dir: str | Path) -> list[Path]:

@@ -26,13 +26,21 @@ def test_validate_json_onto_its_own_recipe_is_refused(llama_zoo, tmp_path, cli):
     assert r.read_text() == before
 
 
-def test_eval_json_inside_an_input_model_is_refused(toy, tmp_path, cli):
+def test_eval_json_onto_a_file_of_an_input_model_is_refused(toy, tmp_path, cli):
     model = shutil.copytree(toy / "sent", tmp_path / "sent")
-    config = (model / "config.json").read_text()
-    for target in (model / "config.json", model / "scores.json"):
-        code, _, err = cli("eval", model, "--tasks", toy / "tasks.yaml", "--json", target)
-        assert one_line_error(code, err) and "overlaps the input model" in err, err
-    assert (model / "config.json").read_text() == config and not (model / "scores.json").exists()
+    (model / "notes.json").write_text('{"mine": 1}')
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    # a file the model is made of, existing or new, and any file that is not a divmerge report
+    for name in ("config.json", "tokenizer_config.json", "added_tokens.json", "notes.json"):
+        args = ["eval", model, "--tasks", toy / "tasks.yaml", "--limit", "1", "--json"]
+        code, _, err = cli(*args, model / name)
+        assert one_line_error(code, err) and "overlaps the input model" in err, (name, err)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    # a new report beside the weights is not part of the model (docs/ci.md's OUT/gate.json),
+    # and a report divmerge wrote there may be written again
+    for _ in range(2):
+        code, _, err = cli(*args, model / "gate.json", "--cache-dir", tmp_path / "c")
+        assert code == 0 and json.loads((model / "gate.json").read_text())["models"], err
     # the tasks file and the data it names are inputs too
     code, _, err = cli(
         "eval", model, "--tasks", toy / "tasks.yaml", "--json", toy / "sent.test.jsonl"
