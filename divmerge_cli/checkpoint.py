@@ -442,8 +442,8 @@ def check_out_file(path: Path, flag: str, inputs: Iterable[Path] = ()) -> None:
         folder = resolve(folder, "input")
         if real.is_relative_to(folder) and not _free_in_model(real):
             raise UserError(
-                f"{flag} {path}: overlaps the input model {folder}: it would replace or add a file "
-                "the model is made of; write the JSON elsewhere or to a new name"
+                f"{flag} {path}: overlaps the input model {folder}: it would add a file the model "
+                "reads or replace one that is not a divmerge report; write the JSON elsewhere"
             )
     if real.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file path")
@@ -745,8 +745,8 @@ def side_files(src: Path, names: tuple[str, ...], where: str) -> list[str]:
     return found
 
 
-def copy_side_files(src: Path, dst: Path, names: tuple[str, ...], where: str = "") -> list[str]:
-    copied = side_files(src, names, where or str(src))
+def copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
+    copied = side_files(src, names, str(src))
     for n in copied:
         shutil.copy2(src / n, dst / n)
     return copied

@@ -438,12 +438,12 @@ def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator)
             raise UserError(
                 f"--resume: {run.state_file} is damaged; rerun without --resume to start over"
             ) from None
-        run.log = _read_log(run.log_file, steps)
         if st.get("key") != run.key:
             raise UserError(
                 f"--resume: {run.state_file} belongs to a different recipe, data or seed; "
                 "rerun without --resume"
             )
+        run.log = _read_log(run.log_file, steps)
         gamma.data.copy_(st["gamma"])
         run.opt.load_state_dict(st["opt"])
         run.start = st["step"]
