@@ -17,7 +17,7 @@ import shutil
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -137,6 +137,11 @@ class Checkpoint:
         if not self.path.is_dir():
             raise UserError(f"{where}: {path} is not a folder holding a Hugging Face checkpoint")
         cfg = self.path / "config.json"
+        if not cfg.is_file() and (self.path / "adapter_model.safetensors").is_file():
+            raise UserError(
+                f"{where}: {path} holds adapter_model.safetensors but no adapter_config.json: a "
+                "LoRA adapter folder needs both (PEFT's save_pretrained writes them)"
+            )
         if not cfg.is_file():
             raise UserError(f"{where}: {path} has no config.json")
         try:
@@ -176,7 +181,7 @@ class Checkpoint:
             if not all(isinstance(f, str) for f in files):
                 raise UserError(f"{self.where}: {idx}: weight_map values must be file names")
             for f in files:  # a shard is a file of this folder, never a path out of it
-                if Path(f).is_absolute() or ".." in Path(f).parts:
+                if not plain_name(f):
                     raise UserError(
                         f"{self.where}: {idx} names {f!r}, outside {self.path}; an index may "
                         "only name files inside its model folder"
@@ -410,14 +415,11 @@ NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse an existing OUT without --force, an OUT divmerge did not write even with --force, an
     OUT below a file, and any OUT that would replace or sit inside an input."""
-    out_r = resolve(out, "-o")
-    for p in inputs:
-        p = resolve(p, "model")
-        if out_r == p or p.is_relative_to(out_r) or out_r.is_relative_to(p):
-            raise UserError(f"-o {out}: overlaps the input model {p}; choose another output folder")
+    out_r = check_target(out, "-o", inputs, folder=True)
     blocker = next((d for d in out_r.parents if d.exists() and not d.is_dir()), None)
     if blocker:
         raise UserError(f"-o {out}: {blocker} is a file, not a folder; choose another output path")
+    _probe(next(d for d in out_r.parents if d.exists()), out, "-o")
     if not out.exists():
         return
     if not out.is_dir():
@@ -429,6 +431,92 @@ def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
             f"-o {out}: --force only replaces a folder divmerge wrote (one holding {RECIPE_COPY}); "
             "this one holds other files, so it is left alone: remove it yourself or choose another"
         )
+
+
+def check_out_file(path: Path, flag: str, inputs: Iterable[Path] = ()) -> None:
+    """Before any work: a file option's PATH (--json) can be written and writing it replaces no
+    input. '-' (stdout) always can."""
+    if str(path) == "-":
+        return
+    real = check_target(path, flag, [p for p in inputs if not Path(p).is_dir()], folder=False)
+    for folder in (Path(p) for p in inputs if Path(p).is_dir()):
+        folder = resolve(folder, "input")
+        if real.is_relative_to(folder) and not _free_in_model(real):
+            raise UserError(
+                f"{flag} {path}: overlaps the input model {folder}: it would add a file the model "
+                "reads or replace one that is not a divmerge report; write the JSON elsewhere"
+            )
+    if real.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file path")
+    if not real.parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {real.parent} does not exist")
+    _probe(real.parent, path, flag)
+
+
+def _free_in_model(path: Path) -> bool:
+    """Whether a JSON report may be written at PATH inside a model folder: a new file the model
+    does not read (weights, config, tokenizer, adapter files), or a report divmerge wrote there
+    (a CI step's `--json OUT/gate.json`, rerun). Like --force, it replaces only its own."""
+    from .hashing import is_model_file
+
+    if is_model_file(path.name) or path.name == "generation_config.json":
+        return False
+    if not path.exists():
+        return True
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and ("models" in report or "ok" in report)
+
+
+def check_target(path: Path, flag: str, inputs: Iterable[Path], folder: bool) -> Path:
+    """The resolved PATH an output option names, refused when it is a dangling link or when
+    writing it would replace an input or a file inside one (for a folder: or hold an input)."""
+    path = Path(path)
+    real = resolve(path, flag)  # a link loop is refused here
+    if path.is_symlink() and not path.exists():
+        raise UserError(
+            f"{flag} {path}: is a link to {os.readlink(path)}, which does not exist; "
+            "give a path that does"
+        )
+    for p in inputs:
+        p = resolve(p, "input")
+        if real == p or real.is_relative_to(p) or (folder and p.is_relative_to(real)):
+            kind = "model" if p.is_dir() else "file"
+            raise UserError(
+                f"{flag} {path}: overlaps the input {kind} {p}; writing it would replace the "
+                "input: choose another path"
+            )
+    return real
+
+
+def _probe(folder: Path, path: Path, flag: str) -> None:
+    """A file can be created in FOLDER: not a read-only disk, nor a pseudo-filesystem like /proc
+    whose folders refuse new files (permissions alone do not tell, and root passes them)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".divmerge-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UserError(
+            f"{flag} {path}: {folder} is not writable (cannot create a file there: "
+            f"{e.strerror}); choose another path"
+        ) from None
+
+
+def standard_json(obj: object, indent: int | None = None) -> str:
+    """JSON that every parser reads: NaN and infinities, which json.dumps writes as the
+    non-standard NaN / Infinity, become null."""
+
+    def finite(x: object) -> object:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        return [finite(v) for v in x] if isinstance(x, list | tuple) else x
+
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
 def human_size(n: float) -> str:
@@ -465,6 +553,40 @@ def _raise_disk_error(e: OSError, out: Path, need: int | None) -> None:
     if e.errno in NOT_WRITABLE:
         raise UserError(f"-o {out}: cannot write there ({e.strerror}: {e.filename})") from None
     raise e
+
+
+@contextmanager
+def disk_full_is_user_error(folder: Path, need: int, what: str) -> Iterator[None]:
+    """A full disk while writing WHAT into FOLDER becomes the user's error, naming the folder and
+    the space the write needed."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        where = next(d for d in [Path(folder), *Path(folder).absolute().parents] if d.exists())
+        raise UserError(
+            f"{what} in {folder}: the disk is full ({human_size(shutil.disk_usage(where).free)} "
+            f"free, {human_size(need)} needed); free some space and rerun"
+        ) from None
+
+
+def write_file(path: Path, data: str | bytes, what: str) -> None:
+    """Write PATH whole or not at all: a temporary file beside it, renamed into place, removed
+    on any failure (a full disk leaves no empty or partial file behind)."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = None
+    with disk_full_is_user_error(path.parent, len(raw), what):
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _temp_name(out: Path, kind: str, pid: int | None = None) -> Path:
@@ -517,10 +639,11 @@ _held: dict[str, int] = {}  # lock files this process holds -> how many nested h
 
 
 @contextmanager
-def output_lock(out: Path) -> Iterator[None]:
+def output_lock(out: Path, what: str = "-o") -> Iterator[None]:
     """Hold `.OUT.divmerge-lock` beside OUT: a second run writing the same OUT at the same time is
-    refused, naming the process that holds it. The lock is an flock, so the system releases it when
-    its process dies (a killed run never blocks the next one). Re-entrant within a process."""
+    refused, naming the process that holds it (`what` names OUT: -o, a sweep's results file). The
+    lock is an flock, so the system releases it when its process dies (a killed run never blocks
+    the next one). Re-entrant within a process."""
     out = Path(out)
     lock = _temp_name(out, "lock")
     key = os.path.abspath(lock)
@@ -533,7 +656,7 @@ def output_lock(out: Path) -> Iterator[None]:
         return
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(lock, out)
+        fd = _acquire(lock, out, what)
     except OSError as e:
         _raise_disk_error(e, out, None)
     _held[key] = 1
@@ -545,7 +668,7 @@ def output_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _acquire(lock: Path, out: Path) -> int:
+def _acquire(lock: Path, out: Path, what: str) -> int:
     try:
         import fcntl
     except ImportError:  # Windows: no flock; the file still names the writer, nothing is refused
@@ -559,8 +682,8 @@ def _acquire(lock: Path, out: Path) -> int:
             other = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise UserError(
-                f"-o {out}: another divmerge run (PID {other}) is writing it; wait for it to "
-                "finish or choose another output folder"
+                f"{what} {out}: another divmerge run (PID {other}) is writing it; wait for it "
+                "to finish or choose another path"
             ) from None
         try:
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino
@@ -603,12 +726,34 @@ def atomic_folder(out: Path, need: int | None = None) -> Iterator[Path]:
             raise
 
 
+def plain_name(name: str) -> bool:
+    """A name a model folder may use for one of its files: relative, never climbing out (`..`)."""
+    return not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+def side_files(src: Path, names: tuple[str, ...], where: str) -> list[str]:
+    """The files of NAMES that folder SRC holds, each checked to be the folder's own: the shard
+    index's rule, and through links too. A link out of the folder (merges.txt -> a private file
+    elsewhere) would copy that file into OUT. A hub cache snapshot's files link into its
+    repository's blobs/, which is inside."""
+    root = Path(src).resolve()
+    if root.parent.name == "snapshots":  # huggingface_hub: snapshots/REV/f -> ../../blobs/HASH
+        root = root.parent.parent
+    found = [n for n in names if (Path(src) / n).is_file()]
+    for n in found:
+        real = (Path(src) / n).resolve()
+        if not plain_name(n) or not real.is_relative_to(root):
+            raise UserError(
+                f"{where}: {Path(src) / n} links to {real}, outside {src}; divmerge copies only a "
+                "model folder's own files into the output (replace the link with a copy)"
+            )
+    return found
+
+
 def copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
-    copied = []
-    for n in names:
-        if (src / n).is_file():
-            shutil.copy2(src / n, dst / n)
-            copied.append(n)
+    copied = side_files(src, names, str(src))
+    for n in copied:
+        shutil.copy2(src / n, dst / n)
     return copied
 
 

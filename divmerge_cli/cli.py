@@ -170,6 +170,7 @@ def run(
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     check_out(output, force, [c.path for c in plan.inputs])
     _on_interrupt(lambda: f"nothing was written to {output}")
+    _finish_once(output, f"{output} is complete")
     with _writing(output, plan.method.optimized):
         if as_adapter and not plan.method.optimized:
             return _run_as_adapter(plan, output, adapter_rank, force, seed, dev)
@@ -236,6 +237,7 @@ def _run_eval(gated, output: Path, seed: int, cache_dir: Path | None) -> None:
         return
     specs, refs, gates = gated
     _on_interrupt(lambda: f"{output} is complete; its eval.json was not written")
+    _finish_once(output / "eval.json", f"{output} and its eval.json are complete")
     opts = {"split": "test", "limit": None, "batch_size": 16, "seed": seed}
     report = _eval_report([output], specs, refs, None, opts, cache_dir or _default_cache("eval"))
     _report_and_gate(report, gates, output / "eval.json")
@@ -295,8 +297,9 @@ def _kept_state(output: Path) -> str | None:
 
 
 def _check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**32:
-        raise UserError(f"--seed: {seed} is out of range; use an integer in [0, 2**32)")
+    from .recipe import check_seed
+
+    check_seed(seed, "--seed")
 
 
 def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> None:
@@ -431,10 +434,11 @@ def validate(
     ] = None,
 ) -> None:
     """Check RECIPE and every checkpoint it names (headers and configs only, no weights)."""
+    _stdout_for_json(json_out)
     try:
-        report = _validate(recipe, allow_pickle)
+        report = _validate(recipe, allow_pickle, json_out)
     except UserError as e:  # a refused recipe is a result too: CI reads why from the JSON
-        if json_out:
+        if json_out and _may_report_to(json_out, recipe):
             error = _short(" ".join(str(e).splitlines()))
             _write_json(json_out, {"recipe": str(recipe), "ok": False, "error": error})
         raise
@@ -442,13 +446,37 @@ def validate(
         _write_json(json_out, report)
 
 
-def _validate(recipe: Path, allow_pickle: bool) -> dict:
+def _may_report_to(json_out: Path, recipe: Path) -> bool:
+    """Whether a refused recipe's report may go to --json: never onto the recipe or a model it
+    names (the refusal may be that very overlap, or come before the plan knew its inputs)."""
+    from .checkpoint import check_out_file
+    from .recipe import load_recipe
+
+    inputs = [recipe]
+    try:
+        r = load_recipe(recipe)
+        refs = [r.base_model or "", *(e.model for e in r.models)]
+        inputs += [Path(r.resolve_path(x)) for ref in refs for x in ref.split("+") if x]
+    except Exception:  # a recipe that does not load names no model: the recipe is the input
+        pass
+    try:
+        check_out_file(json_out, "--json", [p for p in inputs if p.exists()])
+    except UserError:
+        return False
+    return True
+
+
+def _validate(recipe: Path, allow_pickle: bool, json_out: Path | None) -> dict:
     """validate's checks, printed as they pass; their report for --json. UserError: refused."""
     from .merge import plan_merge
     from .recipe import load_recipe
 
     r = _warn(load_recipe(recipe))
     plan = plan_merge(r, allow_pickle)
+    if json_out:
+        from .checkpoint import check_out_file
+
+        check_out_file(json_out, "--json", _recipe_inputs(r, plan))
     report: dict = {"recipe": str(recipe), "merge_method": r.merge_method, "ok": True}
     report["warnings"] = plan.warnings
     for w in plan.warnings:
@@ -490,6 +518,22 @@ def _validate(recipe: Path, allow_pickle: bool) -> dict:
     return report
 
 
+def _recipe_inputs(r, plan) -> list[Path]:
+    """Every file and folder a recipe reads (an output must replace none of them)."""
+    from .recipe import optimize_params
+    from .tasks import task_files
+
+    files = [r.source, plan.tokenizer, *(c.path for c in plan.inputs)]
+    if plan.method.optimized and (fixed := optimize_params(r).coefficients):
+        files.append(Path(r.resolve_path(fixed)))
+    return files + task_files(r.tasks, r.source.parent, str(r.source))
+
+
+def _stdout_for_json(json_out: Path | None) -> None:
+    """With `--json -` the JSON is the command's stdout: tables and lines go to stderr."""
+    out.stderr = str(json_out) == "-"
+
+
 def _warn(recipe):
     """The recipe, after printing what its loading ignored (one line each, on stderr)."""
     for w in recipe.warnings:
@@ -503,11 +547,12 @@ def _plain(message: object) -> str:
     return escape(_short(" ".join(str(message).splitlines())))
 
 
-def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:
-    """(tasks, reference expert per task, where) from a tasks YAML or a recipe with tasks."""
+def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], list[Path]]:
+    """(tasks, reference expert per task, the files read) from a tasks YAML or a recipe with
+    tasks."""
     from .errors import read_yaml
     from .recipe import load_recipe
-    from .tasks import load_tasks
+    from .tasks import load_tasks, task_files
 
     try:
         raw = read_yaml(path, "tasks") if path.is_file() else None
@@ -519,10 +564,11 @@ def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], Path]:
             raise UserError(f"--tasks {path}: the recipe has no tasks")
         tasks = load_tasks(r.tasks, r.source.parent, str(path))
         refs = {m.task: Path(r.resolve_path(m.model)) for m in r.models if m.task}
-        return tasks, refs, path
+        return tasks, refs, [path, *task_files(r.tasks, r.source.parent, str(path))]
     if not path.is_file():
         raise UserError(f"--tasks {path}: file not found (a tasks YAML or a recipe with tasks)")
-    return load_tasks(str(path.resolve()), path.parent, str(path)), {}, path
+    raw_ = str(path.resolve())
+    return load_tasks(raw_, path.parent, str(path)), {}, task_files(raw_, path.parent, str(path))
 
 
 @app.command("eval")
@@ -571,9 +617,8 @@ def eval_(
     if limit is not None and limit < 1:
         raise UserError(f"--limit: {limit} is not valid; use an integer >= 1")
     _check_seed(seed)
-    if json_out:
-        _check_writable(json_out, "--json")
-    specs, refs, _ = _eval_tasks(tasks) if tasks is not None else ({}, {}, None)
+    _stdout_for_json(json_out)
+    specs, refs, read = _eval_tasks(tasks) if tasks is not None else ({}, {}, [])
     items = [i.strip() for h in harness or [] for i in h.split(",") if i.strip()]
     if not specs and not items:
         raise UserError(
@@ -588,6 +633,10 @@ def eval_(
                 f"--reference {item}: use TASK=PATH with TASK one of {', '.join(names)}"
             )
         refs[task] = Path(p)
+    if json_out:
+        from .checkpoint import check_out_file
+
+        check_out_file(json_out, "--json", [*models, *refs.values(), *read])
     gates = _gates(fail_under_anp, fail_under, names, refs)
     for m in [*models, *refs.values()]:
         _check_scored(m, allow_pickle)
@@ -633,7 +682,7 @@ def _gates(anp_min: float | None, task_mins: list[str] | None, names: list[str],
 
 def _eval_report(models, specs, refs, lm_tasks, opts: dict, cache: Path) -> dict:
     """Scores of every model and reference, with progress bars per model, task and batch."""
-    from .evaluate import anp
+    from .evaluate import anp, normalized
     from .harness import only
 
     with _progress() as prog:
@@ -649,9 +698,19 @@ def _eval_report(models, specs, refs, lm_tasks, opts: dict, cache: Path) -> dict
             bars.model(str(m), len(specs) + (len(lm_tasks.names) if lm_tasks else 0))
             entry: dict = {"tasks": _score_model(m, specs, lm_tasks, opts, cache, bars)}
             known = {t: s["score"] for t, s in entry["tasks"].items() if t in ref_scores}
+            for t, score in known.items():
+                entry["tasks"][t]["normalized"] = normalized(score, ref_scores[t])
             entry["anp"] = anp(known, ref_scores) if known else None
             report["models"][str(m)] = entry
         bars.finish()
+    for t in [t for t, s in ref_scores.items() if not s]:
+        err.print(
+            f"[yellow]warning:[/] {escape(str(refs[t]))}, the reference of task {escape(t)}, "
+            "scores 0 on it, so that task's normalized score and ANP are undefined (null); "
+            + ("score more rows than --limit" if opts["limit"] else "check the expert and task"),
+            highlight=False,
+            soft_wrap=True,
+        )
     if refs:
         report["references"] = {
             t: {"model": str(p), "score": ref_scores[t]} for t, p in refs.items()
@@ -743,28 +802,18 @@ def _report_and_gate(report: dict, gates: list, json_out: Path | None) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees half of it."""
-    import json
-    import tempfile
+    """Standard JSON, to stdout for '-', else whole or not at all (a temporary file renamed)."""
+    from .checkpoint import standard_json, write_file
 
+    text = standard_json(obj, indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_file(path, text, f"--json {path}")
     except OSError as e:
         raise UserError(f"--json {path}: cannot write it ({e.strerror})") from None
-
-
-def _check_writable(path: Path, what: str) -> None:
-    """Before hours of work: PATH can be created or overwritten as a file."""
-    if path.is_dir():
-        raise UserError(f"{what} {path}: is a folder; give a file path")
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        raise UserError(f"{what} {path}: the folder {parent} does not exist")
-    if not os.access(path if path.exists() else parent, os.W_OK):
-        raise UserError(f"{what} {path}: not writable")
 
 
 def _default_cache(kind: str) -> Path:
@@ -816,6 +865,8 @@ def _score_table(name: str, entry: dict, refs: dict[str, float]) -> Table:
         )
     if entry.get("anp") is not None:
         table.add_row("[bold]ANP[/]", "", "", "", "", f"[bold]{100 * entry['anp']:.2f} %[/]")
+    elif any(s.get("normalized", 0) is None for s in entry["tasks"].values()):
+        table.add_row("[bold]ANP[/]", "", "", "", "", "undefined")
     for t, d in entry.get("divergence", {}).items():
         table.add_row(f"JS / KL ({t} expert)", "", "", "", "", f"{d['js']:.4f} / {d['kl']:.4f}")
     return table
@@ -1069,6 +1120,8 @@ ENVIRONMENT_ERRNOS = {
 MAX_MESSAGE = 500  # characters: a message quoting a huge input must stay one readable line
 _stopped_by: list[int] = []  # the signals that interrupted this command
 _kept: list[Callable[[], str | None]] = []  # what an interrupted command leaves, described
+_done: list[tuple[Callable[[], bool], str]] = []  # when the command's output is in place, saying so
+_deferred: list[int] = []  # signals that came once it was: the command finished its last second
 
 
 def _on_interrupt(describe: Callable[[], str | None]) -> None:
@@ -1076,8 +1129,31 @@ def _on_interrupt(describe: Callable[[], str | None]) -> None:
     _kept.insert(0, describe)
 
 
+def _finish_once(path: Path, complete: str) -> None:
+    """From now on, the command's work is done once a new PATH is in place (renamed there: its
+    inode is not the one it has now). A signal after that lets the command finish (exit 0, saying
+    so): stopping it would report an interruption, and "nothing was written", for work that is
+    complete. A second signal stops it, saying COMPLETE."""
+
+    def ino() -> int | None:
+        try:
+            return os.stat(path).st_ino
+        except OSError:
+            return None
+
+    if _deferred:  # a signal came while the previous phase finished: do not start this one
+        _deferred.clear()
+        _done.clear()
+        raise KeyboardInterrupt
+    before = ino()
+    _done[:] = [(lambda: (now := ino()) is not None and now != before, complete)]
+
+
 def _interrupt(signum: int, _frame) -> None:
     _stopped_by.append(signum)
+    if len(_stopped_by) == 1 and _done and _done[0][0]():
+        _deferred.append(signum)
+        return
     raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary folders are removed on the way out
 
 
@@ -1089,6 +1165,8 @@ def _interrupted() -> None:
     """Ctrl-C exits 130 and SIGTERM 143 (128 + signal, as shells do), saying what was kept."""
     sig = _stopped_by[0] if _stopped_by else signal.SIGINT
     kept = next((m for describe in _kept if (m := describe())), None)
+    if _done and _done[0][0]():
+        kept = _done[0][1]
     name = signal.Signals(sig).name
     err.print(
         f"[yellow]interrupted[/] ({name}): {escape(kept or 'nothing was written')}",
@@ -1104,6 +1182,9 @@ def main() -> None:
     _stopped_by.clear()
     _kept.clear()
     _ui["quiet"] = False
+    _done.clear()
+    _deferred.clear()
+    out.stderr = False
     handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if the shell ignores it
         handlers[signal.SIGINT] = signal.default_int_handler
@@ -1158,7 +1239,13 @@ def _main_inner() -> None:
         if type(e).__name__ == "Abort":
             sys.exit(130)
         _unexpected(e)
-    if _stopped_by or code == 130:
+    if _deferred and _deferred == _stopped_by and code != 130:
+        err.print(
+            f"{signal.Signals(_deferred[0]).name} came after {escape(_done[0][1])}: finished",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif _stopped_by or code == 130:
         _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -1,3 +1,8 @@
+from typing import Annotated
+
+from pydantic import BeforeValidator
+
+
 class UserError(Exception):
     """Bad input from the user. The CLI prints it on one line and exits with code 2.
 
@@ -12,6 +17,18 @@ class GateFailed(Exception):
     def __init__(self, lines: list[str]):
         super().__init__("\n".join(lines))
         self.lines = lines
+
+
+def _not_bool(v: object) -> object:
+    if isinstance(v, bool):  # pydantic's lax mode reads true as 1: `density: true` meant 1.0
+        raise ValueError("true/false is not a number; give a number")
+    return v
+
+
+# Numbers in user files: what pydantic's lax mode reads as numbers (1, 0.5, "0.5"), except a
+# boolean. Switches (normalize, rescale) take true/false; no number field does.
+Number = Annotated[float, BeforeValidator(_not_bool)]
+Integer = Annotated[int, BeforeValidator(_not_bool)]
 
 
 def suggest(word: str, choices) -> str:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .checkpoint import write_file
 from .errors import UserError
 from .generate import greedy_generate
 from .hashing import hash_json
@@ -81,10 +80,17 @@ METRICS: dict[str, Callable[[list[str], list[str]], float]] = {
 }
 
 
-def anp(scores: dict[str, float], references: dict[str, float]) -> float:
+def normalized(score: float, reference: float) -> float | None:
+    """PERF(model, t) / PERF(expert t, t); None (undefined) when the expert scores 0 on t."""
+    return score / reference if reference else None
+
+
+def anp(scores: dict[str, float], references: dict[str, float]) -> float | None:
     """Average Normalized Performance (Eq. 5): mean over tasks of score / expert's score.
 
-    `scores` are the merged model's per-task scores, `references` each task's expert on it.
+    `scores` are the merged model's per-task scores, `references` each task's expert on it. None
+    when an expert scores 0 on its task (often on a few rows, --limit): that task's normalized
+    performance is undefined, and the mean over the other tasks would be another quantity.
     """
     if not scores:
         raise UserError("ANP: no tasks to average over")
@@ -92,13 +98,8 @@ def anp(scores: dict[str, float], references: dict[str, float]) -> float:
     for task, score in scores.items():
         if task not in references:
             raise UserError(f"ANP: no reference (expert) score for task {task!r}")
-        if references[task] == 0:
-            raise UserError(
-                f"ANP: the expert scores 0 on task {task!r}, so its normalized performance is "
-                "undefined; check the expert and the task's target/metric"
-            )
-        ratios.append(score / references[task])
-    return sum(ratios) / len(ratios)
+        ratios.append(normalized(score, references[task]))
+    return None if None in ratios else sum(ratios) / len(ratios)
 
 
 # progress(task, done, total): rows of `task` generated so far (0 when its generation starts).
@@ -180,10 +181,7 @@ def _write_cache(path: Path, entries: dict) -> None:
     """Merge `entries` into the cache file atomically (re-read first: other runs may have written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**_read_cache(path), **entries}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".eval_scores.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(merged, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_file(path, json.dumps(merged, indent=1, sort_keys=True), "the score cache")
 
 
 def evaluate_model(
@@ -240,18 +238,25 @@ class Gate:
 
 
 def parse_gates(anp_min: float | None, task_mins: list[str], tasks: list[str]) -> list[Gate]:
-    """--fail-under-anp X and --fail-under TASK=SCORE, checked against the evaluated tasks."""
-    gates = [Gate(anp_min)] if anp_min is not None else []
+    """--fail-under-anp X and --fail-under TASK=SCORE, checked against the evaluated tasks. A
+    threshold is a finite number: NaN passes or fails everything, and infinity is no bound."""
+    gates = []
+    if anp_min is not None:
+        if not math.isfinite(anp_min):
+            raise UserError(
+                f"--fail-under-anp {anp_min}: not a finite number; give a percentage, e.g. 80"
+            )
+        gates.append(Gate(anp_min))
     for item in task_mins:
         task, sep, value = item.partition("=")
         try:
             threshold = float(value)
         except ValueError:
             threshold = math.nan
-        if not sep or task not in tasks or math.isnan(threshold):
+        if not sep or task not in tasks or not math.isfinite(threshold):
             raise UserError(
                 f"--fail-under {item}: use TASK=SCORE with TASK one of {', '.join(tasks)} and "
-                "SCORE a number on the task's metric scale"
+                "SCORE a finite number on the task's metric scale"
             )
         gates.append(Gate(threshold, task))
     return gates
@@ -280,12 +285,17 @@ def check_gates(models: dict[str, dict], gates: list[Gate]) -> list[dict]:
                     "passed": value is not None and value >= g.threshold,
                 }
             )
+            zero = [t for t, s in entry["tasks"].items() if s.get("normalized", 0) is None]
+            if value is None and zero:
+                records[-1]["undefined"] = f"the expert scores 0 on task {zero[0]!r}"
     return records
 
 
 def gate_message(record: dict) -> str:
     """One line for a failed gate."""
     if record["gate"] == "anp":
+        if record.get("undefined"):
+            return f"{record['model']}: ANP is undefined ({record['undefined']})"
         if record["value"] is None:
             return f"{record['model']}: no ANP to gate (no task has a reference score)"
         return f"{record['model']}: ANP {record['value']:.2f} % is under {record['threshold']:g} %"

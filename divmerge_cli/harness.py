@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ def _lm_eval():
     import datasets
 
     datasets.disable_progress_bars()  # lm-eval loads its data sets through `datasets`
+    datasets.logging.set_verbosity_error()  # "Using the latest cached version ..."
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # one "Retrying in 8s" warning per attempt, offline
     # `datasets` sends a download-count HEAD request to S3 for every load, even of a local JSON
     # file; a local task must not touch the network.
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
@@ -128,15 +133,73 @@ def only(tasks: HarnessTasks, names: set[str]) -> HarnessTasks:
     return HarnessTasks([i for i, _ in keep], [n for _, n in keep], tasks.manager)
 
 
+LOCAL_YAML = (
+    "a local task YAML with `dataset_path: json` and `dataset_kwargs: {data_files: ...}` needs "
+    "no network"
+)
+
+
 def _load(manager, item: str) -> dict:
+    """The task, its data set from the local caches if they hold it, else from the hub, if the
+    hub answers: offline, a hub load retries for most of a minute before it fails."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set by the user
+    try:
+        with _hub_offline():
+            return manager.load([item])
+    except Exception as e:  # not in the caches (or broken: said below, or by the online load)
+        local_error = e
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else f"{host} cannot be reached"
+        raise UserError(
+            f"--harness {item}: lm-eval could not load the task from the local caches "
+            f"({_first_line(local_error)}) and {why}; {LOCAL_YAML}"
+        ) from None
     try:
         return manager.load([item])
     except Exception as e:  # data set download, missing data file, bad template ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"--harness {item}: lm-eval could not load the task ({first}); a local task YAML "
-            "with `dataset_path: json` and `dataset_kwargs: {data_files: ...}` needs no network"
+            f"--harness {item}: lm-eval could not load the task ({_first_line(e)}); {LOCAL_YAML}"
         ) from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub and `datasets` in offline mode: loads come from the local caches only."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host takes a connection within TIMEOUT. Behind a proxy a direct
+    connection says nothing: assumed reachable."""
+    import os
+    import socket
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 @contextmanager

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from .checkpoint import TOKENIZER_FILES
@@ -20,11 +22,27 @@ _MODEL_GLOBS = (
 )
 
 
+def is_model_file(name: str) -> bool:
+    """Whether a file of this name in a model folder is part of the model (model_files)."""
+    return name in TOKENIZER_FILES or any(fnmatch.fnmatchcase(name, g) for g in _MODEL_GLOBS)
+
+
 def model_files(model_dir: str | Path) -> list[Path]:
     d = Path(model_dir)
     files = {p for pattern in _MODEL_GLOBS for p in d.glob(pattern)}
     files |= {d / n for n in TOKENIZER_FILES if (d / n).is_file()}
     return sorted(files)
+
+
+def file_stamps(folders: Iterable[str | Path]) -> dict[Path, tuple[int, ...]]:
+    """(device, inode, size, mtime, ctime) of each file model_files lists in FOLDERS: a file
+    replaced (a new inode), rewritten (a new size or time), added or removed stamps differently."""
+    out = {}
+    for folder in folders:
+        for p in model_files(folder):
+            st = p.stat()
+            out[p] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out
 
 
 SHA256 = r"^[0-9a-f]{64}$"  # a hex digest, as recipes may pin their inputs with

@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import Checkpoint, atomic_folder, check_out, open_checkpoint, read_header
+from .checkpoint import (
+    ST_DTYPES,
+    Checkpoint,
+    atomic_folder,
+    check_out,
+    open_checkpoint,
+    read_header,
+)
 from .errors import UserError
 from .taskvectors import LowRank
 
@@ -37,6 +44,87 @@ _REFUSED = {
     "alora_invocation_tokens": "an activated LoRA (alora_invocation_tokens)",
     "trainable_token_indices": "a LoRA adapter with trainable tokens (trainable_token_indices)",
 }
+
+
+def _rank(v: object) -> bool:
+    return type(v) is int and v >= 1
+
+
+def _number(v: object) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _regex(v: object, pattern: str = "{}") -> bool:
+    """V is a string that compiles within PATTERN (as PEFT uses it); re's FutureWarnings about
+    odd patterns stay quiet: library code does not print."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            re.compile(pattern.format(v))
+    except (re.error, TypeError, ValueError, RecursionError, OverflowError):
+        return False
+    return isinstance(v, str)
+
+
+def _patterns(v: object, value: Callable[[object], bool]) -> bool:
+    """rank_pattern / alpha_pattern: {regex of a module path's end: value}, as _pattern_value
+    reads them (null is PEFT's empty default)."""
+    if v is None:
+        return True
+    ok = isinstance(v, dict) and all(_regex(k, r"(.*\.)?({})$") for k in v)
+    return ok and all(value(x) for x in v.values())
+
+
+def _names(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# adapter_config.json fields an adapter is read with: field -> (valid?, what would be valid).
+# PEFT fills in a missing field with its default; null is an unset optional field.
+_CONFIG_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string, LORA"),
+    "r": (_rank, "an integer >= 1 (the rank of the factors)"),
+    "lora_alpha": (_number, "a finite number"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: _patterns(v, _rank), "{module regex: integer >= 1}"),
+    "alpha_pattern": (lambda v: _patterns(v, _number), "{module regex: number}"),
+    "target_modules": (
+        lambda v: v is None or _names(v) or _regex(v),
+        "a list of module names or one regular expression",
+    ),
+    "modules_to_save": (lambda v: v is None or _names(v), "a list of module names"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a path or hub id"),
+}
+
+
+def read_adapter_config(path: Path, where: str) -> dict:
+    """A LoRA adapter folder's adapter_config.json: a JSON object whose fields have the types
+    PEFT reads them as. Raises UserError naming the file and the field."""
+    cfg_file = Path(path) / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: {cfg_file} is not readable JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(
+            f"{where}: {cfg_file} is not a JSON object (PEFT's mapping of LoRA settings: "
+            "peft_type, r, lora_alpha, target_modules, ...)"
+        )
+    for key, (valid, what) in _CONFIG_FIELDS.items():
+        if key in cfg and not valid(cfg[key]):
+            raise UserError(f"{where}: {cfg_file}: {key}: {cfg[key]!r} is not valid; use {what}")
+    return cfg
+
+
+def _targeted(target_modules: list[str] | str | None, module: str) -> bool:
+    """Whether PEFT's target_modules name `module` (its check_target_module_exists, by name):
+    one regex matching the whole path, or names matching the path or its last parts."""
+    if target_modules is None or target_modules == "all-linear":  # PEFT picks them itself
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return module in target_modules or any(module.endswith(f".{t}") for t in target_modules)
 
 
 class _File:
@@ -70,10 +158,7 @@ class LoraExpert:
             raise UserError(
                 f"{where}: {path} is a LoRA adapter; set base_model to the model it was trained on"
             )
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{where}: {cfg_file} is not readable JSON ({e})") from None
+        cfg = read_adapter_config(self.path, where)
         kind = cfg.get("peft_type", "?")
         if kind != "LORA":
             raise UserError(
@@ -127,6 +212,14 @@ class LoraExpert:
             if isinstance(kinds, dict)
             else (lambda m: bool(cfg.get("fan_in_fan_out")))
         )
+        cfg_file = self.path / "adapter_config.json"
+        targets = cfg.get("target_modules")
+        modules = {n.rpartition(".")[0] for n in self.base.names}
+        if not any(_targeted(targets, m) for m in modules):  # PEFT: "not found in the base model"
+            raise UserError(
+                f"{self.where}: {cfg_file}: target_modules: {targets!r} names no module of the "
+                f"base (e.g. {sorted(modules)[-1]}); PEFT would not load it"
+            )
         for module, p in pairs.items():
             name = stored.get(f"{module}.weight", f"{module}.weight")
             if "A" not in p or "B" not in p:
@@ -135,7 +228,18 @@ class LoraExpert:
                 raise UserError(
                     f"{self.where}: {st} adapts {module}, but the base has no tensor {name}"
                 )
-            a, b = (self._file.index[p[k]][1]["shape"] for k in "AB")
+            if not _targeted(targets, module):  # PEFT would skip these factors, not apply them
+                raise UserError(
+                    f"{self.where}: {st} adapts {module}, which {cfg_file} target_modules "
+                    f"({targets!r}) does not name"
+                )
+            infos = [self._file.index[p[k]][1] for k in "AB"]
+            if not all(ST_DTYPES[i["dtype"]].is_floating_point for i in infos):
+                raise UserError(
+                    f"{self.where}: {st} factors of {module} are {infos[0]['dtype']} / "
+                    f"{infos[1]['dtype']}; LoRA factors are floating point (F32, F16, BF16)"
+                )
+            a, b = (i["shape"] for i in infos)
             r = a[0]
             # PEFT stores embedding factors transposed, and Conv1D (fan_in_fan_out) weights as [in, out]
             transpose = p["emb"] or conv(module)
@@ -145,9 +249,20 @@ class LoraExpert:
                     f"{self.where}: {st} factors of {module} (A {a}, B {b}) do not fit the base's "
                     f"{name} {list(self.base.shape(name))}"
                 )
+            rank = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
+            if r != rank:  # PEFT builds rank-`rank` layers and cannot load these factors
+                raise UserError(
+                    f"{self.where}: {st} factors of {module} have rank {r}, but {cfg_file} says "
+                    f"{rank} (r, or its rank_pattern entry); the config and the factors disagree"
+                )
             alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
             s = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             self.factors[name] = (p["B"], p["A"], s, transpose)
+        if not self.factors and not self.own:
+            raise UserError(
+                f"{self.where}: {st} holds no LoRA factors (lora_A / lora_B) nor saved modules: "
+                "it changes nothing"
+            )
 
     def _base_warning(self, named: str | None, base_ref: str | None) -> list[str]:
         """The adapter names its base: say so when that is not the model it is applied to (the
@@ -321,10 +436,7 @@ def scored_model(ref: str | Path, where: str):
     path = Path(ref)
     if not is_adapter(path):
         return path
-    try:
-        on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise UserError(f"{where}: {path}/adapter_config.json is not readable JSON ({e})") from None
+    on = read_adapter_config(path, where).get("base_model_name_or_path")
     if not on or not Path(on).is_dir():
         raise UserError(
             f"{where}: {path} is a LoRA adapter whose base_model_name_or_path ({on!r}) is not a "
@@ -354,11 +466,24 @@ def open_model(
     path = resolve(ref)
     if "+" in ref and not Path(path).exists():
         left, right = ref.rsplit("+", 1)
+        if not left.strip() or not right.strip():
+            raise UserError(
+                f"{where}: {ref!r} names no {'model' if not left.strip() else 'adapter'} "
+                f"{'before' if not left.strip() else 'after'} '+'; write MODEL+ADAPTER (mergekit's "
+                "form: the LoRA adapter folder applied to that model)"
+            )
+        if not is_adapter(Path(resolve(right))):
+            raise UserError(
+                f"{where}: {right} (after '+') is not a LoRA adapter folder: "
+                + (
+                    "it has no adapter_config.json"
+                    if Path(resolve(right)).is_dir()
+                    else "not found"
+                )
+            )
         on_base = base is not None and Path(resolve(left)).resolve() == base.path.resolve()
         model = base if on_base else open_model(left, resolve, where, None, allow_pickle)
         adapter = open_checkpoint(resolve(right), where, allow_pickle, base=model, base_ref=left)
-        if not isinstance(adapter, LoraExpert):
-            raise UserError(f"{where}: {right} (after '+') is not a LoRA adapter folder")
         adapter.on_base = on_base
         return adapter
     return open_checkpoint(path, where, allow_pickle, base=base, base_ref=base_ref)
@@ -455,10 +580,12 @@ def save_adapter(
     card: str = "",
     files: dict[str, str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    verify: Callable[[], None] | None = None,
 ) -> dict[str, tuple[int, float]]:
     """Write θ0 + delta(name) as a PEFT LoRA adapter folder at OUT (atomically). nn.Linear and
     nn.Embedding weights become LoRA factors (rank None: exact, needs LowRank deltas); any other
     changed module, or one with a dense delta at exact rank, is saved whole (modules_to_save).
+    `verify` runs last, before OUT is in place (MergePlan.check_unchanged).
     Returns {module: (rank, relative Frobenius error)}."""
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -529,6 +656,8 @@ def save_adapter(
         (tmp / "README.md").write_text(card + adapter_card(ranks, whole, rank))
         for fname, text in (files or {}).items():
             (tmp / fname).write_text(text)
+        if verify:
+            verify()
     return ranks
 
 
@@ -671,6 +800,7 @@ def merge_as_adapter(
         files={"divmerge_recipe.yaml": dump_recipe(r)},
         progress=progress,
         inputs=[c.path for c in plan.inputs] + [base.path],
+        verify=plan.check_unchanged,
     )
     if coefficient is not None:
         return write_adapter(out, base, plan.models, coefficient, rank, **kw)

@@ -27,10 +27,11 @@ from .checkpoint import (
     check_out,
     check_space,
     copy_side_files,
+    side_files,
     specs_nbytes,
 )
 from .errors import UserError, resolve
-from .hashing import hash_file, hash_model_dir
+from .hashing import file_stamps, hash_file, hash_model_dir
 from .layers import (
     block_counts,
     is_embedding,
@@ -43,6 +44,7 @@ from .tasks import TaskSpec, load_tasks
 
 CHUNK_ELEMENTS = 1 << 17  # row chunks of ~128K elements: the per-chunk work stays in cache
 WINDOW_PER_THREAD = 2  # tensors in flight per worker thread: enough to fill stage barriers
+SIDE_FILES = ("generation_config.json",)  # copied from the checkpoint OUT's config comes from
 
 
 def resolve_value(value: ParamValue, name: str | tuple[str, ...], t: float) -> float | None:
@@ -94,6 +96,24 @@ class MergePlan:
     # stored name -> its module names where they differ (MoE experts fused on load): filters
     # match either (layout.module_names)
     module_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    stamps: dict = field(default_factory=dict)  # hashing.file_stamps of every input, at planning
+
+    def check_unchanged(self) -> None:
+        """Refuse to finish a merge whose input files changed since planning: OUT would mix old
+        and new tensors, and its recipe would pin the new files' hash. Called before OUT is
+        renamed into place, so nothing is written."""
+        now = file_stamps(self.input_folders)
+        was = self.stamps
+        changed = sorted(set(now) ^ set(was) | {p for p in now if now[p] != was.get(p)})
+        if changed:
+            raise UserError(
+                f"{changed[0]}: changed while the merge was reading its inputs (replaced, "
+                "rewritten, added or removed); nothing was written: rerun once the inputs stay put"
+            )
+
+    @property
+    def input_folders(self) -> set[Path]:
+        return {c.path for c in self.inputs} | {self.tokenizer}
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -172,6 +192,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         tokenizer_dir(recipe, home((base if method.uses_base else None) or models[0])),
         sources,
     )
+    plan.stamps = file_stamps(plan.input_folders)
     _check_hashes(plan)
     if method.optimized:  # the module the learned merge runs, checked before any teacher works
         from .layout import plan_layout
@@ -223,11 +244,12 @@ def tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
     src = recipe.tokenizer_source
     own = src in (None, "base")
     folder = ref.path if own else Path(recipe.resolve_path(src))
-    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+    where = f"{recipe.source}: {ref.where if own else 'tokenizer_source'}"
+    side_files(ref.path, SIDE_FILES, f"{recipe.source}: {ref.where}")  # copied into OUT too
+    if not side_files(folder, TOKENIZER_FILES, where):
         raise UserError(
-            f"{recipe.source}: {ref.where if own else 'tokenizer_source'}: {folder} holds no "
-            f"tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); set tokenizer_source "
-            "to a model folder that has them"
+            f"{where}: {folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+            "...); set tokenizer_source to a model folder that has them"
         )
     return folder
 
@@ -462,6 +484,7 @@ def run_merge(
         write_side_files(plan, tmp, card_extra)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
+        plan.check_unchanged()
     return out
 
 
@@ -485,7 +508,7 @@ def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> Non
         key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
         config[key] = out_dtype
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    copy_side_files(ref.path, folder, ("generation_config.json",))
+    copy_side_files(ref.path, folder, SIDE_FILES)
     copy_side_files(plan.tokenizer, folder, TOKENIZER_FILES)  # checked to hold some by plan_merge
     recipe = reproducible_recipe(plan)
     (folder / "divmerge_recipe.yaml").write_text(recipe)

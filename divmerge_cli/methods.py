@@ -400,8 +400,10 @@ def _ok(recipe: Recipe) -> None:
     pass
 
 
+_positive = (lambda v: v > 0, lambda v: True, "(0, inf), e.g. 1e-8")  # multislerp divides by it
+
 # Ranges of per-model and global parameters, by name, shared by every method that has them.
-RANGES = {"density": _unit, "t": _t}
+RANGES = {"density": _unit, "t": _t, "eps": _positive}
 
 
 @dataclass(frozen=True, kw_only=True)

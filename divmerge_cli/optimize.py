@@ -8,6 +8,7 @@ model's predictions at the same positions (the tokens each expert generated on i
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch
 import yaml
 
 from . import hf
-from .checkpoint import DTYPES
+from .checkpoint import DTYPES, disk_full_is_user_error, write_file
 from .coefficients import groups_for, initial_gamma
 from .errors import UserError
 from .estimate import Estimate, estimate_learned, teacher_top_k
@@ -190,9 +191,7 @@ def task_vector_sources(plan: MergePlan, params: OptimizeParams, seed: int, work
     from .merge import _generator, _params
     from .processed import process
 
-    key = hash_json(
-        {"recipe": plan.recipe.model_dump(mode="json", exclude={"source"}), "seed": seed}
-    )
+    key = hash_json({"recipe": _recipe_key(plan.recipe), "seed": seed})
     folder = Path(work_dir) / f"processed-{key[:16]}"
     return process(plan, plan.models, params.base_method, folder, seed, _generator, _params)
 
@@ -474,8 +473,7 @@ def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator)
     if resume and run.state_file.is_file():
         try:
             st = torch.load(run.state_file, weights_only=True)
-            log = run.log_file.read_text().splitlines()[: st["step"]]
-            run.log = [json.loads(x) for x in log]
+            steps = int(st["step"])
         except Exception:  # noqa: BLE001 - any unreadable state is the same for the user
             raise UserError(
                 f"--resume: {run.state_file} is damaged; rerun without --resume to start over"
@@ -485,13 +483,42 @@ def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator)
                 f"--resume: {run.state_file} belongs to a different recipe, data or seed; "
                 "rerun without --resume"
             )
+        run.log = _read_log(run.log_file, steps)
         gamma.data.copy_(st["gamma"])
         run.opt.load_state_dict(st["opt"])
         run.start = st["step"]
     if accelerator.is_main_process:  # the log is followable while the run goes (tail -f)
         state_dir.mkdir(parents=True, exist_ok=True)
-        run.log_file.write_text("".join(json.dumps(x) + "\n" for x in run.log))
+        write_file(run.log_file, "".join(json.dumps(x) + "\n" for x in run.log), STATE)
     return run
+
+
+def _read_log(path: Path, steps: int) -> list[dict]:
+    """The first STEPS records of train_log.jsonl, one per step in order (a line past them is a
+    step whose state was never saved). A garbled or missing record is refused: the resumed run
+    would report a wrong trace and step count."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    if len(lines) < steps:
+        raise UserError(
+            f"--resume: {path} holds {len(lines)} steps but the optimizer state is at step "
+            f"{steps}: the log was cut short; rerun without --resume to start over"
+        )
+    log = []
+    for i, line in enumerate(lines[:steps], start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or record.get("step") != i:
+            raise UserError(
+                f"--resume: {path}: line {i} is not the record of step {i} (garbled); the "
+                "optimizer state is fine, but its log is not: rerun without --resume to start over"
+            )
+        log.append(record)
+    return log
 
 
 def _step(pb: Problem, run: _Run, step: int, accelerator) -> float:
@@ -533,26 +560,46 @@ def _not_finite(pb: Problem, run: _Run, step: int, loss: float) -> UserError:
     )
 
 
+STATE = "the optimizer state"
+
+
 def _save(run: _Run, step: int) -> None:
-    with open(run.log_file, "a") as f:
-        f.write(json.dumps(run.log[-1]) + "\n")
+    """Append the step to the log, then replace state.pt whole. Serialized in memory first: on a
+    full disk torch.save fails with a C++ message and leaves an empty file; a plain write says
+    ENOSPC and write_file removes its temporary file."""
+    line = json.dumps(run.log[-1]) + "\n"
     state = {"key": run.key, "gamma": run.gamma.detach().cpu(), "opt": run.opt.state_dict()}
-    run.state_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run.state_file.with_suffix(".tmp")
-    torch.save({**state, "step": step}, tmp)
-    os.replace(tmp, run.state_file)
+    buf = io.BytesIO()
+    torch.save({**state, "step": step}, buf)
+    folder = run.state_file.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with disk_full_is_user_error(folder, len(line) + buf.tell(), STATE):
+        with open(run.log_file, "a") as f:  # a torn last line is past state.pt's step: dropped
+            f.write(line)
+    write_file(run.state_file, buf.getvalue(), STATE)
+
+
+# Parameters that say how a learned merge runs, not what it computes: the teacher's batch
+# changes no sample (they are in the key) and may be lowered to fit the memory free at the time
+# (fit_teacher_batch); where the task vectors live (memory or streamed) changes no value. A
+# resumed run or reused processed vectors must not depend on them.
+EXECUTION = ("gen_batch_size", "task_vectors")
+
+
+def _recipe_key(recipe: Recipe) -> dict:
+    """The recipe as a hash key, without its execution settings."""
+    data = recipe.model_dump(mode="json", exclude={"source"})
+    for k in EXECUTION:
+        data["parameters"].pop(k, None)
+    return data
 
 
 def run_key(pb: Problem, seed: int) -> str:
     from .hashing import hash_json
 
-    recipe = pb.plan.recipe.model_dump(mode="json", exclude={"source"})
-    # the teacher's batch changes no sample (they are in the key) and may be lowered to fit the
-    # memory free at the time (fit_teacher_batch): a resumed run must not depend on it
-    recipe["parameters"].pop("gen_batch_size", None)
     return hash_json(
         {
-            "recipe": recipe,
+            "recipe": _recipe_key(pb.plan.recipe),
             "seed": seed,
             "samples": [(s.task, s.prompt_ids.tolist(), s.gen_ids.tolist()) for s in pb.samples],
         }
@@ -796,6 +843,7 @@ def write_learned_adapter(
         files={**files, "divmerge_recipe.yaml": dump_recipe(r)},
         progress=progress,
         inputs=[c.path for c in plan.inputs],
+        verify=plan.check_unchanged,
     )
 
 

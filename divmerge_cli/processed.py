@@ -15,12 +15,14 @@ memory or streamed per block).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .checkpoint import Checkpoint, ShardWriter
+from .errors import UserError
 from .methods import METHODS, _dare, magnitude_threshold
 from .taskvectors import dense_tau
 
@@ -79,6 +81,11 @@ def process(
     """Write every expert's processed task vectors to folder/e<t>/ (reused when complete).
     `params(plan, name)` resolves the base method's parameters exactly as the data-free merge."""
     dirs = [folder / f"e{t}" for t in range(len(experts))]
+    if (folder / DONE).is_file():
+        stored = _stored(dirs, base_method, plan)
+        if stored is not None:
+            return stored
+        shutil.rmtree(folder)  # damaged (a killed disk, a truncated file): computed again below
     if not (folder / DONE).is_file():
         mplan = dataclasses.replace(plan, method=METHODS[base_method])
         base = plan.base
@@ -104,4 +111,18 @@ def process(
         for w in writers:
             w.close()
         (folder / DONE).write_text(base_method + "\n")
-    return [StoredExpert(d, f"{base_method} task vector {t}") for t, d in enumerate(dirs)]
+    stored = _stored(dirs, base_method, plan)
+    assert stored is not None, folder  # just written whole
+    return stored
+
+
+def _stored(dirs: list[Path], base_method: str, plan) -> list[StoredExpert] | None:
+    """The processed experts written to DIRS, each holding every floating-point tensor of the
+    base with its shape; None when a file is missing, truncated or otherwise damaged."""
+    want = {n: plan.base.shape(n) for n in plan.names if plan.base.dtype(n).is_floating_point}
+    try:
+        stored = [StoredExpert(d, f"{base_method} task vector {t}") for t, d in enumerate(dirs)]
+    except UserError:
+        return None
+    ok = all({n: s.ckpt.shape(n) for n in s.ckpt.names} == want for s in stored)
+    return stored if ok else None

@@ -14,16 +14,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
     PrivateAttr,
     TypeAdapter,
     ValidationError,
     field_validator,
 )
 
-from .errors import UserError, pydantic_message, read_yaml, suggest
+from .errors import Integer, Number, UserError, pydantic_message, read_yaml, suggest
 from .hashing import SHA256
-from .methods import METHODS, OPTIMIZE_DEFAULTS, RANGES, TEACHER_ONLY
+from .methods import METHODS, OPTIMIZE_DEFAULTS, RANGES, TEACHER_ONLY, Method
 from .objectives import DIVERGENCES
 from .tasks import expand_path
 
@@ -41,11 +40,23 @@ class FilterValue(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
-    value: float | list[float]
+    value: Number | list[Number]
 
 
-ParamValue = float | list[float] | list[FilterValue]
+ParamValue = Number | list[Number] | list[FilterValue]
 _param_value = TypeAdapter(ParamValue)
+
+SEED_MAX = 2**32
+Seed = Annotated[Integer, Field(ge=0, lt=SEED_MAX)]  # torch and numpy generators take 32 bits
+_seed = TypeAdapter(Seed)
+
+
+def check_seed(value: object, where: str) -> int:
+    """The one seed rule (run --seed, a sweep's seed, parameters.seed): an integer in [0, 2**32)."""
+    try:
+        return _seed.validate_python(value)
+    except ValidationError:
+        raise UserError(f"{where}: {value!r} is not valid; use an integer in [0, 2**32)") from None
 
 
 _D = OPTIMIZE_DEFAULTS
@@ -61,13 +72,13 @@ class OptimizeParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     divergence: Literal[DIVERGENCES] = _D["divergence"]  # divmerge only
     granularity: Literal["task", "layer", "tensor"] = _D["granularity"]
-    init: float | Literal["uniform"] = _D["init"]
-    lr: float = _D["lr"]
-    epochs: int = Field(_D["epochs"], ge=1, le=1_000_000)
-    batch_size: int | None = Field(_D["batch_size"], ge=1, le=1_000_000)
-    samples: int = Field(_D["samples"], ge=1, le=10_000_000)
-    top_k: PositiveInt | Literal["full"] = _D["top_k"]
-    gen_batch_size: int = Field(_D["gen_batch_size"], ge=1, le=100_000)
+    init: Number | Literal["uniform"] = _D["init"]
+    lr: Number = _D["lr"]
+    epochs: Integer = Field(_D["epochs"], ge=1, le=1_000_000)
+    batch_size: Integer | None = Field(_D["batch_size"], ge=1, le=1_000_000)
+    samples: Integer = Field(_D["samples"], ge=1, le=10_000_000)
+    top_k: Annotated[Integer, Field(ge=1)] | Literal["full"] = _D["top_k"]
+    gen_batch_size: Integer = Field(_D["gen_batch_size"], ge=1, le=100_000)
     task_vectors: Literal["memory", "stream", "auto"] = _D["task_vectors"]  # taskvectors.py
     # Remark 3: Gamma fitted on top of a data-free method's processed task vectors (processed.py)
     base_method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = _D["base_method"]
@@ -75,7 +86,7 @@ class OptimizeParams(BaseModel):
     # how a learned merge's output folder reproduces it)
     coefficients: str | None = _D["coefficients"]
     # with coefficients: the --seed of the run that learned them (DARE's masks depend on it)
-    seed: Annotated[int, Field(ge=0, lt=2**32)] | None = _D["seed"]
+    seed: Seed | None = _D["seed"]
 
     @field_validator("init")
     @classmethod
@@ -181,7 +192,7 @@ def _check_parameters(recipe: Recipe) -> None:
     for key, value in recipe.parameters.items():
         if key not in allowed_global:
             raise ValueError(_bad_param("parameters", key, allowed_global, recipe.merge_method))
-        recipe.parameters[key] = _typed(f"parameters.{key}", value)
+        recipe.parameters[key] = _typed(f"parameters.{key}", value, _is_switch(spec, key))
         _check_value(f"parameters.{key}", key, recipe.parameters[key], spec.ranges)
     for i, m in enumerate(recipe.models):
         for key, value in m.parameters.items():
@@ -189,7 +200,7 @@ def _check_parameters(recipe: Recipe) -> None:
                 raise ValueError(
                     _bad_param(f"models[{i}].parameters", key, allowed_model, recipe.merge_method)
                 )
-            m.parameters[key] = _typed(f"models[{i}].parameters.{key}", value)
+            m.parameters[key] = _typed(f"models[{i}].parameters.{key}", value, False)
             _check_value(f"models[{i}].parameters.{key}", key, m.parameters[key], spec.ranges)
 
 
@@ -234,9 +245,18 @@ def _drop_foreign(recipe: Recipe) -> None:
                 )
 
 
-def _typed(where: str, value: Any) -> ParamValue:
-    if isinstance(value, bool):  # a switch (normalize: true): kept as written, not as 1.0
+def _is_switch(method: Method | None, key: str) -> bool:
+    """A parameter whose default is true/false (normalize, rescale): it takes a boolean."""
+    return method is not None and isinstance(method.global_params.get(key), bool)
+
+
+def _typed(where: str, value: Any, switch: bool) -> ParamValue:
+    """A parameter's value: a number, list or filters; true/false only for a switch (kept as
+    written, not as 1.0)."""
+    if isinstance(value, bool) and switch:
         return value
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: {value!r} is not a number; true/false is for switches")
     try:
         return _param_value.validate_python(value)
     except ValidationError:
@@ -249,8 +269,10 @@ def _check_optimized(recipe: Recipe) -> None:
     name = recipe.merge_method
     defaults = METHODS[name].global_params
     own = base_method_params(recipe)
+    bm = METHODS.get(str(recipe.parameters.get("base_method", "task_arithmetic")))
     for key in own & set(recipe.parameters):  # the base method's own, read as it reads them
-        recipe.parameters[key] = _typed(f"parameters.{key}", recipe.parameters[key])
+        value = recipe.parameters[key]
+        recipe.parameters[key] = _typed(f"parameters.{key}", value, _is_switch(bm, key))
         _check_value(f"parameters.{key}", key, recipe.parameters[key], RANGES)
     try:
         OptimizeParams.model_validate({**defaults, **_optimize_only(recipe)})
@@ -283,7 +305,7 @@ def _check_optimized(recipe: Recipe) -> None:
                     f"base method's density may be set per model (base_method: {bm} takes "
                     f"{', '.join(sorted(own - {'rescale'})) or 'none'})"
                 )
-            m.parameters[key] = _typed(f"models[{i}].parameters.{key}", value)
+            m.parameters[key] = _typed(f"models[{i}].parameters.{key}", value, False)
             _check_value(f"models[{i}].parameters.{key}", key, m.parameters[key], RANGES)
         if not m.task:
             raise ValueError(

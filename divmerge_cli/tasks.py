@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import UserError, pydantic_message, read_yaml, resolve
+from .errors import Integer, UserError, pydantic_message, read_yaml, resolve
 from .hashing import SHA256, hash_file
 
 SPLITS = ("validation", "test")
@@ -33,7 +33,7 @@ class TaskSpec(BaseModel):
     )
     target: str | None = None  # field holding the reference answer
     metric: Literal["accuracy", "rouge1"] = "accuracy"
-    max_new_tokens: int = Field(16, ge=1, le=4096)
+    max_new_tokens: Integer = Field(16, ge=1, le=4096)
     # content hash per split file, checked before the rows are used (divmerge writes these into
     # the output's divmerge_recipe.yaml)
     sha256: dict[Literal["validation", "test"], Annotated[str, Field(pattern=SHA256)]] | None = None
@@ -75,8 +75,7 @@ def load_tasks(raw: dict | str | None, base_dir: Path, where: str) -> dict[str, 
         return {}
     prefix = "tasks."
     if isinstance(raw, str):
-        path = Path(expand_path(raw, f"{where}: tasks"))
-        path = path if path.is_absolute() else Path(base_dir) / path
+        path = tasks_path(raw, base_dir, where)
         if not path.is_file():
             raise UserError(f"{where}: tasks: file not found: {path}")
         raw = read_yaml(path, "tasks")  # as recipes: syntax, encoding and size errors name it
@@ -92,6 +91,19 @@ def load_tasks(raw: dict | str | None, base_dir: Path, where: str) -> dict[str, 
         str(name): _task_spec(str(name), fields, Path(base_dir), where, prefix)
         for name, fields in raw.items()
     }
+
+
+def tasks_path(raw: str, base_dir: Path, where: str) -> Path:
+    """The tasks file a recipe's `tasks:` string names (relative to base_dir)."""
+    path = Path(expand_path(raw, f"{where}: tasks"))
+    return path if path.is_absolute() else Path(base_dir) / path
+
+
+def task_files(raw: dict | str | None, base_dir: Path, where: str) -> list[Path]:
+    """Every file a `tasks:` value reads: the tasks file it names, and each task's data files."""
+    specs = load_tasks(raw, base_dir, where)
+    files = [tasks_path(raw, base_dir, where)] if isinstance(raw, str) else []
+    return files + [Path(p) for s in specs.values() for p in (s.validation, s.test) if p]
 
 
 def _task_spec(name: str, fields: object, base_dir: Path, where: str, prefix: str) -> TaskSpec:

@@ -28,10 +28,10 @@ from typing import Literal
 
 import platformdirs
 import torch
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save
 
 from . import hf
-from .checkpoint import remove_orphans, scratch_dir
+from .checkpoint import disk_full_is_user_error, remove_orphans, scratch_dir
 from .generate import Generation, greedy_generate
 from .hashing import hash_json
 from .lora import content_hash, load_expert_model, model_folder
@@ -176,27 +176,32 @@ def _flatten(gens: list[Generation], top_k: int | str) -> dict[str, torch.Tensor
 def _write_entry(
     entry: Path, gens: list[Generation], top_k, max_new_tokens: int, source: str
 ) -> None:
-    remove_orphans(entry.parent, "tmp")  # entries a killed run was writing
-    tmp = scratch_dir(entry.parent, "tmp")
-    try:
-        save_file(_flatten(gens, top_k), str(tmp / TENSORS))
-        meta = {
-            "format": FORMAT_VERSION,
-            "n": len(gens),
-            "top_k": top_k,
-            "max_new_tokens": max_new_tokens,
-            "source": source,  # informational only; the key holds the content hash
-            "texts": [gen.text for gen in gens],
-            "sha256": _file_sha256(tmp / TENSORS),
-        }
-        (tmp / META).write_text(json.dumps(meta), encoding="utf-8")
+    # serialized in memory, then written: safetensors' own file writer reports a full disk as a
+    # SafetensorError, not as the OSError a plain write raises
+    data = save(_flatten(gens, top_k))
+    meta = {
+        "format": FORMAT_VERSION,
+        "n": len(gens),
+        "top_k": top_k,
+        "max_new_tokens": max_new_tokens,
+        "source": source,  # informational only; the key holds the content hash
+        "texts": [gen.text for gen in gens],
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    text = json.dumps(meta)
+    with disk_full_is_user_error(entry.parent, len(data) + len(text), "the teacher cache"):
+        remove_orphans(entry.parent, "tmp")  # entries a killed run was writing
+        tmp = scratch_dir(entry.parent, "tmp")
         try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not entry.exists():  # another process may have written the same entry first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / TENSORS).write_bytes(data)
+            (tmp / META).write_text(text, encoding="utf-8")
+            try:
+                os.rename(tmp, entry)
+            except OSError:
+                if not entry.exists():  # another process may have written the same entry first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove(entry: Path) -> None:

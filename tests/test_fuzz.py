@@ -1,13 +1,16 @@
-"""A seeded fuzz test of the recipe and tasks loaders (issue 11): random mutations of the shipped
-recipes and tasks file (types, deletions, renames, huge and non-finite numbers, aliases, bytes),
-each run through `divmerge validate` (and, for some data-free ones, `run`) in-process. Every case
-must exit 0 or 2, say an error in one line (after any one-line warnings), show no traceback, write
-nothing outside its temporary folder, and finish within a time bound."""
+"""A seeded fuzz test of the recipe, tasks and adapter-config loaders (issues 11, 23): random
+mutations of the shipped recipes, the tasks file and a LoRA adapter's adapter_config.json (types,
+deletions, renames, huge and non-finite numbers, aliases, bytes), each run through `divmerge
+validate` (and, for some data-free ones, `run`) in-process. Every case must exit 0 or 2, say an
+error in one line (after any one-line warnings), show no traceback, write nothing outside its
+temporary folder, and finish within a time bound."""
 
 from __future__ import annotations
 
 import copy
+import json
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,6 +20,8 @@ import yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SOURCES = sorted(p.name for p in RECIPES.glob("*.yaml") if not p.name.startswith("sweep"))
+ADAPTER = "adapter_config.json"  # a LoRA adapter on the demo base (the `adapter` fixture)
+ADAPTER_SHARE = 0.25  # of the cases
 CASES = 300
 SEED = 11
 SECONDS = 20  # per case; a case takes about 0.05 s on an idle core
@@ -27,14 +32,17 @@ VALUES = [
     "task", "float64", "/", "..", "../../..", "$HOME", "$NOPE_UNSET/x", "${DIVMERGE_ZOO}", "~",
     "a\nb", "[/x]", "[red]", "é\u202e", "\t", "{text}", "{}", "{0}", "{{", "0" * 64, [], [1, 2],
     [float("nan")], {}, {"filter": "self_attn", "value": 0.5}, [{"filter": 3, "value": "x"}],
-    {"validation": "nope.jsonl", "prompt": "{x}"},
+    {"validation": "nope.jsonl", "prompt": "{x}"}, "LORA", "IA3", "(", "q_proj(", ".*",
+    "all-linear", ["q_proj", "nope"], {"q_proj": 4}, {"(": 2}, 8, 2.5, "8",
 ]  # fmt: skip
 KEYS = [
     "merge_method", "base_model", "base_model_sha256", "models", "model", "parameters", "task",
     "tasks", "sha256", "dtype", "out_dtype", "tokenizer_source", "slices", "tokenizer", "weight",
     "density", "lambda", "t", "init", "lr", "epochs", "top_k", "samples", "batch_size",
     "validation", "test", "prompt", "target", "metric", "max_new_tokens", "source", "_warnings",
-    "[/b]", "a\nb", 7, None, True,
+    "[/b]", "a\nb", 7, None, True, "peft_type", "r", "lora_alpha", "target_modules",
+    "rank_pattern", "alpha_pattern", "use_rslora", "modules_to_save", "fan_in_fan_out",
+    "use_dora", "base_model_name_or_path",
 ]  # fmt: skip
 BYTES = [b"\xff", b"\xfe\xff", b"\x00", b"\t", b"{", b"}", b"[", b"]", b":", b"&a ", b"*a",
          b"!!python/object:os.system ", b"|", b">", b"%", b"@", b"`", b"'", b'"', b"\n", b"-",
@@ -114,26 +122,46 @@ def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
     return b"".join(lines[: j + 1] + lines[j:])
 
 
-def _case(rng: random.Random, folder: Path) -> tuple[list[str], Path]:
-    """Write one mutated recipe (and maybe a mutated tasks file) into folder; return the command."""
-    name = rng.choice(SOURCES)
-    if name == "tasks.yaml":  # the tasks loader, through a recipe that names the mutated file
+def _adapter_case(rng: random.Random, folder: Path, adapter: Path) -> Path:
+    """A copy of `adapter` with a mutated adapter_config.json, merged with an expert by a recipe."""
+    target = shutil.copytree(adapter, folder / "adapter") / ADAPTER
+    doc = json.loads(target.read_text())
+    for _ in range(rng.randint(1, 3)):
+        doc = _mutate(rng, doc)
+    data = json.dumps(doc).encode()
+    if rng.random() < 0.35:
+        data = _mutate_bytes(rng, data)
+    target.write_bytes(data)
+    recipe = yaml.safe_load((RECIPES / "task_arithmetic.yaml").read_text())
+    recipe["models"] = [{"model": str(folder / "adapter")}, recipe["models"][0]]
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return target
+
+
+def _case(rng: random.Random, folder: Path, adapter: Path) -> tuple[list[str], Path]:
+    """Write one mutated recipe (or a mutated tasks file or adapter config, with a recipe naming
+    it) into folder; return the command."""
+    name = ADAPTER if rng.random() < ADAPTER_SHARE else rng.choice(SOURCES)
+    if name == ADAPTER:
+        target = _adapter_case(rng, folder, adapter)
+    elif name == "tasks.yaml":  # the tasks loader, through a recipe that names the mutated file
         target = folder / "tasks.yaml"
         recipe = yaml.safe_load((RECIPES / "adamerging.yaml").read_text())
         recipe["tasks"] = "tasks.yaml"
         (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     else:
         target = folder / "recipe.yaml"
-    doc = yaml.safe_load((RECIPES / name).read_text())
-    for _ in range(rng.randint(1, 3)):
-        doc = _mutate(rng, doc)
-    try:
-        data = yaml.safe_dump(doc, sort_keys=False, allow_unicode=rng.random() < 0.5).encode()
-    except yaml.YAMLError:
-        data = b"merge_method: ties\n"
-    if rng.random() < 0.35:
-        data = _mutate_bytes(rng, data)
-    target.write_bytes(data)
+    if name != ADAPTER:
+        doc = yaml.safe_load((RECIPES / name).read_text())
+        for _ in range(rng.randint(1, 3)):
+            doc = _mutate(rng, doc)
+        try:
+            data = yaml.safe_dump(doc, sort_keys=False, allow_unicode=rng.random() < 0.5).encode()
+        except yaml.YAMLError:
+            data = b"merge_method: ties\n"
+        if rng.random() < 0.35:
+            data = _mutate_bytes(rng, data)
+        target.write_bytes(data)
     cmd = ["validate", str(folder / "recipe.yaml")]
     if name != "tasks.yaml" and rng.random() < 0.1:
         cmd = ["run", str(folder / "recipe.yaml"), "-o", str(folder / "out")]
@@ -152,21 +180,51 @@ def _alarm(*_):
     raise _Slow
 
 
+@pytest.fixture(scope="session")
+def adapter(demo_root, tmp_path_factory) -> Path:
+    """A PEFT LoRA adapter on the demo base, with rank and alpha patterns (random B: τ != 0)."""
+    import torch
+
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(demo_root / "zoo" / "base")
+    cfg = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 3},
+        alpha_pattern={"v_proj": 2},
+    )
+    model = peft.get_peft_model(base, cfg)
+    with torch.no_grad():
+        for n, w in model.named_parameters():
+            if "lora_B" in n:
+                w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.01)
+    out = tmp_path_factory.mktemp("fuzz_adapter")
+    model.save_pretrained(out)
+    return out
+
+
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX timers")
-def test_mutated_recipes_and_tasks_exit_0_or_2_with_one_line(demo_root, tmp_path, cli, monkeypatch):
+def test_mutated_recipes_and_tasks_exit_0_or_2_with_one_line(
+    demo_root, adapter, tmp_path, cli, monkeypatch
+):
     monkeypatch.setenv("DIVMERGE_ZOO", str(demo_root / "zoo"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a cache written by mistake lands here
-    watched = [demo_root, RECIPES]
+    watched = [demo_root, RECIPES, adapter]
     before = [_tree(r) for r in watched]
     rng = random.Random(SEED)
     codes: dict[int, int] = {}
+    kinds: dict[str, int] = {}  # cases per mutated file
     old = signal.signal(signal.SIGALRM, _alarm)
     try:
         for i in range(CASES):
             folder = tmp_path / f"case{i}"
             folder.mkdir()
             monkeypatch.chdir(folder)
-            cmd, target = _case(rng, folder)
+            cmd, target = _case(rng, folder, adapter)
+            kinds[target.name] = kinds.get(target.name, 0) + 1
             written = {p.name for p in folder.iterdir()}
             start = time.perf_counter()
             signal.setitimer(signal.ITIMER_REAL, SECONDS)
@@ -194,3 +252,4 @@ def test_mutated_recipes_and_tasks_exit_0_or_2_with_one_line(demo_root, tmp_path
     assert [_tree(r) for r in watched] == before  # nothing written outside the case folders
     assert not (tmp_path / "home").exists()
     assert codes.get(0, 0) >= 10 and codes.get(2, 0) >= CASES // 2, codes  # both paths fuzzed
+    assert kinds.get(ADAPTER, 0) >= CASES // 6, kinds  # adapter configs among them

@@ -139,3 +139,32 @@ def test_harness_without_lm_eval_exits_2(demo_small, cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     code, _, err = cli("eval", demo_small.base, "--harness", "hellaswag")
     assert code == 2 and "pip install 'divmerge[harness]'" in err
+
+
+@pytest.mark.parametrize("hub_offline", [False, True], ids=["no network", "HF_HUB_OFFLINE"])
+def test_a_registry_task_offline_fails_fast_in_one_line(
+    hub_offline, demo_small, tmp_path, cli, monkeypatch
+):
+    """Offline, `--harness hellaswag` printed 22 retry warnings over 25 s before its error: the
+    local caches are tried first, then the hub only if it answers."""
+    pytest.importorskip("lm_eval")
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # no copy
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", hub_offline)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", hub_offline)
+
+    lookups = []
+
+    def no_dns(*a, **k):
+        lookups.append(a[0])
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # no network, wherever the test runs
+    code, _, err = cli("eval", demo_small.base, "--harness", "hellaswag", "--limit", "2")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Retry" not in err, err
+    assert len(lookups) == (0 if hub_offline else 1), lookups  # one quick look, no retries
+    why = "HF_HUB_OFFLINE is set" if hub_offline else "huggingface.co cannot be reached"
+    assert "could not load the task from the local caches" in err and why in err, err

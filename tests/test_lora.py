@@ -760,3 +760,87 @@ def test_eval_cli_scores_adapters_and_takes_them_as_references(toy, trained_lora
     assert entry["tasks"]["sent"]["score"] > 0.5 and entry["anp"] == pytest.approx(1.0)
     code, _, err = cli("eval", toy / "sent.val.jsonl", *args)
     assert code == 2 and "nor a LoRA adapter folder" in err
+
+
+# --- adapter_config.json and factors PEFT would not load (issue 23, item 4) -------------------
+
+
+def _config_written(folder: Path, cfg: object) -> None:
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _bad_adapter(case: str, lora_zoo, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of adapter a0 broken one way; returns it and what the message must name."""
+    from safetensors.torch import save_file
+
+    bad = _adapter_copy(lora_zoo, tmp_path)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    st = bad / "adapter_model.safetensors"
+    factors = load_file(st)
+    if case in ("a list", "null"):
+        _config_written(bad, [cfg] if case == "a list" else None)
+        return bad, "adapter_config.json is not a JSON object"
+    changes = {
+        "lora_alpha as text": ({"lora_alpha": "8"}, "lora_alpha: '8'"),
+        "lora_alpha NaN": ({"lora_alpha": float("nan")}, "lora_alpha: nan"),
+        "a bad alpha_pattern regex": ({"alpha_pattern": {"q_proj(": 2}}, "alpha_pattern:"),
+        "r 0": ({"r": 0}, "r: 0"),
+        "r true": ({"r": True}, "r: True"),
+        "r not the factors' rank": ({"r": 3}, "have rank 2, but"),
+        "a rank_pattern that disagrees": ({"rank_pattern": {"v_proj": 4}}, "says 4"),
+        "target_modules naming no module": ({"target_modules": ["c_attn"]}, "names no module"),
+        "target_modules missing a factor's module": (
+            {"target_modules": ["q_proj", "down_proj"]},
+            "which",
+        ),
+        "target_modules a number": ({"target_modules": 5}, "target_modules: 5"),
+    }
+    if case in changes:
+        change, expected = changes[case]
+        _config_written(bad, {**cfg, **change})
+        return bad, expected
+    if case == "no tensors":
+        save_file({}, st)
+        return bad, "holds no LoRA factors"
+    if case == "integer factors":
+        save_file({k: (v * 100).to(torch.int32) for k, v in factors.items()}, st)
+        return bad, "floating point"
+    raise AssertionError(case)
+
+
+BAD_ADAPTERS = [
+    "a list", "null", "lora_alpha as text", "lora_alpha NaN", "a bad alpha_pattern regex", "r 0",
+    "r true", "r not the factors' rank", "a rank_pattern that disagrees",
+    "target_modules naming no module", "target_modules missing a factor's module",
+    "target_modules a number", "no tensors", "integer factors",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_ADAPTERS)
+def test_adapter_configs_and_factors_peft_would_refuse_exit_2(case, lora_zoo, tmp_path, cli):
+    bad, expected = _bad_adapter(case, lora_zoo, tmp_path)
+    r = write_recipe(tmp_path / "r.yaml", _ta(lora_zoo, [bad]))
+    for args in (["validate", r], ["run", r, "-o", tmp_path / "m"]):
+        code, _, err = cli(*args)
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert expected in err and str(bad) in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_model_plus_adapter_spelled_wrong_is_named_precisely(lora_zoo, tmp_path, cli):
+    base, a0 = lora_zoo["base"], lora_zoo["a0"]
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    (no_config / "adapter_model.safetensors").write_bytes(
+        (a0 / "adapter_model.safetensors").read_bytes()
+    )
+    cases = {
+        f"+{a0}": "names no model before '+'",
+        f"{base}+": "names no adapter after '+'",
+        f"{base}+{no_config}": "is not a LoRA adapter folder: it has no adapter_config.json",
+        str(no_config): "holds adapter_model.safetensors but no adapter_config.json",
+    }
+    for ref, expected in cases.items():
+        recipe = {**_ta(lora_zoo, []), "models": [{"model": ref}]}
+        code, _, err = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))
+        assert code == 2 and expected in err and "has no config.json" not in err, (ref, err)

@@ -432,7 +432,7 @@ def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, small_zoo, ex
     with pytest.raises(RuntimeError, match="killed"):
         sweep.run_sweep(cfg)
     assert len(lines_of(cfg.results, "cell")) == 2  # the third cell wrote nothing
-    assert list((tmp_path / "cut" / "results-merged").iterdir()) == []  # its model was deleted
+    assert not (tmp_path / "cut" / "results-merged").exists()  # its model and folder deleted
     with cfg.results.open("a") as f:
         f.write('{"type": "cell", "label": "ta", "ke')  # a crash in the middle of a write
 
@@ -543,3 +543,65 @@ def test_results_file_keeps_its_references_across_task_fields_added_later(tmp_pa
     other = spec.model_copy(update={"prompt": "{x}?"})
     with pytest.raises(UserError, match="another expert or task definition"):
         check_results_file(cfg, [header_row(cfg), {**ref, "spec": spec_hash(other)}])
+
+
+# --- issue 23, item 4: two sweeps on one results file, a failing cell, values run refuses -------
+
+
+def test_a_second_sweep_on_one_results_file_is_refused(tmp_path, small_zoo, experts):
+    from test_hardening import HOLD_LOCK, _spawn
+
+    cfg = sweep.load_sweep(write_sweep(tmp_path / "s", small_zoo, experts, k=[2]))
+    holder = _spawn([str(cfg.results)], HOLD_LOCK)  # as a running sweep holds it
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"results {cfg.results}: another divmerge run "):
+            sweep.run_sweep(cfg)
+        assert not cfg.results.exists()  # no cell computed a second time
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_cell_whose_merge_is_not_finite_is_named_and_leaves_no_folder(
+    keep, tmp_path, small_zoo, experts
+):
+    two = {t: experts[t] for t in TASKS3[:2]}
+    huge = {"merge_method": "task_arithmetic", "parameters": {"lambda": 1e30}}
+    methods = {"huge": {**huge, "out_dtype": "float16"}}
+    path = write_sweep(tmp_path / "s", small_zoo, two, k=[2], methods=methods, keep_merged=keep)
+    cfg = sweep.load_sweep(path)
+    with pytest.raises(UserError, match=r"cell huge sentiment\+topic: tensor .* NaN or Inf"):
+        sweep.run_sweep(cfg)
+    assert not (tmp_path / "s" / "results-merged").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seed": 2**40}, "seed: 1099511627776 is not valid; use an integer in [0, 2**32)"),
+        ({"seed": -1}, "seed: -1 is not valid"),
+        ({"seed": True}, "seed: True is not valid"),
+        ({"eval": {"limit": True}}, "eval.limit: "),
+        ({"subsets_per_k": True}, "subsets_per_k: "),
+        (
+            {"methods": {"t": {"merge_method": "ties", "parameters": {"density": True}}}},
+            "parameters.density: True is not a number",
+        ),
+        (
+            {"methods": {"m": {"merge_method": "multislerp", "parameters": {"eps": -1}}}},
+            "parameters.eps: -1.0 is out of range; eps must be in (0, inf)",
+        ),
+        (
+            {"methods": {"d": {"merge_method": "divmerge", "parameters": {"epochs": True}}}},
+            "parameters.epochs: ",
+        ),
+    ],
+)
+def test_a_sweep_refuses_what_run_refuses(fake, change, message):
+    path = fake / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, **change}))
+    with pytest.raises(UserError) as e:
+        sweep.load_sweep(path)
+    assert message in str(e.value)

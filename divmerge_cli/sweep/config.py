@@ -12,16 +12,16 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..checkpoint import open_checkpoint
-from ..errors import UserError, pydantic_message, read_yaml, suggest
+from ..errors import Integer, UserError, pydantic_message, read_yaml, suggest
 from ..hashing import hash_json
 from ..merge import check_compatible
 from ..methods import METHODS, OPTIMIZE_DEFAULTS
-from ..recipe import Recipe, optimize_params, recipe_from_dict
+from ..recipe import Recipe, check_seed, optimize_params, recipe_from_dict
 from ..tasks import TaskSpec, check_task, expand_path, load_tasks
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # used as a folder name under work_dir
@@ -40,8 +40,8 @@ class MethodEntry(BaseModel):
 class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     split: Literal["validation", "test"] = "test"
-    limit: PositiveInt | None = None  # labelled rows per task (seeded sample); None = all
-    batch_size: PositiveInt = 16
+    limit: Annotated[Integer, Field(ge=1)] | None = None  # labelled rows per task; None = all
+    batch_size: Annotated[Integer, Field(ge=1)] = 16
 
 
 class SweepFile(BaseModel):
@@ -50,11 +50,11 @@ class SweepFile(BaseModel):
     experts: dict[str, str] = Field(min_length=1)  # task -> fine-tuned checkpoint folder
     tasks: Any  # inline mapping or a YAML file, as in recipes
     k: Any = Field(default_factory=lambda: [2])  # int, list of ints, or "a..b"
-    subsets_per_k: PositiveInt | None = None  # a seeded sample of at most this many per k
+    subsets_per_k: Annotated[Integer, Field(ge=1)] | None = None  # a seeded sample per k
     methods: dict[str, MethodEntry] = Field(min_length=1)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     results: str = "results.jsonl"
-    seed: int = 0
+    seed: Any = 0  # checked by recipe.check_seed, as `run --seed`
     keep_merged: bool = False
 
 
@@ -121,6 +121,7 @@ def sweep_from_dict(raw: dict, source: Path) -> SweepConfig:
     except ValidationError as e:
         raise UserError(f"{source}: {pydantic_message(e, _fields_at)}") from None
     folder = source.parent
+    check_seed(f.seed, f"{source}: seed")
     tasks = load_tasks(f.tasks, folder, str(source))
     if not tasks:
         raise UserError(f"{source}: tasks: no tasks defined")

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..checkpoint import standard_json
 from ..errors import UserError
 from ..hashing import hash_json
 from ..tasks import TaskSpec
@@ -56,7 +57,7 @@ def append_row(path: Path, row: dict) -> None:
     """One complete line per call, on disk before returning (a crash leaves whole lines only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, sort_keys=False) + "\n")
+        f.write(standard_json(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

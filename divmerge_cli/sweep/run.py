@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..checkpoint import remove_orphans, scratch_dir
+from ..checkpoint import output_lock, remove_orphans, scratch_dir
 from ..errors import UserError, suggest
 from ..evaluate import evaluate_model
 from ..lora import is_adapter
@@ -106,6 +106,11 @@ def run_sweep(
                 f" labels: {', '.join(cfg.methods)}"
             )
     check_checkpoints(cfg)
+    with output_lock(cfg.results, f"{cfg.source}: results"):  # two sweeps would do every cell
+        return _run_cells(cfg, progress, cache_dir, work_dir, device, only)
+
+
+def _run_cells(cfg, progress, cache_dir, work_dir, device, only) -> list[dict]:
     drop_torn_tail(cfg.results)
     rows = read_results(cfg.results)
     check_results_file(cfg, rows)
@@ -172,10 +177,14 @@ def run_cell(
         e = cfg.eval
         specs = {t: cfg.tasks[t] for t in subset}
         scores = evaluate_model(out, specs, e.split, e.limit, e.batch_size, cfg.seed)
+    except UserError as e:  # a merge that fails (NaN, a bad tensor) names its cell
+        raise UserError(f"{cfg.source}: cell {label} {'+'.join(subset)}: {e}") from None
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(state_dir_for(out), ignore_errors=True)  # optimizer state of a failed run
+        for folder in (out.parent, work):  # made for this cell: a failed one leaves no folder
+            _remove_if_empty(folder)
     row = cell_row(
         label,
         method_key(recipe),
