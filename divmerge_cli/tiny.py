@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -15,6 +15,8 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+
+from .checkpoint import Checkpoint, ShardWriter, atomic_folder, copy_side_files, has_weights
 
 SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]  # ids 0..3
 
@@ -114,4 +116,34 @@ def perturbed(model: PreTrainedModel, scale: float, seed: int) -> PreTrainedMode
     with torch.no_grad():
         for p in out.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return out
+
+
+def perturbed_folder(
+    base: Path,
+    out: Path,
+    seed: int,
+    scale: float,
+    spread: Callable[[torch.Tensor], torch.Tensor] = torch.std,
+) -> Path:
+    """A fake expert on disk: base + seeded Gaussian noise of std `scale` x `spread(tensor)` on
+    every floating tensor (`scale` itself on one-element tensors), written tensor by tensor so
+    that memory holds one tensor, with the base's other files. Kept if OUT already holds weights."""
+    if has_weights(out):
+        return out
+    ck = Checkpoint(base, "base")
+    specs = {n: (ck.shape(n), ck.dtype(n)) for n in ck.names}
+    g = torch.Generator().manual_seed(seed)
+    with atomic_folder(out) as tmp:
+        w = ShardWriter(tmp, specs, 5 * 10**9)
+        for n in ck.names:
+            t = ck.get(n)
+            if t.dtype.is_floating_point:
+                f = t.float()
+                std = scale * float(spread(f)) if f.numel() > 1 else scale
+                t = (f + torch.randn(f.shape, generator=g) * std).to(t.dtype)
+            w.write(n, t)
+        w.close()
+        side = [p.name for p in base.iterdir() if p.suffix != ".safetensors"]
+        copy_side_files(base, tmp, tuple(x for x in side if x != "model.safetensors.index.json"))
     return out

@@ -3,12 +3,13 @@
 Three launches of the same DivMerge run (layer granularity, `stream` task vectors, batch 8, two
 Adam steps, teacher cache warm): one process; two processes data-parallel
 (`accelerate launch --multi_gpu`); two processes with theta0 sharded (`accelerate launch --use_fsdp
---fsdp_version 2`). Each process reports its own peak RSS (ru_maxrss), the share of theta0 it
-holds between steps, seconds per step and Gamma.
+--fsdp_version 2`). Each process reports its own peak RSS (VmHWM: not counting its parent's), the
+share of theta0 it holds between steps, seconds per step and Gamma; each launch, its wall time and
+its largest process's peak (scripts/measure.py).
 
     python scripts/bench_fsdp.py WORKDIR --base /work/models/smollm2-135m-f32 [--n 2]
 
-Experts are the base plus seeded noise (scripts/bench_scale.py). Prints one line per launch.
+Experts are the base plus seeded noise (tiny.perturbed_folder, as scripts/bench_scale.py). Prints one line per launch.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_scale import recipe
+from measure import measure, own_peak_kib
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_scale import make_expert, recipe  # noqa: E402
+from divmerge_cli.tiny import perturbed_folder
 
 LAUNCHES = {
     "1 process": None,
@@ -59,7 +60,7 @@ def worker(args) -> None:
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
     row = {
         "rank": acc.process_index,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "peak_rss_gb": own_peak_kib() * 1024 / 1e9,
         "theta0_share": held / sum(p.numel() for p in params),
         "s_per_step": sum(steps) / len(steps),
         "gamma": run.gamma.detach().flatten().tolist(),
@@ -68,7 +69,7 @@ def worker(args) -> None:
     (args.cache.parent / f"row{acc.process_index}.json").write_text(json.dumps(row))
 
 
-def launch(args, rec: Path, flags: list[str] | None) -> list[dict]:
+def launch(args, rec: Path, flags: list[str] | None) -> tuple[list[dict], str]:
     me = [__file__, "--worker", "--recipe", str(rec), "--cache", str(args.work / "cache")]
     if flags is None:
         cmd = [sys.executable, *me]
@@ -79,13 +80,13 @@ def launch(args, rec: Path, flags: list[str] | None) -> list[dict]:
     for f in args.work.glob("row*.json"):
         f.unlink()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    m = measure(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if m.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{m.stderr[-3000:]}")
     rows = [json.loads(f.read_text()) for f in sorted(args.work.glob("row*.json"))]
     for f in args.work.glob("row*.json"):
         f.unlink()
-    return rows
+    return rows, f"launch {m.wall_s:.0f} s, largest process {m.peak_bytes / 1e9:.2f} GB"
 
 
 def main() -> None:
@@ -103,21 +104,21 @@ def main() -> None:
         return worker(args)
     args.work.mkdir(parents=True, exist_ok=True)
     experts = [
-        make_expert(args.base, args.work / f"{args.base.name}-e{i}", seed=i + 1)
+        perturbed_folder(args.base, args.work / f"{args.base.name}-e{i}", i + 1, 1e-3)
         for i in range(args.n)
     ]
     rec = recipe(args.work, args.base, experts, "stream", "float32")
     launch(args, rec, None)  # builds the teacher cache: not part of any figure
     gammas = {}
     for label, flags in LAUNCHES.items():
-        rows = launch(args, rec, flags)
+        rows, whole = launch(args, rec, flags)
         gammas[label] = torch.tensor(rows[0]["gamma"])
         per = ", ".join(
             f"rank {r['rank']}: peak {r['peak_rss_gb']:.2f} GB, holds {r['theta0_share']:.0%} "
             f"of theta0, {r['s_per_step']:.1f} s/step"
             for r in rows
         )
-        print(f"{label}: {per}", flush=True)
+        print(f"{label}: {per} ({whole})", flush=True)
     ref = gammas["1 process"]
     for label, g in gammas.items():
         print(f"{label}: max |Gamma - Gamma(1 process)| = {float((g - ref).abs().max()):.2e}")

@@ -4,7 +4,8 @@
 
 Builds n random LoRA adapters (all linear layers, r = --rank, alpha = 2r, B ~ N(0, 0.02²) so
 τ ≠ 0) on the base with peft, and each one's merge_and_unload() as a full checkpoint (WORKDIR is
-reused on a rerun). Then, each in a fresh process (peak RSS = the child's ru_maxrss):
+reused on a rerun). Then, each in a fresh process (its wall seconds and peak RSS by
+scripts/measure.py; seconds of the whole process, its start-up included):
 - `divmerge run` task_arithmetic and ties on the adapters, and on the dense experts;
 - `divmerge run --as-adapter` (exact) for task_arithmetic;
 - one DivMerge-style step (forward + backward to Γ through taskvectors.MergedModel, 8 x 64 tokens,
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from measure import measure
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -73,41 +75,20 @@ def recipe(work: Path, name: str, method: str, base: Path, models: list[Path]) -
     return path
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
-    would report the parent's peak when the parent was bigger."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+CLI = [sys.executable, "-c", "from divmerge_cli.cli import main; main()"]
 
 
-CHILD_RUN = """
-import sys, time
-sys.path.insert(0, sys.argv.pop(1))
-from bench_lora import peak_rss_mb
-from divmerge_cli.cli import main
-t = time.perf_counter()
-try:
-    main()
-finally:
-    print("BENCH", time.perf_counter() - t, peak_rss_mb(), file=sys.stderr)
-"""
+def measured(cmd: list[str], what: str):
+    m = measure(cmd, ENV, subprocess.PIPE, subprocess.PIPE)
+    if m.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{m.stderr[-2000:]}")
+    return m
 
 
 def run_cli(args: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of `divmerge ARGS` in a fresh process."""
-    p = subprocess.run(
-        [sys.executable, "-c", CHILD_RUN, str(Path(__file__).parent), *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    line = [x for x in p.stderr.splitlines() if x.startswith("BENCH")]
-    if p.returncode != 0 or not line:
-        raise SystemExit(f"divmerge {' '.join(args)} failed:\n{p.stderr[-2000:]}")
-    _, sec, rss = line[-1].split()
-    return float(sec), float(rss)
+    """(seconds, peak RSS in MiB) of the process `divmerge ARGS`."""
+    m = measured([*CLI, *args], f"divmerge {' '.join(args)}")
+    return m.wall_s, m.peak_kib / 1024
 
 
 def child_step(base: str, experts: list[str], mode: str, steps: int) -> None:
@@ -139,19 +120,15 @@ def child_step(base: str, experts: list[str], mode: str, steps: int) -> None:
         logits.float().logsumexp(-1).mean().backward()
         gamma.grad = None
         times.append(time.perf_counter() - t)
-    print("BENCH", statistics.median(times[1:]), peak_rss_mb(), tv.nbytes, file=sys.stderr)
+    print("BENCH", statistics.median(times[1:]), tv.nbytes, file=sys.stderr)
 
 
 def run_step(base: Path, experts: list[Path], mode: str, steps: int) -> tuple[float, float, int]:
+    """(median seconds per step, peak RSS of the process in MiB, task-vector bytes held)."""
     args = ["--child-step", str(base), mode, str(steps), *map(str, experts)]
-    p = subprocess.run(
-        [sys.executable, __file__, "x", *args], env=ENV, capture_output=True, text=True
-    )
-    line = [x for x in p.stderr.splitlines() if x.startswith("BENCH")]
-    if p.returncode != 0 or not line:
-        raise SystemExit(f"step {mode} failed:\n{p.stderr[-2000:]}")
-    _, sec, rss, held = line[-1].split()
-    return float(sec), float(rss), int(held)
+    m = measured([sys.executable, __file__, "x", *args], f"step {mode}")
+    _, sec, held = [x for x in m.stderr.splitlines() if x.startswith("BENCH")][-1].split()
+    return float(sec), m.peak_kib / 1024, int(held)
 
 
 def max_diff(a: Path, b: Path) -> float:

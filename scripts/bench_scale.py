@@ -1,15 +1,15 @@
 """Learned-merge memory and speed against the number of experts: `memory` vs `stream` task vectors.
 
 For each configuration a fresh process runs two Adam steps of DivMerge (layer granularity) after
-the teacher cache is warm, and reports its peak RSS (the child's ru_maxrss), seconds per step and
+the teacher cache is warm, and reports its peak RSS (scripts/measure.py), seconds per step and
 the `validate` estimate; the floor is one plain forward+backward of the base on the same batch.
 
     python scripts/bench_scale.py WORKDIR --base /work/models/smollm2-135m-f32 [--n 2 4 8 16]
     python scripts/bench_scale.py WORKDIR --synthetic-1p7b [--n 4]   # SmolLM2-1.7B config, bf16
         [--dtype float32]   # the compute dtype (default: float32, bfloat16 for --synthetic-1p7b)
 
-Experts are the base plus seeded Gaussian noise (0.1% of each tensor's std), written tensor by
-tensor. Results are appended to WORKDIR/bench_scale.jsonl (a rerun skips finished rows).
+Experts are the base plus seeded Gaussian noise (0.1% of each tensor's std, tiny.perturbed_folder).
+Results are appended to WORKDIR/bench_scale.jsonl (a rerun skips finished rows).
 """
 
 from __future__ import annotations
@@ -19,50 +19,17 @@ import gc
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from measure import measure
+
+from divmerge_cli.tiny import perturbed_folder
 
 WORDS = "the a of merge model task vector expert base layer token stream memory".split()
-
-
-def make_expert(base: Path, out: Path, seed: int, scale: float = 1e-3) -> Path:
-    """base + noise, one tensor at a time (nothing whole in memory but one tensor)."""
-    from divmerge_cli.checkpoint import Checkpoint, ShardWriter, atomic_folder, copy_side_files
-
-    if (out / "config.json").is_file():
-        return out
-    ck = Checkpoint(base, "base")
-    specs = {n: (ck.shape(n), ck.dtype(n)) for n in ck.names}
-    g = torch.Generator().manual_seed(seed)
-    with atomic_folder(out) as tmp:
-        w = ShardWriter(tmp, specs, 5 * 10**9)
-        for n in ck.names:
-            t = ck.get(n)
-            if t.dtype.is_floating_point:
-                f = t.float()
-                f += torch.randn(f.shape, generator=g) * (
-                    scale * float(f.std()) if f.numel() > 1 else scale
-                )
-                t = f.to(t.dtype)
-            w.write(n, t)
-        w.close()
-        shutil.copy(base / "config.json", tmp / "config.json")
-        copy_side_files(
-            base,
-            tmp,
-            tuple(
-                p.name
-                for p in base.iterdir()
-                if p.suffix != ".safetensors"
-                and p.name not in ("config.json", "model.safetensors.index.json")
-            ),
-        )
-    return out
 
 
 def make_synthetic_1p7b(out: Path, tokenizer_from: Path) -> Path:
@@ -226,8 +193,8 @@ def child(args) -> None:
     )
 
 
-def measure(args, rec: Path, *extra: str) -> dict:
-    """Run one child and read its peak RSS from its own rusage (wait4)."""
+def run_child(args, rec: Path, *extra: str) -> dict:
+    """Run one child (scripts/measure.py: its own peak RSS, not this process's)."""
     cmd = [
         sys.executable,
         __file__,
@@ -241,15 +208,14 @@ def measure(args, rec: Path, *extra: str) -> dict:
         *extra,
     ]
     with open(args.work / "child.err", "w") as errf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
+        m = measure(cmd, stdout=subprocess.PIPE, stderr=errf)
+    if m.returncode != 0:
         raise SystemExit(
             f"child failed: {' '.join(cmd)}\n{(args.work / 'child.err').read_text()[-3000:]}"
         )
-    res = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-    res["peak_rss"] = usage.ru_maxrss * 1024
+    out = m.stdout.strip()
+    res = json.loads(out.splitlines()[-1]) if out else {}
+    res["peak_rss"] = m.peak_bytes
     return res
 
 
@@ -289,13 +255,15 @@ def main() -> None:
         else set()
     )
     for n in args.n:
-        experts = [make_expert(base, args.work / f"{base.name}-e{i}", seed=i + 1) for i in range(n)]
+        experts = [
+            perturbed_folder(base, args.work / f"{base.name}-e{i}", i + 1, 1e-3) for i in range(n)
+        ]
         for mode in ([] if args.no_floor else ["floor"]) + args.modes:
             if (n, mode, dtype) in done:
                 continue
             rec = recipe(args.work, base, experts, "stream" if mode == "floor" else mode, dtype)
-            measure(args, rec, "--warm")
-            res = measure(args, rec, *(["--floor"] if mode == "floor" else []))
+            run_child(args, rec, "--warm")
+            res = run_child(args, rec, *(["--floor"] if mode == "floor" else []))
             row = {
                 "base": str(base),
                 "n": n,
