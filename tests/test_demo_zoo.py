@@ -82,6 +82,30 @@ def test_finetune_loss_decreases_and_is_seeded(tok, family):
     assert again == losses
 
 
+def _step_sizes(tok, schedule: str) -> list[float]:
+    """How far each optimizer step of a 30-step fine-tuning moved the weights (L2 norm)."""
+    model = tiny.tiny_llama(len(tok))
+    flat = lambda: torch.cat([p.detach().flatten() for p in model.parameters()])  # noqa: E731
+    seen = [flat()]
+
+    def record(step, steps, loss):
+        seen.append(flat())
+
+    examples = [("Review: the plot was dull. Answer:", " negative")] * 4
+    sft.finetune(model, tok, examples, 30, 4, 1e-2, progress=record, schedule=schedule)
+    return [float((b - a).norm()) for a, b in zip(seen, seen[1:])]
+
+
+def test_cosine_schedule_lets_the_last_steps_settle(tok):
+    """Decayed to 0, the last step barely moves the weights: a run's result is where it settled,
+    not one point of a noisy trajectory (the demo's addition expert at a constant rate)."""
+    cosine, constant = _step_sizes(tok, "cosine"), _step_sizes(tok, "constant")
+    assert cosine[0] == pytest.approx(constant[0])  # both start at the full rate
+    assert cosine[-1] < 0.01 * cosine[0] and cosine[-1] < 0.05 * constant[-1]
+    with pytest.raises(UserError, match="valid schedules are constant, cosine"):
+        sft.finetune(tiny.tiny_llama(len(tok)), tok, [("a", " b")], 1, schedule="linear")
+
+
 def test_pretrain_decreases_and_refuses_seq2seq(tok):
     model = tiny.tiny_llama(len(tok), 32, 2)
     losses = sft.pretrain(model, tok, TEXTS, steps=30, batch_size=2, lr=3e-3)
