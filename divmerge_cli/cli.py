@@ -843,15 +843,18 @@ def demo(
     zoo_only: Annotated[
         bool, typer.Option(help="build the zoo (for recipes/) and stop; no merges")
     ] = False,
+    seed: Annotated[
+        int, typer.Option(help="seeds the toy data, the zoo's training and the merges")
+    ] = 0,
 ) -> None:
     """Build a tiny base and four toy experts offline, merge them with five methods, print ANP."""
     import torch
     import yaml
 
-    from .demo_zoo import build_zoo
+    from .demo_zoo import build_zoo, drop_stale_results, missed_targets
     from .sweep import load_sweep, per_k_table
 
-    root = root or _default_cache("demo") / size
+    root = root or _default_cache("demo") / (size if seed == 0 else f"{size}-seed{seed}")
     torch.set_num_threads(1)  # tiny models: threads cost more than they give on shared cores
     with _progress() as prog:
         bars: dict[str, object] = {}
@@ -861,7 +864,9 @@ def demo(
                 bars[stage] = prog.add_task(f"zoo: {stage}", total=total, info="")
             prog.update(bars[stage], completed=done, total=total)
 
-        zoo = build_zoo(root / "zoo", size=size, progress=report)
+        zoo = build_zoo(root / "zoo", size=size, seed=seed, progress=report)
+    for line in missed_targets(zoo):
+        err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     out.print(f"zoo: {zoo.root} (recipes/ run against it after:)", highlight=False)
     out.print(
         f"export DIVMERGE_ZOO={shlex.quote(str(zoo.root.resolve()))}",
@@ -878,8 +883,14 @@ def demo(
         "methods": DEMO_METHODS,
         "eval": {"split": "test", "limit": 100 if size == "default" else 20, "batch_size": 32},
         "results": "results.jsonl",
-        "seed": 0,
+        "seed": seed,
     }
+    if drop_stale_results(root / "results.jsonl", zoo):
+        err.print(
+            f"{root / 'results.jsonl'}: computed on another build of the zoo; computing again",
+            highlight=False,
+            soft_wrap=True,
+        )
     sweep_file = root / "demo_sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     cfg = load_sweep(sweep_file)

@@ -29,6 +29,26 @@ def test_demo_small_runs_every_method_and_a_rerun_resumes(tmp_path, cli, monkeyp
     assert code == 0, err
     assert "divmerge_js_layer" in out or "divmerge_js_l" in out
 
+    # Results of another build of the zoo (or from before the zoo's build was recorded beside
+    # them) are not shown as this zoo's: the demo drops them and recomputes.
+    monkeypatch.undo()
+    results = tmp_path / "results.jsonl"
+    stale = [json.loads(x) for x in results.read_text().splitlines()]
+    for r in stale:
+        if r["type"] == "reference":
+            r["score"] = 0.123
+    results.write_text("".join(json.dumps(r) + "\n" for r in stale))
+    (tmp_path / "results.jsonl.zoo").unlink(missing_ok=True)  # as a demo root of 0.1 has
+    code, out, err = cli("demo", "--size", "small", "--root", tmp_path)
+    assert code == 0, err
+    assert "0.123" not in out and "results.jsonl: computed on another build of the zoo" in err
+    again = [json.loads(x) for x in results.read_text().splitlines()]
+    assert _numbers(again) == _numbers(rows)  # the same zoo's numbers, computed again
+
+
+def _numbers(rows: list[dict]) -> list[tuple]:
+    return [(r["type"], r.get("label"), r.get("task"), r.get("score"), r.get("anp")) for r in rows]
+
 
 def test_sweep_bad_file_exits_2(tmp_path, cli):
     (tmp_path / "s.yaml").write_text("base_model: ./nowhere\nexperts: {}\n")
