@@ -836,7 +836,8 @@ def _sweep_warnings(cfg) -> None:
 @app.command()
 def demo(
     size: Annotated[
-        str, typer.Option(help="default (about 3-5 min on 2 cores) | small (seconds)")
+        str,
+        typer.Option(help="default (README's table) | small (seconds; too small to rank methods)"),
     ] = "default",
     root: Annotated[Path | None, typer.Option(help="where the zoo and results go")] = None,
     k: Annotated[str, typer.Option(help="subset sizes to merge, e.g. 4, 2..4")] = "4",
