@@ -982,7 +982,8 @@ def _sweep_warnings(cfg) -> None:
 @app.command()
 def demo(
     size: Annotated[
-        str, typer.Option(help="default (about 3-5 min on 2 cores) | small (seconds)")
+        str,
+        typer.Option(help="default (README's table) | small (seconds; too small to rank methods)"),
     ] = "default",
     root: Annotated[Path | None, typer.Option(help="where the zoo and results go")] = None,
     k: Annotated[str, typer.Option(help="subset sizes to merge, e.g. 4, 2..4")] = "4",
@@ -990,16 +991,19 @@ def demo(
         bool, typer.Option(help="build the zoo (for recipes/) and stop; no merges")
     ] = False,
     quiet: Quiet = False,
+    seed: Annotated[
+        int, typer.Option(help="seeds the toy data, the zoo's training and the merges")
+    ] = 0,
 ) -> None:
     """Build a tiny base and four toy experts offline, merge them with five methods, print ANP."""
     _ui["quiet"] = quiet
     import torch
     import yaml
 
-    from .demo_zoo import build_zoo
+    from .demo_zoo import build_zoo, drop_stale_results, missed_targets
     from .sweep import load_sweep, per_k_table
 
-    root = root or _default_cache("demo") / size
+    root = root or _default_cache("demo") / (size if seed == 0 else f"{size}-seed{seed}")
     torch.set_num_threads(1)  # tiny models: threads cost more than they give on shared cores
     with _progress() as prog:
         bars: dict[str, object] = {}
@@ -1009,7 +1013,9 @@ def demo(
                 bars[stage] = prog.add_task(f"zoo: {stage}", total=None, info="")
             prog.update(bars[stage], completed=done, total=total)
 
-        zoo = build_zoo(root / "zoo", size=size, progress=report)
+        zoo = build_zoo(root / "zoo", size=size, seed=seed, progress=report)
+    for line in missed_targets(zoo):
+        err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     out.print(f"zoo: {zoo.root} (recipes/ run against it after:)", highlight=False)
     out.print(
         f"export DIVMERGE_ZOO={shlex.quote(str(zoo.root.resolve()))}",
@@ -1026,8 +1032,14 @@ def demo(
         "methods": DEMO_METHODS,
         "eval": {"split": "test", "limit": 100 if size == "default" else 20, "batch_size": 32},
         "results": "results.jsonl",
-        "seed": 0,
+        "seed": seed,
     }
+    if drop_stale_results(root / "results.jsonl", zoo):
+        err.print(
+            f"{root / 'results.jsonl'}: computed on another build of the zoo; computing again",
+            highlight=False,
+            soft_wrap=True,
+        )
     sweep_file = root / "demo_sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     cfg = load_sweep(sweep_file)

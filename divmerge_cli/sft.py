@@ -7,6 +7,7 @@ experts. The loss covers only the answer tokens and the EOS after them: the mode
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -18,6 +19,14 @@ IGNORE = -100  # label value the Hugging Face losses skip
 
 # progress(step, steps, loss): called after each optimizer step (1-based step).
 StepProgress = Callable[[int, int, float], None]
+
+# The learning rate's factor at 0-based step i of n. Cosine decays to 0 at the last step, so a run
+# ends where its last steps stopped moving the weights: its result no longer depends on which
+# point of a noisy trajectory the step count happens to land on.
+SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "constant": lambda i, n: 1.0,
+    "cosine": lambda i, n: 0.5 * (1.0 + math.cos(math.pi * i / n)),
+}
 
 
 def encode_example(
@@ -90,9 +99,12 @@ def _train(
     lr: float,
     seed: int,
     progress: StepProgress | None,
+    schedule: str = "constant",
 ) -> list[float]:
     if not encoded:
         raise UserError("fine-tuning: no examples to train on")
+    if schedule not in SCHEDULES:
+        raise UserError(f"schedule {schedule!r}: valid schedules are {', '.join(SCHEDULES)}")
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -102,6 +114,8 @@ def _train(
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
     )
+    factor = SCHEDULES[schedule]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: factor(i, steps))
     losses: list[float] = []
     # Seed dropout (T5) without disturbing the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
@@ -117,6 +131,7 @@ def _train(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
+                sched.step()
                 losses.append(float(loss.detach()))
                 if progress is not None:
                     progress(step, steps, losses[-1])
@@ -135,15 +150,17 @@ def finetune(
     seed: int = 0,
     max_length: int = 256,
     progress: StepProgress | None = None,
+    schedule: str = "constant",
 ) -> list[float]:
     """Train `model` in place on (prompt, answer) pairs, loss on answer + EOS only.
 
-    AdamW at constant `lr`, gradient norm clipped to 1, `steps` optimizer steps over seeded
-    reshuffled epochs. Returns the loss of each step. The model is left in eval mode.
+    AdamW at `lr` (constant, or decayed to 0 over the run with `schedule="cosine"`), gradient norm
+    clipped to 1, `steps` optimizer steps over seeded reshuffled epochs. Returns the loss of each
+    step. The model is left in eval mode.
     """
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     encoded = [encode_example(tokenizer, p, a, max_length, seq2seq) for p, a in examples]
-    return _train(model, tokenizer, encoded, steps, batch_size, lr, seed, progress)
+    return _train(model, tokenizer, encoded, steps, batch_size, lr, seed, progress, schedule)
 
 
 def pretrain(
@@ -156,10 +173,11 @@ def pretrain(
     seed: int = 0,
     max_length: int = 256,
     progress: StepProgress | None = None,
+    schedule: str = "constant",
 ) -> list[float]:
     """Plain causal LM training on `texts` (each followed by EOS), for decoder-only models."""
     if getattr(model.config, "is_encoder_decoder", False):
         raise UserError("pretrain: plain causal LM loss needs a decoder-only model, got seq2seq")
     # A text is a completion of the empty prompt: every token (and EOS) is in the loss.
     encoded = [encode_example(tokenizer, "", t, max_length, seq2seq=False) for t in texts]
-    return _train(model, tokenizer, encoded, steps, batch_size, lr, seed, progress)
+    return _train(model, tokenizer, encoded, steps, batch_size, lr, seed, progress, schedule)

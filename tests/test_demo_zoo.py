@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from divmerge_cli import demo_zoo, sft, tiny
 from divmerge_cli.errors import UserError
+from divmerge_cli.evaluate import evaluate_model
 from divmerge_cli.tasks import check_task, load_rows, render_prompt
 
 TEXTS = ["Review: the plot was dull. Answer: negative", "Review: great acting. Answer: positive"]
@@ -80,6 +82,30 @@ def test_finetune_loss_decreases_and_is_seeded(tok, family):
     assert sum(losses[-5:]) / 5 < 0.2 * sum(losses[:5]) / 5
     again = sft.finetune(make(len(tok)), tok, examples, steps=30, batch_size=4, lr=1e-2)
     assert again == losses
+
+
+def _step_sizes(tok, schedule: str) -> list[float]:
+    """How far each optimizer step of a 30-step fine-tuning moved the weights (L2 norm)."""
+    model = tiny.tiny_llama(len(tok))
+    flat = lambda: torch.cat([p.detach().flatten() for p in model.parameters()])  # noqa: E731
+    seen = [flat()]
+
+    def record(step, steps, loss):
+        seen.append(flat())
+
+    examples = [("Review: the plot was dull. Answer:", " negative")] * 4
+    sft.finetune(model, tok, examples, 30, 4, 1e-2, progress=record, schedule=schedule)
+    return [float((b - a).norm()) for a, b in zip(seen, seen[1:])]
+
+
+def test_cosine_schedule_lets_the_last_steps_settle(tok):
+    """Decayed to 0, the last step barely moves the weights: a run's result is where it settled,
+    not one point of a noisy trajectory (the demo's addition expert at a constant rate)."""
+    cosine, constant = _step_sizes(tok, "cosine"), _step_sizes(tok, "constant")
+    assert cosine[0] == pytest.approx(constant[0])  # both start at the full rate
+    assert cosine[-1] < 0.01 * cosine[0] and cosine[-1] < 0.05 * constant[-1]
+    with pytest.raises(UserError, match="valid schedules are constant, cosine"):
+        sft.finetune(tiny.tiny_llama(len(tok)), tok, [("a", " b")], 1, schedule="linear")
 
 
 def test_pretrain_decreases_and_refuses_seq2seq(tok):
@@ -156,6 +182,17 @@ def test_build_zoo_small_builds_a_usable_zoo(tmp_path):
     assert len(load_rows(zoo.train_file("topic"))) == demo_zoo.SIZES["small"].rows["train"]
     manifest = demo_zoo.read_manifest(zoo.root)
     assert manifest["complete"] is True and manifest["settings"]["size"] == "small"
+    # Each expert's validation score is the one a fresh scoring of the saved expert gives, and
+    # it trained in whole rounds until it reached its target or ran out of rounds.
+    cfg = demo_zoo.SIZES["small"]
+    for name, fit in manifest["experts"].items():
+        score = evaluate_model(zoo.experts[name], {name: specs[name]}, "validation")[name].score
+        assert fit["validation"] == pytest.approx(score, abs=1e-4), name
+        assert fit["reached"] == (score >= cfg.target) and fit["target"] == cfg.target
+        rounds, rest = divmod(fit["steps"], cfg.sft_steps)
+        assert rest == 0 and (rounds == cfg.sft_rounds or (fit["reached"] and rounds >= 1))
+    warned = [n for n in demo_zoo.TASKS for w in demo_zoo.missed_targets(zoo) if f" {n} " in w]
+    assert warned == [n for n, fit in manifest["experts"].items() if not fit["reached"]]
     # Experts differ from the base (they were trained) and share its shapes (mergeable).
     from safetensors.torch import load_file
 
@@ -203,3 +240,24 @@ def test_build_zoo_refuses_foreign_folder_and_unknown_size(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(UserError, match="small, default"):
         demo_zoo.build_zoo(tmp_path / "zoo", "huge")
+
+
+@pytest.mark.parametrize("target, rounds", [(0.0, 1), (1.01, 2)])
+def test_experts_train_until_their_target_and_the_demo_warns_if_missed(
+    tmp_path, cli, monkeypatch, target, rounds
+):
+    """Round after round until the validation target (here: met at once, or never); an expert
+    still under it when the rounds run out is named on stderr, and the zoo is kept."""
+    small = dataclasses.replace(demo_zoo.SIZES["small"], sft_steps=10, sft_rounds=2, target=target)
+    monkeypatch.setitem(demo_zoo.SIZES, "small", small)
+    code, out, err = cli("demo", "--size", "small", "--seed", "1", "--root", tmp_path, "--zoo-only")
+    assert code == 0, err
+    manifest = demo_zoo.read_manifest(tmp_path / "zoo")
+    assert manifest["settings"]["seed"] == 1 and manifest["settings"]["target"] == target
+    assert {f["steps"] for f in manifest["experts"].values()} == {10 * rounds}
+    warnings = [line for line in err.splitlines() if line.startswith("warning: demo expert")]
+    if target > 1:
+        assert [w.split()[3] for w in warnings] == list(demo_zoo.TASKS)
+        assert all("after 20 fine-tuning steps, under its target 1.01" in w for w in warnings)
+    else:
+        assert warnings == [] and all(f["reached"] for f in manifest["experts"].values())
