@@ -124,7 +124,12 @@ def _attn_bias(w: dict, i: int) -> dict:  # GPT-2's stored causal mask and maske
     return {**w, **extra}
 
 
-ALTER = {"both": _both, "inv_freq": _inv_freq, "scalar": _scalar, "attn_bias": _attn_bias}
+ALTER = {
+    "both": _both,
+    "inv_freq": _inv_freq,
+    "scalar": _scalar,
+    "attn_bias": _attn_bias,
+}
 # stored tensors the module does not hold, per alteration: merged at each task's mean Gamma
 UNUSED = {
     "inv_freq": r"rotary_emb\.inv_freq$",
@@ -447,3 +452,68 @@ def test_the_estimate_counts_a_fused_expert_group_as_loaded_and_converted(tmp_pa
     experts = sum(4 * math.prod(plan.base.shape(n)) for n in plan.names if ".experts." in n)
     assert est.stream_bytes - plain.stream_bytes >= experts
     assert est.memory_bytes - plain.memory_bytes >= experts
+
+
+def _check_adapter(base: Path, adapter: Path, dense: Path, unmerged: bool = True) -> None:
+    """PEFT applies the adapter to the base as the dense merge: logits unmerged, every tensor
+    after merge_and_unload. `unmerged` False for a tied weight: PEFT's unmerged forward adds its
+    LoRA to the embedding's output only (ensure_weight_tying would merge it twice)."""
+    peft = pytest.importorskip("peft")
+    auto = transformers.AutoModelForCausalLM
+    want = auto.from_pretrained(dense).eval()
+    model = peft.PeftModel.from_pretrained(auto.from_pretrained(base), str(adapter)).eval()
+    x = torch.tensor([[2, 5, 6, 7, 8]])
+    with torch.no_grad():
+        if unmerged:
+            assert torch.allclose(model(input_ids=x).logits, want(x).logits, atol=1e-5)
+        merged = model.merge_and_unload().state_dict()
+    for name, t in want.state_dict().items():
+        assert torch.allclose(merged[name], t, atol=1e-5), name
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_neox", "llama_tied_both_stored"])
+def test_an_adapter_output_applies_under_the_module_names(arch, tmp_path, cli):
+    """--as-adapter writes module names and tensors (a MoE layer's fused experts saved whole,
+    GPT-NeoX's embed_out as lm_head, a tied weight once): PEFT ignores names it cannot find, so
+    stored per-expert names left the experts unmerged."""
+    zoo = _build(arch, tmp_path / "zoo")
+    raw = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo["base"]),
+        "models": [
+            {"model": str(zoo[t]), "parameters": {"weight": w}}
+            for t, w in zip(TASK_NAMES, (0.3, 0.9))
+        ],
+        "parameters": {"lambda": 0.7},
+        "dtype": "float32",
+    }
+    r = write_recipe(tmp_path / "ta.yaml", raw)
+    code, _, err = cli("run", r, "-o", tmp_path / "dense")
+    assert code == 0, err
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter", "--adapter-rank", "64")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["modules_to_save"]
+    module = dict(transformers.AutoModelForCausalLM.from_pretrained(zoo["base"]).named_modules())
+    assert all(m in module for m in saved or ()), saved
+    _check_adapter(zoo["base"], tmp_path / "ad", tmp_path / "dense", "tied" not in arch)
+
+
+def test_a_learned_adapter_output_on_a_moe_applies_as_the_learned_model(tmp_path, cli):
+    zoo = _build("mixtral", tmp_path / "zoo")
+    r = _recipe(zoo, tmp_path, "r")
+    cache = tmp_path / "cache"
+    code, _, err = cli("run", r, "-o", tmp_path / "dense", "--cache-dir", cache)
+    assert code == 0, err
+    code, _, err = cli(
+        "run",
+        r,
+        "-o",
+        tmp_path / "ad",
+        "--cache-dir",
+        cache,
+        "--as-adapter",
+        "--adapter-rank",
+        "64",
+    )
+    assert code == 0, err
+    _check_adapter(zoo["base"], tmp_path / "ad", tmp_path / "dense")
