@@ -152,15 +152,16 @@ def _first_line(e: Exception) -> str:
 
 def _tie(model: nn.Module, units: list[Unit], unused: list[str]) -> Layout:
     """Name tied module tensors by the parameter the module owns (the embedding, not the head
-    that reads it): a head stored beside its embedding becomes a copy of the embedding's unit.
-    When only the head is stored, it provides the tensor (as from_pretrained ties it then)."""
+    that reads it), whichever copy is stored: a head stored beside its embedding becomes a copy
+    of the embedding's unit; a head stored alone provides the embedding (as from_pretrained ties
+    it then), so its Gamma group is `embeddings` either way."""
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source
     provided = {p for u in units for p in u.targets}
     out = []
     for u in units:
-        params = tuple(tied[p] if tied.get(p) in provided else p for p in u.targets)
+        params = tuple(tied.get(p, p) for p in u.targets)
         if params != u.targets and u.converter is None:
-            u = Unit(u.stored, params, u.targets, copy=True)
+            u = Unit(u.stored, params, u.targets, copy=params[0] in provided)
         out.append(u)
     return Layout(out, unused, model)
 
