@@ -16,7 +16,7 @@ convert(theta_t) - convert(theta0) = convert(tau_t).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,15 +152,16 @@ def _first_line(e: Exception) -> str:
 
 def _tie(model: nn.Module, units: list[Unit], unused: list[str]) -> Layout:
     """Name tied module tensors by the parameter the module owns (the embedding, not the head
-    that reads it): a head stored beside its embedding becomes a copy of the embedding's unit.
-    When only the head is stored, it provides the tensor (as from_pretrained ties it then)."""
+    that reads it), whichever copy is stored: a head stored beside its embedding becomes a copy
+    of the embedding's unit; a head stored alone provides the embedding (as from_pretrained ties
+    it then), so its Gamma group is `embeddings` either way."""
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source
     provided = {p for u in units for p in u.targets}
     out = []
     for u in units:
-        params = tuple(tied[p] if tied.get(p) in provided else p for p in u.targets)
+        params = tuple(tied.get(p, p) for p in u.targets)
         if params != u.targets and u.converter is None:
-            u = Unit(u.stored, params, u.targets, copy=True)
+            u = Unit(u.stored, params, u.targets, copy=params[0] in provided)
         out.append(u)
     return Layout(out, unused, model)
 
@@ -294,6 +295,48 @@ def plan_layout(base, experts: list) -> tuple[Layout, list[str]]:
         raise UserError(f"{base.where}: {base.path}: {e}") from None
     _check_low_rank(layout, experts)
     return layout, _unused_warning(layout, base)
+
+
+def module_view(ckpt) -> ModuleView:
+    """`ckpt` under the module's tensor names, as PEFT names an adapter's tensors (GPT-NeoX's
+    `embed_out` as `lm_head`, a MoE layer's experts as the fused `mlp.experts.gate_up_proj`);
+    UserError when transformers would not load it (an adapter over it would not apply)."""
+    model = skeleton(ckpt.path, ckpt.where)
+    try:
+        layout = build(model, {n: (ckpt.shape(n), ckpt.dtype(n)) for n in ckpt.names})
+    except UserError as e:
+        raise UserError(f"{ckpt.where}: {ckpt.path}: {e}") from None
+    return ModuleView(ckpt, layout)
+
+
+def module_delta(view: ModuleView, delta: Callable) -> Callable:
+    """A change to the module's tensors from `delta`, a change to the stored ones: a renamed
+    tensor's as it is; a converter group's stored changes (densified, zero where None) converted
+    together, since the conversion is linear. A stored copy of a tied tensor is not read (its
+    owner carries the change once)."""
+    from .taskvectors import LowRank
+
+    held: dict = {}
+
+    def of(name: str):
+        u = view.layout.of_param[name]
+        if u.converter is None:
+            return delta(u.stored[0])
+        if held.get("unit") is not u:  # a group's tensors are asked for in a row
+            parts = {s: delta(s) for s in u.stored}
+            got = None
+            if any(p is not None for p in parts.values()):
+                dense = {
+                    s: torch.zeros(view.source.shape(s))
+                    if p is None
+                    else (p.dense() if isinstance(p, LowRank) else p.float())
+                    for s, p in parts.items()
+                }
+                got = view.layout.convert(u, dense)
+            held.update(unit=u, got=got)
+        return None if held["got"] is None else held["got"][name]
+
+    return of
 
 
 def module_names(layout: Layout | None, ckpt=None) -> dict[str, tuple[str, ...]]:

@@ -30,6 +30,7 @@ from .checkpoint import (
     read_header,
 )
 from .errors import UserError
+from .layout import ModuleView, module_delta
 from .taskvectors import LowRank
 
 PREFIX = "base_model.model."
@@ -582,8 +583,9 @@ def save_adapter(
     progress: Callable[[int, int, str], None] | None = None,
     verify: Callable[[], None] | None = None,
 ) -> dict[str, tuple[int, float]]:
-    """Write θ0 + delta(name) as a PEFT LoRA adapter folder at OUT (atomically). nn.Linear and
-    nn.Embedding weights become LoRA factors (rank None: exact, needs LowRank deltas); any other
+    """Write θ0 + delta(name) (`name`: a stored tensor) as a PEFT LoRA adapter folder at OUT
+    (atomically), under the module's names and tensors (a MoE layer's fused experts). nn.Linear
+    and nn.Embedding weights become LoRA factors (rank None: exact, needs LowRank deltas); any other
     changed module, or one with a dense delta at exact rank, is saved whole (modules_to_save).
     `verify` runs last, before OUT is in place (MergePlan.check_unchanged).
     Returns {module: (rank, relative Frobenius error)}."""
@@ -591,11 +593,10 @@ def save_adapter(
     from safetensors.torch import save_file
 
     check_out(out, force, inputs)
-    kinds = module_kinds(base.config)
-    if isinstance(kinds, str):  # only real nn.Linear / nn.Embedding weights become LoRA factors
-        raise UserError(f"--as-adapter: {kinds} to find its linear layers; write a full model")
+    kinds, theta0 = adapter_modules(base)  # module tensor names from here on
+    delta = module_delta(theta0, delta)
     modules: dict[str, list[str]] = {}
-    for n in base.names:
+    for n in theta0.names:
         modules.setdefault(n.rpartition(".")[0], []).append(n)
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
@@ -603,7 +604,7 @@ def save_adapter(
     if progress:
         progress(0, len(modules), "")
     for i, (mod, names) in enumerate(modules.items()):
-        ds = {n: delta(n) for n in names if base.dtype(n).is_floating_point}
+        ds = {n: delta(n) for n in names if theta0.dtype(n).is_floating_point}
         w = ds.get(f"{mod}.weight")
         others = [d for n, d in ds.items() if n != f"{mod}.weight" and d is not None]
         lora = kinds.get(mod) in ("linear", "embedding") and w is not None and not others
@@ -622,7 +623,7 @@ def save_adapter(
             whole.append(mod)
             for n in names:  # the whole module's new values, exact
                 d = ds.get(n)
-                x = base.get(n)
+                x = theta0.get(n)
                 if d is not None:
                     x = x.float() + (d.dense() if isinstance(d, LowRank) else d)
                 tensors[f"{PREFIX}{n}"] = x.to(dtype if x.is_floating_point() else x.dtype)
@@ -659,6 +660,22 @@ def save_adapter(
         if verify:
             verify()
     return ranks
+
+
+def adapter_modules(base: Checkpoint) -> tuple[dict[str, str], ModuleView]:
+    """The base's module kinds, and the base read under the module's tensor names: PEFT applies
+    an adapter by module path, so one written under stored names it does not find (a MoE's
+    per-expert tensors, GPT-NeoX's `embed_out`) would be silently ignored. UserError when the
+    architecture cannot be built or the base would not load as it."""
+    from .layout import module_view
+
+    kinds = module_kinds(base.config)
+    if isinstance(kinds, str):  # only real nn.Linear / nn.Embedding weights become LoRA factors
+        raise UserError(f"--as-adapter: {kinds} to find its linear layers; write a full model")
+    try:
+        return kinds, module_view(base)
+    except UserError as e:
+        raise UserError(f"--as-adapter: {e}") from None
 
 
 def _task_type(config: dict) -> str | None:

@@ -796,11 +796,9 @@ def write_fixed(
 def check_adapter_output(plan: MergePlan, rank: int | None) -> None:
     """--as-adapter on a learned merge: what the adapter writer would refuse, said before any
     teacher generates (at exact rank every task vector must be low rank). The CLI calls it."""
-    from .lora import module_kinds, require_low_rank
+    from .lora import adapter_modules, require_low_rank
 
-    kinds = module_kinds(plan.base.config)
-    if isinstance(kinds, str):
-        raise UserError(f"--as-adapter: {kinds} to find its linear layers; write a full model")
+    adapter_modules(plan.base)
     if rank is None:
         require_low_rank(plan.models, plan.base)
         method = optimize_params(plan.recipe).base_method

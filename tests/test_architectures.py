@@ -43,6 +43,7 @@ ARCHS: dict[str, tuple[str, dict, str | None]] = {
     "llama": ("LlamaConfig", DENSE, None),
     "llama_tied": ("LlamaConfig", {**DENSE, "tie_word_embeddings": True}, None),
     "llama_tied_both_stored": ("LlamaConfig", {**DENSE, "tie_word_embeddings": True}, "both"),
+    "llama_tied_head_stored": ("LlamaConfig", {**DENSE, "tie_word_embeddings": True}, "head"),
     "llama_inv_freq": ("LlamaConfig", DENSE, "inv_freq"),
     "llama_0_dim": ("LlamaConfig", DENSE, "scalar"),
     "qwen2": ("Qwen2Config", DENSE, None),
@@ -105,6 +106,14 @@ def _both(w: dict, i: int) -> dict:  # a tied head stored beside its embedding (
     return {**w, "lm_head.weight": w["model.embed_tokens.weight"].clone()}
 
 
+def _head(w: dict, i: int) -> dict:  # a tied weight stored under the head's name only
+    head = w["model.embed_tokens.weight"]
+    return {
+        **{k: v for k, v in w.items() if k != "model.embed_tokens.weight"},
+        "lm_head.weight": head,
+    }
+
+
 def _inv_freq(w: dict, i: int) -> dict:  # per-block rotary buffers (older Llama-family uploads)
     inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
     return {
@@ -124,7 +133,13 @@ def _attn_bias(w: dict, i: int) -> dict:  # GPT-2's stored causal mask and maske
     return {**w, **extra}
 
 
-ALTER = {"both": _both, "inv_freq": _inv_freq, "scalar": _scalar, "attn_bias": _attn_bias}
+ALTER = {
+    "both": _both,
+    "head": _head,
+    "inv_freq": _inv_freq,
+    "scalar": _scalar,
+    "attn_bias": _attn_bias,
+}
 # stored tensors the module does not hold, per alteration: merged at each task's mean Gamma
 UNUSED = {
     "inv_freq": r"rotary_emb\.inv_freq$",
@@ -163,7 +178,7 @@ def _group(arch: str, stored: str, groups: list[str]) -> str | None:
     alter = ARCHS[arch][2]
     if alter in UNUSED and re.search(UNUSED[alter], stored):
         return None
-    if stored == "lm_head.weight" and alter == "both":
+    if stored == "lm_head.weight" and alter in ("both", "head"):  # the tied embedding matrix
         return "embeddings"
     if stored == "embed_out.weight":
         return "head"
@@ -337,7 +352,7 @@ def test_filters_match_the_stored_or_the_module_name_of_an_expert_tensor(tmp_pat
         assert torch.allclose(out[name], want, atol=1e-6), name
 
 
-@pytest.mark.parametrize("arch", ["llama_tied_both_stored", "mixtral"])
+@pytest.mark.parametrize("arch", ["llama_tied_both_stored", "llama_tied_head_stored", "mixtral"])
 def test_the_exported_recipe_reproduces_the_merge_through_mergekit(arch, tmp_path, cli):
     """mergekit 0.1.5 (an oracle, not a dependency) on the exported recipe: every tensor it
     writes equals ours. It names tensors by the module (Mixtral's experts fused), so ours are
@@ -447,3 +462,90 @@ def test_the_estimate_counts_a_fused_expert_group_as_loaded_and_converted(tmp_pa
     experts = sum(4 * math.prod(plan.base.shape(n)) for n in plan.names if ".experts." in n)
     assert est.stream_bytes - plain.stream_bytes >= experts
     assert est.memory_bytes - plain.memory_bytes >= experts
+
+
+def test_a_tied_weight_takes_the_embeddings_group_whichever_copy_is_stored(tmp_path, cli):
+    """The same tied model saved with only the embedding and with only the head: one rule (the
+    shared weight is the embedding matrix), so the same groups, Gamma and merged weight."""
+    got = {}
+    for arch in ("llama_tied", "llama_tied_head_stored"):
+        zoo = _build(arch, tmp_path / arch)
+        out = tmp_path / f"out_{arch}"
+        code, _, err = cli("run", _recipe(zoo, tmp_path, arch), "-o", out, "--cache-dir", tmp_path)
+        assert code == 0, err
+        coeffs = json.loads((out / "coefficients.json").read_text())
+        merged = load_file(out / "model.safetensors")
+        shared = merged.pop("model.embed_tokens.weight", None)
+        shared = merged.pop("lm_head.weight") if shared is None else shared
+        got[arch] = (coeffs["groups"], coeffs["gamma"], shared, merged)
+    (g1, gamma1, w1, rest1), (g2, gamma2, w2, rest2) = got.values()
+    assert g1 == g2 and g1[0] == "embeddings", (g1, g2)
+    gamma1, gamma2 = ([list(g[t].values()) for t in TASK_NAMES] for g in (gamma1, gamma2))
+    assert torch.allclose(torch.tensor(gamma1), torch.tensor(gamma2), atol=1e-6)
+    assert torch.allclose(w1, w2, atol=1e-6)
+    assert sorted(rest1) == sorted(rest2)
+
+
+def _check_adapter(base: Path, adapter: Path, dense: Path, unmerged: bool = True) -> None:
+    """PEFT applies the adapter to the base as the dense merge: logits unmerged, every tensor
+    after merge_and_unload. `unmerged` False for a tied weight: PEFT's unmerged forward adds its
+    LoRA to the embedding's output only (ensure_weight_tying would merge it twice)."""
+    peft = pytest.importorskip("peft")
+    auto = transformers.AutoModelForCausalLM
+    want = auto.from_pretrained(dense).eval()
+    model = peft.PeftModel.from_pretrained(auto.from_pretrained(base), str(adapter)).eval()
+    x = torch.tensor([[2, 5, 6, 7, 8]])
+    with torch.no_grad():
+        if unmerged:
+            assert torch.allclose(model(input_ids=x).logits, want(x).logits, atol=1e-5)
+        merged = model.merge_and_unload().state_dict()
+    for name, t in want.state_dict().items():
+        assert torch.allclose(merged[name], t, atol=1e-5), name
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_neox", "llama_tied_both_stored"])
+def test_an_adapter_output_applies_under_the_module_names(arch, tmp_path, cli):
+    """--as-adapter writes module names and tensors (a MoE layer's fused experts saved whole,
+    GPT-NeoX's embed_out as lm_head, a tied weight once): PEFT ignores names it cannot find, so
+    stored per-expert names left the experts unmerged."""
+    zoo = _build(arch, tmp_path / "zoo")
+    raw = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo["base"]),
+        "models": [
+            {"model": str(zoo[t]), "parameters": {"weight": w}}
+            for t, w in zip(TASK_NAMES, (0.3, 0.9))
+        ],
+        "parameters": {"lambda": 0.7},
+        "dtype": "float32",
+    }
+    r = write_recipe(tmp_path / "ta.yaml", raw)
+    code, _, err = cli("run", r, "-o", tmp_path / "dense")
+    assert code == 0, err
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter", "--adapter-rank", "64")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["modules_to_save"]
+    module = dict(transformers.AutoModelForCausalLM.from_pretrained(zoo["base"]).named_modules())
+    assert all(m in module for m in saved or ()), saved
+    _check_adapter(zoo["base"], tmp_path / "ad", tmp_path / "dense", "tied" not in arch)
+
+
+def test_a_learned_adapter_output_on_a_moe_applies_as_the_learned_model(tmp_path, cli):
+    zoo = _build("mixtral", tmp_path / "zoo")
+    r = _recipe(zoo, tmp_path, "r")
+    cache = tmp_path / "cache"
+    code, _, err = cli("run", r, "-o", tmp_path / "dense", "--cache-dir", cache)
+    assert code == 0, err
+    code, _, err = cli(
+        "run",
+        r,
+        "-o",
+        tmp_path / "ad",
+        "--cache-dir",
+        cache,
+        "--as-adapter",
+        "--adapter-rank",
+        "64",
+    )
+    assert code == 0, err
+    _check_adapter(zoo["base"], tmp_path / "ad", tmp_path / "dense")
