@@ -49,7 +49,7 @@ class Vocabulary:
         return (
             self.size == n
             and not any(s.force for s, _ in self.settings.values())
-            and all(len(p) == n and (p == np.arange(n)).all() for p in self.perms.values())
+            and all(rows_of(c) == n and (p == np.arange(n)).all() for c, p in self.perms.items())
         )
 
 
