@@ -499,6 +499,11 @@ def _slices_as_models(recipe: Recipe) -> None:
                 "models: no model listed; list the checkpoints to merge under `models:` (or "
                 "layer ranges under `slices:`)"
             )
+    elif METHODS[recipe.merge_method].optimized:
+        raise ValueError(
+            f"slices: {recipe.merge_method} learns coefficients of whole experts' task vectors; "
+            "list the experts under `models:` (slices are merged by the data-free methods)"
+        )
     else:
         seen = set()
         for sl in recipe.slices:
@@ -539,11 +544,6 @@ def _check_slices(recipe: Recipe) -> None:
     (mergekit checks every slice as a merge of its own)."""
     name = recipe.merge_method
     spec = METHODS[name]
-    if spec.optimized:
-        raise ValueError(
-            f"slices: {name} learns coefficients of whole experts' task vectors; list the experts "
-            "under `models:` (slices are merged by the data-free methods)"
-        )
     allowed_model = set(spec.model_params)
     for where, params, per_model in slice_scopes(recipe):
         allowed = allowed_model if per_model else allowed_model | set(spec.global_params)
