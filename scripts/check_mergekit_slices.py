@@ -201,6 +201,19 @@ def cases(L: dict, V: dict) -> list[tuple[str, str, dict]]:
                 "tokenizer_source": "union",
             },
         ),
+        (
+            "union_ties_base_row_rule",  # <x1>: in the base (e1) and e2, not e3 -> the base's row
+            "vocab",
+            {
+                "merge_method": "ties",
+                "base_model": V["e1"],
+                "models": [
+                    {"model": V["e2"], "parameters": {"weight": 0.6, "density": 0.5}},
+                    {"model": V["e3"], "parameters": {"weight": 0.9, "density": 0.7}},
+                ],
+                "tokenizer_source": "union",
+            },
+        ),
         ("base_tokenizer_ties", "vocab", {**vt, "models": vmodels, "tokenizer_source": "base"}),
         (
             "model_tokenizer_e2",
