@@ -222,8 +222,8 @@ def _check_hashes(plan: MergePlan) -> None:
 
 def source_key(plan: MergePlan, ref: str) -> str:
     """The key in plan.sources of the checkpoint a recipe's model reference opens."""
-    want = _key(plan.recipe, Path(plan.recipe.resolve_path(ref)))
-    return next(k for k, c in plan.sources.items() if _key(plan.recipe, c.path) in (want, ref))
+    want = _key(Path(plan.recipe.resolve_path(ref)))
+    return next(k for k, c in plan.sources.items() if _key(c.path) in (want, ref))
 
 
 def input_hash(plan: MergePlan, key: str) -> str:
@@ -306,10 +306,10 @@ def _route(plan: MergePlan, base: Checkpoint | None) -> None:
     from .vocab import build_vocabulary, is_vocab_tensor
 
     r, method = plan.recipe, plan.method
-    opened = {_key(r, c.path): c for c in plan.sources.values()}
+    opened = {_key(c.path): c for c in plan.sources.values()}
 
     def ckpt_of(ref: str, where: str = "slices") -> Checkpoint:
-        c = opened.get(_key(r, Path(r.resolve_path(ref)))) or opened.get(ref)
+        c = opened.get(_key(Path(r.resolve_path(ref)))) or opened.get(ref)
         if c is None:
             raise UserError(
                 f"{r.source}: {where}: {ref} is not a model the recipe merges (name its "
@@ -365,7 +365,7 @@ def _route(plan: MergePlan, base: Checkpoint | None) -> None:
     check_routes(plan.routes, plan.vocab_names)
 
 
-def _key(r, path: Path) -> str:
+def _key(path: Path) -> str:
     return str(path.resolve()) if Path(path).exists() else str(path)
 
 
