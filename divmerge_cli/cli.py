@@ -509,6 +509,10 @@ def _validate(recipe: Path, allow_pickle: bool, json_out: Path | None) -> dict:
         f"[green]ok[/] {recipe}: {r.merge_method} over {len(plan.inputs)} checkpoints "
         f"({len(plan.names)} tensors, {gb(size)} to read)"
     )
+    report.update(_output_shape(plan))
+    if "vocab_size" in report:
+        layers = f"{report['layers']} layers, " if "layers" in report else ""
+        out.print(f"output: {layers}vocabulary of {report['vocab_size']} tokens")
     if "peak_memory_bytes" in report:
         out.print(
             f"estimate: peak memory {gb(report['peak_memory_bytes'])} "
@@ -532,6 +536,20 @@ def _recipe_inputs(r, plan) -> list[Path]:
 def _stdout_for_json(json_out: Path | None) -> None:
     """With `--json -` the JSON is the command's stdout: tables and lines go to stderr."""
     out.stderr = str(json_out) == "-"
+
+
+def _output_shape(plan) -> dict:
+    """The output's block count (sliced merges) and vocabulary size, for validate's report."""
+    from .merge import out_config
+
+    config = out_config(plan)
+    vocab = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    shape = {"vocab_size": vocab} if isinstance(vocab, int) else {}
+    if plan.recipe.slices:
+        from .slices import LAYER_KEYS
+
+        shape["layers"] = next(config[k] for k in LAYER_KEYS if k in config)
+    return shape
 
 
 def _warn(recipe):

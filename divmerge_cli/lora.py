@@ -798,6 +798,11 @@ def merge_as_adapter(
         raise UserError(
             f"--as-adapter: {r.merge_method} cannot write an adapter yet; write a full model"
         )
+    if plan.routes:  # an adapter keeps its base's tensors and shapes
+        what = "slices restack the layers" if r.slices else "the output vocabulary is rebuilt"
+        raise UserError(
+            f"--as-adapter: {what}, so the merge is no adapter of the base; write a full model"
+        )
     if not r.base_model:
         raise UserError(
             "--as-adapter: the recipe needs a base_model (an adapter is a change to it)"

@@ -115,6 +115,12 @@ class MergePlan:
     def input_folders(self) -> set[Path]:
         return {c.path for c in self.inputs} | {self.tokenizer}
 
+    # `slices:` or a rebuilt vocabulary: where each output tensor comes from (slices.Route)
+    routes: dict | None = None
+    vocab: object | None = None  # vocab.Vocabulary when the recipe sets the output's tokenizer
+    vocab_names: set[str] = field(default_factory=set)  # output tensors indexed by token
+    out_config: dict | None = None  # the output's config.json when it is not the reference's
+
     @property
     def inputs(self) -> list[Checkpoint]:
         xs = ([self.base] if self.base else []) + self.models
@@ -161,37 +167,38 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
             )
         )
         sources[f"models[{i}]"] = ckpt
-        if is_base and not method.base_as_input:
+        if is_base and not method.base_as_input and not recipe.slices:
             continue  # the base's task vector is zero: listing it changes nothing but the divisor
         models.append(ckpt)
         entries.append(m)
-    if base and method.base_as_input and not base_listed:
+    if base and method.base_as_input and not base_listed and not recipe.slices:
         models.append(base)  # mergekit averages a base_model in, with the global weight
         entries.append(ModelEntry(model=recipe.base_model))
     if not models:
         raise UserError(f"{recipe.source}: models: no model besides the base to merge")
     ref = base or models[0]
-    check_compatible(ref, [c for c in ([base] if base else []) + models if c is not ref])
+    routed = recipe.slices or recipe.tokenizer or recipe.tokenizer_source
+    if not routed:
+        check_compatible(ref, [c for c in ([base] if base else []) + models if c is not ref])
     names = ref.names
-    out_dtype = recipe.out_dtype or recipe.dtype
-    specs = {}
-    for n in names:
-        d = ref.dtype(n)
-        if out_dtype and d.is_floating_point:
-            d = DTYPES[out_dtype]
-        specs[n] = (ref.shape(n), d)
     plan = MergePlan(
         recipe,
         method,
-        base if method.uses_base else None,
+        base if method.uses_base and not recipe.slices else None,
         models,
         entries,
         names,
-        specs,
+        {},
         block_counts(names),
         tokenizer_dir(recipe, home((base if method.uses_base else None) or models[0])),
         sources,
     )
+    if routed:
+        _route(plan, base)
+    out_dtype = recipe.out_dtype or recipe.dtype
+    for n in plan.names:
+        d, shape = _spec(plan, ref, n)
+        plan.out_specs[n] = (shape, DTYPES[out_dtype] if out_dtype and d.is_floating_point else d)
     plan.stamps = file_stamps(plan.input_folders)
     _check_hashes(plan)
     if method.optimized:  # the module the learned merge runs, checked before any teacher works
@@ -203,7 +210,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         from .layout import module_names
 
         plan.module_names = module_names(plan.layout, ref)
-    for n in names if not method.optimized else ():  # every parameter resolves, before heavy work
+    for n in plan.names if not method.optimized else ():  # every parameter resolves, before work
         _params(plan, n)
     adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
     plan.warnings = [w for c in adapters for w in c.warnings] + plan.warnings
@@ -219,16 +226,26 @@ def _has_filters(recipe: Recipe) -> bool:
 def _check_hashes(plan: MergePlan) -> None:
     """The sha256 a recipe pins a model with (divmerge_recipe.yaml does) matches its files."""
     r = plan.recipe
-    pinned = {"base_model": r.base_model_sha256}
-    pinned |= {f"models[{i}]": m.sha256 for i, m in enumerate(r.models)}
-    for key, want in pinned.items():
+    pinned = [("base_model", r.base_model_sha256, "base_model_sha256")]
+    pinned += [(f"models[{i}]", m.sha256, f"models[{i}].sha256") for i, m in enumerate(r.models)]
+    for k, sl in enumerate(r.slices or ()):
+        pinned += [
+            (source_key(plan, s.model), s.sha256, f"slices[{k}].sources[{j}].sha256")
+            for j, s in enumerate(sl.sources)
+        ]
+    for key, want, field_ in pinned:
         if want and (got := input_hash(plan, key)) != want:
-            field_ = "base_model_sha256" if key == "base_model" else f"{key}.sha256"
             raise UserError(
                 f"{r.source}: {field_}: {plan.sources[key].path} hashes to {got[:16]}..., the "
                 f"recipe expects {want[:16]}... (the model changed since the recipe was "
                 "written; remove the hash to merge it as it is)"
             )
+
+
+def source_key(plan: MergePlan, ref: str) -> str:
+    """The key in plan.sources of the checkpoint a recipe's model reference opens."""
+    want = _key(Path(plan.recipe.resolve_path(ref)))
+    return next(k for k, c in plan.sources.items() if _key(c.path) in (want, ref))
 
 
 def input_hash(plan: MergePlan, key: str) -> str:
@@ -241,8 +258,8 @@ def input_hash(plan: MergePlan, key: str) -> str:
 def tokenizer_dir(recipe: Recipe, ref: Checkpoint) -> Path:
     """The folder `tokenizer_source` names (default: the checkpoint the output's config comes
     from), checked here so that a run cannot fail on it after the merge."""
-    src = recipe.tokenizer_source
-    own = src in (None, "base")
+    src = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
+    own = src in (None, "base", "union")
     folder = ref.path if own else Path(recipe.resolve_path(src))
     where = f"{recipe.source}: {ref.where if own else 'tokenizer_source'}"
     side_files(ref.path, SIDE_FILES, f"{recipe.source}: {ref.where}")  # copied into OUT too
@@ -283,6 +300,8 @@ def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
 
 def _params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
     r, m = plan.recipe, plan.method
+    if plan.routes:
+        return _routed_params(plan, name)
     t = layer_position(name, plan.counts)
     name = (name, *plan.module_names.get(name, ()))  # a filter may name the module tensor
     per_model = [
@@ -299,6 +318,128 @@ def _params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
     }
 
 
+# --- slices and rebuilt vocabularies: each output tensor from its route (slices.py, vocab.py) ---
+
+
+def _route(plan: MergePlan, base: Checkpoint | None) -> None:
+    """Plan where each output tensor comes from, for `slices:` or a recipe that sets the output
+    tokenizer; the output's tensor names, config and vocabulary. UserError: what cannot be
+    merged, named."""
+    from .slices import check_routes, out_config, slice_routes, whole_routes
+    from .vocab import build_vocabulary, is_vocab_tensor
+
+    r, method = plan.recipe, plan.method
+    opened = {_key(c.path): c for c in plan.sources.values()}
+
+    def ckpt_of(ref: str, where: str = "slices") -> Checkpoint:
+        c = opened.get(_key(Path(r.resolve_path(ref)))) or opened.get(ref)
+        if c is None:
+            raise UserError(
+                f"{r.source}: {where}: {ref} is not a model the recipe merges (name its "
+                "base_model or one of its models)"
+            )
+        return c
+
+    listed = [plan.sources[f"models[{i}]"] for i in range(len(r.models))]
+    first = base or listed[0]
+    mt = first.config.get("model_type")
+    for c in listed:
+        if c.config.get("model_type") != mt:
+            raise UserError(
+                f"{c.where}: model_type is {c.config.get('model_type')!r} but {first.where} is "
+                f"{mt!r}; only checkpoints of one architecture can be merged"
+            )
+    if r.slices:
+        plan.routes, depth = slice_routes(r, method, ckpt_of)
+        ref = home(base or ckpt_of(r.slices[0].sources[0].model))
+        plan.out_config = out_config(ref.config, depth, block_counts(ref.names)[_stack(ref)])
+    else:
+        members = tuple(dict.fromkeys(listed + ([base] if base else [])))
+        plan.routes = whole_routes(
+            plan.names, plan.base, plan.models, plan.entries, r, members, base
+        )
+    plan.names = list(plan.routes)
+    if r.tokenizer or r.tokenizer_source:
+        plan.vocab = build_vocabulary(r, first, list(dict.fromkeys(listed)), ckpt_of)
+        plan.vocab_names = {
+            n for n, rt in plan.routes.items() if is_vocab_tensor(rt.inputs[0].ckpt, n)
+        }
+        if plan.vocab.identity:
+            plan.vocab_names = set()
+        elif method.optimized:
+            raise UserError(
+                f"{r.source}: {'tokenizer' if r.tokenizer else 'tokenizer_source'}: the output "
+                f"vocabulary ({len(plan.vocab.tokens)} tokens) is not every expert's own; "
+                f"{r.merge_method} compares teacher and student token by token, so its experts "
+                "must share one vocabulary (merge these with a data-free method)"
+            )
+        config = dict(plan.out_config or home(base or listed[0]).config)
+        config["vocab_size"] = plan.vocab.size  # as mergekit, whenever it builds a tokenizer
+        plan.out_config = config
+        from .vocab import fills
+
+        for n in plan.vocab_names:  # every token's source is read for its tensor
+            fills(plan.vocab, plan.routes[n].members, plan.routes[n].base_ckpt)
+    if not r.slices and not plan.vocab_names:  # every row is already where the output wants it
+        ref = plan.base or plan.models[0]
+        plan.routes, plan.names = None, ref.names
+        check_compatible(ref, [c for c in ([base] if base else []) + plan.models if c is not ref])
+        return
+    check_routes(plan.routes, plan.vocab_names)
+
+
+def _key(path: Path) -> str:
+    return str(path.resolve()) if Path(path).exists() else str(path)
+
+
+def _stack(c: Checkpoint) -> str:
+    return next(iter(block_counts(c.names)))
+
+
+def _spec(plan: MergePlan, ref: Checkpoint, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """An output tensor's stored dtype and shape (a rebuilt vocabulary's rows)."""
+    if not plan.routes:
+        return ref.dtype(name), ref.shape(name)
+    inp = plan.routes[name].inputs[0]
+    shape = inp.ckpt.shape(inp.name)
+    if name in plan.vocab_names:
+        shape = (plan.vocab.size, *shape[1:])
+    return inp.ckpt.dtype(inp.name), shape
+
+
+def _readers(plan: MergePlan, name: str) -> tuple[Rows | None, list]:
+    """Row readers of one output tensor's base and merged inputs."""
+    if not plan.routes:
+        return (Rows(plan.base, name) if plan.base else None), [Rows(c, name) for c in plan.models]
+    route = plan.routes[name]
+    if name in plan.vocab_names:
+        from .vocab import readers
+
+        return readers(plan.vocab, route)
+    base = Rows(route.base.ckpt, route.base.name) if route.base else None
+    return base, [Rows(x.ckpt, x.name) for x in route.xs]
+
+
+def _routed_params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
+    """_params for a routed tensor: each input's scopes (a filter matches its own tensor name),
+    the shared scopes (a filter matches the output name), at the route's t."""
+    m, route = plan.method, plan.routes[name]
+    per_model = [
+        {
+            k: _first(x.name, route.t, d, *(s.get(k) for s in x.scopes))
+            for k, d in m.model_params.items()
+        }
+        for x in route.xs
+    ]
+    glob = {
+        k: _first(name, route.t, d, *(s.get(k) for s in route.glob_scopes))
+        for k, d in m.global_params.items()
+    }
+    return per_model, {
+        k: bool(v) if isinstance(m.global_params[k], bool) else v for k, v in glob.items()
+    }
+
+
 class Rows:
     """A tensor left on disk: `rows[a:b]` reads rows a..b-1. Elementwise methods stream through
     these, so no input tensor is ever whole in memory."""
@@ -308,6 +449,9 @@ class Rows:
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         return self.ckpt.get(self.name, rows.start, rows.stop)
+
+    def whole(self) -> torch.Tensor:
+        return self.ckpt.get(self.name)
 
     def numel(self) -> int:
         n = 1
@@ -330,25 +474,23 @@ def tensor_stages(
     p, glob = _params(plan, name)
     dtype = plan.out_specs[name][1]
     m, f32 = plan.method, torch.float32
-    ref = plan.base or plan.models[0]
-    shape = ref.shape(name)
-    if not ref.dtype(name).is_floating_point:
-        return (yield [partial(ref.get, name)])[0]  # integer buffers are copied from the base
-    numel = Rows(ref, name).numel()
+    base, xs = _readers(plan, name)
+    ref = base or xs[0]
+    shape = plan.out_specs[name][0]
+    if not ref.ckpt.dtype(ref.name).is_floating_point:
+        return (yield [ref.whole])[0]  # integer buffers are copied from the base
+    numel = ref.numel()
     if not m.elementwise or numel <= CHUNK_ELEMENTS or len(shape) < 2:
 
         def whole() -> torch.Tensor:
-            base = plan.base.get(name).to(device, f32) if plan.base else None
-            xs = [c.get(name).to(device, f32) for c in plan.models]
+            b = base.whole().to(device, f32) if base is not None else None
             try:
-                merged = m.fn(base, xs, p, glob, rng).to(dtype)
+                merged = m.fn(b, [x.whole().to(device, f32) for x in xs], p, glob, rng)
             except UserError as e:  # a method's refusal: say which tensor
                 raise UserError(f"tensor {name}: {e}") from None
-            return _finite(merged, name)
+            return _finite(merged.to(dtype), name)
 
         return (yield [whole])[0]
-    base = Rows(plan.base, name) if plan.base else None
-    xs = [Rows(c, name) for c in plan.models]
     rows = max(1, CHUNK_ELEMENTS // (numel // shape[0]))
     # whole-tensor statistics (TIES thresholds), streamed over the same row chunks
     prep = (yield from m.prepare(base, xs, p, rows)) if m.prepare else None
@@ -435,9 +577,10 @@ class _Live:
 
 
 def _not_finite(plan: MergePlan, name: str) -> UserError:
-    for c in plan.inputs:
-        if not torch.isfinite(c.get(name).float()).all():
-            return UserError(f"{c.where}: tensor {name} in {c.path} holds NaN or Inf values")
+    ins = plan.routes[name].inputs if plan.routes else [(c, name) for c in plan.inputs]
+    for c, n in ((i.ckpt, i.name) for i in ins) if plan.routes else ins:
+        if not torch.isfinite(c.get(n).float()).all():
+            return UserError(f"{c.where}: tensor {n} in {c.path} holds NaN or Inf values")
     return UserError(
         f"tensor {name}: the merge produced NaN or Inf (check the method's parameters)"
     )
@@ -499,17 +642,31 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> None:
-    """config.json (dtype updated), generation config, tokenizer, the resolved recipe, a model card."""
-    ref = home(plan.base or plan.models[0])
-    config = dict(ref.config)
+def out_config(plan: MergePlan) -> dict:
+    """The output's config.json: the reference model's, with a sliced merge's depth, a rebuilt
+    vocabulary's size and the output dtype."""
+    config = dict(plan.out_config or home(plan.base or plan.models[0]).config)
     out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
     if out_dtype:
         key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
         config[key] = out_dtype
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> None:
+    """config.json (dtype updated), generation config, tokenizer, the resolved recipe, a model card."""
+    ref = home(plan.base or plan.models[0])
+    (folder / "config.json").write_text(json.dumps(out_config(plan), indent=2) + "\n")
     copy_side_files(ref.path, folder, SIDE_FILES)
-    copy_side_files(plan.tokenizer, folder, TOKENIZER_FILES)  # checked to hold some by plan_merge
+    v = plan.vocab
+    if plan.recipe.chat_template or (v and (plan.vocab_names or v.added)):
+        from .vocab import chat_template, load_tokenizer, save_tokenizer, tokenizer_folder
+
+        folders = [f for c in plan.sources.values() if (f := tokenizer_folder(c))]
+        tok = v.tokenizer if v else load_tokenizer(plan.tokenizer, "tokenizer_source")
+        save_tokenizer(tok, chat_template(plan.recipe, folders), folder)
+    else:
+        copy_side_files(plan.tokenizer, folder, TOKENIZER_FILES)  # plan_merge checked it has some
     recipe = reproducible_recipe(plan)
     (folder / "divmerge_recipe.yaml").write_text(recipe)
     (folder / "README.md").write_text(model_card(plan, card_extra, recipe))
@@ -530,18 +687,38 @@ def reproducible_recipe(plan: MergePlan) -> str:
     if r.base_model:
         data["base_model"] = where(r.base_model, "base_model")
         data["base_model_sha256"] = input_hash(plan, "base_model")
-    for i, (m, entry) in enumerate(zip(r.models, data["models"])):
+    for i, (m, entry) in enumerate(zip(r.models, data.get("models", ()))):
         entry["model"] = where(m.model, f"models[{i}]")
         entry["sha256"] = input_hash(plan, f"models[{i}]")
         if not entry.get("parameters"):
             entry.pop("parameters", None)
-    if r.tokenizer_source not in (None, "base"):
+    for sl, out in zip(r.slices or (), data.get("slices", ())):
+        if sl.base_model:
+            out["base_model"] = where(sl.base_model, source_key(plan, sl.base_model))
+        for s, entry in zip(sl.sources, out["sources"]):
+            key = source_key(plan, s.model)
+            entry |= {"model": where(s.model, key), "sha256": input_hash(plan, key)}
+    if r.tokenizer_source not in (None, "base", "union"):
         data["tokenizer_source"] = str(plan.tokenizer.resolve())
+    if r.tokenizer:
+        _pin_tokenizer(plan, data["tokenizer"], where)
     if r.tasks is not None:
         tasks = load_tasks(r.tasks, r.source.parent, str(r.source))
         data["tasks"] = {name: _pinned_task(spec) for name, spec in tasks.items()}
     ordered = {k: data[k] for k in Recipe.model_fields if k in data}  # the schema's order
     return yaml.safe_dump(ordered, sort_keys=False)
+
+
+def _pin_tokenizer(plan: MergePlan, block: dict, where) -> None:
+    """The tokenizer block's models named as the merge opened them."""
+    if block.get("source") not in (None, "base", "union"):
+        block["source"] = str(plan.tokenizer.resolve())
+    for setting in (block.get("tokens") or {}).values():
+        src = setting.get("source")
+        if isinstance(src, str):
+            setting["source"] = where(src, source_key(plan, src))
+        elif isinstance(src, dict) and "model" in src:
+            src["model"] = where(src["model"], source_key(plan, src["model"]))
 
 
 def _pinned_task(spec: TaskSpec) -> dict:

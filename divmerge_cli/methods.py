@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -367,6 +368,12 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
     return out + base if base is not None else out
 
 
+def passthrough(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """One model's tensors, each times its `scale` (mergekit's passthrough; with `slices:` it
+    copies each slice's layers, stacking them into a deeper model)."""
+    return xs[0].float() * p[0]["scale"]
+
+
 # --- the table ------------------------------------------------------------------------------
 
 _unit = (lambda v: v > 0, lambda v: v <= 1, "(0, 1]")
@@ -393,6 +400,15 @@ def _slerp_check(recipe: Recipe) -> None:
         raise ValueError(
             f"models: slerp interpolates exactly two models (base_model and one other), got {len(others)} "
             "besides the base; use multislerp for more"
+        )
+
+
+def _passthrough_check(recipe: Recipe) -> None:
+    base = recipe.base_model
+    if len(recipe.models) != 1 or (base and Path(base) != Path(recipe.models[0].model)):
+        raise ValueError(
+            "models: passthrough copies one model (list one model, and no other base_model); "
+            "to stack layer ranges of several models, give each its slice under `slices:`"
         )
 
 
@@ -479,6 +495,14 @@ METHODS: dict[str, Method] = {
         model_params={"weight": 1.0},
         global_params={"normalize_weights": True, "eps": 1e-8},
         elementwise=False,
+    ),
+    "passthrough": Method(
+        fn=passthrough,
+        paper="Goddard et al., 2024 (mergekit)",
+        model_params={"scale": 1.0},
+        check=_passthrough_check,
+        uses_base=False,
+        base_as_input=True,
     ),
 }
 

@@ -14,10 +14,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
+    PositiveInt,
     PrivateAttr,
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .errors import Integer, Number, UserError, pydantic_message, read_yaml, suggest
@@ -29,9 +32,8 @@ from .tasks import expand_path
 DTYPES = ("float32", "float16", "bfloat16")
 # mergekit keys we recognise but do not implement: a clear error beats a silent ignore.
 UNSUPPORTED = {
-    "slices": "list the checkpoints under `models:` (whole-model merges only)",
-    "tokenizer": "use `tokenizer_source: base` or a model path",
-    "chat_template": "copy the template into the output's tokenizer_config.json yourself",
+    "modules": "mergekit's per-module recipes; list whole checkpoints under `models:` or layer "
+    "ranges under `slices:`",
 }
 
 
@@ -119,17 +121,102 @@ class ModelEntry(BaseModel):
     sha256: str | None = Field(None, pattern=SHA256)
 
 
+# --- mergekit's `slices:` and tokenizer block (planned in slices.py and vocab.py) ---------------
+
+
+class SliceSource(BaseModel):
+    """Layers [first, end) of one model, in a slice."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[NonNegativeInt, NonNegativeInt]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    sha256: str | None = Field(None, pattern=SHA256)  # as ModelEntry.sha256
+
+    @field_validator("layer_range")
+    @classmethod
+    def _not_empty(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] >= v[1]:
+            raise ValueError(
+                f"[{v[0]}, {v[1]}] holds no layer; a layer range is [first, end) with first < "
+                "end, e.g. [0, 16] for the first 16 blocks"
+            )
+        return v
+
+
+class SliceDef(BaseModel):
+    """One output slice: its sources' layers merged, layer by layer, into as many output layers."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None  # this slice's base (default: the recipe's)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    residual_weight: float | None = None  # accepted as mergekit 0.1.5 accepts it, and unused
+
+    @model_validator(mode="after")
+    def _same_depth(self) -> SliceDef:
+        n = [s.layer_range[1] - s.layer_range[0] for s in self.sources]
+        for i, k in enumerate(n):
+            if k != n[0]:
+                raise ValueError(
+                    f"sources[{i}].layer_range spans {k} layers but sources[0]'s spans {n[0]}; "
+                    "the sources of one slice are merged layer by layer, so they span as many"
+                )
+        return self
+
+
+class ModelToken(BaseModel):
+    """A token's row taken from one model's own vocabulary, by id or by token."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: NonNegativeInt | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelToken:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give one of token_id or token, the row to take from the model")
+        return self
+
+
+class ZeroToken(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenSetting(BaseModel):
+    """`tokenizer.tokens.<token>`: where its embedding rows come from; `force` uses that row
+    even in the models that have the token."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ModelToken | ZeroToken | str | None = None
+    force: bool = False
+
+
+class TokenizerBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"  # "union", "base" or a model
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: PositiveInt | None = None
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str
     base_model: str | None = None
     base_model_sha256: str | None = Field(None, pattern=SHA256)  # as ModelEntry.sha256
-    models: list[ModelEntry] = Field(min_length=1)
+    # with `slices:`, the distinct models the slices name, filled in at load (see _one_input_list)
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceDef] | None = None  # mergekit's layer slices (slices.py)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    tokenizer_source: str | None = None  # "base" (default) or a model path
+    tokenizer_source: str | None = None  # "base", "union" or a model path (vocab.py)
+    tokenizer: TokenizerBlock | None = None  # mergekit's tokenizer block (vocab.py)
+    chat_template: str | None = None  # "auto" or a Jinja template (vocab.py)
     tasks: dict[str, Any] | str | None = (
         None  # inline mapping or a YAML file (divmerge, adamerging)
     )
@@ -142,16 +229,6 @@ class Recipe(BaseModel):
     def warnings(self) -> list[str]:
         """What load_recipe accepted but ignored (mergekit keys another method takes)."""
         return self._warnings
-
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _one_vocabulary(cls, v: str | None) -> str | None:
-        if v == "union":
-            raise ValueError(
-                "'union' is not supported: merged embeddings need one vocabulary; use `base` "
-                "or a model folder (resize the models to one tokenizer before merging)"
-            )
-        return v
 
     @field_validator("merge_method")
     @classmethod
@@ -178,6 +255,8 @@ def _fields_at(parent: tuple) -> list[str]:
         return [f for f in Recipe.model_fields if f != "source"]
     if parent[0] == "models":
         return list(ModelEntry.model_fields)
+    if parent[0] in ("slices", "tokenizer"):
+        return list(_block_at(parent).model_fields)
     return list(FilterValue.model_fields)
 
 
@@ -189,19 +268,22 @@ def _check_parameters(recipe: Recipe) -> None:
         return _check_optimized(recipe)
     allowed_model = set(spec.model_params)
     allowed_global = allowed_model | set(spec.global_params)
-    for key, value in recipe.parameters.items():
-        if key not in allowed_global:
-            raise ValueError(_bad_param("parameters", key, allowed_global, recipe.merge_method))
-        recipe.parameters[key] = _typed(f"parameters.{key}", value, _is_switch(spec, key))
-        _check_value(f"parameters.{key}", key, recipe.parameters[key], spec.ranges)
+    _check_scope("parameters", recipe.parameters, allowed_global, recipe.merge_method, True)
     for i, m in enumerate(recipe.models):
-        for key, value in m.parameters.items():
-            if key not in allowed_model:
-                raise ValueError(
-                    _bad_param(f"models[{i}].parameters", key, allowed_model, recipe.merge_method)
-                )
-            m.parameters[key] = _typed(f"models[{i}].parameters.{key}", value, False)
-            _check_value(f"models[{i}].parameters.{key}", key, m.parameters[key], spec.ranges)
+        _check_scope(f"models[{i}].parameters", m.parameters, allowed_model, recipe.merge_method)
+
+
+def _check_scope(
+    where: str, params: dict, allowed: set[str], method: str, switches: bool = False
+) -> None:
+    """Every key of `params` is one `method` takes there; values typed in place and in range.
+    `switches`: a global scope, where true/false is taken by the method's switches (normalize)."""
+    for key, value in params.items():
+        if key not in allowed:
+            raise ValueError(_bad_param(where, key, allowed, method))
+        spec = METHODS[method]
+        params[key] = _typed(f"{where}.{key}", value, switches and _is_switch(spec, key))
+        _check_value(f"{where}.{key}", key, params[key], spec.ranges)
 
 
 def _takes(name: str, per_model: bool, base_method: object = None) -> set[str]:
@@ -234,6 +316,7 @@ def _drop_foreign(recipe: Recipe) -> None:
     for where, params, per_model in [
         ("parameters", recipe.parameters, False),
         *((f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(recipe.models)),
+        *slice_scopes(recipe),
     ]:
         for key in list(params):
             takers = _takers(str(key), per_model)
@@ -378,8 +461,12 @@ def load_recipe(path: str | Path) -> Recipe:
 def recipe_from_dict(raw: dict, source: Path) -> Recipe:
     try:
         recipe = Recipe.model_validate({**raw, "source": source})
+        _slices_as_models(recipe)
         _check_parameters(recipe)
-        METHODS[recipe.merge_method].check(recipe)
+        if recipe.slices:
+            _check_slices(recipe)
+        else:
+            METHODS[recipe.merge_method].check(recipe)
     except ValidationError as e:
         raise UserError(f"{source}: {pydantic_message(e, _fields_at, UNSUPPORTED)}") from None
     except ValueError as e:
@@ -395,6 +482,8 @@ def dump_recipe(recipe: Recipe) -> str:
 def recipe_data(recipe: Recipe) -> dict:
     """The recipe as plain data, as the user wrote it plus the method's defaults made explicit."""
     data = recipe.model_dump(mode="json", exclude_none=True, exclude={"source"})
+    if recipe.slices:  # the models were read off the slices
+        del data["models"]
     if METHODS[recipe.merge_method].optimized:
         defaults = optimize_params(recipe).model_dump(exclude_none=True)
         if METHODS[recipe.merge_method].objective:  # not a divergence to a teacher
@@ -404,3 +493,107 @@ def recipe_data(recipe: Recipe) -> dict:
         defaults = dict(METHODS[recipe.merge_method].global_params)
     data["parameters"] = {**defaults, **data.get("parameters", {})}
     return data
+
+
+# --- slices and the tokenizer block: checks at load --------------------------------------------
+
+# mergekit 0.1.5's bundled chat templates, named instead of written out (divmerge ships none)
+MERGEKIT_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+def _block_at(parent: tuple) -> type[BaseModel]:
+    """The schema class of a slices/tokenizer location, for an unknown key's list of valid keys."""
+    if parent[0] == "slices":
+        return SliceSource if "sources" in parent else SliceDef
+    if len(parent) == 1:
+        return TokenizerBlock
+    return ModelToken if "source" in parent[1:] and len(parent) > 3 else TokenSetting
+
+
+def _slices_as_models(recipe: Recipe) -> None:
+    """Exactly one of `models:` and `slices:` (as mergekit); with slices, `models` becomes the
+    distinct models they name (each opened once), and the other keys are checked."""
+    if recipe.slices is not None and recipe.models:
+        raise ValueError(
+            "slices: give either `models:` (whole checkpoints) or `slices:` (layer ranges), "
+            "not both"
+        )
+    if not recipe.slices:
+        if recipe.slices is not None:
+            raise ValueError("slices: an empty list; give at least one slice with its sources")
+        if not recipe.models:
+            raise ValueError(
+                "models: no model listed; list the checkpoints to merge under `models:` (or "
+                "layer ranges under `slices:`)"
+            )
+    elif METHODS[recipe.merge_method].optimized:
+        raise ValueError(
+            f"slices: {recipe.merge_method} learns coefficients of whole experts' task vectors; "
+            "list the experts under `models:` (slices are merged by the data-free methods)"
+        )
+    else:
+        seen = set()
+        for sl in recipe.slices:
+            for src in sl.sources:
+                key = recipe.resolve_path(src.model)
+                if key not in seen:
+                    seen.add(key)
+                    recipe.models.append(ModelEntry(model=src.model))
+    if recipe.tokenizer and recipe.tokenizer_source:
+        raise ValueError(
+            "tokenizer: give either tokenizer_source or a tokenizer block (its `source`), not both"
+        )
+    t = recipe.chat_template
+    if t is not None and t != "auto" and "{" not in t:
+        known = (
+            f"'{t}' names one of mergekit's bundled templates, which divmerge does not ship"
+            if t in MERGEKIT_TEMPLATES
+            else f"{t!r} is not a template"
+        )
+        raise ValueError(
+            f"chat_template: {known}; give `auto` (the template most input models share) or "
+            "the Jinja template itself"
+        )
+
+
+def slice_scopes(recipe: Recipe) -> list[tuple[str, dict, bool]]:
+    """(where, parameters, per model) of every slice and slice source."""
+    out = []
+    for k, sl in enumerate(recipe.slices or ()):
+        out.append((f"slices[{k}].parameters", sl.parameters, False))
+        for i, src in enumerate(sl.sources):
+            out.append((f"slices[{k}].sources[{i}].parameters", src.parameters, True))
+    return out
+
+
+def _check_slices(recipe: Recipe) -> None:
+    """Parameters of each slice and source, and the method's own check on each slice's inputs
+    (mergekit checks every slice as a merge of its own)."""
+    name = recipe.merge_method
+    spec = METHODS[name]
+    allowed_model = set(spec.model_params)
+    for where, params, per_model in slice_scopes(recipe):
+        allowed = allowed_model if per_model else allowed_model | set(spec.global_params)
+        _check_scope(where, params, allowed, name, not per_model)
+    for k, sl in enumerate(recipe.slices):
+        seen: dict[str, int] = {}
+        for i, src in enumerate(sl.sources):
+            key = recipe.resolve_path(src.model)
+            if key in seen:
+                raise ValueError(
+                    f"slices[{k}].sources[{i}].model: {src.model} is also sources[{seen[key]}]; "
+                    "a slice merges each model once"
+                )
+            seen[key] = i
+        view = recipe.model_copy(
+            update={
+                "models": [ModelEntry(model=s.model, parameters=s.parameters) for s in sl.sources],
+                # a method that reads no base (passthrough, linear) ignores one, as mergekit
+                "base_model": (sl.base_model or recipe.base_model) if spec.uses_base else None,
+                "slices": None,
+            }
+        )
+        try:
+            spec.check(view)
+        except ValueError as e:
+            raise ValueError(f"slices[{k}].{str(e).replace('models:', 'sources:', 1)}") from None

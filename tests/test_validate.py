@@ -99,7 +99,10 @@ def _cases(zoo: dict, tmp: Path) -> dict[str, tuple[dict, str]]:
         "dtype vs offsets": (ta(zoo, models=one(dtype)), "the header is inconsistent"),
         "index with ..": (ta(zoo, models=one(listed)), "only name files inside its model folder"),
         "index absolute": (ta(zoo, models=one(outside)), "only name files inside its model"),
-        "tokenizer union": (ta(zoo, tokenizer_source="union"), "'union' is not supported"),
+        "tokenizer twice": (
+            ta(zoo, tokenizer_source="union", tokenizer={"source": "union"}),
+            "tokenizer: give either tokenizer_source or a tokenizer block",
+        ),
         "tokenizer folder without one": (
             ta(zoo, tokenizer_source=str(zoo["e2"] / "..")),
             "tokenizer_source: ",
@@ -131,7 +134,7 @@ def cases(llama_zoo, tmp_path_factory):
         "dtype vs offsets",
         "index with ..",
         "index absolute",
-        "tokenizer union",
+        "tokenizer twice",
         "tokenizer folder without one",
         "base without tokenizer",
         "init nan",
