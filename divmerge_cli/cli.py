@@ -925,7 +925,7 @@ def methods() -> None:
 
     table = Table(title="divmerge methods")
     for col in ("method", "per-model parameters", "global parameters", "paper"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # every parameter shown, however narrow
     for name, m in METHODS.items():
         per_model, glob = m.model_params, m.global_params
         if m.optimized:  # every learned-merge parameter, with this method's defaults
@@ -943,7 +943,7 @@ def _fmt_params(d: dict) -> str:
             str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
         )
 
-    return ", ".join(f"{k}={fmt(v)}" for k, v in d.items())
+    return ", ".join(f"{k} (required)" if v is None else f"{k}={fmt(v)}" for k, v in d.items())
 
 
 def version_callback(value: bool) -> None:

@@ -166,7 +166,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     )
     _check_hashes(plan)
     for n in names if not method.optimized else ():  # every parameter resolves, before heavy work
-        _params(plan, n)
+        _check_values(plan, n)
     adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
     plan.warnings = [w for c in adapters for w in c.warnings]
     return plan
@@ -251,6 +251,19 @@ def _params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
     return per_model, {
         k: bool(v) if isinstance(m.global_params[k], bool) else v for k, v in glob.items()
     }
+
+
+def _check_values(plan: MergePlan, name: str) -> None:
+    """The parameters resolve for this tensor, and the values go together (DELLA's density and
+    epsilon): checked for every tensor before any is merged."""
+    per_model, glob = _params(plan, name)
+    check = plan.method.check_values
+    for j, problem in check(per_model, glob) if check else ():
+        r = plan.recipe
+        raise UserError(
+            f"{r.source}: models[{r.models.index(plan.entries[j])}].parameters: {problem}, "
+            f"at tensor {name}"
+        )
 
 
 class Rows:

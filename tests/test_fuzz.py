@@ -17,7 +17,7 @@ import yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SOURCES = sorted(p.name for p in RECIPES.glob("*.yaml") if not p.name.startswith("sweep"))
-CASES = 300
+CASES = 400
 SEED = 11
 SECONDS = 20  # per case; a case takes about 0.05 s on an idle core
 
