@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-from .errors import UserError, pydantic_message, read_yaml, suggest
+from .errors import UserError, misspelling_of, pydantic_message, read_yaml, suggest
 from .hashing import SHA256
 from .methods import METHODS, OPTIMIZE_DEFAULTS, RANGES
 from .objectives import DIVERGENCES
@@ -30,10 +30,25 @@ from .tasks import expand_path
 DTYPES = ("float32", "float16", "bfloat16")
 # mergekit keys we recognise but do not implement: a clear error beats a silent ignore.
 UNSUPPORTED = {
-    "slices": "list the checkpoints under `models:` (whole-model merges only)",
-    "tokenizer": "use `tokenizer_source: base` or a model path",
+    "slices": "mergekit's layer slices, `sources` and `layer_range`; list whole checkpoints "
+    "under `models:`",
+    "modules": "mergekit's per-module recipes; list whole checkpoints under `models:`",
+    "tokenizer": "mergekit's tokenizer block; use `tokenizer_source: base` or a model folder",
     "chat_template": "copy the template into the output's tokenizer_config.json yourself",
 }
+# Every merge method mergekit has registered (0.1.5, and names from its other versions), so that
+# one divmerge lacks is said to be unsupported, not answered with a look-alike's name.
+MERGEKIT_METHODS = (
+    "linear", "slerp", "nuslerp", "multislerp", "passthrough", "task_arithmetic", "ties",
+    "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+    "model_stock", "sce", "karcher", "arcee_fusion", "nearswap", "ram", "ramplus_tl",
+    "lrp", "core_space", "cabs",
+)  # fmt: skip
+# mergekit-multi's multi-stage recipes: several YAML documents in one file
+MULTI_DOCUMENT = (
+    "mergekit's multi-stage merges (mergekit-multi) are not supported by divmerge: write one "
+    "recipe per stage and run `divmerge run` on each, naming the previous stage's output folder"
+)
 
 
 class FilterValue(BaseModel):
@@ -137,7 +152,7 @@ class Recipe(BaseModel):
     def _one_vocabulary(cls, v: str | None) -> str | None:
         if v == "union":
             raise ValueError(
-                "'union' is not supported: merged embeddings need one vocabulary; use `base` "
+                "'union' is not supported yet: merged embeddings need one vocabulary; use `base` "
                 "or a model folder (resize the models to one tokenizer before merging)"
             )
         return v
@@ -145,11 +160,16 @@ class Recipe(BaseModel):
     @field_validator("merge_method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
+        if v in METHODS:
+            return v
+        if v in MERGEKIT_METHODS:
             raise ValueError(
-                f"unknown method '{v}'{suggest(v, METHODS)}; valid: {', '.join(METHODS)}"
+                f"mergekit method '{v}' is not supported by divmerge (supported: "
+                f"{', '.join(METHODS)})"
             )
-        return v
+        raise ValueError(
+            f"unknown method '{v}'{misspelling_of(v, METHODS)}; valid: {', '.join(METHODS)}"
+        )
 
     def resolve_path(self, ref: str) -> str:
         """Relative paths are tried against the recipe's folder first, then the working directory."""
@@ -347,7 +367,7 @@ def _check_value(where: str, key: str, value: ParamValue, ranges: dict) -> None:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file. Raises UserError naming the file and field at fault."""
     path = Path(path)
-    raw = read_yaml(path, "recipe")
+    raw = read_yaml(path, "recipe", several=MULTI_DOCUMENT)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping with merge_method, models, ...")
     return recipe_from_dict(raw, path)
