@@ -921,7 +921,7 @@ DEMO_METHODS = {
 @app.command()
 def methods() -> None:
     """List the merge methods, their parameters and papers."""
-    from .methods import METHODS, OPTIMIZE_DEFAULTS
+    from .methods import BASE_METHODS, METHODS, OPTIMIZE_DEFAULTS
 
     table = Table(title="divmerge methods")
     for col in ("method", "per-model parameters", "global parameters", "paper"):
@@ -932,8 +932,9 @@ def methods() -> None:
             glob = {k: v for k, v in {**OPTIMIZE_DEFAULTS, **glob}.items() if v is not None}
             if m.objective:
                 glob.pop("divergence", None)
-            per_model = {"density": "with base_method ties/dare_*"}
+            per_model = {"density, gamma, epsilon": "as base_method's"}
         table.add_row(name, _fmt_params(per_model), _fmt_params(glob), m.paper)
+    out.print(f"base_method (learned merges): {', '.join(BASE_METHODS)}")
     out.print(table)
 
 

@@ -9,7 +9,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -165,8 +165,10 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         sources,
     )
     _check_hashes(plan)
-    for n in names if not method.optimized else ():  # every parameter resolves, before heavy work
-        _check_values(plan, n)
+    # every parameter resolves, before heavy work (a learned merge's: its base_method's)
+    bm = METHODS.get(str(recipe.parameters.get("base_method"))) if method.optimized else method
+    for n in names if bm else ():
+        _check_values(replace(plan, method=bm), n)
     adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
     plan.warnings = [w for c in adapters for w in c.warnings]
     return plan

@@ -274,15 +274,10 @@ def _trim(tau: Tensor, thr: float) -> Tensor:
     return tau
 
 
-def _dare(tau: Tensor, density: float, rescale: bool, rng: torch.Generator) -> Tensor:
-    """In place: Bernoulli(density) mask; with `rescale`, survivors are scaled so the tensor keeps
-    its L1 norm (mergekit 0.1.5; about 1/density on large tensors, as in the DARE paper)."""
-    return _sparsify(tau, {"density": density}, rescale, rng, _dare_drop)
-
-
 def _sparsify(tau: Tensor, m: dict, rescale: bool, rng: torch.Generator, drop) -> Tensor:
     """In place: `drop(tau, m, rng)` zeroes entries of one task vector (nothing when density is 1,
-    as in mergekit); with `rescale` the survivors are scaled back to the vector's L1 norm."""
+    as in mergekit); with `rescale` the survivors are scaled back to the vector's L1 norm (as
+    mergekit 0.1.5; for DARE about 1/density on large tensors, as in its paper)."""
     if m["density"] >= 1:
         return tau
     before = tau.abs().sum() if rescale else None
@@ -461,20 +456,25 @@ def sce(base, xs, p, glob, rng, prep=None) -> Tensor:
     """SCE (Wan et al., 2024, FuseChat): Select the select_topk fraction of entries where the task
     vectors vary most across models, Calculate each model's weight as its mean squared task vector
     (normalised), Erase the entries whose sign disagrees with the elected sign of their sum."""
-    t = _taus(base, xs)
-    if glob["select_topk"] < 1:
-        var = t.var(0, unbiased=False)
-        k = int(int(torch.count_nonzero(var)) * glob["select_topk"])
-        if k == 0:
-            t.zero_()
-        else:
-            t.mul_(var >= _kth_largest(var.reshape(-1).numpy().copy(), [k])[0])
+    t = _sce_select(_taus(base, xs), glob["select_topk"])
     w = t.square().reshape(len(t), -1).mean(1)
     total = float(w.sum())
     w = torch.full_like(w, 1 / len(w)) if abs(total) < 1e-6 else w / total
     sign = torch.copysign(torch.ones(()), _sum0(t))
     wm = (t * sign > 0) * w.view(-1, *([1] * base.dim()))  # weights where the sign agrees
     return base + (t * wm).sum(0) / wm.sum(0).clamp(min=1e-6)
+
+
+def _sce_select(t: Tensor, topk: float) -> Tensor:
+    """In place: zero the stacked task vectors except at the topk fraction of entries of largest
+    variance across models (of those that vary at all); entries tied with the cut are kept."""
+    if topk < 1:
+        var = t.var(0, unbiased=False)
+        k = int(int(torch.count_nonzero(var)) * topk)
+        if k == 0:
+            return t.zero_()
+        t.mul_(var >= _kth_largest(var.reshape(-1).numpy().copy(), [k])[0])
+    return t
 
 
 def model_stock(base, xs, p, glob, rng, prep=None) -> Tensor:
@@ -867,6 +867,20 @@ METHODS: dict[str, Method] = {
     ),
 }
 
+# The data-free methods whose processed task vectors a learned merge can weigh (Remark 3,
+# processed.py): task arithmetic's own, or sparsified and sign-elected ones.
+BASE_METHODS = (
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "sce",
+)
+
 # Optimized methods learn task-arithmetic coefficients from data (optimize.py). Their parameters
 # and defaults (paper, Table 9; recipe.OptimizeParams types them and takes its defaults from here).
 # A method's global_params are the defaults it overrides or shows in `divmerge methods`.
@@ -882,6 +896,7 @@ OPTIMIZE_DEFAULTS = {
     "gen_batch_size": 16,  # teacher generation batch
     "task_vectors": "auto",  # memory | stream | auto (taskvectors.py)
     "base_method": "task_arithmetic",  # Remark 3: the data-free method whose task vectors Gamma weighs
+    # (processed.py; one of BASE_METHODS)
     "coefficients": None,  # a coefficients.json to reproduce instead of learning
     "seed": None,  # with coefficients: the --seed of the run that learned them (DARE's masks)
 }

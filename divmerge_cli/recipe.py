@@ -23,7 +23,7 @@ from pydantic import (
 
 from .errors import UserError, misspelling_of, pydantic_message, read_yaml, suggest
 from .hashing import SHA256
-from .methods import METHODS, OPTIMIZE_DEFAULTS, RANGES
+from .methods import BASE_METHODS, METHODS, OPTIMIZE_DEFAULTS, RANGES
 from .objectives import DIVERGENCES
 from .tasks import expand_path
 
@@ -85,7 +85,7 @@ class OptimizeParams(BaseModel):
     gen_batch_size: int = Field(_D["gen_batch_size"], ge=1, le=100_000)
     task_vectors: Literal["memory", "stream", "auto"] = _D["task_vectors"]  # taskvectors.py
     # Remark 3: Gamma fitted on top of a data-free method's processed task vectors (processed.py)
-    base_method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = _D["base_method"]
+    base_method: Literal[BASE_METHODS] = _D["base_method"]
     # a coefficients.json of an earlier run: Gamma is fixed to it, nothing is learned (this is
     # how a learned merge's output folder reproduces it)
     coefficients: str | None = _D["coefficients"]
@@ -215,13 +215,13 @@ def _check_parameters(recipe: Recipe) -> None:
 
 def _takes(name: str, per_model: bool, base_method: object = None) -> set[str]:
     """The parameters method `name` takes per model, or globally (where an entry also sets the
-    per-model defaults). A learned merge takes its base_method's density (and rescale) too."""
+    per-model defaults). A learned merge takes its base_method's sparsification parameters too."""
     m = METHODS[name]
     if not m.optimized:
         return set(m.model_params) | (set() if per_model else set(m.global_params))
-    own = _base_params(base_method)
+    own = _base_params(base_method, per_model)
     if per_model:
-        return own - {"rescale"}
+        return own
     return own | set(OptimizeParams.model_fields) - ({"divergence"} if m.objective else set())
 
 
@@ -294,14 +294,15 @@ def _check_optimized(recipe: Recipe) -> None:
         raise ValueError(
             f"tasks: {name} needs a tasks mapping (or file) with validation data per task"
         )
+    bm = recipe.parameters.get("base_method", "task_arithmetic")
+    own_per_model = _base_params(bm, per_model=True)
     for i, m in enumerate(recipe.models):
         for key, value in m.parameters.items():
-            if key not in own or key == "rescale":
-                bm = recipe.parameters.get("base_method", "task_arithmetic")
+            if key not in own_per_model:
                 raise ValueError(
                     f"models[{i}].parameters.{key}: {name} learns the coefficients; only the "
-                    f"base method's density may be set per model (base_method: {bm} takes "
-                    f"{', '.join(sorted(own - {'rescale'})) or 'none'})"
+                    f"base method's sparsification may be set per model (base_method: {bm} "
+                    f"takes {', '.join(sorted(own_per_model)) or 'none'})"
                 )
             m.parameters[key] = _typed(f"models[{i}].parameters.{key}", value)
             _check_value(f"models[{i}].parameters.{key}", key, m.parameters[key], RANGES)
@@ -319,16 +320,19 @@ def optimize_params(recipe: Recipe) -> OptimizeParams:
 
 
 def base_method_params(recipe: Recipe) -> set[str]:
-    """The parameters a learned merge reads for its base_method (Remark 3): density, and
-    rescale for DARE. Weights, lambda and normalization are what Gamma learns."""
+    """The parameters a learned merge reads for its base_method (Remark 3): its sparsification's
+    (density, gamma, epsilon, rescale, select_topk). Weights, lambda and normalization are what
+    Gamma learns."""
     return _base_params(recipe.parameters.get("base_method", "task_arithmetic"))
 
 
-def _base_params(bm: object) -> set[str]:
-    if not isinstance(bm, str) or bm not in METHODS or METHODS[bm].optimized:
+def _base_params(bm: object, per_model: bool = False) -> set[str]:
+    """A base method's parameters that a learned merge reads (density, gamma, epsilon, rescale,
+    select_topk), or those of them set per model."""
+    if not isinstance(bm, str) or bm not in BASE_METHODS:
         return set()  # an invalid base_method is reported by OptimizeParams
     m = METHODS[bm]
-    return (set(m.model_params) | set(m.global_params)) - {
+    return (set(m.model_params) | (set() if per_model else set(m.global_params))) - {
         "weight",
         "lambda",
         "normalize",
