@@ -357,3 +357,134 @@ def test_della_density_and_epsilon_are_checked_per_tensor_before_merging(llama_z
     path.write_text(yaml.safe_dump(recipe))
     code, _, err = cli("run", path, "-o", tmp_path / "out")
     assert code == 0, err
+
+
+# --- against mergekit itself, where it is installed (not a dependency: skipped without it) -----
+
+W3 = {"weight": [1.0, 0.7, 0.4]}
+PARITY = [  # (method, models, with base, per-model lists, global parameters)
+    ("breadcrumbs", 3, True, {**W3, "density": [0.5, 0.5, 0.3], "gamma": [0.01, 0.05, 0.1]}, {}),
+    ("breadcrumbs", 3, True, {**W3, "density": [0.95] * 3, "gamma": [0.1] * 3}, {"rescale": True}),
+    ("breadcrumbs_ties", 3, True, {**W3, "density": [0.5] * 3, "gamma": [0.05] * 3},
+     {"normalize": True, "lambda": 1.2}),
+    ("della", 3, True, W3, {}),  # density 1: deterministic
+    ("della_linear", 3, True, W3, {}),
+    ("sce", 3, True, {}, {}),
+    ("sce", 3, True, {}, {"select_topk": 0.3}),
+    ("model_stock", 3, True, {}, {}),
+    ("model_stock", 3, True, {}, {"filter_wise": True}),
+    ("nuslerp", 2, True, {"weight": [1.0, 0.4]}, {}),
+    ("nuslerp", 2, False, {"weight": [1.0, 0.4]}, {"nuslerp_flatten": False}),
+    ("nuslerp", 2, True, {"weight": [0.3, 1.0]},
+     {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    ("karcher", 3, False, {}, {}),
+    ("karcher", 3, False, {}, {"max_iter": 3, "tol": 1e-7}),
+    ("arcee_fusion", 1, True, {}, {}),
+    ("nearswap", 1, True, {}, {"t": 0.01}),
+    ("ram", 3, True, {}, {"epsilon": 0.015}),
+    ("ramplus_tl", 3, True, {}, {"epsilon": 0.015, "r": 0.5, "alpha": 0.5}),
+    ("passthrough", 1, False, {"scale": [0.5]}, {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (40,)])
+@pytest.mark.parametrize("case", PARITY, ids=lambda c: c[0])
+def test_equal_to_mergekit_in_process(case, shape):
+    registry = pytest.importorskip("mergekit.merge_methods.registry")
+    from mergekit.merge_methods.base import TensorGroup
+
+    name, n, with_base, lists, glob = case
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(shape, generator=g)
+    xs = [base + 0.02 * torch.randn(shape, generator=g) for _ in range(n)]
+    group = TensorGroup.from_tensors(
+        [base, *xs] if with_base else xs, base_index=0 if with_base else None
+    )
+    want = registry.get(name)([group], parameters={**lists, **glob})[0]
+    per_model = [{k: v[i] for k, v in lists.items()} for i in range(n)]
+    got = run(name, base if with_base else None, xs, per_model, **glob)
+    assert (got - want).abs().max() <= 1e-6
+
+
+# --- beyond mergekit: the sparsified methods as a learned merge's base_method (Remark 3) ------
+
+
+def _learned(toy, tmp, **params):
+    from conftest import TASKS, write_recipe
+
+    return write_recipe(
+        tmp / "learned.yaml",
+        {
+            "merge_method": "divmerge",
+            "base_model": str(toy / "base"),
+            "models": [{"model": str(toy / n), "task": n} for n in TASKS],
+            "tasks": str(toy / "tasks.yaml"),
+            "parameters": {"epochs": 1, "samples": 8, "top_k": 16, **params},
+            "dtype": "float32",
+        },
+    )
+
+
+def test_sce_processed_vectors_are_selected_and_sign_elected():
+    from divmerge_cli.processed import process_tensor
+
+    a, b = t(1, 2, -1, 0), t(3, -2, -1, 5)
+    out = process_tensor(torch.stack([a, b]), "sce", [{}, {}], {"select_topk": 1.0}, G)
+    # signs of the sum (+, +, -, +): b's -2 and a's 0 disagree; no SCE weights (Gamma learns them)
+    assert torch.equal(out, torch.stack([t(1, 2, -1, 0), t(3, 0, -1, 5)]))
+    out = process_tensor(torch.stack([a, b]), "sce", [{}, {}], {"select_topk": 0.5}, G)
+    assert torch.equal(out, torch.stack([t(0, 0, 0, 0), t(0, 0, 0, 5)]))  # the largest variance
+
+
+def test_learned_base_method_parameters_are_its_own_and_checked_before_the_teacher(
+    toy, tmp_path, cli
+):
+    r = _learned(toy, tmp_path, base_method="sce", select_topk=0.3)
+    code, _, err = cli("validate", r)
+    assert code == 0, err
+    raw = yaml.safe_load(r.read_text())
+    raw["models"][0]["parameters"] = {"select_topk": 0.3}  # global only, as in data-free sce
+    r.write_text(yaml.safe_dump(raw))
+    code, _, err = cli("validate", r)
+    assert code == 2 and "models[0].parameters.select_topk" in err and "takes none" in err, err
+    raw["parameters"].update(base_method="della", density=0.9, epsilon=0.15)
+    raw["models"][0]["parameters"] = {"epsilon": 0.05}  # per model: 0.85 .. 0.95, fine
+    r.write_text(yaml.safe_dump(raw))
+    code, _, err = cli("run", r, "-o", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert code == 2 and "models[1].parameters: della keeps entries" in err, err
+    assert not (tmp_path / "cache").exists()  # refused before any teacher generation
+
+
+def test_methods_lists_every_method_with_its_parameters_and_paper(cli, monkeypatch):
+    from divmerge_cli import cli as cli_module
+
+    monkeypatch.setattr(cli_module.out, "width", 400)  # one line per method
+    code, out, _ = cli("methods")
+    assert code == 0
+    rows = {ln.split("│")[1].strip(): ln for ln in out.splitlines() if ln.count("│") >= 4}
+    for name, m in M.METHODS.items():
+        assert m.paper in rows[name], name
+        for key in (*m.model_params, *m.global_params):
+            assert key in rows[name], (name, key)
+    assert "t (required)" in rows["nearswap"]
+    assert "base_method (learned merges): task_arithmetic, ties" in out and "sce" in out
+    monkeypatch.setattr(cli_module.out, "width", 80)  # a narrow terminal folds, never cuts
+    code, out, _ = cli("methods")
+    assert code == 0 and "…" not in out
+
+
+def test_readme_methods_table_has_every_method_and_its_parameters():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Methods", 1)[1].split("\n\n", 2)[1]
+    cells = {ln.split("|")[1].strip(" `"): ln.split("|")[2] for ln in table.splitlines()[2:]}
+    assert set(cells) == set(M.METHODS)
+    for name, m in M.METHODS.items():
+        cell = cells[name]
+        if cell.strip().startswith("as "):  # "as della / normalize=false"
+            cell += cells[cell.split()[1]]
+        if not m.optimized:  # the learned ones list theirs in `divmerge methods`
+            for key in (*m.model_params, *m.global_params):
+                if key != "int8_mask":  # changes only mergekit's mask dtype
+                    assert key in cell, (name, key)
