@@ -167,8 +167,9 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     _check_hashes(plan)
     # every parameter resolves, before heavy work (a learned merge's: its base_method's)
     bm = METHODS.get(str(recipe.parameters.get("base_method"))) if method.optimized else method
-    for n in names if bm else ():
-        _check_values(replace(plan, method=bm), n)
+    checked = replace(plan, method=bm) if bm else None
+    for n in names if checked else ():
+        _check_values(checked, n)
     adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
     plan.warnings = [w for c in adapters for w in c.warnings]
     return plan
