@@ -1095,7 +1095,7 @@ DEMO_METHODS = {
 @app.command()
 def methods() -> None:
     """List the merge methods, their parameters and papers."""
-    from .methods import METHODS, OPTIMIZE_DEFAULTS, TEACHER_ONLY
+    from .methods import BASE_METHODS, METHODS, OPTIMIZE_DEFAULTS, TEACHER_ONLY
 
     table = _table(
         "divmerge methods", ["method", "per-model parameters", "global parameters", "paper"], left=4
@@ -1106,8 +1106,9 @@ def methods() -> None:
             glob = {k: v for k, v in {**OPTIMIZE_DEFAULTS, **glob}.items() if v is not None}
             for key in TEACHER_ONLY if m.objective else ():
                 glob.pop(key, None)
-            per_model = {"density": "with base_method ties/dare_*"}
+            per_model = {"density, gamma, epsilon": "as base_method's"}
         table.add_row(name, _fmt_params(per_model), _fmt_params(glob), m.paper)
+    out.print(f"base_method (learned merges): {', '.join(BASE_METHODS)}")
     out.print(table)
 
 
@@ -1117,7 +1118,7 @@ def _fmt_params(d: dict) -> str:
             str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
         )
 
-    return ", ".join(f"{k}={fmt(v)}" for k, v in d.items())
+    return ", ".join(f"{k} (required)" if v is None else f"{k}={fmt(v)}" for k, v in d.items())
 
 
 def version_callback(value: bool) -> None:

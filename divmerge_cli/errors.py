@@ -39,6 +39,35 @@ def suggest(word: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def misspelling_of(word: str, choices) -> str:
+    """' (did you mean X?)' only when `word` is X misspelt: the same once case, '-' and ' ' are
+    read as '_', or one edit away (two for names of 8 characters or more; an edit is an insertion,
+    a deletion, a substitution or a swap of neighbours). A name that merely looks like X, as a
+    different algorithm's name can (della_linear, dare_linear), gets no suggestion."""
+
+    def norm(s: str) -> str:
+        return s.lower().replace("-", "_").replace(" ", "_")
+
+    w = norm(word)
+    for c in choices:
+        if norm(c) == w or _edits(w, norm(c)) <= (2 if len(c) >= 8 else 1):
+            return f" (did you mean '{c}'?)"
+    return ""
+
+
+def _edits(a: str, b: str) -> int:
+    """Edit distance with swaps of neighbours (optimal string alignment)."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(
+                d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1])
+            )
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
 def resolve(path, what: str):
     """Path(path).resolve(), with a symlink loop reported as the user's error naming `what`."""
     from pathlib import Path
@@ -49,9 +78,10 @@ def resolve(path, what: str):
         raise UserError(f"{what} {path}: cannot be resolved ({e})") from None
 
 
-def read_yaml(path, what: str):
-    """A user's YAML file, parsed; a missing file, a syntax error, text that is not UTF-8 or
-    aliases that expand to a huge document (an "alias bomb") are a UserError naming it."""
+def read_yaml(path, what: str, several: str = ""):
+    """A user's YAML file, parsed; a missing file, a syntax error, text that is not UTF-8,
+    several documents (`several` says what those would mean) or aliases that expand to a huge
+    document (an "alias bomb") are a UserError naming it."""
     from pathlib import Path
 
     import yaml
@@ -66,6 +96,11 @@ def read_yaml(path, what: str):
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
+        if "another document" in str(getattr(e, "problem", "")):  # a --- after the first one
+            raise UserError(
+                f"{path}: a {what} file is one YAML document, this one holds several (the second "
+                f"starts at line {mark.line + 1})" + (f"; {several}" if several else "")
+            ) from None
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)})") from None
     except RecursionError:
@@ -131,7 +166,7 @@ def pydantic_message(err, fields_at, unsupported: dict[str, str] | None = None) 
     if e["type"] == "extra_forbidden":
         key, parent = str(loc[-1]), loc[:-1]
         if not parent and key in (unsupported or {}):
-            return f"{where}: not supported by divmerge; {unsupported[key]}"
+            return f"{where}: not supported by divmerge yet ({unsupported[key]})"
         fields = fields_at(parent)
         return f"{where}: unknown key{suggest(key, fields)}; valid keys: {', '.join(fields)}"
     if e["type"] == "missing":

@@ -9,7 +9,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -210,8 +210,11 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         from .layout import module_names
 
         plan.module_names = module_names(plan.layout, ref)
-    for n in plan.names if not method.optimized else ():  # every parameter resolves, before work
-        _params(plan, n)
+    # every parameter resolves, before heavy work (a learned merge's: its base_method's)
+    bm = METHODS.get(str(recipe.parameters.get("base_method"))) if method.optimized else method
+    checked = replace(plan, method=bm) if bm else None
+    for n in plan.names if checked else ():
+        _check_values(checked, n)
     adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
     plan.warnings = [w for c in adapters for w in c.warnings] + plan.warnings
     return plan
@@ -438,6 +441,19 @@ def _routed_params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
     return per_model, {
         k: bool(v) if isinstance(m.global_params[k], bool) else v for k, v in glob.items()
     }
+
+
+def _check_values(plan: MergePlan, name: str) -> None:
+    """The parameters resolve for this tensor, and the values go together (DELLA's density and
+    epsilon): checked for every tensor before any is merged."""
+    per_model, glob = _params(plan, name)
+    check = plan.method.check_values
+    for j, problem in check(per_model, glob) if check else ():
+        r = plan.recipe
+        raise UserError(
+            f"{r.source}: models[{r.models.index(plan.entries[j])}].parameters: {problem}, "
+            f"at tensor {name}"
+        )
 
 
 class Rows:

@@ -106,18 +106,20 @@ def ties(base, xs, p, glob, rng, prep=None) -> Tensor:
 
 def dare_linear(base, xs, p, glob, rng, prep=None) -> Tensor:
     """DARE (Yu et al., 2024): drop each delta entry with prob 1-density, rescale the survivors."""
-    return _dare_merge(base, xs, p, glob, rng, elect=False)
+    return _sparse_merge(base, xs, p, glob, rng, _dare_drop, elect=False)
 
 
 def dare_ties(base, xs, p, glob, rng, prep=None) -> Tensor:
     """DARE's random drop, then TIES's sign election and disjoint merge."""
-    return _dare_merge(base, xs, p, glob, rng, elect=True)
+    return _sparse_merge(base, xs, p, glob, rng, _dare_drop, elect=True)
 
 
-def _dare_merge(base, xs, p, glob, rng, elect: bool) -> Tensor:
+def _sparse_merge(base, xs, p, glob, rng, drop, elect: bool) -> Tensor:
+    """mergekit's generalized task arithmetic: sparsify each task vector with `drop` (rescaled
+    with glob["rescale"]), then sum them (elect=False) or elect signs first (elect=True)."""
     t = _taus(base, xs)
     for tau, m in zip(t, p):
-        _dare(tau, m["density"], glob["rescale"], rng)
+        _sparsify(tau, m, glob["rescale"], rng, drop)
     return _disjoint_merge(base, t, p, glob, elect)
 
 
@@ -272,18 +274,23 @@ def _trim(tau: Tensor, thr: float) -> Tensor:
     return tau
 
 
-def _dare(tau: Tensor, density: float, rescale: bool, rng: torch.Generator) -> Tensor:
-    """In place: Bernoulli(density) mask; with `rescale`, survivors are scaled so the tensor keeps
-    its L1 norm (mergekit 0.1.5; about 1/density on large tensors, as in the DARE paper)."""
-    if density >= 1:
+def _sparsify(tau: Tensor, m: dict, rescale: bool, rng: torch.Generator, drop) -> Tensor:
+    """In place: `drop(tau, m, rng)` zeroes entries of one task vector (nothing when density is 1,
+    as in mergekit); with `rescale` the survivors are scaled back to the vector's L1 norm (as
+    mergekit 0.1.5; for DARE about 1/density on large tensors, as in its paper)."""
+    if m["density"] >= 1:
         return tau
     before = tau.abs().sum() if rescale else None
-    tau.mul_(torch.rand(tau.shape, generator=rng) < density)
+    drop(tau, m, rng)
     if rescale:
         after = tau.abs().sum()
         if before >= 1e-7 and after >= 1e-7:
             tau.mul_(before / after)
     return tau
+
+
+def _dare_drop(tau: Tensor, m: dict, rng: torch.Generator) -> None:
+    tau.mul_(torch.rand(tau.shape, generator=rng) < m["density"])
 
 
 def _disjoint_merge(base: Tensor, t: Tensor, p: list[dict], glob: dict, elect: bool) -> Tensor:
@@ -368,6 +375,239 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
     return out + base if base is not None else out
 
 
+# --- mergekit's other methods -----------------------------------------------------------------
+
+
+def breadcrumbs(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky, 2024): in each task vector drop the gamma fraction
+    of largest magnitudes (outliers) and the smallest ones, keeping a density fraction; add up."""
+    return _sparse_merge(base, xs, p, glob, rng, _breadcrumbs_drop, elect=False)
+
+
+def breadcrumbs_ties(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """Breadcrumbs' outlier and small-magnitude cut, then TIES's sign election."""
+    return _sparse_merge(base, xs, p, glob, rng, _breadcrumbs_drop, elect=True)
+
+
+def _breadcrumbs_drop(tau: Tensor, m: dict, rng=None) -> None:
+    """Keep the entries of ascending magnitude rank n_bot+1 .. n_bot+keep, with keep =
+    int(density n), n_top = int(gamma n) and n_bot = max(0, n - keep - n_top) as mergekit: when
+    density + gamma > 1 fewer outliers go. Cut by value: entries tied with a cut are all kept."""
+    n = tau.numel()
+    keep = int(m["density"] * n)
+    if keep == 0:
+        tau.zero_()
+        return
+    top = n - keep - max(0, n - keep - int(m["gamma"] * n))  # outliers dropped
+    ks = [keep + top] + ([top + 1] if top else [])  # k-th largest at the low and high cut
+    cuts = _kth_largest(tau.abs().reshape(-1).numpy(), ks)
+    lo = cuts[0] if keep + top < n else -1.0
+    hi = cuts[1] if top else float("inf")
+    a = tau.abs()
+    tau.masked_fill_((a < lo) | (a > hi), 0.0)
+
+
+def _kth_largest(a: np.ndarray, ks: list[int]) -> list[float]:
+    """The k-th largest values of a (1 <= k <= a.size) for each k; `a` is reordered in place."""
+    idx = [a.size - k for k in ks]
+    a.partition(sorted(set(idx)))
+    return [float(a[i]) for i in idx]
+
+
+def della(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """DELLA (Deep et al., 2024): MagPrune, a random drop whose keep probability grows with the
+    entry's magnitude rank (density - epsilon .. density + epsilon), rescaled; then TIES's sign
+    election and disjoint merge."""
+    return _sparse_merge(base, xs, p, glob, rng, _della_drop, elect=True)
+
+
+def della_linear(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """DELLA's MagPrune drop, then task arithmetic (no sign election)."""
+    return _sparse_merge(base, xs, p, glob, rng, _della_drop, elect=False)
+
+
+def _della_drop(tau: Tensor, m: dict, rng: torch.Generator) -> None:
+    """Keep each entry with probability density - epsilon + 2 epsilon r, r its magnitude rank in
+    [0, 1] along dimension 1 (a row of a matrix; a vector is one row), as mergekit 0.1.5 ranks."""
+    d, eps = m["density"], m["epsilon"]
+    v = tau if tau.dim() >= 2 else tau.view(1, -1)
+    cols = v.shape[1]
+    rank = v.abs().argsort(dim=1).argsort(dim=1).float()
+    frac = rank.div_(cols - 1) if cols > 1 else rank.fill_(0.5)  # one column: no ranking
+    v.mul_(torch.rand(v.shape, generator=rng) < frac.mul_(2 * eps).add_(d - eps))
+
+
+def della_bounds(per_model: list[dict], glob: dict) -> list[tuple[int, str]]:
+    """DELLA's keep probabilities density +/- epsilon must be probabilities: (model, problem)."""
+    return [
+        (
+            i,
+            f"della keeps entries with probabilities density - epsilon .. density + epsilon, "
+            f"which must lie in (0, 1); density {m['density']:g} and epsilon {m['epsilon']:g} "
+            f"give {m['density'] - m['epsilon']:g} .. {m['density'] + m['epsilon']:g}",
+        )
+        for i, m in enumerate(per_model)
+        if m["density"] < 1
+        and not (m["density"] - m["epsilon"] > 0 and m["density"] + m["epsilon"] < 1)
+    ]
+
+
+def sce(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """SCE (Wan et al., 2024, FuseChat): Select the select_topk fraction of entries where the task
+    vectors vary most across models, Calculate each model's weight as its mean squared task vector
+    (normalised), Erase the entries whose sign disagrees with the elected sign of their sum."""
+    t = _sce_select(_taus(base, xs), glob["select_topk"])
+    w = t.square().reshape(len(t), -1).mean(1)
+    total = float(w.sum())
+    w = torch.full_like(w, 1 / len(w)) if abs(total) < 1e-6 else w / total
+    sign = torch.copysign(torch.ones(()), _sum0(t))
+    wm = (t * sign > 0) * w.view(-1, *([1] * base.dim()))  # weights where the sign agrees
+    return base + (t * wm).sum(0) / wm.sum(0).clamp(min=1e-6)
+
+
+def _sce_select(t: Tensor, topk: float) -> Tensor:
+    """In place: zero the stacked task vectors except at the topk fraction of entries of largest
+    variance across models (of those that vary at all); entries tied with the cut are kept."""
+    if topk < 1:
+        var = t.var(0, unbiased=False)
+        k = int(int(torch.count_nonzero(var)) * topk)
+        if k == 0:
+            return t.zero_()
+        t.mul_(var >= _kth_largest(var.reshape(-1).numpy().copy(), [k])[0])
+    return t
+
+
+def model_stock(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """Model Stock (Jang et al., 2024): interpolate from the base toward the models' average by
+    t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors: over the
+    whole tensor, or per row with filter_wise (the base where 1 + (N - 1) cos is ~0)."""
+    n = len(xs)
+    shape = (-1, base.shape[-1]) if glob["filter_wise"] and base.dim() else (1, -1)
+    taus = [(x - base).reshape(shape) for x in xs]
+    norms = [torch.linalg.vector_norm(tau, dim=-1) for tau in taus]
+    cos = [
+        ((taus[i] * taus[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    den = 1 + (n - 1) * c
+    t = torch.where(den.abs() < 1e-6, 0.0, n * c / torch.where(den.abs() < 1e-6, 1.0, den))
+    avg = _sum0(torch.stack(xs)) / n
+    return (t * avg.reshape(shape) + (1 - t) * base.reshape(shape)).reshape(base.shape)
+
+
+def nuslerp(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """NuSLERP (mergekit): SLERP between two models (their task vectors when a base is given) at
+    t = w2 / (w1 + w2): over the whole tensor (nuslerp_flatten), else per row, or per column with
+    nuslerp_row_wise (mergekit's names)."""
+    w0, w1 = (m["weight"] for m in p)
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    v0, v1 = ((x - base) if base is not None else x for x in xs)
+    if glob["nuslerp_flatten"]:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif glob["nuslerp_row_wise"]:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    out = _slerp_rows(v0, v1, t)
+    if not glob["nuslerp_flatten"] and glob["nuslerp_row_wise"]:
+        out = out.transpose(0, -1)
+    out = out.reshape(xs[0].shape)
+    return out + base if base is not None else out
+
+
+def _slerp_rows(v0: Tensor, v1: Tensor, t: float) -> Tensor:
+    """SLERP of each vector along the last dimension; linear where the two are colinear."""
+    u0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0.0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    return torch.where(colinear, (1 - t) * v0 + t * v1, out)
+
+
+def karcher(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """The Karcher (Riemannian) mean of the models' directions on the unit sphere, by at most
+    max_iter steps of gradient descent (stopping below tol), scaled to their mean norm; equal
+    weights, as mergekit 0.1.5."""
+    if len(xs) == 1:
+        return xs[0].clone()
+    tol = glob["tol"]
+    norms = [torch.linalg.vector_norm(x) for x in xs]
+    units = [x.reshape(-1) / nrm for x, nrm in zip(xs, norms) if float(nrm) > tol]
+    scale = sum(norms) / len(xs)
+    if not units:
+        return torch.zeros_like(xs[0])
+    a = 1 / len(units)
+    mean = _sum0(torch.stack(units)) * a
+    mnorm = float(torch.linalg.vector_norm(mean))
+    mean = units[0].clone() if mnorm < tol else mean / mnorm
+    for _ in range(int(glob["max_iter"])):
+        tangent = torch.zeros_like(mean)
+        for u in units:
+            dot = torch.dot(mean, u).clamp(-1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) >= tol:  # a unit at the mean pulls nowhere
+                tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        tn = torch.linalg.vector_norm(tangent)
+        if float(tn) < tol:
+            break
+        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)  # the exponential map
+        if float(un := torch.linalg.vector_norm(mean)) > tol:
+            mean = mean / un
+    return (scale * mean).reshape(xs[0].shape)
+
+
+def arcee_fusion(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """Arcee Fusion (Arcee AI, mergekit): take the model's entries whose importance |x - base| times
+    the row's KL(softmax x || softmax base) is at least median + 1.5 IQR of all importances; the
+    base's elsewhere. Exact quantiles (mergekit samples 1M entries of larger tensors)."""
+    x = xs[0]
+    pr, q = torch.softmax(x, -1) + 1e-8, torch.softmax(base, -1) + 1e-8
+    importance = (x - base).abs() * (pr * (pr / q).log()).sum(-1, keepdim=True)
+    n = importance.numel()  # mergekit's quantile f: the (floor(f (n - 1)) + 1)-th smallest
+    ks = [n - int(f * (n - 1)) for f in (0.25, 0.5, 0.75)]
+    q1, med, q3 = _kth_largest(importance.reshape(-1).numpy().copy(), ks)
+    return base + (x - base) * (importance >= med + 1.5 * (q3 - q1))
+
+
+def nearswap(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """NearSwap (mergekit): move each base entry to the model's by min(1, t / |base - x|), so
+    entries closer than t are swapped in whole and distant ones barely move."""
+    x = xs[0].float()
+    w = (glob["t"] / (base - x).abs().clamp(min=1e-6)).clamp(0, 1)
+    return w * x + (1 - w) * base
+
+
+def ram(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """RAM (Reinforced Agent Merging): each entry's task-vector values larger than epsilon in
+    magnitude are averaged over the models that have them (one model's value is kept whole)."""
+    t, nz, count = _ram_terms(base, xs, glob["epsilon"])
+    return base + _sum0(t) / count.clamp(min=1)
+
+
+def ramplus_tl(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """RAM+ (tensor-local): as ram, with each model's unique entries scaled by
+    1 + r min(alpha, rho), rho = its shared / unique entry counts in this tensor."""
+    t, nz, count = _ram_terms(base, xs, glob["epsilon"])
+    unique = count == 1
+    out = base.clone()
+    for tau, z in zip(t, nz):
+        own = z & unique
+        rho = int((z & ~unique).sum()) / max(int(own.sum()), glob["epsilon"])
+        lam = 1 + glob["r"] * min(max(rho, 0.0), glob["alpha"])
+        out += torch.where(own, tau * lam, tau / count.clamp(min=1))
+    return out
+
+
+def _ram_terms(base, xs, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Task vectors zeroed where |tau| <= eps, the mask of the others, and their count per entry."""
+    t = _taus(base, xs)
+    nz = t.abs() > eps
+    t.mul_(nz)
+    return t, nz, nz.sum(0)
+
+
 def passthrough(base, xs, p, glob, rng, prep=None) -> Tensor:
     """One model's tensors, each times its `scale` (mergekit's passthrough; with `slices:` it
     copies each slice's layers, stacking them into a deeper model)."""
@@ -403,6 +643,35 @@ def _slerp_check(recipe: Recipe) -> None:
         )
 
 
+def _inputs(name: str, base: bool, fewest: int, most: int | None = None):
+    """mergekit's input contract: a base_model if `base`, and between `fewest` and `most` models
+    besides it."""
+
+    def check(recipe: Recipe) -> None:
+        if base and not recipe.base_model:
+            raise ValueError(f"base_model: {name} needs a base model")
+        n = sum(m.model != recipe.base_model for m in recipe.models)
+        if n < fewest or (most is not None and n > most):
+            many = (
+                "exactly" if fewest == most else "at least" if most is None else f"at most {most},"
+            )
+            raise ValueError(
+                f"models: {name} merges {many} {fewest} model{'s' * (fewest > 1)} besides the "
+                f"base_model, got {n}"
+            )
+
+    return check
+
+
+def _nearswap_check(recipe: Recipe) -> None:
+    _inputs("nearswap", True, 1, 1)(recipe)
+    if "t" not in recipe.parameters:
+        raise ValueError(
+            "parameters.t: nearswap needs t, the distance |base - model| below which an entry is "
+            "taken whole from the model (mergekit has no default; e.g. t: 0.0001)"
+        )
+
+
 def _passthrough_check(recipe: Recipe) -> None:
     base = recipe.base_model
     if len(recipe.models) != 1 or (base and Path(base) != Path(recipe.models[0].model)):
@@ -416,10 +685,20 @@ def _ok(recipe: Recipe) -> None:
     pass
 
 
-_positive = (lambda v: v > 0, lambda v: True, "(0, inf), e.g. 1e-8")  # multislerp divides by it
-
+_whole = (lambda v: v >= 0, lambda v: v == int(v), "whole numbers >= 0")
+_positive = (lambda v: v >= 0, lambda v: True, "[0, inf)")
+_above0 = (lambda v: v > 0, lambda v: True, "(0, inf), e.g. 1e-8")  # multislerp divides by eps
 # Ranges of per-model and global parameters, by name, shared by every method that has them.
-RANGES = {"density": _unit, "t": _t, "eps": _positive}
+RANGES = {
+    "density": _unit,
+    "t": _t,
+    "gamma": _t,
+    "epsilon": (lambda v: v >= 0, lambda v: v < 1, "[0, 1)"),
+    "select_topk": _unit,
+    "max_iter": _whole,
+    "tol": _positive,
+    "eps": _above0,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -428,19 +707,38 @@ class Method:
     paper: str
     model_params: dict[str, float] = field(default_factory=dict)  # per model, with defaults
     # a bool default makes a switch: YAML may say true/false or 1/0, the function gets a bool
-    global_params: dict[str, float | bool] = field(default_factory=dict)
+    global_params: dict[str, float | bool | None] = field(default_factory=dict)  # None: required
     ranges: dict = field(default_factory=lambda: RANGES)
     check: Callable[[Recipe], None] = _ok
     uses_base: bool = True  # the base tensor is read (and passed as `base`)
     base_as_input: bool = False  # linear: a base_model not listed in models joins them (mergekit)
     elementwise: bool = True  # may be applied to row-chunks
     prepare: Callable | None = None  # stages of whole-tensor statistics for chunked runs
+    # (model index, problem) for parameter values resolved for one tensor that do not go together
+    check_values: Callable[[list[dict], dict], list[tuple[int, str]]] | None = None
     optimized: bool = False  # learns coefficients from data (divmerge, adamerging)
     # optimized methods: the objectives.OBJECTIVES entry minimized; None = `parameters.divergence`
     objective: str | None = None
 
 
 _gta = {"lambda": 1.0, "int8_mask": False}  # int8_mask only changes mergekit's mask dtype
+
+
+def _sparse(fn, paper: str, normalize: bool, rescale: bool, extra: dict | None = None) -> Method:
+    """A method of mergekit's generalized task arithmetic that sparsifies each task vector at
+    random or over its whole tensor (_sparse_merge), so it is called on whole tensors."""
+    return Method(
+        fn=fn,
+        paper=paper,
+        model_params={"weight": 1.0, "density": 1.0, **(extra or {})},
+        global_params={"normalize": normalize, "rescale": rescale, **_gta},
+        check=_needs_base(fn.__name__),
+        elementwise=False,
+        check_values=della_bounds if "epsilon" in (extra or {}) else None,
+    )
+
+
+_eps = {"epsilon": 0.15}
 
 METHODS: dict[str, Method] = {
     "linear": Method(
@@ -466,21 +764,9 @@ METHODS: dict[str, Method] = {
         check=_needs_base("ties"),
         prepare=ties_prepare_stages,
     ),
-    "dare_linear": Method(
-        fn=dare_linear,
-        paper="Yu et al., 2024",
-        model_params={"weight": 1.0, "density": 1.0},
-        global_params={"normalize": False, "rescale": True, **_gta},
-        check=_needs_base("dare_linear"),
-        elementwise=False,
-    ),
-    "dare_ties": Method(
-        fn=dare_ties,
-        paper="Yu et al., 2024 + Yadav et al., 2023",
-        model_params={"weight": 1.0, "density": 1.0},
-        global_params={"normalize": False, "rescale": True, **_gta},
-        check=_needs_base("dare_ties"),
-        elementwise=False,
+    "dare_linear": _sparse(dare_linear, "Yu et al., 2024", normalize=False, rescale=True),
+    "dare_ties": _sparse(
+        dare_ties, "Yu et al., 2024 + Yadav et al., 2023", normalize=False, rescale=True
     ),
     "slerp": Method(
         fn=slerp,
@@ -496,6 +782,84 @@ METHODS: dict[str, Method] = {
         global_params={"normalize_weights": True, "eps": 1e-8},
         elementwise=False,
     ),
+    "breadcrumbs": _sparse(
+        breadcrumbs,
+        "Davari & Belilovsky, 2024 (Model Breadcrumbs, ECCV)",
+        normalize=False,
+        rescale=False,
+        extra={"gamma": 0.01},
+    ),
+    "breadcrumbs_ties": _sparse(
+        breadcrumbs_ties,
+        "Davari & Belilovsky, 2024 + Yadav et al., 2023",
+        normalize=False,
+        rescale=False,
+        extra={"gamma": 0.01},
+    ),
+    "della": _sparse(
+        della, "Deep et al., 2024 (DELLA-Merging)", normalize=True, rescale=True, extra=_eps
+    ),
+    "della_linear": _sparse(
+        della_linear, "Deep et al., 2024 (DELLA-Merging)", normalize=False, rescale=True, extra=_eps
+    ),
+    "sce": Method(
+        fn=sce,
+        paper="Wan et al., 2024 (FuseChat: SCE)",
+        global_params={"select_topk": 1.0, "int8_mask": False},
+        check=_needs_base("sce"),
+        elementwise=False,
+    ),
+    "model_stock": Method(
+        fn=model_stock,
+        paper="Jang et al., 2024 (Model Stock, ECCV)",
+        global_params={"filter_wise": False},
+        check=_inputs("model_stock", True, 2),
+        elementwise=False,
+    ),
+    "nuslerp": Method(
+        fn=nuslerp,
+        paper="Goddard et al., 2024 (mergekit); Shoemake, 1985",
+        model_params={"weight": 1.0},
+        global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
+        check=_inputs("nuslerp", False, 2, 2),
+        elementwise=False,
+    ),
+    "karcher": Method(
+        fn=karcher,
+        paper="Karcher, 1977 (Riemannian centre of mass); arXiv 2603.04972",
+        global_params={"max_iter": 10, "tol": 1e-5},
+        uses_base=False,
+        base_as_input=True,
+        elementwise=False,
+    ),
+    "arcee_fusion": Method(
+        fn=arcee_fusion,
+        paper="Arcee AI, 2025 (mergekit)",
+        check=_inputs("arcee_fusion", True, 1, 1),
+        elementwise=False,
+    ),
+    "nearswap": Method(
+        fn=nearswap,
+        paper="alchemonaut, 2024 (QuartetAnemoi; mergekit)",
+        global_params={"t": None},
+        ranges={**RANGES, "t": _positive},
+        check=_nearswap_check,
+    ),
+    "ram": Method(
+        fn=ram,
+        paper="RAM, 2026 (Reinforced Agent Merging, arXiv 2601.13572)",
+        global_params={"epsilon": 1e-5},
+        ranges={**RANGES, "epsilon": _positive},
+        check=_needs_base("ram"),
+    ),
+    "ramplus_tl": Method(
+        fn=ramplus_tl,
+        paper="RAM+, 2026 (tensor-local; arXiv 2601.13572)",
+        global_params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+        ranges={**RANGES, "epsilon": _positive, "r": _positive, "alpha": _positive},
+        check=_needs_base("ramplus_tl"),
+        elementwise=False,
+    ),
     "passthrough": Method(
         fn=passthrough,
         paper="Goddard et al., 2024 (mergekit)",
@@ -505,6 +869,20 @@ METHODS: dict[str, Method] = {
         base_as_input=True,
     ),
 }
+
+# The data-free methods whose processed task vectors a learned merge can weigh (Remark 3,
+# processed.py): task arithmetic's own, or sparsified and sign-elected ones.
+BASE_METHODS = (
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "sce",
+)
 
 # Optimized methods learn task-arithmetic coefficients from data (optimize.py). Their parameters
 # and defaults (paper, Table 9; recipe.OptimizeParams types them and takes its defaults from here).
@@ -521,6 +899,7 @@ OPTIMIZE_DEFAULTS = {
     "gen_batch_size": 16,  # teacher generation batch
     "task_vectors": "auto",  # memory | stream | auto (taskvectors.py)
     "base_method": "task_arithmetic",  # Remark 3: the data-free method whose task vectors Gamma weighs
+    # (processed.py; one of BASE_METHODS)
     "coefficients": None,  # a coefficients.json to reproduce instead of learning
     "seed": None,  # with coefficients: the --seed of the run that learned them (DARE's masks)
 }

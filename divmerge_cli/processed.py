@@ -1,15 +1,17 @@
-"""TIES- and DARE-processed task vectors for the learned merges (the paper's Remark 3).
+"""Processed task vectors for the learned merges (the paper's Remark 3).
 
-Eq. 4 can fit the coefficients of any differentiable merge of the task vectors. TIES and DARE are
-task arithmetic on processed task vectors, so DivMerge-TIES learns Gamma in
-theta0 + sum_t Gamma_t (m_t * tau'_t), where, once, before learning:
-- ties: tau'_t keeps the top density fraction of |tau_t|; the sign of each entry is elected from
-  the unweighted sum of the trimmed vectors, and m_t keeps the entries that agree with it;
-- dare_linear: tau'_t is DARE's seeded Bernoulli(density) drop (rescaled), m_t = 1;
-- dare_ties: DARE's drop, then the sign election.
-There is no division by the agreeing weights: Gamma learns the scale. The processed vectors are
-computed tensor by tensor and written to disk, then read like any expert's task vectors (held in
-memory or streamed per block).
+Eq. 4 can fit the coefficients of any differentiable merge of the task vectors. TIES, DARE and the
+other sparsified methods of mergekit are task arithmetic on processed task vectors, so e.g.
+DivMerge-TIES learns Gamma in theta0 + sum_t Gamma_t (m_t * tau'_t), where, once, before learning:
+- tau'_t is tau_t sparsified as the base method does it: TIES keeps the top density fraction of
+  |tau_t|; DARE drops entries at random (rescaled), Breadcrumbs drops the smallest and the gamma
+  fraction of largest, DELLA drops at random by magnitude rank (rescaled), SCE keeps the entries
+  whose values vary most across the experts; task arithmetic keeps tau_t;
+- m_t keeps the entries that agree with the sign elected from the unweighted sum of the tau'
+  (ties, dare_ties, breadcrumbs_ties, della, sce), else m_t = 1.
+There is no division by the agreeing weights, nor SCE's weights: Gamma learns the scale. The
+processed vectors are computed tensor by tensor and written to disk, then read like any expert's
+task vectors (held in memory or streamed per block).
 """
 
 from __future__ import annotations
@@ -23,10 +25,27 @@ import torch
 
 from .checkpoint import Checkpoint, ShardWriter
 from .errors import UserError
-from .methods import METHODS, _dare, magnitude_threshold
+from .methods import (
+    METHODS,
+    _breadcrumbs_drop,
+    _dare_drop,
+    _della_drop,
+    _sce_select,
+    _sparsify,
+    magnitude_threshold,
+)
 from .taskvectors import dense_tau
 
-BASE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+# how each base method sparsifies one task vector (ties and sce work on the stack: see below)
+DROPS = {
+    "dare_linear": _dare_drop,
+    "dare_ties": _dare_drop,
+    "breadcrumbs": _breadcrumbs_drop,
+    "breadcrumbs_ties": _breadcrumbs_drop,
+    "della": _della_drop,
+    "della_linear": _della_drop,
+}
+ELECTS = ("ties", "dare_ties", "breadcrumbs_ties", "della", "sce")  # a sign election follows
 DONE = "processed.done"
 
 
@@ -53,16 +72,18 @@ def process_tensor(
     """The processed task vectors m_t * tau'_t of one tensor, in place of the stacked tau [n, ...]:
     beside it only a few temporaries of one expert's size (|tau|, the elected sign, a mask), where
     a copy of the stack would double the n experts' largest tensors."""
-    if base_method in ("dare_linear", "dare_ties"):
-        for tau, m in zip(t, per_model):  # the data-free DARE's order: same masks for one seed
-            _dare(tau, m["density"], glob["rescale"], rng)
+    if base_method in DROPS:
+        for tau, m in zip(t, per_model):  # the data-free method's order: same masks for one seed
+            _sparsify(tau, m, glob["rescale"], rng, DROPS[base_method])
+    if base_method == "sce":
+        _sce_select(t, glob["select_topk"])
     if base_method == "ties":
         zero = torch.zeros((), dtype=t.dtype).expand(t.shape[1:])
         for tau, m in zip(t, per_model):
             thr = magnitude_threshold(tau, zero, m["density"])
             if thr >= 0:
                 tau.masked_fill_(tau.abs() < thr, 0.0)
-    if base_method in ("ties", "dare_ties"):
+    if base_method in ELECTS:
         sign = torch.where(t.sum(0) >= 0, 1.0, -1.0)  # elected once, from the unweighted sum
         for tau in t:
             tau.masked_fill_(tau * sign <= 0, 0.0)

@@ -23,9 +23,9 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import Integer, Number, UserError, pydantic_message, read_yaml, suggest
+from .errors import Integer, Number, UserError, misspelling_of, pydantic_message, read_yaml, suggest
 from .hashing import SHA256
-from .methods import METHODS, OPTIMIZE_DEFAULTS, RANGES, TEACHER_ONLY, Method
+from .methods import BASE_METHODS, METHODS, OPTIMIZE_DEFAULTS, RANGES, TEACHER_ONLY, Method
 from .objectives import DIVERGENCES
 from .tasks import expand_path
 
@@ -35,6 +35,19 @@ UNSUPPORTED = {
     "modules": "mergekit's per-module recipes; list whole checkpoints under `models:` or layer "
     "ranges under `slices:`",
 }
+# Every merge method mergekit has registered (0.1.5, and names from its other versions), so that
+# one divmerge lacks is said to be unsupported, not answered with a look-alike's name.
+MERGEKIT_METHODS = (
+    "linear", "slerp", "nuslerp", "multislerp", "passthrough", "task_arithmetic", "ties",
+    "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+    "model_stock", "sce", "karcher", "arcee_fusion", "nearswap", "ram", "ramplus_tl",
+    "lrp", "core_space", "cabs",
+)  # fmt: skip
+# mergekit-multi's multi-stage recipes: several YAML documents in one file
+MULTI_DOCUMENT = (
+    "mergekit's multi-stage merges (mergekit-multi) are not supported by divmerge: write one "
+    "recipe per stage and run `divmerge run` on each, naming the previous stage's output folder"
+)
 
 
 class FilterValue(BaseModel):
@@ -83,7 +96,7 @@ class OptimizeParams(BaseModel):
     gen_batch_size: Integer = Field(_D["gen_batch_size"], ge=1, le=100_000)
     task_vectors: Literal["memory", "stream", "auto"] = _D["task_vectors"]  # taskvectors.py
     # Remark 3: Gamma fitted on top of a data-free method's processed task vectors (processed.py)
-    base_method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = _D["base_method"]
+    base_method: Literal[BASE_METHODS] = _D["base_method"]
     # a coefficients.json of an earlier run: Gamma is fixed to it, nothing is learned (this is
     # how a learned merge's output folder reproduces it)
     coefficients: str | None = _D["coefficients"]
@@ -233,11 +246,16 @@ class Recipe(BaseModel):
     @field_validator("merge_method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
+        if v in METHODS:
+            return v
+        if v in MERGEKIT_METHODS:
             raise ValueError(
-                f"unknown method '{v}'{suggest(v, METHODS)}; valid: {', '.join(METHODS)}"
+                f"mergekit method '{v}' is not supported by divmerge (supported: "
+                f"{', '.join(METHODS)})"
             )
-        return v
+        raise ValueError(
+            f"unknown method '{v}'{misspelling_of(v, METHODS)}; valid: {', '.join(METHODS)}"
+        )
 
     def resolve_path(self, ref: str) -> str:
         """Relative paths are tried against the recipe's folder first, then the working directory."""
@@ -288,13 +306,13 @@ def _check_scope(
 
 def _takes(name: str, per_model: bool, base_method: object = None) -> set[str]:
     """The parameters method `name` takes per model, or globally (where an entry also sets the
-    per-model defaults). A learned merge takes its base_method's density (and rescale) too."""
+    per-model defaults). A learned merge takes its base_method's sparsification parameters too."""
     m = METHODS[name]
     if not m.optimized:
         return set(m.model_params) | (set() if per_model else set(m.global_params))
-    own = _base_params(base_method)
+    own = _base_params(base_method, per_model)
     if per_model:
-        return own - {"rescale"}
+        return own
     return own | set(OptimizeParams.model_fields) - (set(TEACHER_ONLY) if m.objective else set())
 
 
@@ -379,14 +397,15 @@ def _check_optimized(recipe: Recipe) -> None:
         raise ValueError(
             f"tasks: {name} needs a tasks mapping (or file) with validation data per task"
         )
+    bm = recipe.parameters.get("base_method", "task_arithmetic")
+    own_per_model = _base_params(bm, per_model=True)
     for i, m in enumerate(recipe.models):
         for key, value in m.parameters.items():
-            if key not in own or key == "rescale":
-                bm = recipe.parameters.get("base_method", "task_arithmetic")
+            if key not in own_per_model:
                 raise ValueError(
                     f"models[{i}].parameters.{key}: {name} learns the coefficients; only the "
-                    f"base method's density may be set per model (base_method: {bm} takes "
-                    f"{', '.join(sorted(own - {'rescale'})) or 'none'})"
+                    f"base method's sparsification may be set per model (base_method: {bm} "
+                    f"takes {', '.join(sorted(own_per_model)) or 'none'})"
                 )
             m.parameters[key] = _typed(f"models[{i}].parameters.{key}", value, False)
             _check_value(f"models[{i}].parameters.{key}", key, m.parameters[key], RANGES)
@@ -404,16 +423,19 @@ def optimize_params(recipe: Recipe) -> OptimizeParams:
 
 
 def base_method_params(recipe: Recipe) -> set[str]:
-    """The parameters a learned merge reads for its base_method (Remark 3): density, and
-    rescale for DARE. Weights, lambda and normalization are what Gamma learns."""
+    """The parameters a learned merge reads for its base_method (Remark 3): its sparsification's
+    (density, gamma, epsilon, rescale, select_topk). Weights, lambda and normalization are what
+    Gamma learns."""
     return _base_params(recipe.parameters.get("base_method", "task_arithmetic"))
 
 
-def _base_params(bm: object) -> set[str]:
-    if not isinstance(bm, str) or bm not in METHODS or METHODS[bm].optimized:
+def _base_params(bm: object, per_model: bool = False) -> set[str]:
+    """A base method's parameters that a learned merge reads (density, gamma, epsilon, rescale,
+    select_topk), or those of them set per model."""
+    if not isinstance(bm, str) or bm not in BASE_METHODS:
         return set()  # an invalid base_method is reported by OptimizeParams
     m = METHODS[bm]
-    return (set(m.model_params) | set(m.global_params)) - {
+    return (set(m.model_params) | (set() if per_model else set(m.global_params))) - {
         "weight",
         "lambda",
         "normalize",
@@ -452,7 +474,7 @@ def _check_value(where: str, key: str, value: ParamValue, ranges: dict) -> None:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file. Raises UserError naming the file and field at fault."""
     path = Path(path)
-    raw = read_yaml(path, "recipe")
+    raw = read_yaml(path, "recipe", several=MULTI_DOCUMENT)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping with merge_method, models, ...")
     return recipe_from_dict(raw, path)

@@ -191,7 +191,8 @@ def test_density_on_task_arithmetic_is_a_warning_and_changes_nothing(llama_zoo, 
     r = write_recipe(tmp_path / "mk.yaml", mk)
     assert load_recipe(r).warnings == [
         f"{r}: models[{i}].parameters.density: ignored; task_arithmetic takes no density "
-        "(a parameter of ties, dare_linear, dare_ties)"
+        "(a parameter of ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, "
+        "della_linear)"
         for i in range(2)
     ]
     code, _, err = cli("validate", r)
