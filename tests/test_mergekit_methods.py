@@ -253,8 +253,8 @@ def _recipe(method, models=("x", "y"), base="base", **params):
         ("nearswap", ["x"], "base", {}, "parameters.t: nearswap needs t"),
         ("nearswap", ["x"], "base", {"t": -1}, "t must be in [0, inf)"),
         ("sce", ["x"], None, {}, "base_model: sce needs a base model"),
-        ("passthrough", ["x", "y"], None, {}, "passthrough copies one whole model"),
-        ("passthrough", ["x"], "base", {}, "passthrough copies one whole model"),
+        ("passthrough", ["x", "y"], None, {}, "passthrough copies one model"),
+        ("passthrough", ["x"], "base", {}, "passthrough copies one model"),
         ("karcher", ["x", "y"], None, {"max_iter": 2.5}, "max_iter must be in whole numbers"),
         ("della", ["x"], "base", {"epsilon": 1.0}, "epsilon must be in [0, 1)"),
         ("breadcrumbs", ["x"], "base", {"gamma": 1.5}, "gamma must be in [0, 1]"),
@@ -324,11 +324,8 @@ def test_multi_document_recipe_says_multi_stage_merges_are_not_supported(tmp_pat
 
 @pytest.mark.parametrize(
     "key, value, message",
-    [
-        ("slices", [{"sources": []}], "slices: not supported by divmerge yet (mergekit's layer slices"),
-        ("tokenizer", {"source": "union"}, "tokenizer: not supported by divmerge yet (mergekit's tokenizer block"),
+    [  # slices, tokenizer and union are supported (tests/test_slices.py)
         ("modules", {}, "modules: not supported by divmerge yet (mergekit's per-module recipes"),
-        ("tokenizer_source", "union", "'union' is not supported yet"),
     ],
 )  # fmt: skip
 def test_mergekit_keys_not_supported_yet_are_named(key, value, message):
