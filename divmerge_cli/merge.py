@@ -450,10 +450,13 @@ def _check_values(plan: MergePlan, name: str) -> None:
     check = plan.method.check_values
     for j, problem in check(per_model, glob) if check else ():
         r = plan.recipe
-        raise UserError(
-            f"{r.source}: models[{r.models.index(plan.entries[j])}].parameters: {problem}, "
-            f"at tensor {name}"
+        # a routed (sliced) tensor's j-th input is its route's, not the recipe's j-th model
+        who = (
+            plan.routes[name].xs[j].ckpt.where.removesuffix(".model")
+            if plan.routes
+            else f"models[{r.models.index(plan.entries[j])}]"
         )
+        raise UserError(f"{r.source}: {who}.parameters: {problem}, at tensor {name}")
 
 
 class Rows:

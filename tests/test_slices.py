@@ -383,3 +383,22 @@ def test_learned_merges_refuse_experts_of_another_vocabulary(vocab_zoo, tmp_path
     }
     code, _, err = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))
     assert code == 2 and "must share one vocabulary" in err, err
+
+
+def test_della_bounds_in_a_slice_name_the_slices_source(llama_zoo, tmp_path, cli):
+    """A per-tensor value check on a sliced merge names the route's input, not the recipe's j-th
+    model (the second source here is models[1], the first merged input of its route)."""
+    z = llama_zoo
+    recipe = {
+        "merge_method": "della",
+        "base_model": str(z["base"]),
+        "parameters": {"density": 0.5, "epsilon": 0.15},
+        "slices": [
+            {"sources": [src(z["base"], 0, 2), src(z["e1"], 0, 2, density=0.9)]},
+        ],
+    }
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    code, _, err = cli("run", path, "-o", tmp_path / "out")
+    assert code == 2 and not (tmp_path / "out").exists(), err
+    assert "della keeps entries with probabilities" in err and "Traceback" not in err
+    assert ": models[1].parameters: " in err, err
