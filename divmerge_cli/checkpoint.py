@@ -8,6 +8,7 @@ would grow to n whole models. With reads, peak memory is the tensors we hold.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import glob
 import json
 import math
@@ -50,6 +51,30 @@ TOKENIZER_FILES = (
     "spiece.model",
     "chat_template.jinja",
 )
+
+
+# Files whose bytes decide what a model folder computes; README, recipes, cards do not. The
+# tokenizer files are the ones a merge copies (one list: a file copied but not hashed, as
+# added_tokens.json once was, would let a cache entry outlive a tokenizer change).
+_MODEL_GLOBS = (
+    "*.safetensors",
+    "*.bin",
+    "*.safetensors.index.json",
+    "config.json",
+    "adapter_config.json",
+)
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a file of this name in a model folder is part of the model (model_files)."""
+    return name in TOKENIZER_FILES or any(fnmatch.fnmatchcase(name, g) for g in _MODEL_GLOBS)
+
+
+def model_files(model_dir: str | Path) -> list[Path]:
+    d = Path(model_dir)
+    files = {p for pattern in _MODEL_GLOBS for p in d.glob(pattern)}
+    files |= {d / n for n in TOKENIZER_FILES if (d / n).is_file()}
+    return sorted(files)
 
 
 def read_header(path: Path) -> dict:
@@ -254,23 +279,15 @@ class Checkpoint:
         return sum(f.stat().st_size for f in {f for f, _ in self.index.values()})
 
 
-def open_checkpoint(
-    ref: str, where: str, allow_pickle: bool = False, base=None, base_ref: str | None = None
-) -> Checkpoint:
+def model_path(ref: str, where: str, allow_pickle: bool = False) -> Path:
     """A local folder, or a hub id resolved through huggingface_hub (needs a network or its cache).
-    A PEFT LoRA adapter folder opens as a lora.LoraExpert over `base` (the recipe's base model)."""
+    What the folder holds (a checkpoint, an adapter) is models.open_model's to say."""
     p = Path(ref).expanduser()
-    if not p.exists():
-        if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
-            raise UserError(
-                f"{where}: {ref} does not exist (a local folder or a hub id like org/name)"
-            )
-        p = Path(_from_hub(ref, where, allow_pickle))
-    if (p / "adapter_config.json").is_file():
-        from .lora import LoraExpert
-
-        return LoraExpert(p, where, base, base_ref)
-    return Checkpoint(p, where, allow_pickle)
+    if p.exists():
+        return p
+    if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
+        raise UserError(f"{where}: {ref} does not exist (a local folder or a hub id like org/name)")
+    return Path(_from_hub(ref, where, allow_pickle))
 
 
 def _from_hub(repo_id: str, where: str, allow_pickle: bool) -> str:
@@ -457,8 +474,6 @@ def _free_in_model(path: Path) -> bool:
     """Whether a JSON report may be written at PATH inside a model folder: a new file the model
     does not read (weights, config, tokenizer, adapter files), or a report divmerge wrote there
     (a CI step's `--json OUT/gate.json`, rerun). Like --force, it replaces only its own."""
-    from .hashing import is_model_file
-
     if is_model_file(path.name) or path.name == "generation_config.json":
         return False
     if not path.exists():

@@ -303,7 +303,7 @@ def _check_seed(seed: int) -> None:
 
 
 def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> None:
-    from .lora import merge_as_adapter
+    from .adapter_writer import merge_as_adapter
 
     with _progress() as prog:
         task = prog.add_task(f"{plan.recipe.merge_method} -> adapter", total=None, info="")
@@ -326,7 +326,7 @@ def _run_as_adapter(plan, output: Path, rank: int | None, force, seed, dev) -> N
 
 def _warn_lossy_adapter(ranks: dict, rank: int | None, output: Path) -> None:
     """--adapter-rank: say which modules the truncation loses most of (the card lists them all)."""
-    from .lora import ADAPTER_ERROR_WARN, lossy_modules
+    from .adapter_writer import ADAPTER_ERROR_WARN, lossy_modules
 
     lossy = lossy_modules(ranks)
     if not lossy:
@@ -739,7 +739,7 @@ def _eval_report(models, specs, refs, lm_tasks, opts: dict, cache: Path) -> dict
 def _check_scored(m: Path, allow_pickle: bool) -> None:
     """A model folder with readable weights, an adapter over a local base, or BASE+ADAPTER."""
     from .checkpoint import check_weights_readable
-    from .lora import model_folder, scored_model
+    from .models import model_folder, scored_model
 
     if not (Path(m) / "config.json").is_file() and not (Path(m) / "adapter_config.json").is_file():
         if "+" not in str(m) or Path(m).exists():
@@ -843,8 +843,8 @@ def _default_cache(kind: str) -> Path:
 def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir, progress=None) -> dict:
     """JS and KL of each expert to MODEL on the teacher targets a merge with default settings
     learns from (same samples count, top_k and cache)."""
-    from .lora import scored_model
     from .methods import OPTIMIZE_DEFAULTS
+    from .models import scored_model
     from .optimize import model_divergences
     from .teacher import default_cache_dir, teacher_samples
 

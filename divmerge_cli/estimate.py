@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from .checkpoint import human_size, parse_size
 from .layers import block_of
 from .objectives import DIVERGENCES
-from .taskvectors import fsdp_launch
+from .taskvectors import KEEP_BYTES, fsdp_launch
 
 RUNTIME_BYTES = 600 * 10**6  # python + torch + transformers + accelerate, imported (RSS)
 LOGIT_COPIES = 6  # logits, log-softmax, softmax and gradients in float32 (calibrated: bench_scale)
@@ -79,7 +80,6 @@ class Estimate:
     def too_big(self, mode: str) -> str | None:
         """None when the run fits; else one line: which phase does not fit, by how much, and the
         knobs that shrink it."""
-        from .checkpoint import human_size as gb
 
         learn_knobs = (
             "parameters.batch_size"
@@ -88,8 +88,8 @@ class Estimate:
         )
         if self.gpu and self.device_peak(mode) > self.device_available:
             return (
-                f"this merge needs about {gb(self.device_peak(mode))} of {self.device} memory for "
-                f"learning ({mode} task vectors), {gb(self.device_available)} free; lower it "
+                f"this merge needs about {human_size(self.device_peak(mode))} of {self.device} memory for "
+                f"learning ({mode} task vectors), {human_size(self.device_available)} free; lower it "
                 f"with {learn_knobs}"
             )
         if self.peak(mode) <= self.available:
@@ -100,8 +100,8 @@ class Estimate:
             (self.process_bytes, "processing the task vectors", "base_method: task_arithmetic"),
         )[1:]
         return (
-            f"this merge needs about {gb(self.peak(mode))} of memory for {phase} "
-            f"({mode} task vectors), {gb(self.available)} available; lower it with {knobs}"
+            f"this merge needs about {human_size(self.peak(mode))} of memory for {phase} "
+            f"({mode} task vectors), {human_size(self.available)} available; lower it with {knobs}"
         )
 
 
@@ -111,8 +111,6 @@ def available_memory() -> int:
     between the processes of this machine (LOCAL_WORLD_SIZE)."""
     limit = os.environ.get(MAX_MEMORY_ENV)
     if limit:
-        from .checkpoint import parse_size
-
         return parse_size(limit)
     free = psutil.virtual_memory().available + psutil.Process().memory_info().rss
     return int(free // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -196,7 +194,6 @@ def estimate_learned(
     act_stream = n_blocks * b * seq_len * h * c + per_block  # logits added below
 
     memory = RUNTIME_BYTES + model + taus + model + act_memory + convert
-    from .taskvectors import KEEP_BYTES
 
     kept = (
         n_experts * biggest_block * 4
@@ -258,7 +255,5 @@ def gpu_free(device: str) -> int:
     free = torch.cuda.mem_get_info(torch.device(device))[0]
     limit = os.environ.get(MAX_MEMORY_ENV)
     if limit:
-        from .checkpoint import parse_size
-
         free = min(free, parse_size(limit))
     return int(free)

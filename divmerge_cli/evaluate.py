@@ -22,7 +22,7 @@ from .errors import UserError
 from .generate import greedy_generate
 from .hashing import hash_json
 from .hf import load_tokenizer
-from .lora import content_hash, load_expert_model, model_folder, scored_model
+from .models import content_hash, load_expert_model, model_folder, scored_model
 from .tasks import TaskSpec, load_rows, render_prompt
 
 # Bump when scoring changes meaning, so old cached scores stop matching.

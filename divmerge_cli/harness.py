@@ -22,6 +22,7 @@ import yaml
 
 from .errors import UserError, suggest
 from .evaluate import TaskScore
+from .models import load_scored
 
 INSTALL = "pip install 'divmerge[harness]'"
 
@@ -285,8 +286,6 @@ def harness_scores(
     """Run the lm-eval tasks on the checkpoint in `model_dir` (or an adapter, folded in:
     lora.scored_model): {task: its first metric}."""
     from lm_eval import simple_evaluate
-
-    from .lora import load_scored
 
     model, tokenizer = load_scored(model_dir, str(model_dir))
     with _quiet():

@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from .checkpoint import TOKENIZER_FILES
-
-# Files whose bytes decide what a model folder computes; README, recipes, cards do not. The
-# tokenizer files are the ones a merge copies (one list: a file copied but not hashed, as
-# added_tokens.json once was, would let a cache entry outlive a tokenizer change).
-_MODEL_GLOBS = (
-    "*.safetensors",
-    "*.bin",
-    "*.safetensors.index.json",
-    "config.json",
-    "adapter_config.json",
-)
-
-
-def is_model_file(name: str) -> bool:
-    """Whether a file of this name in a model folder is part of the model (model_files)."""
-    return name in TOKENIZER_FILES or any(fnmatch.fnmatchcase(name, g) for g in _MODEL_GLOBS)
-
-
-def model_files(model_dir: str | Path) -> list[Path]:
-    d = Path(model_dir)
-    files = {p for pattern in _MODEL_GLOBS for p in d.glob(pattern)}
-    files |= {d / n for n in TOKENIZER_FILES if (d / n).is_file()}
-    return sorted(files)
+from .checkpoint import model_files
 
 
 def file_stamps(folders: Iterable[str | Path]) -> dict[Path, tuple[int, ...]]:

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import hf
 from .errors import UserError
+from .taskvectors import LowRank, dense_tau
 
 
 @dataclass(frozen=True)
@@ -218,8 +220,6 @@ class ModuleView:
         """tau on one module tensor: the source's own form (dense, LowRank, None) where the tensor
         is only renamed; a converted group is converted densely (a LowRank factor does not
         stack into a fused tensor)."""
-        from .taskvectors import dense_tau
-
         u = self.layout.of_param[name]
         if u.converter is None:
             return self.source.tau(u.stored[0], _Renamed(base, u.stored[0], name))
@@ -272,8 +272,6 @@ def skeleton(path, where: str) -> nn.Module:
     it (the learned merge needs the module)."""
     import transformers
 
-    from . import hf
-
     try:
         return hf.skeleton(path)
     except Exception as e:  # noqa: BLE001 - an unknown model_type, remote code, a bad config
@@ -293,7 +291,6 @@ def plan_layout(base, experts: list) -> tuple[Layout, list[str]]:
         layout = build(model, specs)
     except UserError as e:
         raise UserError(f"{base.where}: {base.path}: {e}") from None
-    _check_low_rank(layout, experts)
     return layout, _unused_warning(layout, base)
 
 
@@ -314,8 +311,6 @@ def module_delta(view: ModuleView, delta: Callable) -> Callable:
     tensor's as it is; a converter group's stored changes (densified, zero where None) converted
     together, since the conversion is linear. A stored copy of a tied tensor is not read (its
     owner carries the change once)."""
-    from .taskvectors import LowRank
-
     held: dict = {}
 
     def of(name: str):
@@ -371,33 +366,11 @@ def _unchecked(ckpt) -> Layout | None:
     key = (str(ckpt.path), tuple(ckpt.names))
     if key not in _LAYOUTS:
         try:
-            from . import hf
-
             specs = {n: (ckpt.shape(n), ckpt.dtype(n)) for n in ckpt.names}
             _LAYOUTS[key] = build(hf.skeleton(ckpt.path), specs)
         except Exception:  # noqa: BLE001 - no module: stored names only
             _LAYOUTS[key] = None
     return _LAYOUTS[key]
-
-
-def _check_low_rank(layout: Layout, experts: list) -> None:
-    """A LoRA factor is learned through the nn.Linear or nn.Embedding that owns the module
-    tensor (taskvectors.MergedModel); say so now, before any teacher runs, when it cannot be."""
-    from .lora import LoraExpert
-    from .taskvectors import low_rank_users
-
-    params = dict(layout.model.named_parameters(remove_duplicate=False))  # a tied head too
-    for e in experts:
-        if not isinstance(e, LoraExpert) or not e.on_base:
-            continue
-        for name in e.factors:
-            u = layout.of_stored.get(name)
-            if u is None or u.converter is not None or u.copy:
-                continue  # converted tensors are densified; copies are not read
-            try:
-                low_rank_users(layout.model, params.get(u.name), u.name)
-            except UserError as err:
-                raise UserError(f"{e.where}: {err}") from None
 
 
 def _unused_warning(layout: Layout, base) -> list[str]:

@@ -1,15 +1,14 @@
-"""PEFT LoRA adapters as task vectors, and merged task vectors written back as a LoRA adapter.
+"""PEFT LoRA adapters read as task vectors (the adapter reader, beside the checkpoint reader).
 
 An adapter trained on θ0 is the expert θ_t = θ0 + s·B·A on each target weight (s = lora_alpha/r,
 lora_alpha/√r with rsLoRA) plus whole tensors for `modules_to_save`. `LoraExpert` reads one like a
 checkpoint (data-free methods see θ_t rows, formed one tensor at a time) and gives its task vector
-in native form through `tau` (LowRank factors, never densified). `write_adapter` writes
-Σ_t c_t·τ_t as a PEFT adapter: exact at rank Σ r_t when every τ is low rank, else truncated by SVD.
+in native form through `tau` (LowRank factors, never densified). Writing a merge as an adapter is
+adapter_writer.py; opening any model (folder, adapter, `BASE+ADAPTER`) is models.open_model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -21,17 +20,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import (
-    ST_DTYPES,
-    Checkpoint,
-    atomic_folder,
-    check_out,
-    open_checkpoint,
-    read_header,
-)
+from .checkpoint import ST_DTYPES, Checkpoint, read_header
 from .errors import UserError
-from .layout import ModuleView, module_delta
-from .taskvectors import LowRank
+from .layout import Layout, stored_names
+from .taskvectors import LowRank, low_rank_users
 
 PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(.+)\.lora_(A|B)\.weight$")
@@ -180,8 +172,6 @@ class LoraExpert:
 
     def _map(self, cfg: dict, st: Path) -> None:
         """PEFT key names -> base tensor names, each checked against the base's shapes."""
-        from .layout import stored_names
-
         pairs: dict[str, dict] = {}
         # PEFT names tensors by the module; the base may store them renamed (GPT-NeoX's lm_head
         # is stored as embed_out)
@@ -361,9 +351,6 @@ def is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-# --- an adapter expert as a whole model (the teacher that generates DivMerge's targets) -----
-
-
 def home(expert):
     """The full model an adapter sits on (its config, side files and tokenizer are the ones the
     adapter runs with); anything else is its own home."""
@@ -372,182 +359,13 @@ def home(expert):
     return expert
 
 
-def model_folder(expert) -> Path:
-    """The folder holding the config and tokenizer an expert (a folder, checkpoint or adapter)
-    runs with: an adapter folder's own tokenizer files, if any, are not what the base reads."""
-    h = home(expert)
-    return Path(getattr(h, "path", h))
-
-
-def mergekit_ref(expert) -> str:
-    """How mergekit names the expert: a folder, or `model+adapter` (it reads no bare adapter)."""
-    if isinstance(expert, LoraExpert):
-        return f"{mergekit_ref(expert.base)}+{expert.path}"
-    return str(expert.path)
-
-
-def content_hash(expert) -> str:
-    """sha256 of what an expert computes: a model folder's files, or an adapter's files and
-    config together with the hash of the model it is applied to."""
-    from .hashing import hash_json, hash_model_dir
-
-    if not isinstance(expert, LoraExpert):
-        return hash_model_dir(Path(getattr(expert, "path", expert)))
-    config = hashlib.sha256((expert.path / "adapter_config.json").read_bytes()).hexdigest()
-    return hash_json(
-        {
-            "adapter": hash_model_dir(expert.path),
-            "adapter_config": config,
-            "on": content_hash(expert.base),
-        }
-    )
-
-
-def load_expert_model(expert, dtype: torch.dtype = torch.float32):
-    """The expert as one model in memory: a checkpoint loaded, or the model under an adapter
-    loaded and the adapter folded in (PEFT's merge_and_unload; local files only)."""
-    from . import hf
-
-    if not isinstance(expert, LoraExpert):
-        return hf.load_model(Path(getattr(expert, "path", expert)), dtype)
-    from peft import PeftModel
-
-    model = load_expert_model(expert.base, dtype)
-    try:
-        with warnings.catch_warnings():
-            # PEFT reads transformers' deprecated `is_gradient_checkpointing` while wrapping the
-            # model: a FutureWarning about PEFT's code that the user can do nothing about
-            warnings.filterwarnings(
-                "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
-            )
-            peft_model = PeftModel.from_pretrained(model, str(expert.path))  # local: no hub
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(
-            f"{expert.where}: PEFT cannot apply {expert.path} ({str(e).splitlines()[0]})"
-        ) from None
-    return peft_model.merge_and_unload().eval()
-
-
-def scored_model(ref: str | Path, where: str):
-    """A model to score or generate with: a checkpoint folder, mergekit's `model+adapter`, or a
-    LoRA adapter folder whose adapter_config.json names a local base model."""
-    ref = str(ref)
-    if "+" in ref and not Path(ref).exists():
-        return open_model(ref, str, where, None)
-    path = Path(ref)
-    if not is_adapter(path):
-        return path
-    on = read_adapter_config(path, where).get("base_model_name_or_path")
-    if not on or not Path(on).is_dir():
-        raise UserError(
-            f"{where}: {path} is a LoRA adapter whose base_model_name_or_path ({on!r}) is not a "
-            f"local folder; name the model it applies to as BASE+{path}"
-        )
-    return open_model(f"{on}+{path}", str, where, None)
-
-
-def load_scored(ref: str | Path, where: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of scored_model(ref): an adapter is folded into its base."""
-    from . import hf
-
-    expert = scored_model(ref, where)
-    return load_expert_model(expert, dtype), hf.load_tokenizer(model_folder(expert))
-
-
-def open_model(
-    ref: str,
-    resolve: Callable[[str], str],
-    where: str,
-    base: Checkpoint | None,
-    allow_pickle: bool = False,
-    base_ref: str | None = None,
-):
-    """A recipe's model: a checkpoint, an adapter folder over `base`, or mergekit's
-    `model+adapter` (the model with the adapter folded in)."""
-    path = resolve(ref)
-    if "+" in ref and not Path(path).exists():
-        left, right = ref.rsplit("+", 1)
-        if not left.strip() or not right.strip():
-            raise UserError(
-                f"{where}: {ref!r} names no {'model' if not left.strip() else 'adapter'} "
-                f"{'before' if not left.strip() else 'after'} '+'; write MODEL+ADAPTER (mergekit's "
-                "form: the LoRA adapter folder applied to that model)"
-            )
-        if not is_adapter(Path(resolve(right))):
-            raise UserError(
-                f"{where}: {right} (after '+') is not a LoRA adapter folder: "
-                + (
-                    "it has no adapter_config.json"
-                    if Path(resolve(right)).is_dir()
-                    else "not found"
-                )
-            )
-        on_base = base is not None and Path(resolve(left)).resolve() == base.path.resolve()
-        model = base if on_base else open_model(left, resolve, where, None, allow_pickle)
-        adapter = open_checkpoint(resolve(right), where, allow_pickle, base=model, base_ref=left)
-        adapter.on_base = on_base
-        return adapter
-    return open_checkpoint(path, where, allow_pickle, base=base, base_ref=base_ref)
-
-
-def tau_of(expert, name: str, base: Checkpoint) -> Tensor | LowRank | None:
-    """An expert's task vector on one tensor; None for the base itself (linear lists it)."""
-    if expert is base or expert.path.resolve() == base.path.resolve():
-        return None
-    return expert.tau(name, base)
-
-
-def combine(parts: list[tuple[float, Tensor | LowRank | None]]) -> Tensor | LowRank | None:
-    """Σ c·τ over one tensor: low rank (factors side by side, c·s folded into B) when every
-    nonzero term is, else dense float32."""
-    parts = [(c, t) for c, t in parts if t is not None and c != 0]
-    if not parts:
-        return None
-    if all(isinstance(t, LowRank) for _, t in parts):
-        b = torch.cat([t.B.float() * (c * t.scale) for c, t in parts], dim=1)
-        return LowRank(b, torch.cat([t.A.float() for _, t in parts], dim=0), 1.0)
-    out = None
-    for c, t in parts:
-        d = (t.dense() if isinstance(t, LowRank) else t) * c
-        out = d if out is None else out.add_(d)
-    return out
-
-
-# --- writing a merged task vector as an adapter --------------------------------------------
-
-
-def factor(delta: Tensor | LowRank, rank: int | None) -> tuple[Tensor, Tensor, float] | None:
-    """(B, A, relative Frobenius error) with B@A ≈ delta: exact for a LowRank when rank is None or
-    at least its width, else the best rank-`rank` approximation (Eckart-Young). A LowRank is
-    truncated through QR of its factors, so its dense form is never built. None for a zero delta."""
-    if isinstance(delta, LowRank):
-        b, a = delta.B.float() * delta.scale, delta.A.float()
-        if rank is None or rank >= b.shape[1]:
-            return (b, a, 0.0) if b.abs().sum() and a.abs().sum() else None
-        qb, rb = torch.linalg.qr(b)
-        qa, ra = torch.linalg.qr(a.T)
-        u, s, vh = torch.linalg.svd(rb @ ra.T)
-        u, vh = qb @ u, vh @ qa.T
-    else:
-        if rank is None:
-            raise ValueError("a dense task vector needs a rank")
-        u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    total = float(s.square().sum())
-    if total == 0:
-        return None
-    k = min(rank or len(s), len(s))
-    root = s[:k].sqrt()  # split the singular values evenly: both factors stay well scaled
-    err = math.sqrt(max(0.0, float(s[k:].square().sum())) / total)
-    return u[:, :k] * root, root[:, None] * vh[:k], err
-
-
 _KINDS: dict[str, dict[str, str] | str] = {}  # config JSON -> kinds, or why they are unknown
 
 
 def module_kinds(config: dict) -> dict[str, str] | str:
     """module path -> 'linear' | 'embedding' | 'conv1d' | 'other', from the architecture built on
     the meta device (no weights); or, when it cannot be built, a string saying why."""
-    import transformers
+    import transformers  # lazy for start-up time: merges without adapters never build a module
 
     key = json.dumps(config, sort_keys=True)
     if key not in _KINDS:
@@ -568,270 +386,18 @@ def module_kinds(config: dict) -> dict[str, str] | str:
     return _KINDS[key]
 
 
-def save_adapter(
-    out: Path,
-    base: Checkpoint,
-    delta: Callable[[str], Tensor | LowRank | None],
-    rank: int | None,
-    inputs: list[Path],
-    *,
-    force: bool = False,
-    dtype: torch.dtype = torch.float32,
-    base_ref: str | None = None,
-    card: str = "",
-    files: dict[str, str] | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-    verify: Callable[[], None] | None = None,
-) -> dict[str, tuple[int, float]]:
-    """Write θ0 + delta(name) (`name`: a stored tensor) as a PEFT LoRA adapter folder at OUT
-    (atomically), under the module's names and tensors (a MoE layer's fused experts). nn.Linear
-    and nn.Embedding weights become LoRA factors (rank None: exact, needs LowRank deltas); any other
-    changed module, or one with a dense delta at exact rank, is saved whole (modules_to_save).
-    `verify` runs last, before OUT is in place (MergePlan.check_unchanged).
-    Returns {module: (rank, relative Frobenius error)}."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    check_out(out, force, inputs)
-    kinds, theta0 = adapter_modules(base)  # module tensor names from here on
-    delta = module_delta(theta0, delta)
-    modules: dict[str, list[str]] = {}
-    for n in theta0.names:
-        modules.setdefault(n.rpartition(".")[0], []).append(n)
-    tensors: dict[str, Tensor] = {}
-    ranks: dict[str, tuple[int, float]] = {}
-    whole: list[str] = []
-    if progress:
-        progress(0, len(modules), "")
-    for i, (mod, names) in enumerate(modules.items()):
-        ds = {n: delta(n) for n in names if theta0.dtype(n).is_floating_point}
-        w = ds.get(f"{mod}.weight")
-        others = [d for n, d in ds.items() if n != f"{mod}.weight" and d is not None]
-        lora = kinds.get(mod) in ("linear", "embedding") and w is not None and not others
-        if lora and (rank is not None or isinstance(w, LowRank)):
-            f = factor(w, rank)
-            if f is not None:
-                b, a, err = f
-                ranks[mod] = (b.shape[1], err)
-                if kinds[mod] == "embedding":  # PEFT stores embedding factors transposed
-                    tensors[f"{PREFIX}{mod}.lora_embedding_A"] = b.T.to(dtype)
-                    tensors[f"{PREFIX}{mod}.lora_embedding_B"] = a.T.to(dtype)
-                else:
-                    tensors[f"{PREFIX}{mod}.lora_A.weight"] = a.to(dtype)
-                    tensors[f"{PREFIX}{mod}.lora_B.weight"] = b.to(dtype)
-        elif w is not None or others:
-            whole.append(mod)
-            for n in names:  # the whole module's new values, exact
-                d = ds.get(n)
-                x = theta0.get(n)
-                if d is not None:
-                    x = x.float() + (d.dense() if isinstance(d, LowRank) else d)
-                tensors[f"{PREFIX}{n}"] = x.to(dtype if x.is_floating_point() else x.dtype)
-        if progress:
-            progress(i + 1, len(modules), mod)
-    if not ranks:
-        raise UserError(
-            "--as-adapter: the merge changes no linear or embedding weight; nothing to write"
-        )
-    r = max(k for k, _ in ranks.values())
-    other = {m: k for m, (k, _) in ranks.items() if k != r}
-    config = LoraConfig(
-        r=r,
-        lora_alpha=r,  # alpha = r everywhere (per-module patterns below): PEFT's scale is 1
-        target_modules=sorted(ranks),
-        rank_pattern=other,
-        alpha_pattern=dict(other),
-        modules_to_save=whole or None,
-        base_model_name_or_path=base_ref,
-        task_type=_task_type(base.config),
-        lora_dropout=0.0,
-        inference_mode=True,
-    )
-    with atomic_folder(out) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            tmp / "adapter_model.safetensors",
-            {"format": "pt"},
-        )
-        config.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card + adapter_card(ranks, whole, rank))
-        for fname, text in (files or {}).items():
-            (tmp / fname).write_text(text)
-        if verify:
-            verify()
-    return ranks
-
-
-def adapter_modules(base: Checkpoint) -> tuple[dict[str, str], ModuleView]:
-    """The base's module kinds, and the base read under the module's tensor names: PEFT applies
-    an adapter by module path, so one written under stored names it does not find (a MoE's
-    per-expert tensors, GPT-NeoX's `embed_out`) would be silently ignored. UserError when the
-    architecture cannot be built or the base would not load as it."""
-    from .layout import module_view
-
-    kinds = module_kinds(base.config)
-    if isinstance(kinds, str):  # only real nn.Linear / nn.Embedding weights become LoRA factors
-        raise UserError(f"--as-adapter: {kinds} to find its linear layers; write a full model")
-    try:
-        return kinds, module_view(base)
-    except UserError as e:
-        raise UserError(f"--as-adapter: {e}") from None
-
-
-def _task_type(config: dict) -> str | None:
-    """PEFT's task type, so AutoPeftModelFor... picks the right head (None: PeftModel only)."""
-    arch = (config.get("architectures") or [""])[0]
-    if arch.endswith("ForCausalLM"):
-        return "CAUSAL_LM"
-    return "SEQ_2_SEQ_LM" if config.get("is_encoder_decoder") else None
-
-
-# Relative Frobenius error ||Δ - B·A|| / ||Δ|| above which --adapter-rank warns: the module's
-# adapter misses half of its merged change or more. Below it a truncated merge tends to behave
-# like the full one (DARE drops 90 % of a task vector's entries and keeps its behaviour).
-ADAPTER_ERROR_WARN = 0.5
-
-
-def lossy_modules(ranks: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
-    """(module, relative error) of the modules above ADAPTER_ERROR_WARN, the worst first."""
-    lossy = [(m, e) for m, (_, e) in ranks.items() if e > ADAPTER_ERROR_WARN]
-    return sorted(lossy, key=lambda x: -x[1])
-
-
-def adapter_card(ranks: dict[str, tuple[int, float]], whole: list[str], rank: int | None) -> str:
-    how = (
-        "exact: the low-rank task vectors side by side"
-        if rank is None
-        else f"truncated by SVD to rank {rank} per module"
-    )
-    lines = [
-        "",
-        "## LoRA adapter",
-        "",
-        f"Load with `PeftModel.from_pretrained(base, path)`. Ranks: {how}.",
-        "The error is ||Δ - B·A||_F / ||Δ||_F for the module's merged task vector Δ.",
-        "",
-        "| module | rank | relative Frobenius error |",
-        "|---|---:|---:|",
-        *[f"| `{m}` | {k} | {e:.3e} |" for m, (k, e) in ranks.items()],
-    ]
-    if whole:
-        lines += ["", "Saved whole (modules_to_save): " + ", ".join(f"`{m}`" for m in whole)]
-    return "\n".join(lines) + "\n"
-
-
-def require_low_rank(experts: list, base: Checkpoint) -> None:
-    """An exact-rank adapter output needs no full checkpoint among the experts (the base itself
-    is fine: its τ is zero)."""
+def check_low_rank(layout: Layout, experts: list) -> None:
+    """A LoRA factor is learned through the nn.Linear or nn.Embedding that owns the module
+    tensor (taskvectors.MergedModel); say so at plan time, before any teacher runs, when it cannot be."""
+    params = dict(layout.model.named_parameters(remove_duplicate=False))  # a tied head too
     for e in experts:
-        if e.path.resolve() == base.path.resolve():
+        if not isinstance(e, LoraExpert) or not e.on_base:
             continue
-        if not isinstance(e, LoraExpert):
-            raise UserError(
-                f"--as-adapter: {e.where} ({e.path}) is a full checkpoint, whose task vector has "
-                "no exact low rank; pass --adapter-rank R to truncate it by SVD"
-            )
-
-
-def write_adapter(
-    out: Path,
-    base: Checkpoint,
-    experts: list,
-    coefficient: Callable[[str, int], float],
-    rank: int | None = None,
-    **kw,
-) -> dict[str, tuple[int, float]]:
-    """θ0 + Σ_t coefficient(name, t)·τ_t as a PEFT LoRA adapter (see save_adapter for **kw). At
-    exact rank (None) every expert must be a LoRA adapter on `base`: a full checkpoint's τ has no
-    exact low rank."""
-    if rank is None:
-        require_low_rank(experts, base)
-
-    def delta(name: str) -> Tensor | LowRank | None:
-        return combine(
-            [(coefficient(name, t), tau_of(e, name, base)) for t, e in enumerate(experts)]
-        )
-
-    inputs = [base.path, *(e.path for e in experts)]
-    return save_adapter(out, base, delta, rank, kw.pop("inputs", inputs), **kw)
-
-
-def linear_coefficients(plan) -> Callable[[str, int], float] | None:
-    """c_t(name) with merged = θ0 + Σ c_t·τ_t, for the methods linear in the task vectors
-    (task_arithmetic; linear when its weights are normalized or sum to 1); None otherwise."""
-    from .merge import _params
-
-    m = plan.recipe.merge_method
-    if m not in ("linear", "task_arithmetic"):
-        return None
-
-    def coefficient(name: str, t: int) -> float:
-        p, g = _params(plan, name)
-        w = [x["weight"] for x in p]
-        total = sum(w) if g["normalize"] and abs(sum(w)) >= 1e-8 else 1.0
-        return g.get("lambda", 1.0) * w[t] / total
-
-    if m == "linear":  # Σ w·θ / Σ w keeps θ0 whole only when the weights end up summing to 1
-        for n in plan.names:
-            p, g = _params(plan, n)
-            if not g["normalize"] and abs(sum(x["weight"] for x in p) - 1) > 1e-6:
-                return None
-    return coefficient
-
-
-def merge_as_adapter(
-    plan,
-    out: Path,
-    rank: int | None,
-    force: bool = False,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: Callable[[int, int, str], None] | None = None,
-) -> dict[str, tuple[int, float]]:
-    """`divmerge run --as-adapter`: the recipe's merge as a PEFT LoRA adapter over its base."""
-    from .checkpoint import DTYPES
-    from .merge import _generator, merge_tensor, model_card
-    from .recipe import dump_recipe
-
-    r = plan.recipe
-    if plan.method.optimized:
-        raise UserError(
-            f"--as-adapter: {r.merge_method} cannot write an adapter yet; write a full model"
-        )
-    if plan.routes:  # an adapter keeps its base's tensors and shapes
-        what = "slices restack the layers" if r.slices else "the output vocabulary is rebuilt"
-        raise UserError(
-            f"--as-adapter: {what}, so the merge is no adapter of the base; write a full model"
-        )
-    if not r.base_model:
-        raise UserError(
-            "--as-adapter: the recipe needs a base_model (an adapter is a change to it)"
-        )
-    base = plan.base or open_model(r.base_model, r.resolve_path, "base_model", None)
-    coefficient = linear_coefficients(plan)
-    if coefficient is None and rank is None:
-        raise UserError(
-            f"--as-adapter: {r.merge_method} is not linear in the task vectors here, so its merged "
-            "delta has no exact rank; pass --adapter-rank R (SVD of the merged delta)"
-        )
-    kw = dict(
-        force=force,
-        dtype=DTYPES[r.out_dtype or r.dtype or "float32"],
-        base_ref=r.resolve_path(r.base_model),  # where the adapter's base is, for AutoPeftModel
-        card=model_card(plan),
-        files={"divmerge_recipe.yaml": dump_recipe(r)},
-        progress=progress,
-        inputs=[c.path for c in plan.inputs] + [base.path],
-        verify=plan.check_unchanged,
-    )
-    if coefficient is not None:
-        return write_adapter(out, base, plan.models, coefficient, rank, **kw)
-
-    def delta(name: str) -> Tensor | None:
-        d = (
-            merge_tensor(plan, name, _generator(seed, name), device).float()
-            - base.get(name).float()
-        )
-        return d if d.any() else None
-
-    return save_adapter(out, base, delta, rank, kw.pop("inputs"), **kw)
+        for name in e.factors:
+            u = layout.of_stored.get(name)
+            if u is None or u.converter is not None or u.copy:
+                continue  # converted tensors are densified; copies are not read
+            try:
+                low_rank_users(layout.model, params.get(u.name), u.name)
+            except UserError as err:
+                raise UserError(f"{e.where}: {err}") from None

@@ -37,10 +37,24 @@ from .layers import (
     is_embedding,
     layer_position,
 )
-from .lora import LoraExpert, home, open_model
+from .layout import module_names, plan_layout
+from .lora import LoraExpert, check_low_rank, home
 from .methods import METHODS, Method, Stages, run_stages
+from .models import open_model
 from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe, recipe_data
+from .slices import check_routes, slice_routes, whole_routes
+from .slices import out_config as sliced_config
 from .tasks import TaskSpec, load_tasks
+from .vocab import (
+    build_vocabulary,
+    chat_template,
+    fills,
+    is_vocab_tensor,
+    load_tokenizer,
+    readers,
+    save_tokenizer,
+    tokenizer_folder,
+)
 
 CHUNK_ELEMENTS = 1 << 17  # row chunks of ~128K elements: the per-chunk work stays in cache
 WINDOW_PER_THREAD = 2  # tensors in flight per worker thread: enough to fill stage barriers
@@ -133,7 +147,9 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     method = METHODS[recipe.merge_method]
     base_ref = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
     base = (
-        open_model(recipe.base_model, recipe.resolve_path, "base_model", None, allow_pickle)
+        open_model(
+            recipe.base_model, "base_model", resolve=recipe.resolve_path, allow_pickle=allow_pickle
+        )
         if base_ref
         else None
     )
@@ -163,7 +179,12 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
             base
             if is_base
             else open_model(
-                m.model, recipe.resolve_path, where, base, allow_pickle, recipe.base_model
+                m.model,
+                where,
+                base,
+                resolve=recipe.resolve_path,
+                allow_pickle=allow_pickle,
+                base_ref=recipe.base_model,
             )
         )
         sources[f"models[{i}]"] = ckpt
@@ -202,13 +223,10 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     plan.stamps = file_stamps(plan.input_folders)
     _check_hashes(plan)
     if method.optimized:  # the module the learned merge runs, checked before any teacher works
-        from .layout import plan_layout
-
         plan.layout, unused = plan_layout(plan.base, plan.models)
+        check_low_rank(plan.layout, plan.models)
         plan.warnings += unused
     if _has_filters(recipe):
-        from .layout import module_names
-
         plan.module_names = module_names(plan.layout, ref)
     # every parameter resolves, before heavy work (a learned merge's: its base_method's)
     bm = METHODS.get(str(recipe.parameters.get("base_method"))) if method.optimized else method
@@ -301,7 +319,7 @@ def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
                 )
 
 
-def _params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
+def tensor_params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
     r, m = plan.recipe, plan.method
     if plan.routes:
         return _routed_params(plan, name)
@@ -328,8 +346,6 @@ def _route(plan: MergePlan, base: Checkpoint | None) -> None:
     """Plan where each output tensor comes from, for `slices:` or a recipe that sets the output
     tokenizer; the output's tensor names, config and vocabulary. UserError: what cannot be
     merged, named."""
-    from .slices import check_routes, out_config, slice_routes, whole_routes
-    from .vocab import build_vocabulary, is_vocab_tensor
 
     r, method = plan.recipe, plan.method
     opened = {_key(c.path): c for c in plan.sources.values()}
@@ -355,7 +371,7 @@ def _route(plan: MergePlan, base: Checkpoint | None) -> None:
     if r.slices:
         plan.routes, depth = slice_routes(r, method, ckpt_of)
         ref = home(base or ckpt_of(r.slices[0].sources[0].model))
-        plan.out_config = out_config(ref.config, depth, block_counts(ref.names)[_stack(ref)])
+        plan.out_config = sliced_config(ref.config, depth, block_counts(ref.names)[_stack(ref)])
     else:
         members = tuple(dict.fromkeys(listed + ([base] if base else [])))
         plan.routes = whole_routes(
@@ -379,8 +395,6 @@ def _route(plan: MergePlan, base: Checkpoint | None) -> None:
         config = dict(plan.out_config or home(base or listed[0]).config)
         config["vocab_size"] = plan.vocab.size  # as mergekit, whenever it builds a tokenizer
         plan.out_config = config
-        from .vocab import fills
-
         for n in plan.vocab_names:  # every token's source is read for its tensor
             fills(plan.vocab, plan.routes[n].members, plan.routes[n].base_ckpt)
     if not r.slices and not plan.vocab_names:  # every row is already where the output wants it
@@ -416,8 +430,6 @@ def _readers(plan: MergePlan, name: str) -> tuple[Rows | None, list]:
         return (Rows(plan.base, name) if plan.base else None), [Rows(c, name) for c in plan.models]
     route = plan.routes[name]
     if name in plan.vocab_names:
-        from .vocab import readers
-
         return readers(plan.vocab, route)
     base = Rows(route.base.ckpt, route.base.name) if route.base else None
     return base, [Rows(x.ckpt, x.name) for x in route.xs]
@@ -446,7 +458,7 @@ def _routed_params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
 def _check_values(plan: MergePlan, name: str) -> None:
     """The parameters resolve for this tensor, and the values go together (DELLA's density and
     epsilon): checked for every tensor before any is merged."""
-    per_model, glob = _params(plan, name)
+    per_model, glob = tensor_params(plan, name)
     check = plan.method.check_values
     for j, problem in check(per_model, glob) if check else ():
         r = plan.recipe
@@ -490,7 +502,7 @@ def tensor_stages(
     """One merged tensor as stages of jobs (methods.Stages): elementwise methods run on row chunks
     (after their whole-tensor statistics), the others as one job. Chunk bounds depend only on the
     tensor's shape, so the result is the same on any number of threads."""
-    p, glob = _params(plan, name)
+    p, glob = tensor_params(plan, name)
     dtype = plan.out_specs[name][1]
     m, f32 = plan.method, torch.float32
     base, xs = _readers(plan, name)
@@ -629,7 +641,7 @@ def run_merge(
     if tensors:
         works = (_made(tensors, n) for n in plan.names)
     else:
-        works = (tensor_stages(plan, n, _generator(seed, n), device) for n in plan.names)
+        works = (tensor_stages(plan, n, tensor_generator(seed, n), device) for n in plan.names)
     with atomic_folder(out, need) as tmp:
         writer = ShardWriter(tmp, plan.out_specs, shard_bytes)
         try:
@@ -656,7 +668,7 @@ def _made(make: Callable[[str], torch.Tensor], name: str) -> Stages[torch.Tensor
     yield
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
+def tensor_generator(seed: int, name: str) -> torch.Generator:
     # seeded per tensor, so a tensor's random mask does not depend on the order tensors are merged
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
@@ -679,8 +691,6 @@ def write_side_files(plan: MergePlan, folder: Path, card_extra: str = "") -> Non
     copy_side_files(ref.path, folder, SIDE_FILES)
     v = plan.vocab
     if plan.recipe.chat_template or (v and (plan.vocab_names or v.added)):
-        from .vocab import chat_template, load_tokenizer, save_tokenizer, tokenizer_folder
-
         folders = [f for c in plan.sources.values() if (f := tokenizer_folder(c))]
         tok = v.tokenizer if v else load_tokenizer(plan.tokenizer, "tokenizer_source")
         save_tokenizer(tok, chat_template(plan.recipe, folders), folder)

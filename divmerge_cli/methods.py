@@ -31,7 +31,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,9 +39,8 @@ from torch import Tensor
 
 from .errors import UserError
 
-if TYPE_CHECKING:
-    from .recipe import Recipe
-
+# the checks below take a recipe.Recipe (recipe.py imports this table, so it is named here only)
+Recipe = Any
 T = TypeVar("T")
 # Work that can run on several threads, as a generator of stages: it yields a list of jobs
 # (argument-free callables, independent of each other), receives their results in the same order,
@@ -106,12 +105,12 @@ def ties(base, xs, p, glob, rng, prep=None) -> Tensor:
 
 def dare_linear(base, xs, p, glob, rng, prep=None) -> Tensor:
     """DARE (Yu et al., 2024): drop each delta entry with prob 1-density, rescale the survivors."""
-    return _sparse_merge(base, xs, p, glob, rng, _dare_drop, elect=False)
+    return _sparse_merge(base, xs, p, glob, rng, dare_drop, elect=False)
 
 
 def dare_ties(base, xs, p, glob, rng, prep=None) -> Tensor:
     """DARE's random drop, then TIES's sign election and disjoint merge."""
-    return _sparse_merge(base, xs, p, glob, rng, _dare_drop, elect=True)
+    return _sparse_merge(base, xs, p, glob, rng, dare_drop, elect=True)
 
 
 def _sparse_merge(base, xs, p, glob, rng, drop, elect: bool) -> Tensor:
@@ -119,7 +118,7 @@ def _sparse_merge(base, xs, p, glob, rng, drop, elect: bool) -> Tensor:
     with glob["rescale"]), then sum them (elect=False) or elect signs first (elect=True)."""
     t = _taus(base, xs)
     for tau, m in zip(t, p):
-        _sparsify(tau, m, glob["rescale"], rng, drop)
+        sparsify(tau, m, glob["rescale"], rng, drop)
     return _disjoint_merge(base, t, p, glob, elect)
 
 
@@ -274,7 +273,7 @@ def _trim(tau: Tensor, thr: float) -> Tensor:
     return tau
 
 
-def _sparsify(tau: Tensor, m: dict, rescale: bool, rng: torch.Generator, drop) -> Tensor:
+def sparsify(tau: Tensor, m: dict, rescale: bool, rng: torch.Generator, drop) -> Tensor:
     """In place: `drop(tau, m, rng)` zeroes entries of one task vector (nothing when density is 1,
     as in mergekit); with `rescale` the survivors are scaled back to the vector's L1 norm (as
     mergekit 0.1.5; for DARE about 1/density on large tensors, as in its paper)."""
@@ -289,7 +288,7 @@ def _sparsify(tau: Tensor, m: dict, rescale: bool, rng: torch.Generator, drop) -
     return tau
 
 
-def _dare_drop(tau: Tensor, m: dict, rng: torch.Generator) -> None:
+def dare_drop(tau: Tensor, m: dict, rng: torch.Generator) -> None:
     tau.mul_(torch.rand(tau.shape, generator=rng) < m["density"])
 
 
@@ -381,15 +380,15 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
 def breadcrumbs(base, xs, p, glob, rng, prep=None) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky, 2024): in each task vector drop the gamma fraction
     of largest magnitudes (outliers) and the smallest ones, keeping a density fraction; add up."""
-    return _sparse_merge(base, xs, p, glob, rng, _breadcrumbs_drop, elect=False)
+    return _sparse_merge(base, xs, p, glob, rng, breadcrumbs_drop, elect=False)
 
 
 def breadcrumbs_ties(base, xs, p, glob, rng, prep=None) -> Tensor:
     """Breadcrumbs' outlier and small-magnitude cut, then TIES's sign election."""
-    return _sparse_merge(base, xs, p, glob, rng, _breadcrumbs_drop, elect=True)
+    return _sparse_merge(base, xs, p, glob, rng, breadcrumbs_drop, elect=True)
 
 
-def _breadcrumbs_drop(tau: Tensor, m: dict, rng=None) -> None:
+def breadcrumbs_drop(tau: Tensor, m: dict, rng=None) -> None:
     """Keep the entries of ascending magnitude rank n_bot+1 .. n_bot+keep, with keep =
     int(density n), n_top = int(gamma n) and n_bot = max(0, n - keep - n_top) as mergekit: when
     density + gamma > 1 fewer outliers go. Cut by value: entries tied with a cut are all kept."""
@@ -418,15 +417,15 @@ def della(base, xs, p, glob, rng, prep=None) -> Tensor:
     """DELLA (Deep et al., 2024): MagPrune, a random drop whose keep probability grows with the
     entry's magnitude rank (density - epsilon .. density + epsilon), rescaled; then TIES's sign
     election and disjoint merge."""
-    return _sparse_merge(base, xs, p, glob, rng, _della_drop, elect=True)
+    return _sparse_merge(base, xs, p, glob, rng, della_drop, elect=True)
 
 
 def della_linear(base, xs, p, glob, rng, prep=None) -> Tensor:
     """DELLA's MagPrune drop, then task arithmetic (no sign election)."""
-    return _sparse_merge(base, xs, p, glob, rng, _della_drop, elect=False)
+    return _sparse_merge(base, xs, p, glob, rng, della_drop, elect=False)
 
 
-def _della_drop(tau: Tensor, m: dict, rng: torch.Generator) -> None:
+def della_drop(tau: Tensor, m: dict, rng: torch.Generator) -> None:
     """Keep each entry with probability density - epsilon + 2 epsilon r, r its magnitude rank in
     [0, 1] along dimension 1 (a row of a matrix; a vector is one row), as mergekit 0.1.5 ranks."""
     d, eps = m["density"], m["epsilon"]
@@ -456,7 +455,7 @@ def sce(base, xs, p, glob, rng, prep=None) -> Tensor:
     """SCE (Wan et al., 2024, FuseChat): Select the select_topk fraction of entries where the task
     vectors vary most across models, Calculate each model's weight as its mean squared task vector
     (normalised), Erase the entries whose sign disagrees with the elected sign of their sum."""
-    t = _sce_select(_taus(base, xs), glob["select_topk"])
+    t = sce_select(_taus(base, xs), glob["select_topk"])
     w = t.square().reshape(len(t), -1).mean(1)
     total = float(w.sum())
     w = torch.full_like(w, 1 / len(w)) if abs(total) < 1e-6 else w / total
@@ -465,7 +464,7 @@ def sce(base, xs, p, glob, rng, prep=None) -> Tensor:
     return base + (t * wm).sum(0) / wm.sum(0).clamp(min=1e-6)
 
 
-def _sce_select(t: Tensor, topk: float) -> Tensor:
+def sce_select(t: Tensor, topk: float) -> Tensor:
     """In place: zero the stacked task vectors except at the topk fraction of entries of largest
     variance across models (of those that vary at all); entries tied with the cut are kept."""
     if topk < 1:

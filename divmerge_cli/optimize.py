@@ -22,15 +22,18 @@ import torch
 import yaml
 
 from . import hf
+from .adapter_writer import adapter_modules, require_low_rank, write_adapter
 from .checkpoint import DTYPES, disk_full_is_user_error, write_file
 from .coefficients import groups_for, initial_gamma
 from .errors import UserError
 from .estimate import Estimate, estimate_learned, teacher_top_k
+from .hashing import hash_json
 from .layout import ModuleView, StoredTheta0
-from .lora import load_scored, mergekit_ref
-from .merge import MergePlan, run_merge
+from .merge import MergePlan, model_card, run_merge, tensor_generator, tensor_params
+from .models import load_scored, mergekit_ref
 from .objectives import DIVERGENCES, OBJECTIVES, collate, sample_means
-from .recipe import OptimizeParams, Recipe, optimize_params  # noqa: F401 - re-exported
+from .processed import process
+from .recipe import OptimizeParams, Recipe, dump_recipe, optimize_params  # noqa: F401 - re-exported
 from .tasks import check_task, load_rows, load_tasks, render_prompt
 from .taskvectors import (
     MergedModel,
@@ -187,13 +190,11 @@ def task_vector_sources(plan: MergePlan, params: OptimizeParams, seed: int, work
     their TIES/DARE-processed task vectors (Remark 3), computed once into work_dir."""
     if params.base_method == "task_arithmetic":
         return plan.models
-    from .hashing import hash_json
-    from .merge import _generator, _params
-    from .processed import process
-
     key = hash_json({"recipe": _recipe_key(plan.recipe), "seed": seed})
     folder = Path(work_dir) / f"processed-{key[:16]}"
-    return process(plan, plan.models, params.base_method, folder, seed, _generator, _params)
+    return process(
+        plan, plan.models, params.base_method, folder, seed, tensor_generator, tensor_params
+    )
 
 
 def _world() -> int:
@@ -595,8 +596,6 @@ def _recipe_key(recipe: Recipe) -> dict:
 
 
 def run_key(pb: Problem, seed: int) -> str:
-    from .hashing import hash_json
-
     return hash_json(
         {
             "recipe": _recipe_key(pb.plan.recipe),
@@ -796,8 +795,6 @@ def write_fixed(
 def check_adapter_output(plan: MergePlan, rank: int | None) -> None:
     """--as-adapter on a learned merge: what the adapter writer would refuse, said before any
     teacher generates (at exact rank every task vector must be low rank). The CLI calls it."""
-    from .lora import adapter_modules, require_low_rank
-
     adapter_modules(plan.base)
     if rank is None:
         require_low_rank(plan.models, plan.base)
@@ -823,10 +820,6 @@ def write_learned_adapter(
 ) -> dict[str, tuple[int, float]]:
     """theta0 + sum_t coefficient(name, t) tau_t as a PEFT LoRA adapter at OUT, with `files` and
     the recipe of `plan` (it reproduces the merge) beside it."""
-    from .lora import write_adapter
-    from .merge import model_card
-    from .recipe import dump_recipe
-
     r = plan.recipe
     return write_adapter(
         out,

@@ -27,23 +27,23 @@ from .checkpoint import Checkpoint, ShardWriter
 from .errors import UserError
 from .methods import (
     METHODS,
-    _breadcrumbs_drop,
-    _dare_drop,
-    _della_drop,
-    _sce_select,
-    _sparsify,
+    breadcrumbs_drop,
+    dare_drop,
+    della_drop,
     magnitude_threshold,
+    sce_select,
+    sparsify,
 )
 from .taskvectors import dense_tau
 
 # how each base method sparsifies one task vector (ties and sce work on the stack: see below)
 DROPS = {
-    "dare_linear": _dare_drop,
-    "dare_ties": _dare_drop,
-    "breadcrumbs": _breadcrumbs_drop,
-    "breadcrumbs_ties": _breadcrumbs_drop,
-    "della": _della_drop,
-    "della_linear": _della_drop,
+    "dare_linear": dare_drop,
+    "dare_ties": dare_drop,
+    "breadcrumbs": breadcrumbs_drop,
+    "breadcrumbs_ties": breadcrumbs_drop,
+    "della": della_drop,
+    "della_linear": della_drop,
 }
 ELECTS = ("ties", "dare_ties", "breadcrumbs_ties", "della", "sce")  # a sign election follows
 DONE = "processed.done"
@@ -74,9 +74,9 @@ def process_tensor(
     a copy of the stack would double the n experts' largest tensors."""
     if base_method in DROPS:
         for tau, m in zip(t, per_model):  # the data-free method's order: same masks for one seed
-            _sparsify(tau, m, glob["rescale"], rng, DROPS[base_method])
+            sparsify(tau, m, glob["rescale"], rng, DROPS[base_method])
     if base_method == "sce":
-        _sce_select(t, glob["select_topk"])
+        sce_select(t, glob["select_topk"])
     if base_method == "ties":
         zero = torch.zeros((), dtype=t.dtype).expand(t.shape[1:])
         for tau, m in zip(t, per_model):

@@ -28,6 +28,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
 
+from . import hf
+from .checkpoint import human_size
 from .errors import UserError
 from .layers import block_of
 
@@ -356,8 +358,6 @@ def shard_base(path, ckpt, dtype: torch.dtype, names: list[str], device: str) ->
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from . import hf
-
     world, rank = dist.get_world_size(), dist.get_rank()
     mesh = init_device_mesh(torch.device(device).type, (world,))
     model = hf.empty_model(path, dtype)
@@ -393,8 +393,6 @@ def shard_base(path, ckpt, dtype: torch.dtype, names: list[str], device: str) ->
 
 def pick_mode(choice: str, memory_bytes: int, available: int) -> tuple[str, str]:
     """(mode, reason) for `parameters.task_vectors`; `auto` streams when memory would not fit."""
-    from .checkpoint import human_size as gb
-
     if fsdp_launch():  # a sharded theta0 only works with blocks merged as they run
         if choice == "memory":
             raise UserError(
@@ -409,10 +407,10 @@ def pick_mode(choice: str, memory_bytes: int, available: int) -> tuple[str, str]
         return choice, f"task_vectors: {choice} (set in the recipe)"
     if memory_bytes > available:
         return "stream", (
-            f"task_vectors: auto chose stream: memory mode needs about {gb(memory_bytes)}, "
-            f"{gb(available)} available"
+            f"task_vectors: auto chose stream: memory mode needs about {human_size(memory_bytes)}, "
+            f"{human_size(available)} available"
         )
     return "memory", (
-        f"task_vectors: auto chose memory: it needs about {gb(memory_bytes)}, "
-        f"{gb(available)} available"
+        f"task_vectors: auto chose memory: it needs about {human_size(memory_bytes)}, "
+        f"{human_size(available)} available"
     )

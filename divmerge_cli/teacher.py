@@ -34,7 +34,7 @@ from . import hf
 from .checkpoint import disk_full_is_user_error, remove_orphans, scratch_dir
 from .generate import Generation, greedy_generate
 from .hashing import hash_json
-from .lora import content_hash, load_expert_model, model_folder
+from .models import content_hash, load_expert_model, model_folder
 from .tasks import TaskSpec, load_rows, render_prompt
 
 FORMAT_VERSION = 2  # bump when the entry layout or the generation procedure changes

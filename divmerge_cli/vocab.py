@@ -26,6 +26,7 @@ import torch
 from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .errors import UserError
 from .layers import block_of
+from .lora import home
 from .recipe import ModelToken, Recipe, TokenSetting, ZeroToken
 
 Fill = list[tuple[Checkpoint, int]]  # rows averaged into one filled row ([]: a zero row)
@@ -73,8 +74,6 @@ def is_vocab_tensor(c: Checkpoint, name: str) -> bool:
 
 
 def tokenizer_folder(c: Checkpoint) -> Path | None:
-    from .lora import home
-
     for folder in (c.path, home(c).path):
         if any((folder / n).is_file() for n in TOKENIZER_FILES):
             return folder

@@ -96,13 +96,13 @@ def child_step(base: str, experts: list[str], mode: str, steps: int) -> None:
     import statistics
 
     from divmerge_cli import hf
-    from divmerge_cli.checkpoint import open_checkpoint
     from divmerge_cli.coefficients import groups_for
+    from divmerge_cli.models import open_model
     from divmerge_cli.taskvectors import MergedModel, TaskVectors
 
     torch.set_num_threads(1)
-    b = open_checkpoint(base, "base_model")
-    xs = [open_checkpoint(e, f"expert{i}", base=b) for i, e in enumerate(experts)]
+    b = open_model(base, "base_model")
+    xs = [open_model(e, f"expert{i}", base=b) for i, e in enumerate(experts)]
     model = hf.load_model(base, torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)

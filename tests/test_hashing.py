@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-from divmerge_cli.checkpoint import TOKENIZER_FILES
-from divmerge_cli.hashing import hash_json, hash_model_dir, model_files
+from divmerge_cli.checkpoint import TOKENIZER_FILES, model_files
+from divmerge_cli.hashing import hash_json, hash_model_dir
 
 
 def _copy(src, dst):

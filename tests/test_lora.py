@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 
 from conftest import write_recipe
 from divmerge_cli import merge, tiny
-from divmerge_cli.checkpoint import Checkpoint, open_checkpoint
+from divmerge_cli.adapter_writer import factor
+from divmerge_cli.checkpoint import Checkpoint
 from divmerge_cli.errors import UserError
-from divmerge_cli.lora import LoraExpert, LowRank, factor
+from divmerge_cli.lora import LoraExpert, LowRank
+from divmerge_cli.models import open_model
 from divmerge_cli.recipe import load_recipe
 
 peft = pytest.importorskip("peft")
@@ -92,10 +94,10 @@ def _merged(recipe: dict, tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def test_adapter_reads_as_its_merged_model_one_tensor_at_a_time(lora_zoo, tmp_path):
-    base = open_checkpoint(str(lora_zoo["base"]), "base_model")
+    base = open_model(str(lora_zoo["base"]), "base_model")
     for a in ADAPTERS:
-        e = open_checkpoint(str(lora_zoo[a]), a, base=base)
-        dense = open_checkpoint(str(lora_zoo[f"{a}_full"]), a)
+        e = open_model(str(lora_zoo[a]), a, base=base)
+        dense = open_model(str(lora_zoo[f"{a}_full"]), a)
         assert isinstance(e, LoraExpert)
         for n in base.names:
             assert torch.allclose(e.get(n).float(), dense.get(n).float(), atol=1e-6), (a, n)
@@ -112,15 +114,15 @@ def test_adapter_reads_as_its_merged_model_one_tensor_at_a_time(lora_zoo, tmp_pa
                 assert torch.allclose(t, expect, atol=1e-6), (a, n)
     # PEFT ignores fan_in_fan_out on nn.Linear layers (square q_proj would hide a wrong transpose)
     flagged = _adapter_copy(lora_zoo, tmp_path, fan_in_fan_out=True)
-    e0, full0 = open_checkpoint(str(flagged), "a0", base=base), weights(lora_zoo["a0_full"])
+    e0, full0 = open_model(str(flagged), "a0", base=base), weights(lora_zoo["a0_full"])
     for n in base.names:
         assert torch.allclose(e0.get(n).float(), full0[n], atol=1e-6), n
-    e1 = open_checkpoint(str(lora_zoo["a1"]), "a1", base=base)
+    e1 = open_model(str(lora_zoo["a1"]), "a1", base=base)
     q1 = e1.tau("model.layers.1.self_attn.q_proj.weight", base)
     k0 = e1.tau("model.layers.0.self_attn.k_proj.weight", base)
     assert q1.B.shape[1] == 4 and q1.scale == pytest.approx(5 / 2)  # rank_pattern, rsLoRA: α/√r
     assert k0.scale == pytest.approx(2 / 3**0.5)  # alpha_pattern
-    e2 = open_checkpoint(str(lora_zoo["a2"]), "a2", base=base)
+    e2 = open_model(str(lora_zoo["a2"]), "a2", base=base)
     assert isinstance(e2.tau("model.embed_tokens.weight", base), LowRank)
     assert isinstance(e2.tau("lm_head.weight", base), torch.Tensor)  # modules_to_save: dense τ
     assert e2.tau("model.layers.0.self_attn.q_proj.weight", base) is None
@@ -143,8 +145,8 @@ def test_fan_in_fan_out_adapter_on_conv1d_reads_as_its_merged_model(tmp_path):
                 w.normal_(0, 0.1)
     model.save_pretrained(tmp_path / "ad")
     model.merge_and_unload().save_pretrained(tmp_path / "full")
-    base = open_checkpoint(str(tmp_path / "base"), "base")
-    ad, full = open_checkpoint(str(tmp_path / "ad"), "ad", base=base), weights(tmp_path / "full")
+    base = open_model(str(tmp_path / "base"), "base")
+    ad, full = open_model(str(tmp_path / "ad"), "ad", base=base), weights(tmp_path / "full")
     assert sum(isinstance(ad.tau(n, base), LowRank) for n in base.names) == 2
     for n in base.names:
         assert torch.allclose(ad.get(n).float(), full[n], atol=1e-6), n
@@ -450,8 +452,8 @@ def test_learned_loop_applies_adapters_low_rank_and_matches_the_dense_merge(
     recipe["parameters"] = {}
     _merged(recipe, tmp_path, "ta")
     dense = _peft_model(tmp_path / "ta")
-    base = open_checkpoint(str(lora_zoo["base"]), "base_model")
-    experts = [open_checkpoint(str(lora_zoo[a]), a, base=base) for a in ADAPTERS]
+    base = open_model(str(lora_zoo["base"]), "base_model")
+    experts = [open_model(str(lora_zoo[a]), a, base=base) for a in ADAPTERS]
     model = _peft_model(lora_zoo["base"])
     state = dict(model.state_dict(keep_vars=True))
     names = base.names
@@ -556,12 +558,12 @@ def test_mixed_recipe_adapter_and_full_checkpoint_learns(toy, toy_lora, tmp_path
 
 
 def test_teacher_of_an_adapter_is_keyed_on_the_adapter_and_its_base(toy, toy_lora, tmp_path):
-    from divmerge_cli.lora import content_hash
+    from divmerge_cli.models import content_hash
 
-    base = open_checkpoint(str(toy / "base"), "base_model")
-    on_base = open_checkpoint(str(toy_lora["sent"]), "a", base=base)
-    on_other = open_checkpoint(str(toy_lora["sent"]), "a", base=Checkpoint(toy / "rev", "b"))
-    other = open_checkpoint(str(toy_lora["rev"]), "a", base=base)
+    base = open_model(str(toy / "base"), "base_model")
+    on_base = open_model(str(toy_lora["sent"]), "a", base=base)
+    on_other = open_model(str(toy_lora["sent"]), "a", base=Checkpoint(toy / "rev", "b"))
+    other = open_model(str(toy_lora["rev"]), "a", base=base)
     keys = {content_hash(x) for x in (on_base, on_other, other, toy / "base")}
     assert len(keys) == 4
     assert content_hash(base) == content_hash(toy / "base")  # a full model: its folder's hash
@@ -570,12 +572,12 @@ def test_teacher_of_an_adapter_is_keyed_on_the_adapter_and_its_base(toy, toy_lor
 def test_adapter_bytes_are_what_memory_mode_holds(lora_zoo):
     from divmerge_cli.taskvectors import TaskVectors
 
-    base = open_checkpoint(str(lora_zoo["base"]), "base_model")
+    base = open_model(str(lora_zoo["base"]), "base_model")
     model = _peft_model(lora_zoo["base"])
     state = dict(model.state_dict(keep_vars=True))
     names = base.names
     for a in ADAPTERS:
-        e = open_checkpoint(str(lora_zoo[a]), a, base=base)
+        e = open_model(str(lora_zoo[a]), a, base=base)
         tv = TaskVectors.load([e], {n: state[n] for n in names}, base, names, [0] * len(names))
         # a2's saved embedding equals θ0 (PEFT saves it beside an embedding target): counted,
         # since only its bytes could tell
@@ -635,8 +637,8 @@ def test_learned_loop_on_a_tied_embedding_adapter_changes_embedding_and_head(tmp
     zoo: dict = {}
     cfg = dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])
     _random_adapter(base_dir, cfg, 5, 0.3, tok, tmp_path / "t", zoo)
-    base = open_checkpoint(str(base_dir), "base_model")
-    expert = open_checkpoint(str(zoo["t"]), "t", base=base)
+    base = open_model(str(base_dir), "base_model")
+    expert = open_model(str(zoo["t"]), "t", base=base)
     model = _peft_model(base_dir)
     state = dict(model.state_dict(keep_vars=True))
     names = [n for n in base.names if n in state and n != "lm_head.weight"]
@@ -684,7 +686,7 @@ def test_folding_an_adapter_leaks_no_library_future_warning(lora_zoo):
     """PEFT reads a property transformers 5 deprecated; scoring an adapter must not show it."""
     import warnings
 
-    from divmerge_cli.lora import load_scored
+    from divmerge_cli.models import load_scored
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

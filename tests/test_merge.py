@@ -33,14 +33,14 @@ def plan(tmp_path, zoo, method="ties", params=None, models=("e0", "e1"), model_p
 )
 def test_switches_reach_the_method_as_booleans(tmp_path, llama_zoo, given, want):
     params = {} if given is None else {"normalize": given}
-    _, glob = merge._params(plan(tmp_path, llama_zoo, "ties", params), Q0)
+    _, glob = merge.tensor_params(plan(tmp_path, llama_zoo, "ties", params), Q0)
     assert glob["normalize"] is want and glob["int8_mask"] is False
     assert isinstance(glob["lambda"], float)
 
 
 def test_dare_rescale_and_the_written_recipe_keep_the_spelling(tmp_path, llama_zoo):
     p = plan(tmp_path, llama_zoo, "dare_linear", {"rescale": False, "normalize": 1})
-    _, glob = merge._params(p, Q0)
+    _, glob = merge.tensor_params(p, Q0)
     assert glob["rescale"] is False and glob["normalize"] is True
     dumped = merge.dump_recipe(p.recipe)
     assert "rescale: false" in dumped and "normalize: 1.0" in dumped
@@ -54,12 +54,12 @@ def test_lists_interpolate_across_blocks_and_filters_match_names(tmp_path, llama
         {"density": [0.2, 0.8], "lambda": [{"filter": "self_attn", "value": 0.5}, {"value": 2.0}]},
         model_params={"weight": [{"filter": "layers.1", "value": 3.0}]},
     )
-    (m0, _), g0 = merge._params(p, Q0)
-    (m1, _), g1 = merge._params(p, Q1)
+    (m0, _), g0 = merge.tensor_params(p, Q0)
+    (m1, _), g1 = merge.tensor_params(p, Q1)
     assert (m0["density"], m1["density"]) == (0.2, 0.8)  # block 0 of 2 -> 0, block 1 -> 1
     assert (m0["weight"], m1["weight"]) == (1.0, 3.0)  # no filter matched: the default
     assert g0["lambda"] == g1["lambda"] == 0.5
-    (me, _), ge = merge._params(p, "model.embed_tokens.weight")
+    (me, _), ge = merge.tensor_params(p, "model.embed_tokens.weight")
     assert me["density"] == 0.2 and ge["lambda"] == 2.0  # outside blocks: position 0
 
 
@@ -67,7 +67,7 @@ def test_lists_interpolate_across_blocks_and_filters_match_names(tmp_path, llama
 def test_row_chunks_merge_to_the_whole_tensor(tmp_path, llama_zoo, monkeypatch, method):
     p = plan(tmp_path, llama_zoo, method, {"density": 0.3} if method == "ties" else {})
     name = "model.embed_tokens.weight"  # 300 x 32
-    gen = lambda: merge._generator(0, name)  # noqa: E731
+    gen = lambda: merge.tensor_generator(0, name)  # noqa: E731
     whole = merge.merge_tensor(p, name, gen(), "cpu")
     monkeypatch.setattr(merge, "CHUNK_ELEMENTS", 32 * 7)  # 7 rows per chunk, a ragged last one
     chunked = merge.merge_tensor(p, name, gen(), "cpu")
@@ -77,10 +77,10 @@ def test_row_chunks_merge_to_the_whole_tensor(tmp_path, llama_zoo, monkeypatch, 
 
 def test_random_masks_depend_on_the_tensor_not_the_order(tmp_path, llama_zoo):
     p = plan(tmp_path, llama_zoo, "dare_linear", {"density": 0.5})
-    first = merge.merge_tensor(p, Q0, merge._generator(7, Q0), "cpu")
-    merge.merge_tensor(p, Q1, merge._generator(7, Q1), "cpu")  # another tensor in between
-    assert torch.equal(merge.merge_tensor(p, Q0, merge._generator(7, Q0), "cpu"), first)
-    assert not torch.equal(merge.merge_tensor(p, Q0, merge._generator(8, Q0), "cpu"), first)
+    first = merge.merge_tensor(p, Q0, merge.tensor_generator(7, Q0), "cpu")
+    merge.merge_tensor(p, Q1, merge.tensor_generator(7, Q1), "cpu")  # another tensor in between
+    assert torch.equal(merge.merge_tensor(p, Q0, merge.tensor_generator(7, Q0), "cpu"), first)
+    assert not torch.equal(merge.merge_tensor(p, Q0, merge.tensor_generator(8, Q0), "cpu"), first)
 
 
 def test_the_base_joins_linear_and_is_dropped_from_task_vector_methods(tmp_path, llama_zoo):
@@ -92,10 +92,10 @@ def test_the_base_joins_linear_and_is_dropped_from_task_vector_methods(tmp_path,
 
 
 def test_check_compatible_names_the_tensor_at_fault(tmp_path, llama_zoo, t5_zoo):
-    from divmerge_cli.checkpoint import open_checkpoint
+    from divmerge_cli.models import open_model
 
-    base = open_checkpoint(str(llama_zoo["base"]), "base_model")
-    t5 = open_checkpoint(str(t5_zoo["e0"]), "models[0].model")
+    base = open_model(str(llama_zoo["base"]), "base_model")
+    t5 = open_model(str(t5_zoo["e0"]), "models[0].model")
     with pytest.raises(UserError, match=r"models\[0\]\.model: model_type is 't5' but base_model"):
         merge.check_compatible(base, [t5])
 

@@ -20,7 +20,7 @@ def t(*v):
 
 
 def run(name, base, xs, per_model=None, **glob):
-    """METHODS[name] with its defaults, as merge._params would resolve them."""
+    """METHODS[name] with its defaults, as merge.tensor_params would resolve them."""
     m = M.METHODS[name]
     p = [{**m.model_params, **pm} for pm in per_model or [{}] * len(xs)]
     return m.fn(base, xs, p, {**m.global_params, **glob}, G)

@@ -16,11 +16,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..checkpoint import open_checkpoint
 from ..errors import Integer, UserError, pydantic_message, read_yaml, suggest
 from ..hashing import hash_json
 from ..merge import check_compatible
 from ..methods import METHODS, OPTIMIZE_DEFAULTS
+from ..models import open_model
 from ..recipe import Recipe, check_seed, optimize_params, recipe_from_dict
 from ..tasks import TaskSpec, check_task, expand_path, load_tasks
 
@@ -163,10 +163,9 @@ def sweep_from_dict(raw: dict, source: Path) -> SweepConfig:
 
 def check_checkpoints(cfg: SweepConfig) -> None:
     """Base and experts fit together (architecture, tensor names, shapes); headers only."""
-    base = open_checkpoint(str(cfg.base_model), f"{cfg.source}: base_model")
+    base = open_model(str(cfg.base_model), f"{cfg.source}: base_model")
     experts = [
-        open_checkpoint(str(p), f"{cfg.source}: experts.{t}", base=base)
-        for t, p in cfg.experts.items()
+        open_model(str(p), f"{cfg.source}: experts.{t}", base) for t, p in cfg.experts.items()
     ]
     check_compatible(base, experts)
 

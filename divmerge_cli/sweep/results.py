@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..checkpoint import standard_json
 from ..errors import UserError
+from ..evaluate import anp
 from ..hashing import hash_json
 from ..tasks import TaskSpec
 from .config import SweepConfig, build_recipe, method_key
@@ -73,8 +74,6 @@ def cell_row(
     seconds: float,
 ) -> dict:
     """One cell's line: its scores (evaluate.TaskScore per task) and ANP against `refs`."""
-    from ..evaluate import anp
-
     plain = {t: s.score for t, s in scores.items()}
     return {
         "type": "cell",

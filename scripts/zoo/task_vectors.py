@@ -57,15 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/results/task_vectors"))
     a = ap.parse_args(argv)
 
-    from divmerge_cli.checkpoint import open_checkpoint
+    from divmerge_cli.models import open_model
 
     zoo = a.zoo_dir.resolve()
     experts = {
-        p.name: open_checkpoint(str(p), f"experts.{p.name}")
+        p.name: open_model(str(p), f"experts.{p.name}")
         for p in sorted((zoo / "experts").iterdir())
         if p.is_dir() and not p.name.startswith(".")
     }
-    stats = task_vector_stats(open_checkpoint(str(zoo / "base"), "base_model"), experts)
+    stats = task_vector_stats(open_model(str(zoo / "base"), "base_model"), experts)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(stats, indent=1) + "\n")
     md = to_markdown(stats, list(experts))
