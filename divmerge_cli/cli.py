@@ -537,7 +537,7 @@ def _svd_estimate(plan, report: dict) -> None:
             method=svd.method, matrices=svd.matrices, largest=list(svd.largest), svds=svd.svds,
             seconds=round(svd.seconds, 3), peak_bytes=svd.peak_bytes,
         )  # fmt: skip
-        out.print(f"estimate: {svd.line()}")
+        out.print(f"estimate: {svd.line()}", soft_wrap=True)  # one line, as logs grep it
 
 
 def _recipe_inputs(r, plan) -> list[Path]:

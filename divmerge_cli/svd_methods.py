@@ -129,11 +129,10 @@ def iso_c(base, xs, p, glob, rng, prep=None) -> Tensor:
 def iso_cts_split(r: int, n: int, fraction: float) -> tuple[int, int]:
     """(k, m): the common subspace keeps the sum's top k directions and each of the n tasks adds
     m of its own, k + n m = r. As the paper's code: k = int(r fraction), m = round((r - k) / n),
-    then k takes what the tasks leave (m is lowered when round() would overflow r)."""
-    k = int(r * fraction)
-    m = round((r - k) / n)
-    if k + n * m > r:
-        m = (r - k) // n
+    then k = r - n m takes what the tasks leave (m is lowered when n m would exceed r)."""
+    m = round((r - int(r * fraction)) / n)
+    if n * m > r:
+        m = r // n
     return r - n * m, m
 
 
