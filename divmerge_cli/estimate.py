@@ -276,6 +276,7 @@ class SvdEstimate:
     svds: int  # SVDs computed in all
     seconds: float  # on one core of these machines (svd_methods.SVD_FLOPS, MATMUL_FLOPS)
     peak_bytes: int  # the largest matrix's inputs, task vectors and the method's own matrices
+    steps: int = 0  # WUDI's Adam steps per matrix
 
     def line(self) -> str:
         from .checkpoint import human_size as gb
@@ -283,7 +284,8 @@ class SvdEstimate:
         r, c = self.largest
         if self.method == "wudi":
             what = (
-                f"Adam steps on {self.matrices} matrices up to {r}x{c} (no SVD), a {r}x{c} by "
+                f"{self.steps} Adam steps on each of {self.matrices} matrices up to {r}x{c} (no "
+                f"SVD), a {r}x{c} by "
                 f"{c}x{c} product per step"
             )
         else:
@@ -337,4 +339,5 @@ def estimate_svd(plan, method: str) -> SvdEstimate | None:
             peak = 4 * _numel(shape) * (2 * n + 1 + held) + 4 * shape[1] ** 2
     if not matrices:
         return None
-    return SvdEstimate(method, matrices, largest, svds, seconds, peak)
+    steps = int(glob.get("iterations", 0))
+    return SvdEstimate(method, matrices, largest, svds, seconds, peak, steps)
