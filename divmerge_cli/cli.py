@@ -519,7 +519,25 @@ def _validate(recipe: Path, allow_pickle: bool, json_out: Path | None) -> dict:
             f"(available {gb(report['available_memory_bytes'])}), "
             f"disk {gb(report['disk_bytes'])}; {report['task_vectors_reason']}"
         )
+    _svd_estimate(plan, report)
     return report
+
+
+def _svd_estimate(plan, report: dict) -> None:
+    """The SVD work of a singular-value method (or of a learned merge's base_method), printed
+    and added to the report."""
+    from .estimate import estimate_svd
+    from .recipe import optimize_params
+
+    r = plan.recipe
+    method = optimize_params(r).base_method if plan.method.optimized else r.merge_method
+    svd = estimate_svd(plan, method)
+    if svd:
+        report["svd_estimate"] = dict(
+            method=svd.method, matrices=svd.matrices, largest=list(svd.largest), svds=svd.svds,
+            seconds=round(svd.seconds, 3), peak_bytes=svd.peak_bytes,
+        )  # fmt: skip
+        out.print(f"estimate: {svd.line()}", soft_wrap=True)  # one line, as logs grep it
 
 
 def _recipe_inputs(r, plan) -> list[Path]:

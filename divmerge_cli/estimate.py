@@ -22,7 +22,9 @@ import torch
 
 from .checkpoint import human_size, parse_size
 from .layers import block_of
+from .methods import METHODS
 from .objectives import DIVERGENCES
+from .svd_methods import MATMUL_FLOPS, SVD_FLOPS, SVD_METHODS, svd_flops, work
 from .taskvectors import KEEP_BYTES, fsdp_launch
 
 RUNTIME_BYTES = 600 * 10**6  # python + torch + transformers + accelerate, imported (RSS)
@@ -257,3 +259,79 @@ def gpu_free(device: str) -> int:
     if limit:
         free = min(free, parse_size(limit))
     return int(free)
+
+
+@dataclass(frozen=True)
+class SvdEstimate:
+    """What a singular-value method (svd_methods.py) computes over the whole model, from headers."""
+
+    method: str
+    matrices: int  # 2-D tensors it decomposes or optimizes
+    largest: tuple[int, int]  # the largest of them
+    svds: int  # SVDs computed in all
+    seconds: float  # on one core of these machines (svd_methods.SVD_FLOPS, MATMUL_FLOPS)
+    peak_bytes: int  # the largest matrix's inputs, task vectors and the method's own matrices
+    steps: int = 0  # WUDI's Adam steps per matrix
+
+    def line(self) -> str:
+
+        r, c = self.largest
+        if self.method == "wudi":
+            what = (
+                f"{self.steps} Adam steps on each of {self.matrices} matrices up to {r}x{c} (no "
+                f"SVD), a {r}x{c} by "
+                f"{c}x{c} product per step"
+            )
+        else:
+            what = f"{self.svds} SVDs of {self.matrices} matrices up to {r}x{c}" + (
+                "" if self.method == "iso_c" else " (per expert, and to orthogonalise)"
+            )
+        return (
+            f"{self.method}: {what}; about {_duration(self.seconds)} on one core, "
+            f"peak about {human_size(self.peak_bytes)} for the largest matrix"
+        )
+
+
+def _duration(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.0f} min"
+
+
+def _largest_value(value, default: float) -> float:
+    """The largest number a parameter resolves to on any tensor (scalar, list, or filters)."""
+    if value is None:
+        return default
+    if isinstance(value, list):
+        vals = [_largest_value(getattr(v, "value", v), default) for v in value]
+        return max(vals, default=default)
+    return float(value)
+
+
+def estimate_svd(plan, method: str) -> SvdEstimate | None:
+    """The SVD work of `method` (a data-free merge, or a learned merge's base_method) on `plan`'s
+    tensors, from headers; None for a method that does none."""
+    if method not in SVD_METHODS:
+        return None
+    ref = plan.base or plan.models[0]
+    n = len(plan.models)
+    glob = {
+        k: _largest_value(plan.recipe.parameters.get(k), d)
+        for k, d in METHODS[method].global_params.items()
+    }
+    matrices = svds = 0
+    seconds, peak, largest = 0.0, 0, (0, 0)
+    for name in plan.names:
+        shape = tuple(ref.shape(name))
+        if len(shape) != 2 or not ref.dtype(name).is_floating_point:
+            continue
+        shapes, flops, held = work(method, shape, n, glob)
+        matrices += 1
+        svds += len(shapes)
+        seconds += sum(svd_flops(*s) for s in shapes) / SVD_FLOPS + flops / MATMUL_FLOPS
+        if _numel(shape) > _numel(largest):
+            largest = shape
+            # base, n inputs and n task vectors in float32, and the method's own matrices
+            peak = 4 * _numel(shape) * (2 * n + 1 + held) + 4 * shape[1] ** 2
+    if not matrices:
+        return None
+    steps = int(glob.get("iterations", 0))
+    return SvdEstimate(method, matrices, largest, svds, seconds, peak, steps)

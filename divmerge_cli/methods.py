@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
+from .svd_methods import iso_c, iso_cts, tsv, wudi
 
 # the checks below take a recipe.Recipe (recipe.py imports this table, so it is named here only)
 Recipe = Any
@@ -697,6 +698,9 @@ RANGES = {
     "max_iter": _whole,
     "tol": _positive,
     "eps": _above0,
+    "scaling_factor": _positive,
+    "common_space_fraction": _t,
+    "iterations": _whole,
 }
 
 
@@ -738,6 +742,20 @@ def _sparse(fn, paper: str, normalize: bool, rescale: bool, extra: dict | None =
 
 
 _eps = {"epsilon": 0.15}
+
+
+def _svd_method(fn, paper: str, ranges: dict = RANGES, **params) -> Method:
+    """A singular-value method of svd_methods.py: whole 2-D tensors, scaling_factor 1 (the
+    papers' and FusionBench's default), the paper's other defaults."""
+    return Method(
+        fn=fn,
+        paper=paper,
+        global_params={"scaling_factor": 1.0, **params},
+        ranges=ranges,
+        check=_needs_base(fn.__name__),
+        elementwise=False,
+    )
+
 
 METHODS: dict[str, Method] = {
     "linear": Method(
@@ -859,6 +877,18 @@ METHODS: dict[str, Method] = {
         check=_needs_base("ramplus_tl"),
         elementwise=False,
     ),
+    "tsv": _svd_method(tsv, "Gargiulo et al., 2025 (Task Singular Vectors: TSV-M, CVPR)"),
+    "iso_c": _svd_method(iso_c, "Marczak et al., 2025 (Iso-C, ICML)"),
+    "iso_cts": _svd_method(
+        iso_cts, "Marczak et al., 2025 (Iso-CTS, ICML)", common_space_fraction=0.8
+    ),
+    "wudi": _svd_method(
+        wudi,
+        "Cheng et al., 2025 (WUDI-Merging, ICML)",
+        ranges={**RANGES, "lr": (lambda v: v > 0, lambda v: v <= 1, "(0, 1], e.g. 1e-5")},
+        iterations=300,
+        lr=1e-5,
+    ),
     "passthrough": Method(
         fn=passthrough,
         paper="Goddard et al., 2024 (mergekit)",
@@ -870,7 +900,7 @@ METHODS: dict[str, Method] = {
 }
 
 # The data-free methods whose processed task vectors a learned merge can weigh (Remark 3,
-# processed.py): task arithmetic's own, or sparsified and sign-elected ones.
+# processed.py): task arithmetic's own, sparsified and sign-elected ones, or TSV-M's components.
 BASE_METHODS = (
     "task_arithmetic",
     "ties",
@@ -881,6 +911,7 @@ BASE_METHODS = (
     "della",
     "della_linear",
     "sce",
+    "tsv",  # each expert's orthogonalised singular components (svd_methods.tsv_components)
 )
 
 # Optimized methods learn task-arithmetic coefficients from data (optimize.py). Their parameters

@@ -9,7 +9,10 @@ DivMerge-TIES learns Gamma in theta0 + sum_t Gamma_t (m_t * tau'_t), where, once
   whose values vary most across the experts; task arithmetic keeps tau_t;
 - m_t keeps the entries that agree with the sign elected from the unweighted sum of the tau'
   (ties, dare_ties, breadcrumbs_ties, della, sce), else m_t = 1.
-There is no division by the agreeing weights, nor SCE's weights: Gamma learns the scale. The
+There is no division by the agreeing weights, nor SCE's weights: Gamma learns the scale.
+TSV-M (`tsv`) yields one vector per expert too: on each 2-D tensor the expert's orthogonalised
+singular components U_t diag(S_t) V_t (they sum to TSV-M's merge), elsewhere tau_t / n (they sum to
+its mean); its scaling_factor is what Gamma learns. The
 processed vectors are computed tensor by tensor and written to disk, then read like any expert's
 task vectors (held in memory or streamed per block).
 """
@@ -34,6 +37,7 @@ from .methods import (
     sce_select,
     sparsify,
 )
+from .svd_methods import tsv_components
 from .taskvectors import dense_tau
 
 # how each base method sparsifies one task vector (ties and sce work on the stack: see below)
@@ -83,6 +87,8 @@ def process_tensor(
             thr = magnitude_threshold(tau, zero, m["density"])
             if thr >= 0:
                 tau.masked_fill_(tau.abs() < thr, 0.0)
+    if base_method == "tsv":  # whole matrices: the SVDs need every expert's tau at once
+        t.copy_(tsv_components(t))
     if base_method in ELECTS:
         sign = torch.where(t.sum(0) >= 0, 1.0, -1.0)  # elected once, from the unweighted sum
         for tau in t:

@@ -440,6 +440,7 @@ def _base_params(bm: object, per_model: bool = False) -> set[str]:
         "lambda",
         "normalize",
         "int8_mask",
+        "scaling_factor",  # tsv's alpha: Gamma learns the scale
     }
 
 

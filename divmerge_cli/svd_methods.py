@@ -1,0 +1,248 @@
+"""2025's data-free merges that work on the singular structure of each layer's task matrices:
+TSV-M (Gargiulo et al., CVPR 2025, arXiv 2412.00081), Iso-C and Iso-CTS (Marczak et al., ICML 2025,
+arXiv 2502.04959) and WUDI (Cheng et al., ICML 2025, arXiv 2503.08099).
+
+Each is a merge function with methods.py's contract, `fn(base, xs, p, glob, rng, prep=None)`,
+called on whole tensors (an SVD is of the whole matrix). Rules shared by the four, as in the
+papers' code and FusionBench's implementations:
+- every 2-D tensor [R, C] gets the method: embeddings and the LM head too (FusionBench treats any
+  2-D tensor alike and excludes none by default; the papers' code excludes only CLIP's
+  `text_projection`, which language models do not have);
+- every other tensor (norms, biases, 0-dim) gets the task-arithmetic mean (1/n) sum_t tau_t;
+- theta = theta0 + scaling_factor * merged, on every tensor (FusionBench scales the whole merged
+  task vector; TSV's paper calls the factor alpha).
+- An SVD keeps the directions whose singular value is above torch.linalg.matrix_rank's tolerance
+  (sigma_max * max(R, C) * float32 eps). A full fine-tune's task matrices are full rank, so this is
+  the papers' rule; for LoRA experts (tau of rank r_t, densified per tensor) it keeps the updates'
+  span instead of filling the null space with directions that are rounding noise.
+No method here draws random numbers: `rng` is unused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EPS = torch.finfo(torch.float32).eps
+ADAM = (0.9, 0.999, 1e-8)  # torch.optim.Adam's defaults, as WUDI's code uses them
+
+
+def _taus(base: Tensor, xs: list[Tensor]) -> Tensor:
+    """tau_t = x_t - base, stacked [n, ...] in float32 (the inputs are never written to)."""
+    return torch.stack([x.float() - base for x in xs])
+
+
+def _tol(s_max: float, shape) -> float:
+    return s_max * max(shape) * EPS
+
+
+def _svd(a: Tensor, tol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """a = u diag(s) vh, keeping the singular values above `tol` (default: a's own matrix-rank
+    tolerance)."""
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    if tol is None:
+        tol = _tol(float(s[0]), a.shape) if len(s) else 0.0
+    k = int((s > tol).sum())
+    return u[:, :k], s[:k], vh[:k]
+
+
+def _polar(a: Tensor) -> Tensor:
+    """The orthogonal matrix nearest to a (orthonormal columns, or rows when a is wide): u vh of
+    its SVD, as TSV-M and Iso-CTS orthogonalise the stacked singular vectors."""
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    return u @ vh
+
+
+def _finish(base: Tensor, merged: Tensor, glob: dict) -> Tensor:
+    return merged.mul_(glob["scaling_factor"]).add_(base)
+
+
+# --- TSV-M ----------------------------------------------------------------------------------
+
+
+def tsv_factors(t: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]] | None:
+    """TSV-M on one stack of task matrices t [n, R, C]: each tau_t's top k = min(R, C) // n
+    singular triplets, the left vectors side by side and the right ones stacked, each set
+    orthogonalised (Procrustes: the nearest orthogonal matrix), so that the tasks' components
+    no longer interfere. Returns (U, S, V, sizes): task t owns `sizes[t]` consecutive columns of
+    U, entries of S and rows of V. None when the matrix has fewer than n singular directions
+    (k = 0, FusionBench would zero it): it is merged as the other tensors are."""
+    n, shape = len(t), t.shape[1:]
+    k = min(shape) // n
+    if k == 0:
+        return None
+    svds = [torch.linalg.svd(tau, full_matrices=False) for tau in t]
+    tol = _tol(max(float(s[0]) for _, s, _ in svds), shape)
+    us, ss, vs, sizes = [], [], [], []
+    for u, s, vh in svds:
+        keep = min(k, int((s > tol).sum()))  # a LoRA tau of rank r_t < k has r_t components
+        us.append(u[:, :keep])
+        ss.append(s[:keep])
+        vs.append(vh[:keep])
+        sizes.append(keep)
+    if not sum(sizes):
+        return torch.zeros(shape[0], 0), torch.zeros(0), torch.zeros(0, shape[1]), sizes
+    return _polar(torch.cat(us, 1)), torch.cat(ss), _polar(torch.cat(vs, 0)), sizes
+
+
+def tsv_components(t: Tensor) -> Tensor:
+    """Each task's orthogonalised component U_t diag(S_t) V_t [n, R, C] (they sum to TSV-M's
+    merged matrix); outside 2-D matrices, tau_t / n (they sum to the mean, TSV-M's rule there).
+    The processed task vectors DivMerge weighs with base_method: tsv (processed.py)."""
+    f = tsv_factors(t) if t.dim() == 3 else None
+    if f is None:
+        return t / len(t)
+    u, s, v, sizes = f
+    out = torch.zeros_like(t)
+    a = 0
+    for i, k in enumerate(sizes):
+        out[i] = (u[:, a : a + k] * s[a : a + k]) @ v[a : a + k]
+        a += k
+    return out
+
+
+def tsv(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """TSV-M: theta0 + alpha * U diag(S) V from the tasks' orthogonalised top singular vectors."""
+    t = _taus(base, xs)
+    f = tsv_factors(t) if t.dim() == 3 else None
+    if f is None:
+        return _finish(base, t.mean(0), glob)
+    u, s, v, _ = f
+    return _finish(base, (u * s) @ v, glob)
+
+
+# --- Iso-C and Iso-CTS ----------------------------------------------------------------------
+
+
+def iso_c(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """Iso-C: the summed task matrix with its spectrum made flat, every singular value replaced
+    by their mean: theta0 + alpha * mean(s) U V^T, U diag(s) V^T = sum_t tau_t."""
+    t = _taus(base, xs)
+    if t.dim() != 3:
+        return _finish(base, t.mean(0), glob)
+    u, s, vh = _svd(t.sum(0))
+    if not len(s):
+        return base.clone()
+    return _finish(base, s.mean() * (u @ vh), glob)
+
+
+def iso_cts_split(r: int, n: int, fraction: float) -> tuple[int, int]:
+    """(k, m): the common subspace keeps the sum's top k directions and each of the n tasks adds
+    m of its own, k + n m = r. As the paper's code: k = int(r fraction), m = round((r - k) / n),
+    then k = r - n m takes what the tasks leave (m is lowered when n m would exceed r)."""
+    m = round((r - int(r * fraction)) / n)
+    if n * m > r:
+        m = r // n
+    return r - n * m, m
+
+
+def iso_cts(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """Iso-CTS: the summed matrix's top singular directions (the common subspace), plus, for each
+    task, the top directions of its task matrix with the common subspace projected out; both sets
+    of singular vectors orthogonalised, and the spectrum made flat at the mean of the kept
+    singular values: theta0 + alpha * mean(S) U V^T."""
+    t = _taus(base, xs)
+    if t.dim() != 3:
+        return _finish(base, t.mean(0), glob)
+    u, s, vh = _svd(t.sum(0))
+    if not len(s):
+        return base.clone()
+    tol = _tol(float(s[0]), t.shape[1:])
+    k, m = iso_cts_split(len(s), len(t), glob["common_space_fraction"])
+    us, ss, vs = [u[:, :k]], [s[:k]], [vh[:k]]
+    if m:
+        for tau in t:  # the task's own directions, outside the common subspace
+            ut, st, vt = _svd(tau - us[0] @ (us[0].T @ tau), tol)
+            us.append(ut[:, :m])
+            ss.append(st[:m])
+            vs.append(vt[:m])
+    flat = torch.cat(ss).mean()
+    return _finish(base, flat * (_polar(torch.cat(us, 1)) @ _polar(torch.cat(vs, 0))), glob)
+
+
+# --- WUDI -------------------------------------------------------------------------------------
+
+
+def wudi_objective(merged: Tensor, t: Tensor) -> Tensor:
+    """WUDI's interference: sum_t ||(tau_m - tau_t) tau_t^T||_F^2 / ||tau_t||_F^2; a task vector's
+    rows span its layer's inputs (the paper's Theorem), so this is the output change each task's
+    inputs see, weighted per task."""
+    total = torch.zeros(())
+    for tau in t:
+        norm = tau.square().sum()
+        if norm > 0:
+            total += ((merged - tau) @ tau.T).square().sum() / norm
+    return total
+
+
+def wudi(base, xs, p, glob, rng, prep=None) -> Tensor:
+    """WUDI: from tau_m = sum_t tau_t (task arithmetic), `iterations` steps of Adam (lr `lr`) on
+    wudi_objective, in float32. Its gradient is 2 (tau_m G - K), G = sum_t w_t tau_t^T tau_t
+    [C, C], K = sum_t w_t tau_t tau_t^T tau_t, w_t = 1 / ||tau_t||^2, so a step is one
+    [R, C] x [C, C] product and R x R interference matrices are never formed (a vocabulary-sized
+    embedding would need gigabytes). Deterministic: no randomness, a fixed number of steps."""
+    t = _taus(base, xs)
+    if t.dim() != 3:
+        return _finish(base, t.mean(0), glob)
+    cols = t.shape[2]
+    g, k = torch.zeros(cols, cols), torch.zeros(t.shape[1:])
+    for tau in t:
+        norm = float(tau.square().sum())
+        if norm > 0:  # a task that leaves this matrix alone adds no interference term
+            gt = (tau.T @ tau) / norm
+            g += gt
+            k += tau @ gt
+    merged = t.sum(0)
+    b1, b2, eps = ADAM
+    lr = glob["lr"]
+    m1, m2 = torch.zeros_like(merged), torch.zeros_like(merged)
+    for step in range(1, int(glob["iterations"]) + 1):
+        grad = (merged @ g).sub_(k).mul_(2)
+        m1.mul_(b1).add_(grad, alpha=1 - b1)
+        m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (m2.sqrt() / (1 - b2**step) ** 0.5).add_(eps)  # as torch.optim.Adam
+        merged.addcdiv_(m1, denom, value=-lr / (1 - b1**step))
+    return _finish(base, merged, glob)
+
+
+# --- what validate says they cost --------------------------------------------------------------
+
+# Calibrated on one core of these machines against the methods' measured times on SmolLM2's
+# matrix shapes (576x576 to 49152x576, 3 experts): the estimates were 0.9 to 2.3 times the
+# measured times (issue 27), mostly on the safe side.
+SVD_FLOPS = 1e10  # flop/s of torch.linalg.svd (13 GF/s on tall matrices, ~8 on wide ones)
+MATMUL_FLOPS = 5e10  # flop/s of a float32 matmul (67 GF/s measured)
+ADAM_ENTRY_FLOPS = 2000  # one entry's Adam update (~8 memory-bound passes), in matmul flops
+
+
+def svd_flops(rows: int, cols: int) -> float:
+    """A thin SVD with vectors of a rows x cols matrix: about 4 m n^2 + 8 n^3 (m >= n)."""
+    m, n = max(rows, cols), min(rows, cols)
+    return 4.0 * m * n * n + 8.0 * n**3
+
+
+def work(method: str, shape: tuple[int, ...], n: int, glob: dict) -> tuple[list, float, int]:
+    """One tensor's work for `method` over n experts: the shapes of the SVDs it computes, the
+    flops of its other products, and the float32 matrices of its shape it holds beside the
+    inputs (the merge engine's own copies excluded)."""
+    if len(shape) != 2:
+        return [], 0.0, 0
+    rows, cols = shape
+    r = min(shape)
+    if method == "tsv":
+        k = r // n
+        if not k:
+            return [], 0.0, 0
+        return [shape] * n + [(rows, n * k), (n * k, cols)], 0.0, n + 3
+    if method == "iso_c":
+        return [shape], 0.0, 3
+    if method == "iso_cts":
+        return [shape] * (n + 1) + [(rows, r), (r, cols)], 0.0, 6
+    if method == "wudi":
+        steps = int(glob.get("iterations", 0))
+        per_step = 2.0 * rows * cols * cols + ADAM_ENTRY_FLOPS * rows * cols
+        return [], per_step * steps + 4.0 * n * rows * cols * cols, 5
+    return [], 0.0, 0
+
+
+SVD_METHODS = ("tsv", "iso_c", "iso_cts", "wudi")

@@ -1,0 +1,320 @@
+"""TSV-M, Iso-C, Iso-CTS and WUDI (issue 27): each on small matrices worked out by hand, then
+through `divmerge run` and `validate` on the fixture models, on LoRA experts (and --as-adapter),
+and TSV-M's components as DivMerge's base_method."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_lora import ADAPTERS, lora_zoo  # noqa: F401 - the fixture, shared
+
+from conftest import TASKS, write_recipe
+from divmerge_cli import svd_methods as S
+from divmerge_cli.methods import METHODS
+from divmerge_cli.processed import process_tensor
+
+SVD = ("tsv", "iso_c", "iso_cts", "wudi")
+G = torch.Generator()
+
+
+def run(name, base, taus, **glob):
+    """METHODS[name] on theta_t = base + tau_t, with its defaults."""
+    m = METHODS[name]
+    return m.fn(base, [base + t for t in taus], [{}] * len(taus), {**m.global_params, **glob}, G)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def diag(*v):
+    return torch.diag(torch.tensor(v, dtype=torch.float32))
+
+
+# --- Iso-C ------------------------------------------------------------------------------------
+
+
+def test_iso_c_by_hand_flattens_the_summed_spectrum():
+    base = rand(2, 2)
+    # sum = diag(3, 1): singular values 3 and 1, mean 2, U V^T = I
+    out = run("iso_c", base, [diag(3, 0), diag(0, 1)])
+    assert torch.allclose(out - base, 2 * torch.eye(2), atol=1e-6)
+    out = run("iso_c", base, [diag(3, 0), diag(0, 1)], scaling_factor=1.5)
+    assert torch.allclose(out - base, 3 * torch.eye(2), atol=1e-6)
+
+
+def test_iso_c_output_spectrum_is_flat_at_the_mean_singular_value_of_the_sum():
+    base, taus = rand(7, 5), [rand(7, 5, seed=i + 1) * 0.1 for i in range(3)]
+    out = run("iso_c", base, taus, scaling_factor=1.3) - base
+    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    got = torch.linalg.svdvals(out)
+    assert torch.allclose(got, torch.full((5,), 1.3 * float(s.mean())), atol=1e-5)
+    assert torch.allclose(out, 1.3 * s.mean() * (u @ vh), atol=1e-5)  # the sum's own directions
+
+
+# --- TSV-M ------------------------------------------------------------------------------------
+
+
+def test_tsv_keeps_each_tasks_top_singular_directions_by_hand():
+    base = rand(4, 4)
+    # min(4, 4) // 2 tasks = 2 directions each; tau1's third (1) is dropped, tau2 has only one;
+    # their directions are already orthogonal, so nothing rotates
+    out = run("tsv", base, [diag(3, 2, 1, 0), diag(0, 0, 0, 4)])
+    assert torch.allclose(out - base, diag(3, 2, 0, 4), atol=1e-6)
+    # one task keeps every direction: task arithmetic, times alpha
+    tau, b = rand(5, 3, seed=4), rand(5, 3, seed=5)
+    assert torch.allclose(run("tsv", b, [tau]), b + tau, atol=1e-6)
+    assert torch.allclose(run("tsv", b, [tau], scaling_factor=0.5), b + 0.5 * tau, atol=1e-6)
+
+
+def test_tsv_components_are_orthogonal_across_tasks_and_sum_to_the_merge():
+    base, taus = rand(9, 6), [rand(9, 6, seed=i + 1) for i in range(3)]
+    comps = S.tsv_components(torch.stack(taus))
+    for i in range(3):
+        for j in range(3):
+            if i != j:  # left and right singular spaces orthogonal across tasks
+                assert torch.allclose(comps[i].T @ comps[j], torch.zeros(6, 6), atol=1e-5)
+                assert torch.allclose(comps[i] @ comps[j].T, torch.zeros(9, 9), atol=1e-5)
+        assert int(torch.linalg.matrix_rank(comps[i])) == 6 // 3  # k = min(R, C) // n
+    assert torch.allclose(run("tsv", base, taus) - base, comps.sum(0), atol=1e-5)
+    for c, tau in zip(comps, taus):  # rotated, each keeps its task's top-2 singular values
+        want = torch.linalg.svdvals(tau)[:2]
+        assert torch.allclose(torch.linalg.svdvals(c)[:2], want, atol=1e-5)
+
+
+def test_tsv_processed_vectors_are_the_components_and_tau_over_n_elsewhere():
+    t = torch.stack([rand(6, 4, seed=i) for i in range(2)])
+    got = process_tensor(t.clone(), "tsv", [{}, {}], {"scaling_factor": 1.0}, G)
+    assert torch.allclose(got, S.tsv_components(t))
+    v = torch.stack([torch.tensor([2.0, -4.0]), torch.tensor([6.0, 0.0])])
+    got = process_tensor(v.clone(), "tsv", [{}, {}], {"scaling_factor": 1.0}, G)
+    assert torch.equal(got, torch.tensor([[1.0, -2.0], [3.0, 0.0]]))
+
+
+# --- Iso-CTS ----------------------------------------------------------------------------------
+
+
+def test_iso_cts_split_follows_the_papers_rounding():
+    assert S.iso_cts_split(8, 3, 0.8) == (5, 1)  # int(6.4) = 6, round(2/3) = 1 each: 8 - 3
+    assert S.iso_cts_split(10, 2, 0.5) == (6, 2)
+    assert S.iso_cts_split(4, 5, 0.8) == (4, 0)  # too few directions for the tasks: Iso-C
+    assert S.iso_cts_split(5, 3, 0.0) == (2, 1)  # round(5/3) = 2 would overflow: lowered
+
+
+def test_iso_cts_keeps_the_common_subspace_with_a_flat_spectrum():
+    base, taus = rand(10, 8), [rand(10, 8, seed=i + 1) for i in range(2)]
+    out = run("iso_cts", base, taus, common_space_fraction=0.5) - base
+    s = torch.linalg.svdvals(out)
+    assert torch.allclose(s, s.mean().expand(8), rtol=1e-4)  # flat
+    u = torch.linalg.svd(sum(taus), full_matrices=False)[0][:, :4]  # common: int(8 * 0.5)
+    proj = out @ torch.linalg.pinv(out)  # onto the output's column space
+    assert torch.allclose(proj @ u, u, atol=1e-4)  # the common directions are kept exactly
+    # the task-specific directions add what Iso-C leaves out: other outputs than Iso-C's
+    iso = run("iso_c", base, taus) - base
+    assert not torch.allclose(out, iso, atol=1e-3)
+    # a common subspace that is everything is Iso-C
+    full = run("iso_cts", base, taus, common_space_fraction=1.0) - base
+    assert torch.allclose(full, iso, atol=1e-5)
+
+
+# --- WUDI -------------------------------------------------------------------------------------
+
+
+def test_wudi_lowers_its_objective_from_task_arithmetic():
+    base, taus = rand(12, 8), [0.01 * rand(12, 8, seed=i + 1) for i in range(3)]
+    t = torch.stack(taus)
+    start = S.wudi_objective(t.sum(0), t)
+    out = run("wudi", base, taus, iterations=300, lr=1e-4) - base
+    assert float(S.wudi_objective(out, t)) < 0.5 * float(start)
+    assert torch.equal(run("wudi", base, taus, iterations=300, lr=1e-4) - base, out)  # determined
+    none = run("wudi", base, taus, iterations=0) - base
+    assert torch.allclose(none, t.sum(0), atol=1e-7)  # no step: task arithmetic
+
+
+def test_wudi_first_step_moves_against_the_objectives_gradient():
+    """Adam's first step is lr times minus the sign of the gradient: the closed-form gradient used
+    by wudi equals autograd's on wudi_objective."""
+    base, taus = rand(5, 7), [rand(5, 7, seed=i + 1) for i in range(2)]
+    t = torch.stack(taus)
+    merged = t.sum(0).requires_grad_()
+    S.wudi_objective(merged, t).backward()
+    step = run("wudi", base, taus, iterations=1, lr=1e-3) - base - t.sum(0)
+    assert torch.allclose(step, -1e-3 * merged.grad.sign(), atol=1e-6)
+
+
+# --- every method: other tensors, the contract ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SVD)
+def test_other_tensors_get_the_task_arithmetic_mean(name):
+    base = torch.tensor([1.0, 2.0, 3.0])
+    taus = [torch.tensor([3.0, 0.0, -3.0]), torch.tensor([0.0, 6.0, 3.0])]
+    assert torch.allclose(run(name, base, taus), base + torch.tensor([1.5, 3.0, 0.0]))
+    got = run(name, base, taus, scaling_factor=2.0)
+    assert torch.allclose(got, base + torch.tensor([3.0, 6.0, 0.0]))
+    zero = torch.tensor(1.0)
+    assert torch.allclose(run(name, zero, [torch.tensor(2.0), torch.tensor(4.0)]), zero + 3)
+
+
+@pytest.mark.parametrize("name", SVD)
+def test_on_low_rank_updates_the_merge_stays_in_their_span(name):
+    """LoRA-like task matrices (rank 2 each): TSV and Iso keep the merged update inside the
+    experts' span (the null space gets no rounding-noise directions); Iso-C's flat spectrum is
+    over the sum's rank."""
+    base = rand(16, 12)
+    taus = [rand(16, 2, seed=i) @ rand(2, 12, seed=i + 10) * 0.1 for i in range(3)]
+    out = run(name, base, taus) - base
+    if name == "wudi":
+        return  # Adam moves each entry: no rank to keep
+    assert int(torch.linalg.matrix_rank(out)) <= 6
+    span = torch.linalg.svd(torch.cat(taus, 1), full_matrices=False)[0][:, :6]
+    assert torch.allclose(span @ (span.T @ out), out, atol=1e-5)
+    if name == "iso_c":
+        s = torch.linalg.svdvals(sum(taus))[:6]
+        assert torch.allclose(torch.linalg.svdvals(out)[:6], s.mean().expand(6), rtol=1e-4)
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+def _recipe(tmp_path, zoo, name, models, **params):
+    return write_recipe(
+        tmp_path / f"{name}.yaml",
+        {
+            "merge_method": name,
+            "base_model": str(zoo["base"]),
+            "models": [{"model": str(m)} for m in models],
+            "parameters": params,
+            "dtype": "float32",
+        },
+    )
+
+
+@pytest.mark.parametrize("name", SVD)
+def test_each_method_runs_and_validate_says_what_the_svds_cost(name, llama_zoo, tmp_path, cli):
+    experts = [llama_zoo[e] for e in ("e0", "e1", "e2")]
+    params = {"iterations": 20} if name == "wudi" else {}
+    r = _recipe(tmp_path, llama_zoo, name, experts, scaling_factor=0.9, **params)
+    code, out, err = cli("validate", r, "--json", tmp_path / "v.json")
+    assert code == 0, err
+    est = json.loads((tmp_path / "v.json").read_text())["svd_estimate"]
+    line = " ".join(next(ln for ln in out.splitlines() if ln.startswith("estimate:")).split())
+    base = load_file(llama_zoo["base"] / "model.safetensors")
+    mats = {n: w for n, w in base.items() if w.dim() == 2}
+    assert est["matrices"] == len(mats)
+    big = max(mats.values(), key=lambda w: w.numel())
+    assert est["largest"] == list(big.shape)
+    r_, c_ = big.shape
+    if name == "wudi":
+        assert f"20 Adam steps on each of {len(mats)} matrices up to {r_}x{c_} (no SVD)" in line
+    else:
+        per = {"tsv": 3 + 2, "iso_c": 1, "iso_cts": 1 + 3 + 2}[name]
+        assert est["svds"] == per * len(mats)
+        assert f"{per * len(mats)} SVDs of {len(mats)} matrices up to {r_}x{c_}" in line, line
+    assert "on one core" in line and "peak about" in line
+    code, _, err = cli("run", r, "-o", tmp_path / "out")
+    assert code == 0, err
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    xs = [load_file(e / "model.safetensors") for e in experts]
+    m = METHODS[name]
+    glob = {**m.global_params, "scaling_factor": 0.9, **params}
+    for n in ("model.norm.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        want = m.fn(base[n], [x[n] for x in xs], [{}] * 3, glob, G)
+        assert torch.allclose(got[n], want, atol=1e-6), n
+    n = "model.norm.weight"  # 1-D: the mean, scaled
+    mean = sum(x[n] - base[n] for x in xs) / 3
+    assert torch.allclose(got[n], base[n] + 0.9 * mean, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SVD)
+def test_lora_experts_merge_as_their_dense_models(name, lora_zoo, tmp_path, cli):  # noqa: F811
+    """Adapters are densified per tensor: the merge equals the one of their merge_and_unload()
+    checkpoints."""
+    params = {"iterations": 10} if name == "wudi" else {}
+    dense = [lora_zoo[f"{a}_full"] for a in ADAPTERS]
+    for tag, models in (("lora", [lora_zoo[a] for a in ADAPTERS]), ("dense", dense)):
+        r = _recipe(tmp_path, lora_zoo, name, models, **params)
+        code, _, err = cli("run", r, "-o", tmp_path / tag)
+        assert code == 0, err
+    a, b = (load_file(tmp_path / t / "model.safetensors") for t in ("lora", "dense"))
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=1e-5), n
+
+
+@pytest.mark.parametrize("name", ("tsv", "iso_c", "iso_cts"))
+def test_as_adapter_writes_the_lora_merge_at_the_stated_rank(name, lora_zoo, tmp_path, cli):  # noqa: F811
+    """On adapters TSV and Iso keep the merged update in the adapters' span (rank <= sum r_t):
+    at --adapter-rank 8 (>= 2 + 4, below the hidden size 32) the adapter is the full merge;
+    without a rank it is refused."""
+    from test_lora import _merge_and_unload, weights
+
+    r = _recipe(tmp_path, lora_zoo, name, [lora_zoo["a0"], lora_zoo["a1"]])
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter")
+    assert code == 2 and f"{name} is not linear" in err and "--adapter-rank" in err, err
+    code, _, err = cli("run", r, "-o", tmp_path / "full")
+    assert code == 0, err
+    code, _, err = cli("run", r, "-o", tmp_path / "ad", "--as-adapter", "--adapter-rank", "8")
+    assert code == 0 and "warning" not in err, err
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["r"] <= 8
+    full, got = weights(tmp_path / "full"), _merge_and_unload(lora_zoo["base"], tmp_path / "ad")
+    for n in full:
+        assert torch.allclose(got[n], full[n], atol=1e-5), n
+    card = (tmp_path / "ad" / "README.md").read_text()
+    assert "truncated by SVD to rank 8" in card
+    errors = [float(e) for e in re.findall(r"\| `.+?` \| \d+ \| (\S+) \|", card)]
+    assert errors and max(errors) < 1e-4  # nothing was cut
+
+
+def test_divmerge_on_tsv_components_at_gamma_one_equals_tsv(toy, tmp_path, cli):
+    from divmerge_cli import optimize
+    from divmerge_cli.merge import plan_merge
+    from divmerge_cli.recipe import load_recipe
+
+    free = _recipe(tmp_path, {"base": toy / "base"}, "tsv", [toy / n for n in TASKS])
+    code, _, err = cli("run", free, "-o", tmp_path / "free")
+    assert code == 0, err
+    want = load_file(tmp_path / "free" / "model.safetensors")
+    learned = write_recipe(
+        tmp_path / "learned.yaml",
+        {
+            "merge_method": "divmerge",
+            "base_model": str(toy / "base"),
+            "models": [{"model": str(toy / n), "task": n} for n in TASKS],
+            "tasks": str(toy / "tasks.yaml"),
+            "parameters": {"epochs": 1, "samples": 8, "top_k": 16, "base_method": "tsv"},
+            "dtype": "float32",
+        },
+    )
+    code, out, err = cli("validate", learned)
+    assert code == 0 and "estimate: tsv: " in out, err
+    plan = plan_merge(load_recipe(learned))
+    pb = optimize.prepare(plan, seed=0, cache_dir=tmp_path / "cache", work_dir=tmp_path / "w")
+    ones = torch.ones(2, len(pb.groups))
+    coeff = optimize.stored_coefficients(pb.plan, pb.stored_index, ones)
+    for name, w in want.items():
+        got = optimize.merged_tensor(pb.plan, pb.experts, coeff, name)
+        assert torch.allclose(got, w, atol=1e-5), name
+    a = pb.tv.experts[0].tau("model.layers.0.mlp.up_proj.weight", None)
+    b = pb.tv.experts[1].tau("model.layers.0.mlp.up_proj.weight", None)
+    assert torch.allclose(a.T @ b, torch.zeros(a.shape[1], a.shape[1]), atol=1e-5)  # orthogonal
+    code, out, err = cli("run", learned, "-o", tmp_path / "m", "--cache-dir", tmp_path / "c2")
+    assert code == 0, err
+    assert "fitted on tsv-processed task vectors" in (tmp_path / "m" / "README.md").read_text()
+
+
+def test_methods_lists_the_svd_methods_and_tsv_as_a_base_method(cli, monkeypatch):
+    """(their parameters and papers in `divmerge methods` and README's table: the checks of
+    test_mergekit_methods.py and test_docs.py cover every method of METHODS)"""
+    from divmerge_cli import cli as cli_module
+
+    monkeypatch.setattr(cli_module.out, "width", 400)  # one line per method
+    code, out, _ = cli("methods")
+    assert code == 0
+    for name in SVD:
+        assert name in out and METHODS[name].paper.split(" (")[0] in out
+    assert "della, della_linear, sce, tsv" in " ".join(out.split())
