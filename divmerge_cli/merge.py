@@ -436,7 +436,7 @@ def _readers(plan: MergePlan, name: str) -> tuple[Rows | None, list]:
 
 
 def _routed_params(plan: MergePlan, name: str) -> tuple[list[dict], dict]:
-    """_params for a routed tensor: each input's scopes (a filter matches its own tensor name),
+    """tensor_params for a routed tensor: each input's scopes (a filter matches its own tensor name),
     the shared scopes (a filter matches the output name), at the route's t."""
     m, route = plan.method, plan.routes[name]
     per_model = [
