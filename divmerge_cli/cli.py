@@ -8,7 +8,7 @@ import random
 import shlex
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -26,8 +26,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__
+from . import __version__, bars
 from .errors import GateFailed, UserError
+from .interrupts import Interrupts
 
 app = typer.Typer(
     add_completion=False,
@@ -54,6 +55,7 @@ Quiet = Annotated[
     ),
 ]
 _ui = {"quiet": False}  # set by each command that shows progress
+_signals = Interrupts()  # what an interrupted command says it kept
 
 
 def _progress():
@@ -169,8 +171,8 @@ def run(
     for w in plan.warnings:
         _warning(w)
     check_out(output, force, [c.path for c in plan.inputs])
-    _on_interrupt(lambda: f"nothing was written to {output}")
-    _finish_once(output, f"{output} is complete")
+    _signals.on_interrupt(lambda: f"nothing was written to {output}")
+    _signals.finish_once(output, f"{output} is complete")
     with _writing(output, plan.method.optimized):
         if as_adapter and not plan.method.optimized:
             return _run_as_adapter(plan, output, adapter_rank, force, seed, dev)
@@ -180,7 +182,7 @@ def run(
             slow = slow_dtype_warning(r, dev)
             if slow:
                 _warning(slow)
-            _on_interrupt(lambda: _kept_state(output))
+            _signals.on_interrupt(lambda: _kept_state(output))
             adapter = None
             if as_adapter:  # refused before any teacher generates, not after the learning
                 from .optimize import check_adapter_output
@@ -207,7 +209,7 @@ def run(
                 seed=seed,
                 shard_bytes=shard,
                 device=dev,
-                progress=_tick(prog, task),
+                progress=bars.tick(prog, task),
                 threads=n_threads,
             )
     out.print(f"[green]merged[/] {len(plan.names)} tensors with {r.merge_method} -> {output}")
@@ -230,8 +232,8 @@ def _run_eval(plan, output: Path, seed: int, cache_dir: Path | None) -> None:
 
     if plan is None or _distributed_rank() != 0:  # under accelerate, one process evaluates
         return
-    _on_interrupt(lambda: f"{output} is complete; its eval.json was not written")
-    _finish_once(output / "eval.json", f"{output} and its eval.json are complete")
+    _signals.on_interrupt(lambda: f"{output} is complete; its eval.json was not written")
+    _signals.finish_once(output / "eval.json", f"{output} and its eval.json are complete")
     cache = cache_dir or _default_cache("eval")
     report = _eval_report(
         [output], plan.tasks, plan.references, None, EvalOptions(seed=seed), cache
@@ -368,21 +370,6 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
         if line:
             err.print(line, highlight=False)
     with _progress() as prog:
-        tasks: dict[str, object] = {}
-
-        def report(phase: str, done: int, total: int, info: str) -> None:
-            key = f"{phase}:{info}" if phase == "teacher" else phase
-            if key not in tasks:
-                label = {
-                    "teacher": f"teacher {info}",
-                    "optimize": r.merge_method,
-                    "write": "write",
-                }[phase]
-                tasks[key] = prog.add_task(label, total=None, info="")  # total: the update's
-            prog.update(
-                tasks[key], completed=done, total=total, info="" if phase == "teacher" else info
-            )
-
         summary = run_optimized(
             plan,
             output,
@@ -392,7 +379,7 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
             cache_dir=cache_dir,
             resume=resume,
             shard_bytes=shard,
-            progress=report,
+            progress=bars.learned_merge(prog, r.merge_method),
             mode=(mode, reason),
             as_adapter=adapter is not None,
             adapter_rank=(adapter or (None,))[0],
@@ -415,10 +402,6 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
     )
     if adapter:
         _warn_lossy_adapter(summary["adapter"], adapter[0], output)
-
-
-def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:
-    return lambda done, total, name: prog.update(task, completed=done, total=total, info=name)
 
 
 @app.command()
@@ -591,9 +574,9 @@ def _eval_report(models, specs, refs, lm_tasks, opts, cache: Path) -> dict:
     from .report import eval_report, zero_references
 
     with _progress() as prog:
-        bars = _EvalBars(prog, len(refs) + len(models))
-        report = eval_report(models, specs, refs, lm_tasks, opts, cache, bars)
-        bars.finish()
+        shown = bars.EvalBars(prog, len(refs) + len(models))
+        report = eval_report(models, specs, refs, lm_tasks, opts, cache, shown)
+        shown.finish()
     for t, model in zero_references(report).items():
         _warning(
             f"{escape(model)}, the reference of task {escape(t)}, scores 0 on it, so that task's "
@@ -617,36 +600,6 @@ def _add_divergences(report: dict, models, refs, specs, opts, cache_dir: Path | 
                 lambda d, n: prog.update(teacher, completed=d, total=n),
             )  # fmt: skip
         prog.update(bar, completed=len(models), info="")
-
-
-class _EvalBars:
-    """Three bars: models (and references) scored, tasks of the current model, its batches."""
-
-    def __init__(self, prog: Progress, n_models: int):
-        self.prog, self.done, self.n = prog, -1, n_models
-        # totals come with the first model, task and batch (a log's first record names them)
-        self.models = prog.add_task("models", total=None, info="")
-        self.tasks = prog.add_task("tasks", total=None, info="")
-        self.batches = prog.add_task("batches", total=None, info="")
-
-    def model(self, name: str, n_tasks: int) -> None:
-        self.done += 1
-        self.prog.update(self.models, completed=self.done, total=self.n, info=name)
-        self.prog.update(self.tasks, completed=0, total=max(n_tasks, 1), info="")
-
-    def finish(self) -> None:
-        self.prog.update(self.models, completed=self.done + 1, info="")
-
-    def batch(self, task: str, done: int, total: int) -> None:
-        self.prog.update(self.batches, completed=done, total=total, info=task)
-        if done == total:
-            self.prog.advance(self.tasks)
-
-    def harness(self, done: int, total: int, kind: str) -> None:
-        self.prog.update(self.batches, completed=done, total=total, info=f"lm-eval {kind}")
-
-    def task_done(self, n: int) -> None:
-        self.prog.advance(self.tasks, n)
 
 
 def _report_and_gate(report: dict, gates: list, json_out: Path | None) -> None:
@@ -728,25 +681,6 @@ def _table(title: str, columns: list[str], left: int = 1) -> Table:
     return table
 
 
-def _sweep_reporter(prog: Progress) -> Callable[[str, int, int, str], None]:
-    bars: dict[str, object] = {}
-
-    def report(phase: str, done: int, total: int, info: str) -> None:
-        key = "cells" if phase in ("start", "cell", "skip") else phase
-        label = {
-            "cells": "cells",
-            "reference": "experts",
-            "teacher": "teacher",
-            "optimize": "optimize",
-            "write": "write",
-        }.get(key, key)
-        if key not in bars:
-            bars[key] = prog.add_task(label, total=None, info="")
-        prog.update(bars[key], completed=done, total=total, info=info)
-
-    return report
-
-
 def _run_sweep(
     cfg, cache_dir: Path | None, device: str, only: list[str] | None = None
 ) -> tuple[list[dict], list[Path]]:
@@ -755,7 +689,7 @@ def _run_sweep(
     with _progress() as prog:
         rows = run_sweep(
             cfg,
-            _sweep_reporter(prog),
+            bars.sweep(prog),
             cache_dir=cache_dir or _default_cache(""),
             device=device,
             only=only,
@@ -790,7 +724,7 @@ def sweep(
 
     cfg = load_sweep(sweep_file)
     _sweep_warnings(cfg)
-    _on_interrupt(
+    _signals.on_interrupt(
         lambda: (
             f"the finished cells are kept in {cfg.results}; rerun to continue"
             if cfg.results.is_file()
@@ -834,22 +768,15 @@ def demo(
     """Build a tiny base and four toy experts offline, merge them with five methods, print ANP."""
     _ui["quiet"] = quiet
     import torch
-    import yaml
 
+    from .demo import demo_sweep
     from .demo_zoo import build_zoo, drop_stale_results, missed_targets
-    from .sweep import load_sweep, per_k_table
+    from .sweep import per_k_table
 
     root = root or _default_cache("demo") / (size if seed == 0 else f"{size}-seed{seed}")
     torch.set_num_threads(1)  # tiny models: threads cost more than they give on shared cores
     with _progress() as prog:
-        bars: dict[str, object] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in bars:
-                bars[stage] = prog.add_task(f"zoo: {stage}", total=None, info="")
-            prog.update(bars[stage], completed=done, total=total)
-
-        zoo = build_zoo(root / "zoo", size=size, seed=seed, progress=report)
+        zoo = build_zoo(root / "zoo", size=size, seed=seed, progress=bars.zoo(prog))
     for line in missed_targets(zoo):
         _warning(line)
     out.print(f"zoo: {zoo.root} (recipes/ run against it after:)", highlight=False)
@@ -860,25 +787,13 @@ def demo(
     )
     if zoo_only:
         return
-    spec = {
-        "base_model": str(zoo.base),
-        "experts": {t: str(p) for t, p in zoo.experts.items()},
-        "tasks": str(zoo.tasks_yaml),
-        "k": int(k) if k.isdigit() else k,
-        "methods": DEMO_METHODS,
-        "eval": {"split": "test", "limit": 100 if size == "default" else 20, "batch_size": 32},
-        "results": "results.jsonl",
-        "seed": seed,
-    }
     if drop_stale_results(root / "results.jsonl", zoo):
         err.print(
             f"{root / 'results.jsonl'}: computed on another build of the zoo; computing again",
             highlight=False,
             soft_wrap=True,
         )
-    sweep_file = root / "demo_sweep.yaml"
-    sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
-    cfg = load_sweep(sweep_file)
+    cfg = demo_sweep(zoo, root, size, k, seed)
     rows, written = _run_sweep(cfg, root / "cache", "cpu")
     cells = [r for r in rows if r.get("type") == "cell" and r["k"] == len(zoo.experts)]
     refs = {r["task"]: r["score"] for r in rows if r.get("type") == "reference"}
@@ -893,21 +808,6 @@ def demo(
         out.print(scores)
     out.print(_rich_table(per_k_table(rows)))
     out.print(f"zoo: {zoo.root}; results and plots: " + ", ".join(str(p) for p in written))
-
-
-DEMO_METHODS = {
-    "average": {"merge_method": "linear"},
-    "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}},
-    "ties": {"merge_method": "ties", "parameters": {"density": 0.2, "lambda": 1.0}},
-    "adamerging_layer": {
-        "merge_method": "adamerging",
-        "parameters": {"granularity": "layer", "samples": 100},
-    },
-    "divmerge_js_layer": {
-        "merge_method": "divmerge",
-        "parameters": {"granularity": "layer", "samples": 100},
-    },
-}
 
 
 @app.command()
@@ -967,43 +867,6 @@ ENVIRONMENT_ERRNOS = {
     errno.ENAMETOOLONG,
 }
 MAX_MESSAGE = 500  # characters: a message quoting a huge input must stay one readable line
-_stopped_by: list[int] = []  # the signals that interrupted this command
-_kept: list[Callable[[], str | None]] = []  # what an interrupted command leaves, described
-_done: list[tuple[Callable[[], bool], str]] = []  # when the command's output is in place, saying so
-_deferred: list[int] = []  # signals that came once it was: the command finished its last second
-
-
-def _on_interrupt(describe: Callable[[], str | None]) -> None:
-    """Register what to say if the command is interrupted: the latest registered that answers."""
-    _kept.insert(0, describe)
-
-
-def _finish_once(path: Path, complete: str) -> None:
-    """From now on, the command's work is done once a new PATH is in place (renamed there: its
-    inode is not the one it has now). A signal after that lets the command finish (exit 0, saying
-    so): stopping it would report an interruption, and "nothing was written", for work that is
-    complete. A second signal stops it, saying COMPLETE."""
-
-    def ino() -> int | None:
-        try:
-            return os.stat(path).st_ino
-        except OSError:
-            return None
-
-    if _deferred:  # a signal came while the previous phase finished: do not start this one
-        _deferred.clear()
-        _done.clear()
-        raise KeyboardInterrupt
-    before = ino()
-    _done[:] = [(lambda: (now := ino()) is not None and now != before, complete)]
-
-
-def _interrupt(signum: int, _frame) -> None:
-    _stopped_by.append(signum)
-    if len(_stopped_by) == 1 and _done and _done[0][0]():
-        _deferred.append(signum)
-        return
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary folders are removed on the way out
 
 
 def _short(text: str) -> str:
@@ -1012,13 +875,10 @@ def _short(text: str) -> str:
 
 def _interrupted() -> None:
     """Ctrl-C exits 130 and SIGTERM 143 (128 + signal, as shells do), saying what was kept."""
-    sig = _stopped_by[0] if _stopped_by else signal.SIGINT
-    kept = next((m for describe in _kept if (m := describe())), None)
-    if _done and _done[0][0]():
-        kept = _done[0][1]
-    name = signal.Signals(sig).name
+    sig = _signals.signal()
     err.print(
-        f"[yellow]interrupted[/] ({name}): {escape(kept or 'nothing was written')}",
+        f"[yellow]interrupted[/] ({signal.Signals(sig).name}): "
+        f"{escape(_signals.left() or 'nothing was written')}",
         highlight=False,
         soft_wrap=True,
     )
@@ -1028,17 +888,14 @@ def _interrupted() -> None:
 def main() -> None:
     """Entry point: user errors exit 2 with one line, failed quality gates 3, unexpected failures
     1, Ctrl-C 130, SIGTERM 143."""
-    _stopped_by.clear()
-    _kept.clear()
+    _signals.reset()
     _ui["quiet"] = False
-    _done.clear()
-    _deferred.clear()
     out.stderr = False
     handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if the shell ignores it
         handlers[signal.SIGINT] = signal.default_int_handler
     for sig in handlers:
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, _signals.handle)
     try:
         _main_inner()
     finally:
@@ -1088,13 +945,13 @@ def _main_inner() -> None:
         if type(e).__name__ == "Abort":
             sys.exit(130)
         _unexpected(e)
-    if _deferred and _deferred == _stopped_by and code != 130:
+    if complete := _signals.finished_after(code):
         err.print(
-            f"{signal.Signals(_deferred[0]).name} came after {escape(_done[0][1])}: finished",
+            f"{signal.Signals(_signals.signal()).name} came after {escape(complete)}: finished",
             highlight=False,
             soft_wrap=True,
         )
-    elif _stopped_by or code == 130:
+    elif _signals.stopped_by or code == 130:
         _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
 
