@@ -29,6 +29,10 @@ from rich.table import Table
 from . import __version__, bars
 from .errors import GateFailed, UserError
 from .interrupts import Interrupts
+from .progress import INTERVAL_ENV, ProgressLog, interval_from
+
+# The rest of the library is imported inside the commands, not here: torch and transformers take
+# seconds to import, and `--help`, `--version` or a refused option should not wait for them.
 
 app = typer.Typer(
     add_completion=False,
@@ -75,8 +79,6 @@ def _progress():
             transient=False,
             disable=quiet,
         )
-    from .progress import INTERVAL_ENV, ProgressLog, interval_from
-
     try:
         interval = interval_from(os.environ.get(INTERVAL_ENV))
     except ValueError as e:
@@ -342,12 +344,11 @@ def _warn_lossy_adapter(ranks: dict, rank: int | None, output: Path) -> None:
 
 def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, adapter=None) -> None:
     """`adapter`: (rank,) for --as-adapter (rank None: exact)."""
-    from .checkpoint import check_space
-    from .optimize import preflight_learned, run_optimized
-    from .recipe import optimize_params
+    from .optimize import run_optimized
+    from .validation import learns_gamma, preflight_run
 
     r = plan.recipe
-    if optimize_params(plan.recipe).coefficients:  # Gamma fixed: a plain streamed write, no teacher
+    if not learns_gamma(plan):  # Gamma fixed: a plain streamed write, no teacher
         summary = run_optimized(
             plan,
             output,
@@ -361,14 +362,9 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
         if adapter:
             _warn_lossy_adapter(summary["adapter"], adapter[0], output)
         return
-    plan, est, mode, reason, lowered = preflight_learned(plan, seed, dev)
-    problem = est.too_big(mode)
-    if problem:
-        raise UserError(f"{r.source}: {problem}")
-    check_space(output, est.disk_bytes)  # before the optimization, not after it
-    for line in (lowered, reason):
-        if line:
-            err.print(line, highlight=False)
+    plan, mode, reason, notes = preflight_run(plan, seed, dev, output)
+    for line in notes:
+        err.print(line, highlight=False)
     with _progress() as prog:
         summary = run_optimized(
             plan,

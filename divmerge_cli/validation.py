@@ -1,11 +1,12 @@
-"""`divmerge validate`'s report as data: what a recipe reads (which no output may replace), a
-learned merge's estimates, the output's shape. Headers and configs only, no weights."""
+"""What `validate` reports and `run` checks before any work, as data: what a recipe reads (which
+no output may replace), a learned merge's estimates and fit, the output's shape. Headers and
+configs only, no weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import check_out_file
+from .checkpoint import check_out_file, check_space
 from .errors import UserError
 from .merge import MergePlan, out_config
 from .optimize import preflight_learned
@@ -69,3 +70,18 @@ def output_shape(plan: MergePlan) -> dict:
     if plan.recipe.slices:
         shape["layers"] = next(config[k] for k in LAYER_KEYS if k in config)
     return shape
+
+
+def preflight_run(
+    plan: MergePlan, seed: int, device: str, output: Path
+) -> tuple[MergePlan, str, str, list[str]]:
+    """What `run` checks before a learned merge's work: the teacher batch fitted to the memory,
+    the task-vector mode, room in memory and on OUTPUT's disk (before the optimization, not after
+    it). (plan, mode, the mode's reason, the notes to show). UserError: it does not fit."""
+    source = plan.recipe.source
+    plan, est, mode, reason, lowered = preflight_learned(plan, seed, device)
+    problem = est.too_big(mode)
+    if problem:
+        raise UserError(f"{source}: {problem}")
+    check_space(output, est.disk_bytes)
+    return plan, mode, reason, [line for line in (lowered, reason) if line]
