@@ -8,7 +8,7 @@ import random
 import shlex
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -26,8 +26,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__
+from . import __version__, bars
 from .errors import GateFailed, UserError
+from .interrupts import Interrupts
+from .progress import INTERVAL_ENV, ProgressLog, interval_from
+
+# The rest of the library is imported inside the commands, not here: torch and transformers take
+# seconds to import, and `--help`, `--version` or a refused option should not wait for them.
 
 app = typer.Typer(
     add_completion=False,
@@ -54,6 +59,7 @@ Quiet = Annotated[
     ),
 ]
 _ui = {"quiet": False}  # set by each command that shows progress
+_signals = Interrupts()  # what an interrupted command says it kept
 
 
 def _progress():
@@ -73,8 +79,6 @@ def _progress():
             transient=False,
             disable=quiet,
         )
-    from .progress import INTERVAL_ENV, ProgressLog, interval_from
-
     try:
         interval = interval_from(os.environ.get(INTERVAL_ENV))
     except ValueError as e:
@@ -167,10 +171,10 @@ def run(
     gated = _run_eval_plan(r, recipe, eval_, fail_under_anp, fail_under, seed)
     plan = plan_merge(r, allow_pickle)
     for w in plan.warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        _warning(w)
     check_out(output, force, [c.path for c in plan.inputs])
-    _on_interrupt(lambda: f"nothing was written to {output}")
-    _finish_once(output, f"{output} is complete")
+    _signals.on_interrupt(lambda: f"nothing was written to {output}")
+    _signals.finish_once(output, f"{output} is complete")
     with _writing(output, plan.method.optimized):
         if as_adapter and not plan.method.optimized:
             return _run_as_adapter(plan, output, adapter_rank, force, seed, dev)
@@ -179,8 +183,8 @@ def run(
 
             slow = slow_dtype_warning(r, dev)
             if slow:
-                err.print(f"[yellow]warning:[/] {slow}", highlight=False, soft_wrap=True)
-            _on_interrupt(lambda: _kept_state(output))
+                _warning(slow)
+            _signals.on_interrupt(lambda: _kept_state(output))
             adapter = None
             if as_adapter:  # refused before any teacher generates, not after the learning
                 from .optimize import check_adapter_output
@@ -207,7 +211,7 @@ def run(
                 seed=seed,
                 shard_bytes=shard,
                 device=dev,
-                progress=_tick(prog, task),
+                progress=bars.tick(prog, task),
                 threads=n_threads,
             )
     out.print(f"[green]merged[/] {len(plan.names)} tensors with {r.merge_method} -> {output}")
@@ -215,32 +219,28 @@ def run(
 
 
 def _run_eval_plan(r, recipe: Path, enabled: bool, anp_min, task_mins, seed: int):
-    """For `run --eval`: (tasks, references, gates), checked before any merging; None without."""
-    from .evaluate import labelled_rows
-    from .tasks import load_tasks
+    """For `run --eval`: its EvalPlan, checked before any merging; None without --eval."""
+    from .report import eval_plan
 
     if not enabled:
         if anp_min is not None or task_mins:
             raise UserError("--fail-under-anp / --fail-under: gates need --eval")
         return None
-    if r.tasks is None:
-        raise UserError(f"--eval: {recipe} has no tasks to evaluate on")
-    specs = load_tasks(r.tasks, r.source.parent, str(recipe))
-    for t, spec in specs.items():
-        labelled_rows(t, spec, "test", None, seed)  # no test rows: say so now, not after merging
-    refs = {m.task: Path(r.resolve_path(m.model)) for m in r.models if m.task}
-    return specs, refs, _gates(anp_min, task_mins, list(specs), refs)
+    return eval_plan(r, recipe, anp_min, task_mins, seed)
 
 
-def _run_eval(gated, output: Path, seed: int, cache_dir: Path | None) -> None:
-    if gated is None or _distributed_rank() != 0:  # under accelerate, one process evaluates
+def _run_eval(plan, output: Path, seed: int, cache_dir: Path | None) -> None:
+    from .report import EvalOptions
+
+    if plan is None or _distributed_rank() != 0:  # under accelerate, one process evaluates
         return
-    specs, refs, gates = gated
-    _on_interrupt(lambda: f"{output} is complete; its eval.json was not written")
-    _finish_once(output / "eval.json", f"{output} and its eval.json are complete")
-    opts = {"split": "test", "limit": None, "batch_size": 16, "seed": seed}
-    report = _eval_report([output], specs, refs, None, opts, cache_dir or _default_cache("eval"))
-    _report_and_gate(report, gates, output / "eval.json")
+    _signals.on_interrupt(lambda: f"{output} is complete; its eval.json was not written")
+    _signals.finish_once(output / "eval.json", f"{output} and its eval.json are complete")
+    cache = cache_dir or _default_cache("eval")
+    report = _eval_report(
+        [output], plan.tasks, plan.references, None, EvalOptions(seed=seed), cache
+    )
+    _report_and_gate(report, plan.gates, output / "eval.json")
 
 
 def _threads(option: int | None) -> int:
@@ -344,12 +344,11 @@ def _warn_lossy_adapter(ranks: dict, rank: int | None, output: Path) -> None:
 
 def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, adapter=None) -> None:
     """`adapter`: (rank,) for --as-adapter (rank None: exact)."""
-    from .checkpoint import check_space
-    from .optimize import preflight_learned, run_optimized
-    from .recipe import optimize_params
+    from .optimize import run_optimized
+    from .validation import learns_gamma, preflight_run
 
     r = plan.recipe
-    if optimize_params(plan.recipe).coefficients:  # Gamma fixed: a plain streamed write, no teacher
+    if not learns_gamma(plan):  # Gamma fixed: a plain streamed write, no teacher
         summary = run_optimized(
             plan,
             output,
@@ -363,30 +362,10 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
         if adapter:
             _warn_lossy_adapter(summary["adapter"], adapter[0], output)
         return
-    plan, est, mode, reason, lowered = preflight_learned(plan, seed, dev)
-    problem = est.too_big(mode)
-    if problem:
-        raise UserError(f"{r.source}: {problem}")
-    check_space(output, est.disk_bytes)  # before the optimization, not after it
-    for line in (lowered, reason):
-        if line:
-            err.print(line, highlight=False)
+    plan, mode, reason, notes = preflight_run(plan, seed, dev, output)
+    for line in notes:
+        err.print(line, highlight=False)
     with _progress() as prog:
-        tasks: dict[str, object] = {}
-
-        def report(phase: str, done: int, total: int, info: str) -> None:
-            key = f"{phase}:{info}" if phase == "teacher" else phase
-            if key not in tasks:
-                label = {
-                    "teacher": f"teacher {info}",
-                    "optimize": r.merge_method,
-                    "write": "write",
-                }[phase]
-                tasks[key] = prog.add_task(label, total=None, info="")  # total: the update's
-            prog.update(
-                tasks[key], completed=done, total=total, info="" if phase == "teacher" else info
-            )
-
         summary = run_optimized(
             plan,
             output,
@@ -396,7 +375,7 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
             cache_dir=cache_dir,
             resume=resume,
             shard_bytes=shard,
-            progress=report,
+            progress=bars.learned_merge(prog, r.merge_method),
             mode=(mode, reason),
             as_adapter=adapter is not None,
             adapter_rank=(adapter or (None,))[0],
@@ -421,10 +400,6 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
         _warn_lossy_adapter(summary["adapter"], adapter[0], output)
 
 
-def _tick(prog: Progress, task) -> Callable[[int, int, str], None]:
-    return lambda done, total, name: prog.update(task, completed=done, total=total, info=name)
-
-
 @app.command()
 def validate(
     recipe: Annotated[Path, typer.Argument(help="mergekit-style YAML recipe")],
@@ -434,11 +409,13 @@ def validate(
     ] = None,
 ) -> None:
     """Check RECIPE and every checkpoint it names (headers and configs only, no weights)."""
+    from .validation import may_report_to
+
     _stdout_for_json(json_out)
     try:
         report = _validate(recipe, allow_pickle, json_out)
     except UserError as e:  # a refused recipe is a result too: CI reads why from the JSON
-        if json_out and _may_report_to(json_out, recipe):
+        if json_out and may_report_to(json_out, recipe):
             error = _short(" ".join(str(e).splitlines()))
             _write_json(json_out, {"recipe": str(recipe), "ok": False, "error": error})
         raise
@@ -446,70 +423,36 @@ def validate(
         _write_json(json_out, report)
 
 
-def _may_report_to(json_out: Path, recipe: Path) -> bool:
-    """Whether a refused recipe's report may go to --json: never onto the recipe or a model it
-    names (the refusal may be that very overlap, or come before the plan knew its inputs)."""
-    from .checkpoint import check_out_file
-    from .recipe import load_recipe
-
-    inputs = [recipe]
-    try:
-        r = load_recipe(recipe)
-        refs = [r.base_model or "", *(e.model for e in r.models)]
-        inputs += [Path(r.resolve_path(x)) for ref in refs for x in ref.split("+") if x]
-    except Exception:  # a recipe that does not load names no model: the recipe is the input
-        pass
-    try:
-        check_out_file(json_out, "--json", [p for p in inputs if p.exists()])
-    except UserError:
-        return False
-    return True
-
-
 def _validate(recipe: Path, allow_pickle: bool, json_out: Path | None) -> dict:
     """validate's checks, printed as they pass; their report for --json. UserError: refused."""
+    from .checkpoint import check_out_file
+    from .checkpoint import human_size as gb
     from .merge import plan_merge
+    from .optimize import slow_dtype_warning
     from .recipe import load_recipe
+    from .validation import learned_estimate, learns_gamma, output_shape, recipe_inputs
 
     r = _warn(load_recipe(recipe))
     plan = plan_merge(r, allow_pickle)
     if json_out:
-        from .checkpoint import check_out_file
-
-        check_out_file(json_out, "--json", _recipe_inputs(r, plan))
+        check_out_file(json_out, "--json", recipe_inputs(r, plan))
     report: dict = {"recipe": str(recipe), "merge_method": r.merge_method, "ok": True}
     report["warnings"] = plan.warnings
     for w in plan.warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    from .recipe import optimize_params
-
-    if plan.method.optimized and not optimize_params(plan.recipe).coefficients:
-        from .optimize import preflight_learned, slow_dtype_warning
-
+        _warning(w)
+    if learns_gamma(plan):
         slow = slow_dtype_warning(plan.recipe, _device("auto"))
         if slow:
             report["warnings"] = [*report["warnings"], slow]
-            err.print(f"[yellow]warning:[/] {slow}", highlight=False, soft_wrap=True)
-        plan, est, mode, reason, lowered = preflight_learned(plan, device=_device("auto"))
-        reason = f"{lowered}; {reason}" if lowered else reason
-        report.update(
-            gen_batch_size=optimize_params(plan.recipe).gen_batch_size,
-            peak_memory_bytes=est.peak(mode),
-            device=est.device,
-            device_memory_bytes=est.device_peak(mode),
-            disk_bytes=est.disk_bytes,
-            task_vectors=mode,
-            task_vectors_reason=reason,
-            available_memory_bytes=est.available,
-        )
-    from .checkpoint import human_size as gb
-
+            _warning(slow)
+        plan, estimates = learned_estimate(plan, _device("auto"))
+        report.update(estimates)
     size = sum(c.nbytes for c in plan.inputs)
     out.print(
         f"[green]ok[/] {recipe}: {r.merge_method} over {len(plan.inputs)} checkpoints "
         f"({len(plan.names)} tensors, {gb(size)} to read)"
     )
-    report.update(_output_shape(plan))
+    report.update(output_shape(plan))
     if "vocab_size" in report:
         layers = f"{report['layers']} layers, " if "layers" in report else ""
         out.print(f"output: {layers}vocabulary of {report['vocab_size']} tokens")
@@ -526,12 +469,9 @@ def _validate(recipe: Path, allow_pickle: bool, json_out: Path | None) -> dict:
 def _svd_estimate(plan, report: dict) -> None:
     """The SVD work of a singular-value method (or of a learned merge's base_method), printed
     and added to the report."""
-    from .estimate import estimate_svd
-    from .recipe import optimize_params
+    from .validation import svd_estimate
 
-    r = plan.recipe
-    method = optimize_params(r).base_method if plan.method.optimized else r.merge_method
-    svd = estimate_svd(plan, method)
+    svd = svd_estimate(plan)
     if svd:
         report["svd_estimate"] = dict(
             method=svd.method, matrices=svd.matrices, largest=list(svd.largest), svds=svd.svds,
@@ -540,40 +480,20 @@ def _svd_estimate(plan, report: dict) -> None:
         out.print(f"estimate: {svd.line()}", soft_wrap=True)  # one line, as logs grep it
 
 
-def _recipe_inputs(r, plan) -> list[Path]:
-    """Every file and folder a recipe reads (an output must replace none of them)."""
-    from .recipe import optimize_params
-    from .tasks import task_files
-
-    files = [r.source, plan.tokenizer, *(c.path for c in plan.inputs)]
-    if plan.method.optimized and (fixed := optimize_params(r).coefficients):
-        files.append(Path(r.resolve_path(fixed)))
-    return files + task_files(r.tasks, r.source.parent, str(r.source))
-
-
 def _stdout_for_json(json_out: Path | None) -> None:
     """With `--json -` the JSON is the command's stdout: tables and lines go to stderr."""
     out.stderr = str(json_out) == "-"
 
 
-def _output_shape(plan) -> dict:
-    """The output's block count (sliced merges) and vocabulary size, for validate's report."""
-    from .merge import out_config
-
-    config = out_config(plan)
-    vocab = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
-    shape = {"vocab_size": vocab} if isinstance(vocab, int) else {}
-    if plan.recipe.slices:
-        from .slices import LAYER_KEYS
-
-        shape["layers"] = next(config[k] for k in LAYER_KEYS if k in config)
-    return shape
+def _warning(message: str) -> None:
+    """One warning line on stderr (`message` is rich markup: escape what a user wrote)."""
+    err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def _warn(recipe):
     """The recipe, after printing what its loading ignored (one line each, on stderr)."""
     for w in recipe.warnings:
-        err.print(f"[yellow]warning:[/] {_plain(w)}", highlight=False, soft_wrap=True)
+        _warning(_plain(w))
     return recipe
 
 
@@ -581,30 +501,6 @@ def _plain(message: object) -> str:
     """A message as one line of text: rich markup in it ('[/x]' from a YAML key) is shown, not
     parsed, line breaks (from a file or key name) do not split it, and it is capped in length."""
     return escape(_short(" ".join(str(message).splitlines())))
-
-
-def _eval_tasks(path: Path) -> tuple[dict, dict[str, Path], list[Path]]:
-    """(tasks, reference expert per task, the files read) from a tasks YAML or a recipe with
-    tasks."""
-    from .errors import read_yaml
-    from .recipe import load_recipe
-    from .tasks import load_tasks, task_files
-
-    try:
-        raw = read_yaml(path, "tasks") if path.is_file() else None
-    except UserError:
-        raw = None  # load_tasks below reports the error
-    if isinstance(raw, dict) and "merge_method" in raw:
-        r = load_recipe(path)
-        if r.tasks is None:
-            raise UserError(f"--tasks {path}: the recipe has no tasks")
-        tasks = load_tasks(r.tasks, r.source.parent, str(path))
-        refs = {m.task: Path(r.resolve_path(m.model)) for m in r.models if m.task}
-        return tasks, refs, [path, *task_files(r.tasks, r.source.parent, str(path))]
-    if not path.is_file():
-        raise UserError(f"--tasks {path}: file not found (a tasks YAML or a recipe with tasks)")
-    raw_ = str(path.resolve())
-    return load_tasks(raw_, path.parent, str(path)), {}, task_files(raw_, path.parent, str(path))
 
 
 @app.command("eval")
@@ -654,13 +550,16 @@ def eval_(
         raise UserError(f"--limit: {limit} is not valid; use an integer >= 1")
     _check_seed(seed)
     _stdout_for_json(json_out)
-    specs, refs, read = _eval_tasks(tasks) if tasks is not None else ({}, {}, [])
+    from .checkpoint import check_out_file
+    from .report import EvalOptions, check_scored, eval_gates, eval_tasks, harness_tasks
+
+    specs, refs, read = eval_tasks(tasks) if tasks is not None else ({}, {}, [])
     items = [i.strip() for h in harness or [] for i in h.split(",") if i.strip()]
     if not specs and not items:
         raise UserError(
             "eval: give --tasks (a tasks YAML or a recipe) or --harness (lm-eval tasks)"
         )
-    lm_tasks = _harness_tasks(items, specs) if items else None
+    lm_tasks = harness_tasks(items, specs) if items else None
     names = [*specs, *(lm_tasks.names if lm_tasks else [])]
     for item in reference or []:
         task, sep, p = item.partition("=")
@@ -670,167 +569,60 @@ def eval_(
             )
         refs[task] = Path(p)
     if json_out:
-        from .checkpoint import check_out_file
-
         check_out_file(json_out, "--json", [*models, *refs.values(), *read])
-    gates = _gates(fail_under_anp, fail_under, names, refs)
+    gates = eval_gates(fail_under_anp, fail_under, names, refs)
     for m in [*models, *refs.values()]:
-        _check_scored(m, allow_pickle)
-    opts = {"split": split, "limit": limit, "batch_size": batch_size, "seed": seed}
+        check_scored(m, allow_pickle)
+    opts = EvalOptions(split, limit, batch_size, seed)
     report = _eval_report(models, specs, refs, lm_tasks, opts, cache_dir or _default_cache("eval"))
     if divergence:
-        with _progress() as prog:
-            bar = prog.add_task("divergence", total=len(models), info="")
-            teacher = prog.add_task("teacher", total=None, info="")
-            for i, m in enumerate(models):
-                prog.update(bar, completed=i, info=str(m))
-                report["models"][str(m)]["divergence"] = _divergences(
-                    m, refs, specs, limit, seed, batch_size, cache_dir,
-                    lambda d, n: prog.update(teacher, completed=d, total=n),
-                )  # fmt: skip
-            prog.update(bar, completed=len(models), info="")
+        _add_divergences(report, models, refs, specs, opts, cache_dir)
     _report_and_gate(report, gates, json_out)
 
 
-def _harness_tasks(items: list[str], specs: dict):
-    from .harness import resolve_tasks
-
-    lm_tasks = resolve_tasks(items)
-    clash = sorted(set(lm_tasks.names) & set(specs))
-    if clash:
-        raise UserError(
-            f"--harness: task {clash[0]!r} is also a divmerge task of --tasks; a task name must "
-            "say which one it scores (rename the lm-eval task)"
-        )
-    return lm_tasks
-
-
-def _gates(anp_min: float | None, task_mins: list[str] | None, names: list[str], refs: dict):
-    from .evaluate import parse_gates
-
-    if anp_min is not None and not refs:
-        raise UserError(
-            "--fail-under-anp: ANP needs reference scores; pass a recipe to --tasks (its experts) "
-            "or --reference TASK=PATH"
-        )
-    return parse_gates(anp_min, task_mins or [], names)
-
-
-def _eval_report(models, specs, refs, lm_tasks, opts: dict, cache: Path) -> dict:
-    """Scores of every model and reference, with progress bars per model, task and batch."""
-    from .evaluate import anp, normalized
-    from .harness import only
+def _eval_report(models, specs, refs, lm_tasks, opts, cache: Path) -> dict:
+    """report.eval_report, with progress bars per model, task and batch."""
+    from .report import eval_report, zero_references
 
     with _progress() as prog:
-        bars = _EvalBars(prog, len(refs) + len(models))
-        ref_scores = {}
-        for t, p in refs.items():
-            bars.model(f"reference {t}: {p}", 1)
-            own = {t: specs[t]} if t in specs else {}
-            lm = only(lm_tasks, {t}) if lm_tasks is not None and t not in specs else None
-            ref_scores[t] = _score_model(p, own, lm, opts, cache, bars)[t]["score"]
-        report: dict = {"models": {}}
-        for m in models:
-            bars.model(str(m), len(specs) + (len(lm_tasks.names) if lm_tasks else 0))
-            entry: dict = {"tasks": _score_model(m, specs, lm_tasks, opts, cache, bars)}
-            known = {t: s["score"] for t, s in entry["tasks"].items() if t in ref_scores}
-            for t, score in known.items():
-                entry["tasks"][t]["normalized"] = normalized(score, ref_scores[t])
-            entry["anp"] = anp(known, ref_scores) if known else None
-            report["models"][str(m)] = entry
-        bars.finish()
-    for t in [t for t, s in ref_scores.items() if not s]:
-        err.print(
-            f"[yellow]warning:[/] {escape(str(refs[t]))}, the reference of task {escape(t)}, "
-            "scores 0 on it, so that task's normalized score and ANP are undefined (null); "
-            + ("score more rows than --limit" if opts["limit"] else "check the expert and task"),
-            highlight=False,
-            soft_wrap=True,
+        shown = bars.EvalBars(prog, len(refs) + len(models))
+        report = eval_report(models, specs, refs, lm_tasks, opts, cache, shown)
+        shown.finish()
+    for t, model in zero_references(report).items():
+        _warning(
+            f"{escape(model)}, the reference of task {escape(t)}, scores 0 on it, so that task's "
+            "normalized score and ANP are undefined (null); "
+            + ("score more rows than --limit" if opts.limit else "check the expert and task")
         )
-    if refs:
-        report["references"] = {
-            t: {"model": str(p), "score": ref_scores[t]} for t, p in refs.items()
-        }
     return report
 
 
-def _check_scored(m: Path, allow_pickle: bool) -> None:
-    """A model folder with readable weights, an adapter over a local base, or BASE+ADAPTER."""
-    from .checkpoint import check_weights_readable
-    from .models import model_folder, scored_model
+def _add_divergences(report: dict, models, refs, specs, opts, cache_dir: Path | None) -> None:
+    """eval --divergence: each model's JS and KL to every expert, into its report entry."""
+    from .report import divergences
 
-    if not (Path(m) / "config.json").is_file() and not (Path(m) / "adapter_config.json").is_file():
-        if "+" not in str(m) or Path(m).exists():
-            raise UserError(
-                f"{m}: not a Hugging Face model folder (no config.json) nor a LoRA adapter folder"
-            )
-    folder = model_folder(scored_model(m, "eval"))  # an adapter's header checks happen here
-    check_weights_readable(folder, "eval", allow_pickle)
-
-
-def _score_model(path: Path, own: dict, lm_tasks, opts: dict, cache: Path, bars) -> dict:
-    """{task: score entry} of one model on divmerge tasks `own` and lm-eval tasks `lm_tasks`."""
-    from .evaluate import evaluate_model
-    from .harness import harness_scores
-
-    out = {}
-    if own:
-        found = evaluate_model(
-            path, own, opts["split"], opts["limit"], opts["batch_size"], opts["seed"], cache,
-            bars.batch,
-        )  # fmt: skip
-        out = {t: {**vars(s), "source": "divmerge"} for t, s in found.items()}
-    if lm_tasks is not None and lm_tasks.names:
-        found = harness_scores(
-            path, lm_tasks, opts["limit"], opts["batch_size"], opts["seed"], bars.harness
-        )
-        out.update({t: vars(s) for t, s in found.items()})
-        bars.task_done(len(lm_tasks.names))
-    return out
-
-
-class _EvalBars:
-    """Three bars: models (and references) scored, tasks of the current model, its batches."""
-
-    def __init__(self, prog: Progress, n_models: int):
-        self.prog, self.done, self.n = prog, -1, n_models
-        # totals come with the first model, task and batch (a log's first record names them)
-        self.models = prog.add_task("models", total=None, info="")
-        self.tasks = prog.add_task("tasks", total=None, info="")
-        self.batches = prog.add_task("batches", total=None, info="")
-
-    def model(self, name: str, n_tasks: int) -> None:
-        self.done += 1
-        self.prog.update(self.models, completed=self.done, total=self.n, info=name)
-        self.prog.update(self.tasks, completed=0, total=max(n_tasks, 1), info="")
-
-    def finish(self) -> None:
-        self.prog.update(self.models, completed=self.done + 1, info="")
-
-    def batch(self, task: str, done: int, total: int) -> None:
-        self.prog.update(self.batches, completed=done, total=total, info=task)
-        if done == total:
-            self.prog.advance(self.tasks)
-
-    def harness(self, done: int, total: int, kind: str) -> None:
-        self.prog.update(self.batches, completed=done, total=total, info=f"lm-eval {kind}")
-
-    def task_done(self, n: int) -> None:
-        self.prog.advance(self.tasks, n)
+    with _progress() as prog:
+        bar = prog.add_task("divergence", total=len(models), info="")
+        teacher = prog.add_task("teacher", total=None, info="")
+        for i, m in enumerate(models):
+            prog.update(bar, completed=i, info=str(m))
+            report["models"][str(m)]["divergence"] = divergences(
+                m, refs, specs, opts, cache_dir,
+                lambda d, n: prog.update(teacher, completed=d, total=n),
+            )  # fmt: skip
+        prog.update(bar, completed=len(models), info="")
 
 
 def _report_and_gate(report: dict, gates: list, json_out: Path | None) -> None:
     """Print the tables, record the gates, write the JSON, then fail (exit 3) on a failed gate."""
-    from .evaluate import check_gates, gate_message
+    from .evaluate import record_gates
 
     refs = {t: r["score"] for t, r in report.get("references", {}).items()}
     for m, entry in report["models"].items():
         out.print(_score_table(m, entry, refs))
-    if gates:
-        report["gates"] = check_gates(report["models"], gates)
+    failed = record_gates(report, gates)
     if json_out:
         _write_json(json_out, report)
-    failed = [gate_message(g) for g in report.get("gates", []) if not g["passed"]]
     if failed:
         raise GateFailed(failed)
     if gates:
@@ -856,34 +648,6 @@ def _default_cache(kind: str) -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("divmerge")) / kind
-
-
-def _divergences(model, refs, specs, limit, seed, batch_size, cache_dir, progress=None) -> dict:
-    """JS and KL of each expert to MODEL on the teacher targets a merge with default settings
-    learns from (same samples count, top_k and cache)."""
-    from .methods import OPTIMIZE_DEFAULTS
-    from .models import scored_model
-    from .optimize import model_divergences
-    from .teacher import default_cache_dir, teacher_samples
-
-    out = {}
-    for task, expert in refs.items():
-        spec = specs.get(task)  # lm-eval tasks have no divmerge validation inputs
-        if spec is None or not spec.validation:
-            continue
-        samples = teacher_samples(
-            scored_model(expert, f"--reference {task}"),
-            task,
-            spec,
-            samples=limit or OPTIMIZE_DEFAULTS["samples"],
-            top_k=OPTIMIZE_DEFAULTS["top_k"],
-            seed=seed,
-            cache_dir=cache_dir or default_cache_dir(),
-            batch_size=batch_size,
-            progress=progress,
-        )
-        out[task] = model_divergences(model, samples, batch_size)
-    return out
 
 
 def _score_table(name: str, entry: dict, refs: dict[str, float]) -> Table:
@@ -928,25 +692,6 @@ def _table(title: str, columns: list[str], left: int = 1) -> Table:
     return table
 
 
-def _sweep_reporter(prog: Progress) -> Callable[[str, int, int, str], None]:
-    bars: dict[str, object] = {}
-
-    def report(phase: str, done: int, total: int, info: str) -> None:
-        key = "cells" if phase in ("start", "cell", "skip") else phase
-        label = {
-            "cells": "cells",
-            "reference": "experts",
-            "teacher": "teacher",
-            "optimize": "optimize",
-            "write": "write",
-        }.get(key, key)
-        if key not in bars:
-            bars[key] = prog.add_task(label, total=None, info="")
-        prog.update(bars[key], completed=done, total=total, info=info)
-
-    return report
-
-
 def _run_sweep(
     cfg, cache_dir: Path | None, device: str, only: list[str] | None = None
 ) -> tuple[list[dict], list[Path]]:
@@ -955,7 +700,7 @@ def _run_sweep(
     with _progress() as prog:
         rows = run_sweep(
             cfg,
-            _sweep_reporter(prog),
+            bars.sweep(prog),
             cache_dir=cache_dir or _default_cache(""),
             device=device,
             only=only,
@@ -990,7 +735,7 @@ def sweep(
 
     cfg = load_sweep(sweep_file)
     _sweep_warnings(cfg)
-    _on_interrupt(
+    _signals.on_interrupt(
         lambda: (
             f"the finished cells are kept in {cfg.results}; rerun to continue"
             if cfg.results.is_file()
@@ -1012,7 +757,7 @@ def _sweep_warnings(cfg) -> None:
     for label in cfg.methods:
         for w in build_recipe(cfg, label, first).warnings:
             msg = f"{cfg.source}: methods.{label}: {_plain(w).removeprefix(f'{cfg.source}: ')}"
-            err.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+            _warning(msg)
 
 
 @app.command()
@@ -1034,24 +779,17 @@ def demo(
     """Build a tiny base and four toy experts offline, merge them with five methods, print ANP."""
     _ui["quiet"] = quiet
     import torch
-    import yaml
 
+    from .demo import demo_sweep
     from .demo_zoo import build_zoo, drop_stale_results, missed_targets
-    from .sweep import load_sweep, per_k_table
+    from .sweep import per_k_table
 
     root = root or _default_cache("demo") / (size if seed == 0 else f"{size}-seed{seed}")
     torch.set_num_threads(1)  # tiny models: threads cost more than they give on shared cores
     with _progress() as prog:
-        bars: dict[str, object] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in bars:
-                bars[stage] = prog.add_task(f"zoo: {stage}", total=None, info="")
-            prog.update(bars[stage], completed=done, total=total)
-
-        zoo = build_zoo(root / "zoo", size=size, seed=seed, progress=report)
+        zoo = build_zoo(root / "zoo", size=size, seed=seed, progress=bars.zoo(prog))
     for line in missed_targets(zoo):
-        err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        _warning(line)
     out.print(f"zoo: {zoo.root} (recipes/ run against it after:)", highlight=False)
     out.print(
         f"export DIVMERGE_ZOO={shlex.quote(str(zoo.root.resolve()))}",
@@ -1060,25 +798,13 @@ def demo(
     )
     if zoo_only:
         return
-    spec = {
-        "base_model": str(zoo.base),
-        "experts": {t: str(p) for t, p in zoo.experts.items()},
-        "tasks": str(zoo.tasks_yaml),
-        "k": int(k) if k.isdigit() else k,
-        "methods": DEMO_METHODS,
-        "eval": {"split": "test", "limit": 100 if size == "default" else 20, "batch_size": 32},
-        "results": "results.jsonl",
-        "seed": seed,
-    }
     if drop_stale_results(root / "results.jsonl", zoo):
         err.print(
             f"{root / 'results.jsonl'}: computed on another build of the zoo; computing again",
             highlight=False,
             soft_wrap=True,
         )
-    sweep_file = root / "demo_sweep.yaml"
-    sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
-    cfg = load_sweep(sweep_file)
+    cfg = demo_sweep(zoo, root, size, k, seed)
     rows, written = _run_sweep(cfg, root / "cache", "cpu")
     cells = [r for r in rows if r.get("type") == "cell" and r["k"] == len(zoo.experts)]
     refs = {r["task"]: r["score"] for r in rows if r.get("type") == "reference"}
@@ -1093,21 +819,6 @@ def demo(
         out.print(scores)
     out.print(_rich_table(per_k_table(rows)))
     out.print(f"zoo: {zoo.root}; results and plots: " + ", ".join(str(p) for p in written))
-
-
-DEMO_METHODS = {
-    "average": {"merge_method": "linear"},
-    "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}},
-    "ties": {"merge_method": "ties", "parameters": {"density": 0.2, "lambda": 1.0}},
-    "adamerging_layer": {
-        "merge_method": "adamerging",
-        "parameters": {"granularity": "layer", "samples": 100},
-    },
-    "divmerge_js_layer": {
-        "merge_method": "divmerge",
-        "parameters": {"granularity": "layer", "samples": 100},
-    },
-}
 
 
 @app.command()
@@ -1167,43 +878,6 @@ ENVIRONMENT_ERRNOS = {
     errno.ENAMETOOLONG,
 }
 MAX_MESSAGE = 500  # characters: a message quoting a huge input must stay one readable line
-_stopped_by: list[int] = []  # the signals that interrupted this command
-_kept: list[Callable[[], str | None]] = []  # what an interrupted command leaves, described
-_done: list[tuple[Callable[[], bool], str]] = []  # when the command's output is in place, saying so
-_deferred: list[int] = []  # signals that came once it was: the command finished its last second
-
-
-def _on_interrupt(describe: Callable[[], str | None]) -> None:
-    """Register what to say if the command is interrupted: the latest registered that answers."""
-    _kept.insert(0, describe)
-
-
-def _finish_once(path: Path, complete: str) -> None:
-    """From now on, the command's work is done once a new PATH is in place (renamed there: its
-    inode is not the one it has now). A signal after that lets the command finish (exit 0, saying
-    so): stopping it would report an interruption, and "nothing was written", for work that is
-    complete. A second signal stops it, saying COMPLETE."""
-
-    def ino() -> int | None:
-        try:
-            return os.stat(path).st_ino
-        except OSError:
-            return None
-
-    if _deferred:  # a signal came while the previous phase finished: do not start this one
-        _deferred.clear()
-        _done.clear()
-        raise KeyboardInterrupt
-    before = ino()
-    _done[:] = [(lambda: (now := ino()) is not None and now != before, complete)]
-
-
-def _interrupt(signum: int, _frame) -> None:
-    _stopped_by.append(signum)
-    if len(_stopped_by) == 1 and _done and _done[0][0]():
-        _deferred.append(signum)
-        return
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary folders are removed on the way out
 
 
 def _short(text: str) -> str:
@@ -1212,13 +886,10 @@ def _short(text: str) -> str:
 
 def _interrupted() -> None:
     """Ctrl-C exits 130 and SIGTERM 143 (128 + signal, as shells do), saying what was kept."""
-    sig = _stopped_by[0] if _stopped_by else signal.SIGINT
-    kept = next((m for describe in _kept if (m := describe())), None)
-    if _done and _done[0][0]():
-        kept = _done[0][1]
-    name = signal.Signals(sig).name
+    sig = _signals.signal()
     err.print(
-        f"[yellow]interrupted[/] ({name}): {escape(kept or 'nothing was written')}",
+        f"[yellow]interrupted[/] ({signal.Signals(sig).name}): "
+        f"{escape(_signals.left() or 'nothing was written')}",
         highlight=False,
         soft_wrap=True,
     )
@@ -1228,17 +899,14 @@ def _interrupted() -> None:
 def main() -> None:
     """Entry point: user errors exit 2 with one line, failed quality gates 3, unexpected failures
     1, Ctrl-C 130, SIGTERM 143."""
-    _stopped_by.clear()
-    _kept.clear()
+    _signals.reset()
     _ui["quiet"] = False
-    _done.clear()
-    _deferred.clear()
     out.stderr = False
     handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if the shell ignores it
         handlers[signal.SIGINT] = signal.default_int_handler
     for sig in handlers:
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, _signals.handle)
     try:
         _main_inner()
     finally:
@@ -1288,13 +956,13 @@ def _main_inner() -> None:
         if type(e).__name__ == "Abort":
             sys.exit(130)
         _unexpected(e)
-    if _deferred and _deferred == _stopped_by and code != 130:
+    if complete := _signals.finished_after(code):
         err.print(
-            f"{signal.Signals(_deferred[0]).name} came after {escape(_done[0][1])}: finished",
+            f"{signal.Signals(_signals.signal()).name} came after {escape(complete)}: finished",
             highlight=False,
             soft_wrap=True,
         )
-    elif _stopped_by or code == 130:
+    elif _signals.stopped_by or code == 130:
         _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
 

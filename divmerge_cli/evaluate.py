@@ -303,3 +303,10 @@ def gate_message(record: dict) -> str:
         f"{record['model']}: {record['gate']} scored {record['value']:.4f}, "
         f"under {record['threshold']:g}"
     )
+
+
+def record_gates(report: dict, gates: list[Gate]) -> list[str]:
+    """Record each model's gate results in an eval report ("gates"); one line per failed gate."""
+    if gates:
+        report["gates"] = check_gates(report["models"], gates)
+    return [gate_message(g) for g in report.get("gates", []) if not g["passed"]]

@@ -128,13 +128,17 @@ def test_the_checker_sees_function_level_and_type_checking_imports(tmp_path):
 
 def readme_floors(readme: Path = PACKAGE.parent / "README.md") -> dict[str, int]:
     """module -> floor, from README's "How the code is laid out" (`floor N  what:  modules`)."""
-    floors = {}
+    floors, floor = {}, None
     for line in readme.read_text(encoding="utf-8").splitlines():
         m = re.match(r"^ {4}floor (\d+) +[^:]+: +(.+)$", line)
-        if m:
-            for module in m.group(2).split():
-                assert module not in floors, f"README lists {module} on two floors"
-                floors[module] = int(m.group(1))
+        more = re.match(r"^ {20,}(\S.*)$", line) if floor is not None else None
+        if not (m or more):
+            floor = None
+            continue
+        floor = int(m.group(1)) if m else floor
+        for module in (m or more).group(m.lastindex if m else 1).split():
+            assert module not in floors, f"README lists {module} on two floors"
+            floors[module] = floor
     return floors
 
 

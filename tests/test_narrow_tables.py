@@ -9,6 +9,7 @@ import yaml
 from rich.console import Console
 
 from divmerge_cli import cli as cli_module
+from divmerge_cli.demo import DEMO_METHODS
 from divmerge_cli.sweep.tables import Table
 
 
@@ -32,7 +33,7 @@ def test_methods_at_80_columns_shows_every_name_and_parameter_whole(cli, monkeyp
 
 
 def test_the_demo_per_k_table_at_80_columns_keeps_its_labels(monkeypatch):
-    labels = list(cli_module.DEMO_METHODS)
+    labels = list(DEMO_METHODS)
     t = Table("ANP (%) by number of merged tasks", ["k", *labels], [["Average", *[55.5] * 5]])
     buf = io.StringIO()
     Console(file=buf, width=80).print(cli_module._rich_table(t))
