@@ -393,8 +393,10 @@ def _run_optimized(plan, output, force, seed, dev, cache_dir, resume, shard, ada
         )
     out.print(table)
     what = "into a LoRA adapter " if adapter else ""
+    kept = "the initial Γ" if summary["epoch"] == 0 else f"Γ of epoch {summary['epoch']}"
     out.print(
-        f"[green]merged[/] with {r.merge_method} {what}({summary['steps']} steps) -> {output}"
+        f"[green]merged[/] with {r.merge_method} {what}({summary['steps']} steps, {kept}, "
+        f"stopped: {summary['stopped']}) -> {output}"
     )
     if adapter:
         _warn_lossy_adapter(summary["adapter"], adapter[0], output)
@@ -462,8 +464,20 @@ def _validate(recipe: Path, allow_pickle: bool, json_out: Path | None) -> dict:
             f"(available {gb(report['available_memory_bytes'])}), "
             f"disk {gb(report['disk_bytes'])}; {report['task_vectors_reason']}"
         )
+        out.print(_budget_line(report["learning"]))
     _svd_estimate(plan, report)
     return report
+
+
+def _budget_line(b: dict) -> str:
+    """The learning phase's worst case, as validate prints it (epochs.budget)."""
+    epochs = f"epochs: auto, at most {b['max_epochs']}" if b["auto"] else f"{b['max_epochs']}"
+    inputs = "held-back" if b["held_back"] else "training"
+    return (
+        f"estimate: {epochs} epochs x {b['steps_per_epoch']} steps = at most {b['max_steps']} "
+        f"Adam steps, plus {b['eval_passes']} objective passes (no gradient) over "
+        f"{b['eval_inputs']} {inputs} inputs"
+    )
 
 
 def _svd_estimate(plan, report: dict) -> None:
@@ -824,7 +838,7 @@ def demo(
 @app.command()
 def methods() -> None:
     """List the merge methods, their parameters and papers."""
-    from .methods import BASE_METHODS, METHODS, OPTIMIZE_DEFAULTS, TEACHER_ONLY
+    from .methods import AUTO_EPOCHS, BASE_METHODS, METHODS, OPTIMIZE_DEFAULTS, TEACHER_ONLY
 
     table = _table(
         "divmerge methods", ["method", "per-model parameters", "global parameters", "paper"], left=4
@@ -838,6 +852,7 @@ def methods() -> None:
             per_model = {"density, gamma, epsilon": "as base_method's"}
         table.add_row(name, _fmt_params(per_model), _fmt_params(glob), m.paper)
     out.print(f"base_method (learned merges): {', '.join(BASE_METHODS)}")
+    out.print(f"epochs: auto (learned merges): {_fmt_params(AUTO_EPOCHS)}")
     out.print(table)
 
 

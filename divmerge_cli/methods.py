@@ -922,7 +922,13 @@ OPTIMIZE_DEFAULTS = {
     "granularity": "layer",
     "init": 0.5,  # Table 9; Algorithm 1 uses 1/n ("uniform")
     "lr": 0.01,
-    "epochs": 4,
+    "epochs": 4,  # or "auto" (epochs.py): stop on the held-back objective
+    # which epoch's Gamma is written: the lowest objective on the held-back inputs (a fraction of
+    # each task's; None: the training inputs with a fixed epochs, AUTO_EPOCHS's with auto)
+    "holdout": None,
+    "patience": None,  # epochs: auto only (AUTO_EPOCHS)
+    "min_delta": None,
+    "max_epochs": None,
     "batch_size": None,  # 4 x number of tasks
     "samples": 200,  # validation rows per task
     "top_k": 256,  # 0.8% of dense bytes for SmolLM2 (bench_optimize); at most the vocabulary
@@ -933,6 +939,9 @@ OPTIMIZE_DEFAULTS = {
     "coefficients": None,  # a coefficients.json to reproduce instead of learning
     "seed": None,  # with coefficients: the --seed of the run that learned them (DARE's masks)
 }
+# `epochs: auto`'s defaults: hold back a fifth of each task's inputs, stop after 2 epochs without a
+# 1% relative improvement of their objective, or after 20 epochs.
+AUTO_EPOCHS = {"holdout": 0.2, "patience": 2, "min_delta": 0.01, "max_epochs": 20}
 # What a divergence to the teacher's distributions needs; a method with its own objective (an
 # entropy needs no teacher distribution) takes neither, and its teacher cache holds token ids only.
 TEACHER_ONLY = ("divergence", "top_k")

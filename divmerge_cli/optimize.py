@@ -25,6 +25,16 @@ from . import hf
 from .adapter_writer import adapter_modules, require_low_rank, write_adapter
 from .checkpoint import DTYPES, disk_full_is_user_error, write_file
 from .coefficients import groups_for, initial_gamma
+from .epochs import (
+    Rule,
+    best_epoch,
+    budget,
+    check_holdout,
+    curve_card,
+    holdout_split,
+    rule_of,
+    stop_reason,
+)
 from .errors import UserError
 from .estimate import Estimate, estimate_learned, teacher_top_k
 from .hashing import hash_json
@@ -217,9 +227,20 @@ def _seq_len(plan: MergePlan, seed: int) -> int:
     for task in dict.fromkeys(names):
         spec = tasks[task]
         rows = load_rows(spec.validation, limit=params.samples, seed=seed)
+        check_holdout(task, len(rows), rule_of(params).holdout, str(plan.recipe.source))
         ids = tok([render_prompt(task, spec, r) for r in rows])["input_ids"]
         seq_len = max(seq_len, max(map(len, ids), default=0) + spec.max_new_tokens)
     return seq_len
+
+
+def learning_budget(plan: MergePlan, seed: int = 0) -> dict:
+    """The learning phase's worst case (epochs.budget) from the number of validation inputs each
+    task will have (no model loaded): what `validate` prints."""
+    params, tasks, names = check_tasks(plan.recipe, plan)
+    counts = {
+        t: len(load_rows(tasks[t].validation, limit=params.samples, seed=seed)) for t in names
+    }
+    return budget(counts, params, str(plan.recipe.source))
 
 
 def fit_teacher_batch(
@@ -388,13 +409,18 @@ def _once(fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
 
 
 def task_objectives(
-    pb: Problem, gamma: torch.Tensor, device: str, batch_size: int = 16
+    pb: Problem,
+    gamma: torch.Tensor,
+    device: str,
+    batch_size: int = 16,
+    samples: list[TeacherSample] | None = None,
 ) -> dict[str, float]:
-    """Mean objective per task over all its samples (no gradient): reported at init and at the end."""
+    """Mean objective per task over all its samples, or over `samples` (no gradient): reported
+    at init and at the end, and after every epoch on the evaluated inputs (epochs.py)."""
     out = {}
     with torch.no_grad():
         for task in dict.fromkeys(pb.tasks):
-            s = [x for x in pb.samples if x.task == task]
+            s = [x for x in (pb.samples if samples is None else samples) if x.task == task]
             vals = [
                 per_sample_loss(pb, gamma, s[i : i + batch_size], device)
                 for i in range(0, len(s), batch_size)
@@ -416,7 +442,8 @@ def batches(n_samples: int, batch_size: int, epochs: int, seed: int) -> list[lis
 
 @dataclass
 class _Run:
-    """The loop's state: Gamma, Adam, the step schedule, the log so far, where they are saved."""
+    """The loop's state: Gamma, Adam, the step schedule, the log so far, where they are saved;
+    the per-epoch objective on the evaluated inputs and the best Gamma so far (epochs.py)."""
 
     gamma: torch.nn.Parameter
     opt: torch.optim.Adam
@@ -426,6 +453,19 @@ class _Run:
     log_file: Path
     start: int = 0
     log: list[dict] | None = None
+    rule: Rule | None = None
+    evaluated: list[int] = dataclasses.field(default_factory=list)  # sample indices
+    held: int = 0  # how many of them are held back from training
+    curve: list[dict] = dataclasses.field(default_factory=list)  # {epoch, objective, tasks}
+    best: torch.Tensor | None = None
+
+    @property
+    def chosen(self) -> int:
+        return best_epoch([c["objective"] for c in self.curve])
+
+    @property
+    def stopped(self) -> str | None:
+        return stop_reason([c["objective"] for c in self.curve], self.rule) if self.curve else None
 
 
 def train(
@@ -435,24 +475,53 @@ def train(
     resume: bool,
     accelerator,
     progress: Progress | None = None,
-) -> tuple[torch.Tensor, list[dict]]:
+    first: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, list[dict], _Run]:
     """Adam on Gamma. Each process takes a share of every batch; Gamma's gradient is summed across
-    processes, so n processes take the same steps as one. Gamma is checkpointed after every step."""
+    processes, so n processes take the same steps as one. Gamma is checkpointed after every step.
+    After each epoch the objective is evaluated (epochs.py); returns the best Gamma, the log and
+    the run (its curve, chosen epoch and stop reason). `first`: the initial Gamma's objective per
+    task on the evaluated inputs, when the caller has it."""
     run = _restore(pb, seed, state_dir, resume, accelerator)
+    device = str(accelerator.device)
+    if not run.curve:  # epoch 0: the initial Gamma is a candidate too
+        _evaluated(pb, run, 0, first or _objectives(pb, run, device))
+    per_epoch = len(run.schedule) // run.rule.epochs  # epochs of equal length (batches)
     if progress:
         progress("optimize", run.start, len(run.schedule), "")
     for step in range(run.start, len(run.schedule)):
+        if run.stopped:  # a resumed run that had already stopped
+            break
         total = _step(pb, run, step, accelerator)
-        # epochs of equal length: step s of len(schedule) falls in epoch s * epochs // len + 1
-        epoch = step * pb.params.epochs // len(run.schedule) + 1
+        epoch = step // per_epoch + 1
         gamma = run.gamma.detach().cpu()
         run.log.append({"step": step + 1, "epoch": epoch, "loss": total, "gamma": gamma.tolist()})
+        if (step + 1) % per_epoch == 0:
+            run.log[-1]["eval"] = _evaluated(pb, run, epoch, _objectives(pb, run, device))
         if accelerator.is_main_process:
             _save(run, step + 1)
         if progress:
-            info = f"epoch {epoch}/{pb.params.epochs}, loss {total:.4f}"
-            progress("optimize", step + 1, len(run.schedule), info)
-    return run.gamma.detach().cpu(), run.log
+            done, total_steps = step + 1, len(run.schedule)
+            if run.stopped:  # stopped early: the bar ends here
+                total_steps = done
+            info = f"epoch {epoch}/{run.rule.epochs}, loss {total:.4f}"
+            progress("optimize", done, total_steps, info)
+    return run.best.detach().cpu(), run.log, run
+
+
+def _objectives(pb: Problem, run: _Run, device: str) -> dict[str, float]:
+    """The objective per task on the evaluated inputs at the current Gamma (no gradient)."""
+    return task_objectives(pb, run.gamma, device, samples=[pb.samples[i] for i in run.evaluated])
+
+
+def _evaluated(pb: Problem, run: _Run, epoch: int, tasks: dict[str, float]) -> float:
+    """Record epoch's objective (the mean over tasks, as Eq. 4 sums them) and keep its Gamma if it
+    is the best so far; returns the objective."""
+    value = sum(tasks.values()) / len(tasks)
+    run.curve.append({"epoch": epoch, "objective": value, "tasks": tasks})
+    if run.chosen == epoch:
+        run.best = run.gamma.detach().clone()
+    return value
 
 
 def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator) -> _Run:
@@ -461,15 +530,22 @@ def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator)
     gamma = torch.nn.Parameter(
         initial_gamma(p.init, len(pb.tasks), len(pb.groups)).to(accelerator.device)
     )
-    schedule = batches(len(pb.samples), p.batch_size or 4 * len(pb.tasks), p.epochs, seed)
+    rule = rule_of(p)
+    where = str(pb.plan.recipe.source)
+    trained, held = holdout_split([s.task for s in pb.samples], rule.holdout, seed, where)
+    # the schedule's indices are into pb.samples; without a holdout `trained` is every sample
+    steps = batches(len(trained), p.batch_size or 4 * len(pb.tasks), rule.epochs, seed)
     run = _Run(
         gamma,
         torch.optim.Adam([gamma], lr=p.lr),
-        schedule,
+        [[trained[i] for i in step] for step in steps],
         run_key(pb, seed),
         state_dir / "state.pt",
         state_dir / "train_log.jsonl",
         log=[],
+        rule=rule,
+        evaluated=held or trained,
+        held=len(held),
     )
     if resume and run.state_file.is_file():
         try:
@@ -484,10 +560,17 @@ def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator)
                 f"--resume: {run.state_file} belongs to a different recipe, data or seed; "
                 "rerun without --resume"
             )
+        if "curve" not in st:
+            raise UserError(
+                f"--resume: {run.state_file} was saved by an older divmerge (no per-epoch "
+                "objective); rerun without --resume to start over"
+            )
         run.log = _read_log(run.log_file, steps)
         gamma.data.copy_(st["gamma"])
         run.opt.load_state_dict(st["opt"])
         run.start = st["step"]
+        run.curve = st["curve"]
+        run.best = st["best"].to(accelerator.device)
     if accelerator.is_main_process:  # the log is followable while the run goes (tail -f)
         state_dir.mkdir(parents=True, exist_ok=True)
         write_file(run.log_file, "".join(json.dumps(x) + "\n" for x in run.log), STATE)
@@ -570,6 +653,7 @@ def _save(run: _Run, step: int) -> None:
     ENOSPC and write_file removes its temporary file."""
     line = json.dumps(run.log[-1]) + "\n"
     state = {"key": run.key, "gamma": run.gamma.detach().cpu(), "opt": run.opt.state_dict()}
+    state.update(curve=run.curve, best=run.best.detach().cpu())
     buf = io.BytesIO()
     torch.save({**state, "step": step}, buf)
     folder = run.state_file.parent
@@ -662,8 +746,14 @@ def run_optimized(
         pb.mode_reason = mode[1]
     init = initial_gamma(pb.params.init, len(pb.tasks), len(pb.groups))
     before = task_objectives(pb, init.to(acc.device), str(acc.device))
-    gamma, log = train(pb, seed, state_dir_for(out), resume, acc, progress)
-    after = task_objectives(pb, gamma.to(acc.device), str(acc.device))
+    # without a holdout every sample is evaluated: the curve's objectives are before's and after's
+    whole = rule_of(pb.params).holdout is None
+    gamma, log, run = train(pb, seed, state_dir_for(out), resume, acc, progress, whole and before)
+    if whole:
+        after = run.curve[run.chosen]["tasks"]
+    else:
+        after = task_objectives(pb, gamma.to(acc.device), str(acc.device))
+    epochs = epochs_record(run)
     summary = {
         "tasks": pb.tasks,
         "groups": pb.groups,
@@ -672,12 +762,16 @@ def run_optimized(
         "before": before,
         "after": after,
         "steps": len(log),
+        **epochs,
         "task_vectors": pb.tv.mode,
         "task_vectors_reason": pb.mode_reason,
     }
     if acc.is_main_process:
         files = {
-            "coefficients.json": json.dumps(coefficients_json(pb, gamma), indent=2) + "\n",
+            "coefficients.json": json.dumps(
+                {**coefficients_json(pb, gamma), "epochs": epochs}, indent=2
+            )
+            + "\n",
             "train_log.jsonl": "".join(json.dumps(x) + "\n" for x in log),
         }
         coeff = stored_coefficients(pb.plan, pb.stored_index, gamma)
@@ -690,7 +784,7 @@ def run_optimized(
                 adapter_rank,
                 force=force,
                 files=files,
-                card_extra=card_extra(pb, gamma, before, after),
+                card_extra=card_extra(pb, gamma, before, after) + card_epochs(run),
                 progress=_merge_tick(progress),
             )
         else:
@@ -706,11 +800,26 @@ def run_optimized(
                 progress=_merge_tick(progress),
                 tensors=lambda n: merged_tensor(pb.plan, pb.experts, coeff, n),
                 extra_files=files,
-                card_extra=card_extra(pb, gamma, before, after),
+                card_extra=card_extra(pb, gamma, before, after) + card_epochs(run),
             )
         shutil.rmtree(state_dir_for(out), ignore_errors=True)
     acc.wait_for_everyone()
     return summary
+
+
+def epochs_record(run: _Run) -> dict:
+    """Which epoch's Gamma was written and why the run stopped, with the per-epoch objective on
+    the evaluated inputs: for the summary and coefficients.json."""
+    return {
+        "epoch": run.chosen,
+        "stopped": run.stopped,
+        "evaluated_on": "held_back" if run.held else "training",
+        "curve": [{"epoch": c["epoch"], "objective": c["objective"]} for c in run.curve],
+    }
+
+
+def card_epochs(run: _Run) -> str:
+    return curve_card(run.curve, run.chosen, run.stopped, run.rule, run.held)
 
 
 def reproducing(plan: MergePlan, seed: int) -> MergePlan:

@@ -23,9 +23,18 @@ from pydantic import (
     model_validator,
 )
 
+from .epochs import check_params as check_epoch_params
 from .errors import Integer, Number, UserError, misspelling_of, pydantic_message, read_yaml, suggest
 from .hashing import SHA256
-from .methods import BASE_METHODS, METHODS, OPTIMIZE_DEFAULTS, RANGES, TEACHER_ONLY, Method
+from .methods import (
+    AUTO_EPOCHS,
+    BASE_METHODS,
+    METHODS,
+    OPTIMIZE_DEFAULTS,
+    RANGES,
+    TEACHER_ONLY,
+    Method,
+)
 from .objectives import DIVERGENCES
 from .tasks import expand_path
 
@@ -89,7 +98,11 @@ class OptimizeParams(BaseModel):
     granularity: Literal["task", "layer", "tensor"] = _D["granularity"]
     init: Number | Literal["uniform"] = _D["init"]
     lr: Number = _D["lr"]
-    epochs: Integer = Field(_D["epochs"], ge=1, le=1_000_000)
+    epochs: Annotated[Integer, Field(ge=1, le=1_000_000)] | Literal["auto"] = _D["epochs"]
+    holdout: Number | None = _D["holdout"]  # epochs.py
+    patience: Integer | None = Field(_D["patience"], ge=1, le=1_000_000)
+    min_delta: Number | None = _D["min_delta"]
+    max_epochs: Integer | None = Field(_D["max_epochs"], ge=1, le=1_000_000)
     batch_size: Integer | None = Field(_D["batch_size"], ge=1, le=1_000_000)
     samples: Integer = Field(_D["samples"], ge=1, le=10_000_000)
     top_k: Annotated[Integer, Field(ge=1)] | Literal["full"] = _D["top_k"]
@@ -110,6 +123,36 @@ class OptimizeParams(BaseModel):
             raise ValueError(
                 f"{v} is out of range; init is 'uniform' (1/n) or a number in "
                 f"[-{INIT_MAX:g}, {INIT_MAX:g}] (the paper uses 0.5)"
+            )
+        return v
+
+    @field_validator("epochs", mode="wrap")
+    @classmethod
+    def _epochs(cls, v: object, handler) -> int | str:
+        try:
+            return handler(v)
+        except ValidationError:
+            raise ValueError(
+                f"{v!r} is not valid; epochs is a whole number in [1, 1000000] or auto (stop on "
+                "the held-back objective)"
+            ) from None
+
+    @field_validator("holdout")
+    @classmethod
+    def _fraction(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v < 1:
+            raise ValueError(
+                f"{v} is out of range; holdout is the fraction of each task's validation inputs "
+                "held back, in (0, 1) (e.g. 0.2)"
+            )
+        return v
+
+    @field_validator("min_delta")
+    @classmethod
+    def _margin(cls, v: float | None) -> float | None:
+        if v is not None and not 0 <= v < 1:
+            raise ValueError(
+                f"{v} is out of range; min_delta is a relative improvement in [0, 1) (e.g. 0.01)"
             )
         return v
 
@@ -376,7 +419,7 @@ def _check_optimized(recipe: Recipe) -> None:
         recipe.parameters[key] = _typed(f"parameters.{key}", value, _is_switch(bm, key))
         _check_value(f"parameters.{key}", key, recipe.parameters[key], RANGES)
     try:
-        OptimizeParams.model_validate({**defaults, **_optimize_only(recipe)})
+        check_epoch_params(OptimizeParams.model_validate({**defaults, **_optimize_only(recipe)}))
     except ValidationError as e:
         e0 = e.errors()[0]
         key = str(e0["loc"][0])
@@ -512,6 +555,8 @@ def recipe_data(recipe: Recipe) -> dict:
         if METHODS[recipe.merge_method].objective:  # not a divergence to a teacher
             for key in TEACHER_ONLY:
                 defaults.pop(key)
+        if defaults["epochs"] == "auto":  # when it stops, made explicit too
+            defaults.update({k: v for k, v in AUTO_EPOCHS.items() if k not in defaults})
     else:
         defaults = dict(METHODS[recipe.merge_method].global_params)
     data["parameters"] = {**defaults, **data.get("parameters", {})}

@@ -10,7 +10,7 @@ from .checkpoint import check_out_file, check_space
 from .errors import UserError
 from .estimate import SvdEstimate, estimate_svd
 from .merge import MergePlan, out_config
-from .optimize import preflight_learned
+from .optimize import learning_budget, preflight_learned
 from .recipe import Recipe, load_recipe, optimize_params
 from .slices import LAYER_KEYS
 from .tasks import task_files
@@ -60,6 +60,7 @@ def learned_estimate(plan: MergePlan, device: str) -> tuple[MergePlan, dict]:
         "task_vectors": mode,
         "task_vectors_reason": reason,
         "available_memory_bytes": est.available,
+        "learning": learning_budget(plan),
     }
 
 

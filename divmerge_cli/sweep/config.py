@@ -216,7 +216,16 @@ def build_recipe(cfg: SweepConfig, label: str, subset: tuple[str, ...]) -> Recip
         raise UserError(f"{cfg.source}: methods.{label}: {msg}{at}") from None
 
 
-_ADDED_LATER = ("base_method", "coefficients", "seed")  # learned-merge parameters newer than sweeps
+# learned-merge parameters newer than sweeps
+_ADDED_LATER = (
+    "base_method",
+    "coefficients",
+    "seed",
+    "holdout",
+    "patience",
+    "min_delta",
+    "max_epochs",
+)
 
 
 def method_key(recipe: Recipe) -> str:
