@@ -216,13 +216,14 @@ def run(
 
 def _run_eval_plan(r, recipe: Path, enabled: bool, anp_min, task_mins, seed: int):
     """For `run --eval`: (tasks, references, gates), checked before any merging; None without."""
-    from .evaluate import labelled_rows
-    from .tasks import load_tasks
-
     if not enabled:
         if anp_min is not None or task_mins:
             raise UserError("--fail-under-anp / --fail-under: gates need --eval")
         return None
+    # imported only here: evaluate's scorers (rouge, nltk) would add seconds to every merge
+    from .evaluate import labelled_rows
+    from .tasks import load_tasks
+
     if r.tasks is None:
         raise UserError(f"--eval: {recipe} has no tasks to evaluate on")
     specs = load_tasks(r.tasks, r.source.parent, str(recipe))
