@@ -551,21 +551,18 @@ def model_stock(base, xs, p, glob, rng, prep=None) -> Tensor:
     t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors: over the
     whole tensor, or per row with filter_wise (the base where 1 + (N - 1) cos is ~0)."""
     n = len(xs)
-    rows = glob["filter_wise"] and base.dim()
-    t = _taus(base, xs).reshape(n, -1, base.shape[-1]) if rows else _taus(base, xs).view(n, 1, -1)
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    if rows:  # one cosine per row, each pair's products summed along the row (as mergekit)
-        norms = [torch.linalg.vector_norm(tau, dim=-1) for tau in t]
-        dots = [(t[i] * t[j]).sum(-1) for i, j in pairs]
-    else:  # every pairwise dot product of the whole tensors in one pass (one BLAS product)
-        flat = t.view(n, -1)
-        gram = flat @ flat.T
-        norms = gram.diagonal().sqrt().view(n, 1)
-        dots = [gram[i, j].view(1) for i, j in pairs]
+    shape = (n, -1, base.shape[-1]) if glob["filter_wise"] and base.dim() else (n, 1, -1)
+    t = _taus(base, xs).view(shape)
+    norms = [torch.linalg.vector_norm(tau, dim=-1) for tau in t]
+    buf = torch.empty_like(t[0])  # each pair's products, summed along the row (as mergekit)
     cos = [
-        (d / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for (i, j), d in zip(pairs, dots)
+        (torch.mul(t[i], t[j], out=buf).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(
+            -1, 1
+        )
+        for i in range(n)
+        for j in range(i + 1, n)
     ]
-    del t
+    del t, buf
     c = torch.stack(cos).mean(0).unsqueeze(-1)
     den = 1 + (n - 1) * c
     w = torch.where(den.abs() < 1e-6, 0.0, n * c / torch.where(den.abs() < 1e-6, 1.0, den))
