@@ -616,7 +616,10 @@ def _slerp_rows(v0: Tensor, v1: Tensor, t: float) -> Tensor:
 def karcher(base, xs, p, glob, rng, prep=None) -> Tensor:
     """The Karcher (Riemannian) mean of the models' directions on the unit sphere, by at most
     max_iter steps of gradient descent (stopping below tol), scaled to their mean norm; equal
-    weights, as mergekit 0.1.5."""
+    weights, as mergekit 0.1.5. Its float32 steps, rounded as mergekit rounds them (each product
+    and sum in its order), written into two buffers instead of ~5 fresh tensors per model and
+    step. (Fine-tunes of one base are nearly parallel, and float32 arccos is coarse there: on
+    SmolLM2 with 1% noise experts these steps end 3.7e-4 from the float64 mean.)"""
     if len(xs) == 1:
         return xs[0].clone()
     tol = glob["tol"]
@@ -626,23 +629,29 @@ def karcher(base, xs, p, glob, rng, prep=None) -> Tensor:
     if not units:
         return torch.zeros_like(xs[0])
     a = 1 / len(units)
-    mean = _sum0(torch.stack(units)) * a
-    mnorm = float(torch.linalg.vector_norm(mean))
-    mean = units[0].clone() if mnorm < tol else mean / mnorm
+    buf = torch.empty_like(units[0])
+    mean = torch.mul(units[0], a)
+    for u in units[1:]:
+        mean += torch.mul(u, a, out=buf)
+    mnorm = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if float(mnorm) < tol else mean.div_(mnorm)
+    tangent = torch.empty_like(mean)
     for _ in range(int(glob["max_iter"])):
-        tangent = torch.zeros_like(mean)
+        tangent.zero_()
         for u in units:
             dot = torch.dot(mean, u).clamp(-1.0, 1.0)
             theta = torch.arccos(dot)
             if float(theta) >= tol:  # a unit at the mean pulls nowhere
-                tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+                # a * (theta / sin theta) * (u - dot * mean), rounded step by step
+                torch.sub(u, torch.mul(mean, dot, out=buf), out=buf)
+                tangent += buf.mul_(a * (theta / torch.sin(theta)))
         tn = torch.linalg.vector_norm(tangent)
         if float(tn) < tol:
             break
-        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)  # the exponential map
+        mean.mul_(torch.cos(tn)).add_(tangent.div_(tn).mul_(torch.sin(tn)))  # the exponential map
         if float(un := torch.linalg.vector_norm(mean)) > tol:
-            mean = mean / un
-    return (scale * mean).reshape(xs[0].shape)
+            mean.div_(un)
+    return mean.mul_(scale).reshape(xs[0].shape)
 
 
 def arcee_fusion(base, xs, p, glob, rng, prep=None) -> Tensor:
