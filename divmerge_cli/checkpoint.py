@@ -379,7 +379,7 @@ class ShardWriter:
             )
         # flattened first: a 0-dim tensor has no last axis to view as bytes
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._open[1].write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._open[1].write(t.view(torch.uint8).numpy() if t.numel() else b"")  # no copy
         self._next += 1
 
     def close(self) -> None:

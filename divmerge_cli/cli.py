@@ -220,12 +220,13 @@ def run(
 
 def _run_eval_plan(r, recipe: Path, enabled: bool, anp_min, task_mins, seed: int):
     """For `run --eval`: its EvalPlan, checked before any merging; None without --eval."""
-    from .report import eval_plan
-
     if not enabled:
         if anp_min is not None or task_mins:
             raise UserError("--fail-under-anp / --fail-under: gates need --eval")
         return None
+    # imported only here: evaluate's scorers (rouge, nltk) would add seconds to every merge
+    from .report import eval_plan
+
     return eval_plan(r, recipe, anp_min, task_mins, seed)
 
 

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import hf
 from .errors import UserError
 from .taskvectors import LowRank, dense_tau
 
@@ -273,6 +272,8 @@ def skeleton(path, where: str) -> nn.Module:
     import transformers
 
     try:
+        from . import hf  # lazy: transformers' models take seconds to import
+
         return hf.skeleton(path)
     except Exception as e:  # noqa: BLE001 - an unknown model_type, remote code, a bad config
         raise UserError(
@@ -367,6 +368,8 @@ def _unchecked(ckpt) -> Layout | None:
     if key not in _LAYOUTS:
         try:
             specs = {n: (ckpt.shape(n), ckpt.dtype(n)) for n in ckpt.names}
+            from . import hf  # lazy: transformers' models take seconds to import
+
             _LAYOUTS[key] = build(hf.skeleton(ckpt.path), specs)
         except Exception:  # noqa: BLE001 - no module: stored names only
             _LAYOUTS[key] = None

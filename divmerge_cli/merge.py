@@ -272,7 +272,9 @@ def source_key(plan: MergePlan, ref: str) -> str:
 def input_hash(plan: MergePlan, key: str) -> str:
     """hash_model_dir of the checkpoint at `key` ("base_model", "models[0]"), computed once."""
     if key not in plan.hashes:
-        plan.hashes[key] = hash_model_dir(plan.sources[key].path)
+        path = plan.sources[key].path  # a folder listed twice (slerp's base) is hashed once
+        done = [h for k, h in list(plan.hashes.items()) if plan.sources[k].path == path]
+        plan.hashes[key] = done[0] if done else hash_model_dir(path)
     return plan.hashes[key]
 
 
@@ -642,6 +644,9 @@ def run_merge(
         works = (_made(tensors, n) for n in plan.names)
     else:
         works = (tensor_stages(plan, n, tensor_generator(seed, n), device) for n in plan.names)
+    hasher = threading.Thread(target=_hash_inputs, args=(plan,), daemon=True)
+    if threads > 1:  # the recipe written beside the weights pins every input by its hash
+        hasher.start()
     with atomic_folder(out, need) as tmp:
         writer = ShardWriter(tmp, plan.out_specs, shard_bytes)
         try:
@@ -655,11 +660,23 @@ def run_merge(
         except NotFinite as e:
             raise _not_finite(plan, e.args[0]) from None
         writer.close()
+        if hasher.is_alive():
+            hasher.join()
         write_side_files(plan, tmp, card_extra)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
         plan.check_unchanged()
     return out
+
+
+def _hash_inputs(plan: MergePlan) -> None:
+    """Hash every input while the merge runs (hashlib releases the GIL): reproducible_recipe
+    then finds the hashes done. A failure here is met again, and reported, when it hashes."""
+    try:
+        for key in list(plan.sources):
+            input_hash(plan, key)
+    except Exception:  # noqa: BLE001 - only a head start
+        pass
 
 
 def _made(make: Callable[[str], torch.Tensor], name: str) -> Stages[torch.Tensor]:

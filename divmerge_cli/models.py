@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import hf
 from .checkpoint import Checkpoint, model_path
 from .errors import UserError
 from .hashing import hash_json, hash_model_dir
@@ -55,6 +54,8 @@ def load_expert_model(expert, dtype: torch.dtype = torch.float32):
     loaded and the adapter folded in (PEFT's merge_and_unload; local files only)."""
 
     if not isinstance(expert, LoraExpert):
+        from . import hf  # lazy: transformers' models take seconds to import
+
         return hf.load_model(Path(getattr(expert, "path", expert)), dtype)
     from peft import PeftModel  # lazy for start-up time: only adapters need PEFT
 
@@ -96,6 +97,8 @@ def load_scored(ref: str | Path, where: str, dtype: torch.dtype = torch.float32)
     """(model, tokenizer) of scored_model(ref): an adapter is folded into its base."""
 
     expert = scored_model(ref, where)
+    from . import hf  # lazy: transformers' models take seconds to import
+
     return load_expert_model(expert, dtype), hf.load_tokenizer(model_folder(expert))
 
 

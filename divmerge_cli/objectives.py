@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .generate import Generation
+if TYPE_CHECKING:  # generate imports transformers: a data-free merge does without it
+    from .generate import Generation
 
 LN2 = math.log(2.0)
 # Stands for log(0) where a finite value is needed: -inf would give 0 * inf = NaN in the

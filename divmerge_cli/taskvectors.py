@@ -19,16 +19,15 @@ sum_t Gamma_t s_t B_t A_t x.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
 
-from . import hf
 from .checkpoint import human_size
 from .errors import UserError
 from .layers import block_of
@@ -128,7 +127,7 @@ class _Theta0:
 
     def get(self, name: str, start: int | None = None, stop: int | None = None) -> Tensor:
         t = self.params[name].detach()
-        if isinstance(t, DTensor):  # sharded: this process holds some rows only
+        if _is_dtensor(t):  # sharded: this process holds some rows only
             return self.ckpt.get(name, start, stop)
         if t.dtype not in (torch.float32, self.ckpt.dtype(name)):
             if self._last is None or self._last[0] != name:
@@ -340,6 +339,13 @@ def _tensor(module: nn.Module, name: str) -> Tensor:
     return getattr(module.get_submodule(owner), leaf)
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    """Whether t is sharded (a DTensor). Told without importing torch.distributed.tensor (a
+    second of a data-free merge's start): a DTensor exists only once that module is loaded."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
 def fsdp_launch() -> bool:
     """True when `accelerate launch --use_fsdp` (or an FSDP accelerate config) started several
     processes: theta0 is then sharded across them (`shard_base`). Read from the launcher's
@@ -357,9 +363,12 @@ def shard_base(path, ckpt, dtype: torch.dtype, names: list[str], device: str) ->
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     world, rank = dist.get_world_size(), dist.get_rank()
     mesh = init_device_mesh(torch.device(device).type, (world,))
+    from . import hf  # lazy: transformers' models take seconds to import
+
     model = hf.empty_model(path, dtype)
     model.requires_grad_(False)
     blocks = dict.fromkeys(f"{b[0]}.{b[1]}" for n in names if (b := block_of(n)))

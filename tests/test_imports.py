@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "divmerge_cli"
@@ -164,3 +166,15 @@ def test_readme_floors_list_every_module_and_every_import_points_down():
         if _short(t) and floors[_short(t)] > floors[_short(m)]
     ]
     assert not up, up
+
+
+def test_a_data_free_merge_loads_neither_transformers_nor_the_scorers():
+    """Importing what `run` needs for a data-free merge stays light: transformers' models, the
+    eval scorers (rouge, nltk) and DTensor cost seconds per merge (mergekit imports in ~5 s)."""
+    code = (
+        "import sys, divmerge_cli.cli, divmerge_cli.merge, divmerge_cli.recipe;"
+        "print(sorted(m for m in ('transformers', 'rouge_score', 'nltk', 'peft',"
+        " 'torch.distributed.tensor', 'divmerge_cli.hf', 'divmerge_cli.evaluate') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
