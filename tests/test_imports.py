@@ -178,3 +178,26 @@ def test_a_data_free_merge_loads_neither_transformers_nor_the_scorers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_run_without_eval_imports_no_scorer(tmp_path, toy):
+    """`divmerge run` of a data-free recipe, in a fresh process: the merge is written and
+    neither transformers' models nor the eval scorers were imported on the way."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {toy / 'base'}\n"
+        f"models:\n  - model: {toy / 'sent'}\n  - model: {toy / 'rev'}\n"
+    )
+    code = (
+        "import sys, runpy; sys.argv = ['divmerge', 'run', sys.argv[1], '-o', sys.argv[2], '-q'];"
+        "import divmerge_cli.cli as c\ntry:\n    c.main()\nexcept SystemExit as e:\n    assert not e.code, e\n"
+        "print(sorted(m for m in ('transformers', 'rouge_score', 'nltk', 'divmerge_cli.evaluate',"
+        " 'divmerge_cli.report', 'divmerge_cli.hf') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(recipe), str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert out.stdout.strip().splitlines()[-1] == "[]"
