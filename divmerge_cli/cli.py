@@ -234,6 +234,7 @@ def _run_eval(plan, output: Path, seed: int, cache_dir: Path | None) -> None:
     if plan is None or _distributed_rank() != 0:  # under accelerate, one process evaluates
         return
     from .report import EvalOptions  # only here: the scorers take seconds to import
+
     _signals.on_interrupt(lambda: f"{output} is complete; its eval.json was not written")
     _signals.finish_once(output / "eval.json", f"{output} and its eval.json are complete")
     cache = cache_dir or _default_cache("eval")

@@ -373,7 +373,7 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
     v = torch.stack([(x - base) if base is not None else x for x in xs]).reshape(len(xs), -1)
     norms = torch.linalg.vector_norm(v, dim=1)
     unit = v / (norms[:, None] + eps)
-    mean = (unit * w[:, None]).sum(0)
+    mean = w @ unit  # products with w, never a stack-sized temporary: the peak stays 2 stacks
     if not norms.any():  # a tensor no model changed: the weighted mean norm, so the merge, is 0
         out = torch.zeros_like(v[0])
     elif torch.linalg.vector_norm(mean) < eps:
@@ -384,11 +384,12 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
             )
         out = w[0] * v[0] + w[1] * v[1]
     else:
+        del v
         mean = mean / torch.linalg.vector_norm(mean)
-        tangent = unit - (unit @ mean)[:, None] * mean
-        r = (tangent * w[:, None]).sum(0)
+        # r = sum_t w_t (unit_t - (unit_t . mean) mean), the weighted tangent at the mean direction
+        r = (w @ unit).sub_(mean * float(w @ (unit @ mean)))
         s = torch.linalg.vector_norm(r) + eps
-        out = (mean * torch.cos(s) + r * torch.sin(s) / s) * (norms * w).sum()
+        out = (mean * torch.cos(s)).add_(r * (torch.sin(s) / s)).mul_((norms * w).sum())
     out = out.reshape(xs[0].shape)
     return out + base if base is not None else out
 
