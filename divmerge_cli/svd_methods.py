@@ -20,6 +20,8 @@ No method here draws random numbers: `rng` is unused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -53,8 +55,19 @@ def _polar(a: Tensor) -> Tensor:
     return u @ vh
 
 
-def _finish(base: Tensor, merged: Tensor, glob: dict) -> Tensor:
-    return merged.mul_(glob["scaling_factor"]).add_(base)
+def _per_matrix(merge: Callable[[Tensor, dict], Tensor | None]) -> Callable[..., Tensor]:
+    """A merge function (methods.py's contract) from `merge(t, glob)`, the merged task matrix of
+    a stack t [n, R, C] of 2-D task vectors, or None to merge it as the other tensors are:
+    theta0 + scaling_factor * (merged, else the task vectors' mean)."""
+
+    def fn(base, xs, p, glob, rng, prep=None) -> Tensor:
+        t = _taus(base, xs)
+        merged = merge(t, glob) if t.dim() == 3 else None
+        merged = t.mean(0) if merged is None else merged
+        return merged.mul_(glob["scaling_factor"]).add_(base)
+
+    fn.__name__, fn.__qualname__, fn.__doc__ = merge.__name__, merge.__qualname__, merge.__doc__
+    return fn
 
 
 # --- TSV-M ----------------------------------------------------------------------------------
@@ -101,29 +114,25 @@ def tsv_components(t: Tensor) -> Tensor:
     return out
 
 
-def tsv(base, xs, p, glob, rng, prep=None) -> Tensor:
+@_per_matrix
+def tsv(t: Tensor, glob: dict) -> Tensor | None:
     """TSV-M: theta0 + alpha * U diag(S) V from the tasks' orthogonalised top singular vectors."""
-    t = _taus(base, xs)
-    f = tsv_factors(t) if t.dim() == 3 else None
+    f = tsv_factors(t)
     if f is None:
-        return _finish(base, t.mean(0), glob)
+        return None
     u, s, v, _ = f
-    return _finish(base, (u * s) @ v, glob)
+    return (u * s) @ v
 
 
 # --- Iso-C and Iso-CTS ----------------------------------------------------------------------
 
 
-def iso_c(base, xs, p, glob, rng, prep=None) -> Tensor:
+@_per_matrix
+def iso_c(t: Tensor, glob: dict) -> Tensor:
     """Iso-C: the summed task matrix with its spectrum made flat, every singular value replaced
     by their mean: theta0 + alpha * mean(s) U V^T, U diag(s) V^T = sum_t tau_t."""
-    t = _taus(base, xs)
-    if t.dim() != 3:
-        return _finish(base, t.mean(0), glob)
     u, s, vh = _svd(t.sum(0))
-    if not len(s):
-        return base.clone()
-    return _finish(base, s.mean() * (u @ vh), glob)
+    return s.mean() * (u @ vh) if len(s) else torch.zeros(t.shape[1:])
 
 
 def iso_cts_split(r: int, n: int, fraction: float) -> tuple[int, int]:
@@ -136,17 +145,15 @@ def iso_cts_split(r: int, n: int, fraction: float) -> tuple[int, int]:
     return r - n * m, m
 
 
-def iso_cts(base, xs, p, glob, rng, prep=None) -> Tensor:
+@_per_matrix
+def iso_cts(t: Tensor, glob: dict) -> Tensor:
     """Iso-CTS: the summed matrix's top singular directions (the common subspace), plus, for each
     task, the top directions of its task matrix with the common subspace projected out; both sets
     of singular vectors orthogonalised, and the spectrum made flat at the mean of the kept
     singular values: theta0 + alpha * mean(S) U V^T."""
-    t = _taus(base, xs)
-    if t.dim() != 3:
-        return _finish(base, t.mean(0), glob)
     u, s, vh = _svd(t.sum(0))
     if not len(s):
-        return base.clone()
+        return torch.zeros(t.shape[1:])
     tol = _tol(float(s[0]), t.shape[1:])
     k, m = iso_cts_split(len(s), len(t), glob["common_space_fraction"])
     us, ss, vs = [u[:, :k]], [s[:k]], [vh[:k]]
@@ -157,7 +164,7 @@ def iso_cts(base, xs, p, glob, rng, prep=None) -> Tensor:
             ss.append(st[:m])
             vs.append(vt[:m])
     flat = torch.cat(ss).mean()
-    return _finish(base, flat * (_polar(torch.cat(us, 1)) @ _polar(torch.cat(vs, 0))), glob)
+    return flat * (_polar(torch.cat(us, 1)) @ _polar(torch.cat(vs, 0)))
 
 
 # --- WUDI -------------------------------------------------------------------------------------
@@ -175,15 +182,13 @@ def wudi_objective(merged: Tensor, t: Tensor) -> Tensor:
     return total
 
 
-def wudi(base, xs, p, glob, rng, prep=None) -> Tensor:
+@_per_matrix
+def wudi(t: Tensor, glob: dict) -> Tensor:
     """WUDI: from tau_m = sum_t tau_t (task arithmetic), `iterations` steps of Adam (lr `lr`) on
     wudi_objective, in float32. Its gradient is 2 (tau_m G - K), G = sum_t w_t tau_t^T tau_t
     [C, C], K = sum_t w_t tau_t tau_t^T tau_t, w_t = 1 / ||tau_t||^2, so a step is one
     [R, C] x [C, C] product and R x R interference matrices are never formed (a vocabulary-sized
     embedding would need gigabytes). Deterministic: no randomness, a fixed number of steps."""
-    t = _taus(base, xs)
-    if t.dim() != 3:
-        return _finish(base, t.mean(0), glob)
     cols = t.shape[2]
     g, k = torch.zeros(cols, cols), torch.zeros(t.shape[1:])
     for tau in t:
@@ -202,7 +207,7 @@ def wudi(base, xs, p, glob, rng, prep=None) -> Tensor:
         m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (m2.sqrt() / (1 - b2**step) ** 0.5).add_(eps)  # as torch.optim.Adam
         merged.addcdiv_(m1, denom, value=-lr / (1 - b1**step))
-    return _finish(base, merged, glob)
+    return merged
 
 
 # --- what validate says they cost --------------------------------------------------------------
