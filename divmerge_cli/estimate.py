@@ -90,9 +90,9 @@ class Estimate:
         )
         if self.gpu and self.device_peak(mode) > self.device_available:
             return (
-                f"this merge needs about {human_size(self.device_peak(mode))} of {self.device} memory for "
-                f"learning ({mode} task vectors), {human_size(self.device_available)} free; lower it "
-                f"with {learn_knobs}"
+                f"this merge needs about {human_size(self.device_peak(mode))} of {self.device} "
+                f"memory for learning ({mode} task vectors), "
+                f"{human_size(self.device_available)} free; lower it with {learn_knobs}"
             )
         if self.peak(mode) <= self.available:
             return None
@@ -274,7 +274,6 @@ class SvdEstimate:
     steps: int = 0  # WUDI's Adam steps per matrix
 
     def line(self) -> str:
-
         r, c = self.largest
         if self.method == "wudi":
             what = (
