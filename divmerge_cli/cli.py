@@ -488,10 +488,7 @@ def _svd_estimate(plan, report: dict) -> None:
 
     svd = svd_estimate(plan)
     if svd:
-        report["svd_estimate"] = dict(
-            method=svd.method, matrices=svd.matrices, largest=list(svd.largest), svds=svd.svds,
-            seconds=round(svd.seconds, 3), peak_bytes=svd.peak_bytes,
-        )  # fmt: skip
+        report["svd_estimate"] = svd.report()
         out.print(f"estimate: {svd.line()}", soft_wrap=True)  # one line, as logs grep it
 
 

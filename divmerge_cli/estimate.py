@@ -273,6 +273,13 @@ class SvdEstimate:
     peak_bytes: int  # the largest matrix's inputs, task vectors and the method's own matrices
     steps: int = 0  # WUDI's Adam steps per matrix
 
+    def report(self) -> dict:
+        """The estimate as validate's --json gives it (`svd_estimate`)."""
+        return dict(
+            method=self.method, matrices=self.matrices, largest=list(self.largest),
+            svds=self.svds, seconds=round(self.seconds, 3), peak_bytes=self.peak_bytes,
+        )  # fmt: skip
+
     def line(self) -> str:
         r, c = self.largest
         if self.method == "wudi":
