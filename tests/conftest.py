@@ -152,3 +152,22 @@ def demo_small(tmp_path_factory):
     from divmerge_cli.demo_zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("demo") / "zoo", size="small")
+
+
+def run_interrupted(monkeypatch, plan, out: Path, cache: Path, n: int) -> None:
+    """optimize.run_optimized(plan, out) cut by Ctrl-C at the n-th per_sample_loss call (a learned
+    merge interrupted mid-way: its state folder is left, OUT is not); the real loss is back after."""
+    from divmerge_cli import optimize
+
+    real, calls = optimize.per_sample_loss, []
+
+    def interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(optimize, "per_sample_loss", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        optimize.run_optimized(plan, out, cache_dir=cache)
+    monkeypatch.setattr(optimize, "per_sample_loss", real)

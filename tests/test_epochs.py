@@ -11,7 +11,7 @@ import torch
 import yaml
 from test_optimize import recipe
 
-from conftest import write_recipe
+from conftest import run_interrupted, write_recipe
 from divmerge_cli import optimize
 from divmerge_cli.epochs import Rule, best_epoch, budget, held_count, holdout_split, stop_reason
 from divmerge_cli.errors import UserError
@@ -195,20 +195,8 @@ def test_resume_keeps_the_best_gamma_its_epoch_and_the_curve(toy, tmp_path, monk
     params = dict(epochs="auto", lr=0.3, granularity="layer")
     full = _run(toy, tmp_path, "full", **params)
     r = plan_merge(load_recipe(recipe(toy, tmp_path, **params)))
-    real, calls = optimize.per_sample_loss, []
-
-    def interrupt(*a, **k):
-        calls.append(1)
-        if (
-            len(calls) == 60
-        ):  # 2 + 2 calls before epoch 1, then 4 steps + 2 evaluations an epoch: in epoch 10
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(optimize, "per_sample_loss", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        optimize.run_optimized(r, tmp_path / "part", cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(optimize, "per_sample_loss", real)
+    # 2 + 2 loss calls before epoch 1, then 4 steps + 2 evaluations an epoch: cut in epoch 10
+    run_interrupted(monkeypatch, r, tmp_path / "part", tmp_path / "cache", 60)
     state = torch.load(optimize.state_dir_for(tmp_path / "part") / "state.pt", weights_only=True)
     assert full["epoch"] < len(state["curve"]) - 1 < len(full["curve"]) - 1  # past the best
     assert state["best"].tolist() == full["gamma"]

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TASKS, write_recipe
+from conftest import TASKS, run_interrupted, write_recipe
 from divmerge_cli import optimize
 from divmerge_cli.checkpoint import human_size
 from divmerge_cli.coefficients import groups_for, initial_gamma
@@ -154,18 +154,7 @@ def test_an_expert_equal_to_the_base_leaves_the_objective_flat_in_its_gamma(toy,
 def test_resume_after_interruption_equals_an_uninterrupted_run(toy, tmp_path, monkeypatch):
     r = plan_merge(load_recipe(recipe(toy, tmp_path, granularity="layer", epochs=2)))
     full = optimize.run_optimized(r, tmp_path / "full", cache_dir=tmp_path / "cache")
-    real, calls = optimize.per_sample_loss, []
-
-    def interrupt(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(optimize, "per_sample_loss", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        optimize.run_optimized(r, tmp_path / "part", cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(optimize, "per_sample_loss", real)
+    run_interrupted(monkeypatch, r, tmp_path / "part", tmp_path / "cache", 4)
     assert not (tmp_path / "part").exists() and optimize.state_dir_for(tmp_path / "part").exists()
     resumed = optimize.run_optimized(
         r, tmp_path / "part", cache_dir=tmp_path / "cache", resume=True

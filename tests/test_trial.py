@@ -13,7 +13,7 @@ from test_eval_cli import _recipe
 from test_hardening import one_line_error, ta_recipe
 from test_optimize import recipe as toy_learned
 
-from conftest import TASKS, write_recipe
+from conftest import TASKS, run_interrupted, write_recipe
 
 # --- --json and -o never replace an input, and bad paths exit 2 before any work --------------
 
@@ -431,18 +431,7 @@ def _interrupted_run(toy, tmp_path: Path, monkeypatch, **params):
     from divmerge_cli.recipe import load_recipe
 
     r = plan_merge(load_recipe(toy_learned(toy, tmp_path, granularity="layer", epochs=2, **params)))
-    real, calls = optimize.per_sample_loss, []
-
-    def interrupt(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(optimize, "per_sample_loss", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        optimize.run_optimized(r, tmp_path / "m", cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(optimize, "per_sample_loss", real)
+    run_interrupted(monkeypatch, r, tmp_path / "m", tmp_path / "cache", 5)
     return r, optimize.state_dir_for(tmp_path / "m")
 
 
