@@ -277,6 +277,9 @@ def test_sweep_end_to_end(tmp_path, small_zoo, experts):
         want = sum(r["scores"][t] / refs[t] for t in r["subset"]) / r["k"]
         assert r["anp"] == pytest.approx(want)
         assert r["k"] == len(r["subset"]) and r["seconds"] > 0
+        assert 0 < r["merge_seconds"] < r["seconds"]  # scoring comes after the merge
+        if sys.platform == "linux":  # a merge reads at least the tiny experts it merges
+            assert r["merge_peak_rss_mb"] > 0
     # one expert averaged alone, or added to theta0 with lambda 1, is that expert: ANP 1
     # (the base is not averaged in: the paper's model averaging is the mean of the experts)
     assert [r["anp"] for r in rows if r["k"] == 1 and r["label"] != "dm"] == [1.0] * 6
@@ -285,6 +288,8 @@ def test_sweep_end_to_end(tmp_path, small_zoo, experts):
         # 4 samples per task, batch 4, 1 epoch -> k steps; the trace ends at the learned Gamma
         assert [x["step"] for x in r["trace"]] == list(range(1, r["k"] + 1))
         assert r["trace"][-1]["gamma"] == list(r["gamma"].values())
+        assert r["steps"] == r["k"] and r["epochs"]["stopped"] == "fixed"
+        assert [c["epoch"] for c in r["epochs"]["curve"]] == [0, 1]  # the initial Gamma, then 1
     assert not (tmp_path / "s" / "results-merged").exists()  # merged models were deleted
     assert sum(e[0] == "cell" for e in events) == len(rows)
 

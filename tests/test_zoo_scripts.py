@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import bz2
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from divmerge_cli.tasks import load_tasks, render_prompt
 
@@ -410,7 +412,7 @@ def test_zoo_sweep_files_validate(tmp_path, name):
     assert cfg.results.parent == (zoo / "results").resolve()
     assert cfg.eval.limit == 50
     sampled = ("per_k3.yaml", "per_k4.yaml", "remark3_k3.yaml", "remark3_k4.yaml")
-    expected = 3 if name in sampled else 1 if "k5" in name else 10
+    expected = 3 if name in sampled else 1 if "k5" in name else 5 if "k4" in name else 10
     assert len(cfg.subsets()) == expected
     for label in cfg.methods:  # every method's parameters validate as a recipe
         build_recipe(cfg, label, cfg.subsets()[0])
@@ -620,3 +622,56 @@ def test_report_without_results_writes_nothing(tmp_path):
         with pytest.raises(SystemExit, match="no sweep results to report"):
             rep.main([str(tmp_path / "zoo"), "--out", str(tmp_path / "out"), *extra])
     assert not (tmp_path / "out").exists()
+
+
+def test_svd2025_report_pairs_divmerge_with_the_best_data_free_method_of_each_k():
+    rep = _load("report")
+    cells = [
+        _cell("ties", "a+b", 0.60),
+        _cell("ties", "a+c", 0.70),
+        _cell("tsv", "a+b", 0.80),  # the best data-free method at k = 2 (mean 75 against 65)
+        _cell("tsv", "a+c", 0.70),
+        _cell("divmerge_js_layer", "a+b", 0.90),
+        _cell("divmerge_js_layer", "a+c", 0.75),
+        _cell("divmerge_js_layer_auto", "a+b", 0.95),
+        {**_cell("wudi", "a+b+c", 0.5, 30.0), "merge_seconds": 20.0, "merge_peak_rss_mb": 900},
+        {
+            **_cell("divmerge_js_layer", "a+b+c", 0.9, 50.0),
+            "merge_seconds": 40.0,
+            "merge_peak_rss_mb": 1200,
+            "steps": 8,
+            "epochs": {"epoch": 1},
+        },
+    ]
+    md = rep.svd2025_tables([{"type": "reference", "task": "a", "score": 1.0}, *cells])
+    assert "| tsv | 75.0 ± 9.8 (2) | - |" in md  # 1.96 * stdev(80, 70) / sqrt(2) = 9.80
+    # against tsv on a+b and a+c: +10 and +5 points; wudi is the only data-free method at k = 3
+    assert "| 2 | tsv (75.0) | divmerge_js_layer | 2 | +7.50 | +2.60 .. +12.40 | 2 / 0 / 0 |" in md
+    assert "| 3 | wudi (50.0) | divmerge_js_layer | 1 | +40.00 | - | 1 / 0 / 0 |" in md
+    assert "| divmerge_js_layer_auto - divmerge_js_layer | 2 | 1 | +5.00 | - | 1 / 0 / 0 |" in md
+    assert "| wudi | 3 | 1 | 20 | 30 | 900 | - | - |" in md
+    assert "| divmerge_js_layer | 3 | 1 | 40 | 50 | 1200 | 8 | 1 |" in md
+
+
+def test_restore_copies_committed_results_only_onto_the_same_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    rep = _load("report")
+    zoo, committed = tmp_path / "zoo", tmp_path / "committed"
+    (zoo / "base").mkdir(parents=True)
+    committed.mkdir()
+    save_file({"w": torch.ones(2)}, zoo / "base" / "model.safetensors")
+    digest = rep.hash_weights(zoo / "base")
+    (committed / "zoo.json").write_text(json.dumps({"base": "files", "weights:base": digest}))
+    (committed / "a.jsonl").write_text('{"base_model": "$ZOO/base"}\n')
+    (zoo / "results").mkdir()
+    (zoo / "results" / "b.jsonl").write_text("mine\n")
+    (committed / "b.jsonl").write_text("committed\n")
+    assert rep.restore(zoo, committed) == ["a.jsonl"]  # b.jsonl is the zoo's own: kept
+    assert (zoo / "results" / "a.jsonl").read_text() == f'{{"base_model": "{zoo}/base"}}\n'
+    assert (zoo / "results" / "b.jsonl").read_text() == "mine\n"
+    (zoo / "results" / "a.jsonl").unlink()
+    save_file({"w": torch.zeros(2)}, zoo / "base" / "model.safetensors")  # other weights
+    with pytest.raises(SystemExit, match="weights differ"):
+        rep.restore(zoo, committed)
+    assert not (zoo / "results" / "a.jsonl").exists()

@@ -139,6 +139,26 @@ def _run_cells(cfg, progress, cache_dir, work_dir, device, only) -> list[dict]:
     return sweep_rows(cfg)
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux: writing 5 to clear_refs resets VmHWM);
+    elsewhere a no-op, and peak_rss_mb answers None."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> int | None:
+    """This process's peak resident memory (MB) since the last reset_peak_rss, where Linux says."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_cell(
     cfg: SweepConfig,
     label: str,
@@ -152,6 +172,7 @@ def run_cell(
 ) -> dict:
     """Merge one subset with one method, score it on the subset's tasks, and return its row."""
     start = time.perf_counter()
+    reset_peak_rss()
     work.mkdir(parents=True, exist_ok=True)
     if cfg.keep_merged:
         scratch, out = None, work / label / "+".join(subset)
@@ -174,6 +195,7 @@ def run_cell(
             log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x]
         else:
             run_merge(plan_merge(recipe), out, force=True, seed=cfg.seed, device=device)
+        merged_at, merge_peak = time.perf_counter() - start, peak_rss_mb()
         e = cfg.eval
         specs = {t: cfg.tasks[t] for t in subset}
         scores = evaluate_model(out, specs, e.split, e.limit, e.batch_size, cfg.seed)
@@ -195,7 +217,12 @@ def run_cell(
         refs,
         time.perf_counter() - start,
     )
+    row["merge_seconds"] = round(merged_at, 3)
+    if merge_peak is not None:
+        row["merge_peak_rss_mb"] = merge_peak
     if optimized:
+        row["epochs"] = {k: summary[k] for k in ("epoch", "stopped", "evaluated_on", "curve")}
+        row["steps"] = summary["steps"]
         row["groups"] = summary["groups"]
         row["gamma"] = dict(zip(summary["tasks"], summary["gamma"]))
         row["trace"] = [{"step": x["step"], "loss": x["loss"], "gamma": x["gamma"]} for x in log]

@@ -2,6 +2,10 @@
 
     python scripts/zoo/report.py ZOO_DIR [--out docs/results]
     python scripts/zoo/report.py ZOO_DIR --lora [--out docs/results/lora] [--full docs/results]
+    python scripts/zoo/report.py ZOO_DIR --restore [--out docs/results]
+
+With --restore it copies the committed results back into ZOO_DIR/results/ (files it lacks), after
+checking that the zoo's weights are the ones they came from, so sweeps resume on a rebuilt zoo.
 
 With --lora it reads only the LoRA zoo's results (ZOO_DIR/results/lora_*.jsonl, PEFT's rows
 included) and writes to --out the raw files, tables.md / CSV / plots, lora.md (each method's
@@ -20,6 +24,10 @@ ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to
   difference against DivMerge and TIES on the same subsets, and each method's spread over every
   pair and every 3-subset (stability_*.jsonl, kept out of the other tables) beside the paper's
   Table 4;
+- svd2025.md (issue 27, svd2025_*.jsonl, kept out of the other tables): mean ANP of the SVD
+  merges, task arithmetic, TIES and DivMerge's variants by k; each DivMerge variant against the
+  best data-free method of that k on the same subsets; `epochs: auto` against one epoch; merge
+  seconds, peak memory and Adam steps per method;
 - experts.md / experts.csv: base vs expert on each task's test split;
 - zoo.json: sha256 of the base's and each expert's files (divmerge_cli.hashing.hash_model_dir) and
   of the data manifest (copied as data_manifest.json), so a rebuilt zoo can be checked against
@@ -310,6 +318,80 @@ def timing_table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+# Issue 27 (svd2025_*.jsonl): the data-free methods DivMerge's variants are compared with, the
+# variants, and each `epochs: auto` label with the fixed-epoch label it is paired with.
+SVD_DATA_FREE = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "wudi")
+SVD_LEARNED = ("divmerge_js_layer", "divmerge_ties_js_layer", "divmerge_tsv_js_layer")
+SVD_AUTO = {f"{m}_auto": m for m in SVD_LEARNED}
+
+
+def svd2025_tables(rows: list[dict]) -> str:
+    """Mean ANP per method and k over the subsets run so far; each DivMerge variant against the
+    best data-free method of that k on the same subsets; `epochs: auto` against one epoch; what
+    each method cost (merge seconds, peak memory, epochs run)."""
+    from divmerge_cli.sweep import cell_rows, stats, summarize
+
+    summary = summarize(rows)
+    anp = _anp_by_cell(rows)
+    ks = sorted({k for by_k in summary.values() for k in by_k})
+    out = ["**Mean ANP (%) ± 95 % interval over the subsets run (n)**", ""]
+    out += ["| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for label, by_k in summary.items():
+        cells = []
+        for k in ks:
+            st = by_k.get(k)
+            ci = "" if st is None or st.ci95 is None else f" ± {st.ci95:.1f}"
+            cells.append("-" if st is None else f"{st.mean:.1f}{ci} ({st.n})")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out += ["", "**DivMerge against the best data-free method of each k, on the same subsets "
+            "(ANP points)**", ""]  # fmt: skip
+    out += ["| k | best data-free (mean ANP) | DivMerge variant | subsets | mean Δ | 95% interval "
+            "| wins / ties / losses |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for k in ks:
+        free = [m for m in SVD_DATA_FREE if k in summary.get(m, {})]
+        if not free:
+            continue
+        best = max(free, key=lambda m: summary[m][k].mean)
+        for label in (*SVD_LEARNED, *SVD_AUTO):
+            mean, ci, wtl, n = _paired(anp.get((label, k), {}), anp[(best, k)])
+            if n:
+                head = f"| {k} | {best} ({summary[best][k].mean:.1f}) | {label} | {n} |"
+                out.append(f"{head} {mean} | {ci} | {wtl} |")
+    out += [
+        "",
+        "**`epochs: auto` against one epoch (8 Adam steps), same subsets (ANP points)**",
+        "",
+    ]
+    out += ["| variant | k | subsets | mean Δ | 95% interval | wins / ties / losses |"]
+    out += ["|---|---|---|---|---|---|"]
+    for auto, fixed in SVD_AUTO.items():
+        for k in ks:
+            mean, ci, wtl, n = _paired(anp.get((auto, k), {}), anp.get((fixed, k), {}))
+            if n:
+                out.append(f"| {auto} - {fixed} | {k} | {n} | {mean} | {ci} | {wtl} |")
+    out += ["", "**Cost per cell (1 torch thread, another lane beside it): merge seconds "
+            "(learned: teacher targets on first use, learning, writing), peak memory of the merge "
+            "(RSS, MB), Adam steps and the epoch written**", ""]  # fmt: skip
+    out += ["| method | k | cells | merge s (mean) | whole cell s (mean) | peak RSS MB (max) | "
+            "steps (mean) | epoch written |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    by: dict[tuple[str, int], list[dict]] = {}
+    for r in cell_rows(rows):
+        if "merge_seconds" in r:  # cells reused from earlier sweeps did not record it
+            by.setdefault((r["label"], int(r["k"])), []).append(r)
+    for (label, k), rs in sorted(by.items(), key=lambda x: (x[0][1], x[0][0])):
+        merge = stats([r["merge_seconds"] for r in rs]).mean
+        whole = stats([r["seconds"] for r in rs]).mean
+        peak = max((r.get("merge_peak_rss_mb", 0) for r in rs), default=0) or "-"
+        steps = [r["steps"] for r in rs if "steps" in r]
+        mean_steps = f"{statistics.fmean(steps):.0f}" if steps else "-"
+        chosen = [str(r["epochs"]["epoch"]) for r in rs if "epochs" in r]
+        out.append(
+            f"| {label} | {k} | {len(rs)} | {merge:.0f} | {whole:.0f} | {peak} | {mean_steps} | "
+            f"{', '.join(chosen) or '-'} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def experts_table(scores: dict) -> tuple[str, str]:
     """Base (raw prompt, and chat template when scored) vs expert on each task's test rows."""
     md = [
@@ -375,6 +457,7 @@ ORDER += ["lora_pairwise_datafree", "lora_pairwise_divmerge", "lora_pairwise_div
 ORDER += ["lora_pairwise_adamerging"]
 LORA = "lora_"
 STABILITY = "stability_"  # every subset of one k: kept out of the seeded per-k tables
+SVD2025 = "svd2025_"  # issue 27's sweeps: their own report, svd2025.md
 
 
 def lora_table(lora: list[dict], full: list[dict]) -> str:
@@ -450,6 +533,30 @@ def lora_report(zoo: Path, out: Path, full_dir: Path) -> list[Path]:
     return [*written, out / "lora.md", out / "lora_zoo.json"]
 
 
+def restore(zoo: Path, committed: Path) -> list[str]:
+    """Copy the committed results (committed/*.jsonl, the zoo written $ZOO) into zoo/results/ where
+    the zoo has none of that name, so sweeps resume on a rebuilt zoo; only if the zoo's weights are
+    the ones they were computed with (committed/zoo.json). Returns the names copied."""
+    want = json.loads((committed / "zoo.json").read_text())
+    for key, digest in want.items():
+        if key.startswith("weights:"):
+            folder = zoo / key.removeprefix("weights:")
+            got = hash_weights(folder) if folder.is_dir() else "missing"
+            if got != digest:
+                raise SystemExit(
+                    f"{folder}: weights differ from {committed / 'zoo.json'} ({key}); the committed "
+                    "results are not this zoo's, nothing was copied"
+                )
+    (zoo / "results").mkdir(exist_ok=True)
+    copied = []
+    for f in sorted(committed.glob("*.jsonl")):
+        target = zoo / "results" / f.name
+        if not target.exists():
+            target.write_text(f.read_text().replace("$ZOO", str(zoo.resolve())))
+            copied.append(f.name)
+    return copied
+
+
 def _require(files: list[Path], zoo: Path) -> list[Path]:
     """The results files, or stop: an empty report would overwrite the committed one."""
     if not files:
@@ -467,7 +574,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--lora", action="store_true", help="report the LoRA zoo's results only")
     ap.add_argument("--full", type=Path, default=Path("docs/results"), help="full-FT results")
+    ap.add_argument(
+        "--restore",
+        action="store_true",
+        help="copy the committed results (--out) into ZOO_DIR/results/ instead (same weights only)",
+    )
     a = ap.parse_args(argv)
+    if a.restore:
+        copied = restore(a.zoo_dir, a.out or Path("docs/results"))
+        print(f"copied {len(copied)} results files: " + ", ".join(copied))
+        return 0
     from divmerge_cli.sweep import write_reports
 
     if a.lora:
@@ -481,8 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     zoo = str(a.zoo_dir.resolve())
     for f in files:  # committed results name the zoo as $ZOO, not the folder of one machine
         (a.out / f.name).write_text(placeholder(f.read_text(), zoo))
-    rows = collect([a.out / f.name for f in files if not f.name.startswith(STABILITY)])
+    main_files = [f for f in files if not f.name.startswith((STABILITY, SVD2025))]
+    rows = collect([a.out / f.name for f in main_files])
     stable = collect([a.out / f.name for f in files if f.name.startswith(STABILITY)])
+    svd = collect([a.out / f.name for f in files if f.name.startswith(SVD2025)])
+    if svd:
+        (a.out / "svd2025.md").write_text(svd2025_tables(svd))
     written = write_reports(rows, a.out)
     (a.out / "remark3.md").write_text(
         "\n".join(
