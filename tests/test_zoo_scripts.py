@@ -675,3 +675,32 @@ def test_restore_copies_committed_results_only_onto_the_same_weights(tmp_path):
     with pytest.raises(SystemExit, match="weights differ"):
         rep.restore(zoo, committed)
     assert not (zoo / "results" / "a.jsonl").exists()
+
+
+def test_svd2025_results_are_reported_apart_from_the_older_zoo_build(tmp_path):
+    from safetensors.torch import save_file
+
+    rep = _load("report")
+    zoo = tmp_path / "zoo"
+    for d in ("base", "experts/a", "data", "results"):
+        (zoo / d).mkdir(parents=True)
+    for d in ("base", "experts/a"):
+        save_file({"w": torch.ones(2)}, zoo / d / "model.safetensors")
+    (zoo / "data" / "manifest.json").write_text("{}")
+    head = f'{{"type": "sweep", "base_model": "{zoo}/base"}}\n'
+    cell = json.dumps({**_cell("tsv", "a+b", 0.5), "scores": {}})
+    (zoo / "results" / "svd2025_k2.jsonl").write_text(head + cell + "\n")
+    (zoo / "results" / "per_k5.jsonl").write_text(json.dumps(_cell("ties", "a+b", 0.7)) + "\n")
+    out = tmp_path / "svd"
+    assert rep.main([str(zoo), "--svd2025", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["svd2025.md", "svd2025_k2.jsonl", "zoo.json"]
+    assert (
+        (out / "svd2025_k2.jsonl").read_text().startswith('{"type": "sweep", "base_model": "$ZOO')
+    )
+    assert "| tsv | 50.0 (1) |" in (out / "svd2025.md").read_text()
+    assert json.loads((out / "zoo.json").read_text())["weights:experts/a"] == rep.hash_weights(
+        zoo / "experts" / "a"
+    )
+    main_out = tmp_path / "main"  # the main report leaves issue 27's files out
+    rep.main([str(zoo), "--out", str(main_out)])
+    assert not list(main_out.glob("svd2025*"))

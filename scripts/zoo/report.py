@@ -2,7 +2,15 @@
 
     python scripts/zoo/report.py ZOO_DIR [--out docs/results]
     python scripts/zoo/report.py ZOO_DIR --lora [--out docs/results/lora] [--full docs/results]
+    python scripts/zoo/report.py ZOO_DIR --svd2025 [--out docs/results/svd2025]
     python scripts/zoo/report.py ZOO_DIR --restore [--out docs/results]
+
+With --svd2025 it reads only issue 27's results (ZOO_DIR/results/svd2025_*.jsonl, a later build
+of the zoo than the other results: its experts differ from theirs in the last digits, see
+zoo.json) and writes to --out the raw files, svd2025.md (mean ANP of the SVD merges, task
+arithmetic, TIES and DivMerge's variants by k; each DivMerge variant against the best data-free
+method of that k on the same subsets; `epochs: auto` against one epoch; merge seconds, peak
+memory and Adam steps per method), experts.md and zoo.json. The other modes leave those files out.
 
 With --restore it copies the committed results back into ZOO_DIR/results/ (files it lacks), after
 checking that the zoo's weights are the ones they came from, so sweeps resume on a rebuilt zoo.
@@ -24,10 +32,6 @@ ZOO_DIR/scores.json (base vs expert, written by build_experts.py), and writes to
   difference against DivMerge and TIES on the same subsets, and each method's spread over every
   pair and every 3-subset (stability_*.jsonl, kept out of the other tables) beside the paper's
   Table 4;
-- svd2025.md (issue 27, svd2025_*.jsonl, kept out of the other tables): mean ANP of the SVD
-  merges, task arithmetic, TIES and DivMerge's variants by k; each DivMerge variant against the
-  best data-free method of that k on the same subsets; `epochs: auto` against one epoch; merge
-  seconds, peak memory and Adam steps per method;
 - experts.md / experts.csv: base vs expert on each task's test split;
 - zoo.json: sha256 of the base's and each expert's files (divmerge_cli.hashing.hash_model_dir) and
   of the data manifest (copied as data_manifest.json), so a rebuilt zoo can be checked against
@@ -457,7 +461,7 @@ ORDER += ["lora_pairwise_datafree", "lora_pairwise_divmerge", "lora_pairwise_div
 ORDER += ["lora_pairwise_adamerging"]
 LORA = "lora_"
 STABILITY = "stability_"  # every subset of one k: kept out of the seeded per-k tables
-SVD2025 = "svd2025_"  # issue 27's sweeps: their own report, svd2025.md
+SVD2025 = "svd2025_"  # issue 27's sweeps: their own report (--svd2025), on a later zoo build
 
 
 def lora_table(lora: list[dict], full: list[dict]) -> str:
@@ -533,6 +537,24 @@ def lora_report(zoo: Path, out: Path, full_dir: Path) -> list[Path]:
     return [*written, out / "lora.md", out / "lora_zoo.json"]
 
 
+def svd2025_report(zoo: Path, out: Path) -> list[Path]:
+    """Issue 27's results on their own: the raw svd2025_*.jsonl, svd2025.md, the experts' scores and
+    zoo.json (this zoo's hashes: its experts need not be the ones the older results came from)."""
+    files = _require(sorted((zoo / "results").glob(f"{SVD2025}*.jsonl")), zoo)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (out / f.name).write_text(placeholder(f.read_text(), str(zoo.resolve())))
+    (out / "svd2025.md").write_text(svd2025_tables(collect([out / f.name for f in files])))
+    written = [out / f.name for f in files] + [out / "svd2025.md", out / "zoo.json"]
+    scores = zoo / "scores.json"
+    if scores.is_file():
+        md, csv = experts_table(json.loads(scores.read_text()))
+        (out / "experts.md").write_text(md)
+        written.append(out / "experts.md")
+    (out / "zoo.json").write_text(json.dumps(zoo_hashes(zoo), indent=2) + "\n")
+    return written
+
+
 def restore(zoo: Path, committed: Path) -> list[str]:
     """Copy the committed results (committed/*.jsonl, the zoo written $ZOO) into zoo/results/ where
     the zoo has none of that name, so sweeps resume on a rebuilt zoo; only if the zoo's weights are
@@ -579,7 +601,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="copy the committed results (--out) into ZOO_DIR/results/ instead (same weights only)",
     )
+    ap.add_argument("--svd2025", action="store_true", help="report issue 27's sweeps only")
     a = ap.parse_args(argv)
+    if a.svd2025 and not a.restore:
+        written = svd2025_report(a.zoo_dir, a.out or Path("docs/results/svd2025"))
+        print("wrote " + ", ".join(str(p) for p in written))
+        return 0
     if a.restore:
         copied = restore(a.zoo_dir, a.out or Path("docs/results"))
         print(f"copied {len(copied)} results files: " + ", ".join(copied))
@@ -592,17 +619,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     a.out = a.out or Path("docs/results")
     found = (a.zoo_dir / "results").glob("*.jsonl")
-    files = _require(_ordered([p for p in found if not p.name.startswith(LORA)]), a.zoo_dir)
+    mine = [p for p in found if not p.name.startswith((LORA, SVD2025))]
+    files = _require(_ordered(mine), a.zoo_dir)
     a.out.mkdir(parents=True, exist_ok=True)
     zoo = str(a.zoo_dir.resolve())
     for f in files:  # committed results name the zoo as $ZOO, not the folder of one machine
         (a.out / f.name).write_text(placeholder(f.read_text(), zoo))
-    main_files = [f for f in files if not f.name.startswith((STABILITY, SVD2025))]
-    rows = collect([a.out / f.name for f in main_files])
+    rows = collect([a.out / f.name for f in files if not f.name.startswith(STABILITY)])
     stable = collect([a.out / f.name for f in files if f.name.startswith(STABILITY)])
-    svd = collect([a.out / f.name for f in files if f.name.startswith(SVD2025)])
-    if svd:
-        (a.out / "svd2025.md").write_text(svd2025_tables(svd))
     written = write_reports(rows, a.out)
     (a.out / "remark3.md").write_text(
         "\n".join(
