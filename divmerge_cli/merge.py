@@ -550,32 +550,44 @@ def _finite(t: torch.Tensor, name: str) -> torch.Tensor:
     return t
 
 
-def pipeline(works: Iterator[Stages[torch.Tensor]], threads: int) -> Iterator[torch.Tensor]:
-    """The tensors of `works`, in order, with up to `threads` worker threads running the jobs of
-    the next few tensors ahead (memory: about WINDOW_PER_THREAD tensors per thread). Workers run
+def pipeline(
+    works: Iterator[Stages[torch.Tensor]], threads: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, tensor) of each of `works` as it is finished, with up to `threads` worker threads
+    running the jobs of the next few tensors (memory: about WINDOW_PER_THREAD tensors per thread).
+    Finished tensors come out of order (the writer puts each at its place), so one big tensor
+    (an embedding merged whole) does not hold up the tensors behind it. Workers run
     single-threaded torch ops and take jobs from one queue, so a core slowed by another process
     delays only its own jobs, where OpenMP's fixed split of every op waits for the slowest core."""
     if threads <= 1:
-        yield from (run_stages(w) for w in works)
+        yield from ((i, run_stages(w)) for i, w in enumerate(works))
         return
     window = WINDOW_PER_THREAD * threads
     ready: queue.SimpleQueue = queue.SimpleQueue()  # items whose stage finished
-    live: collections.deque[_Live] = collections.deque()
-    works = iter(works)
+    live: set[_Live] = set()
+    done: collections.deque[_Live] = collections.deque()
+    works = enumerate(works)
     before = torch.get_num_threads()
     pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
     try:
         while True:
             while len(live) < window and (w := next(works, None)) is not None:
-                live.append(_Live(w))
-                live[-1].advance(pool, ready, None)
+                item = _Live(*w)
+                live.add(item)
+                item.advance(pool, ready, None)
+                if item.done:
+                    done.append(item)
+            if done:
+                item = done.popleft()
+                live.discard(item)
+                yield item.index, item.value  # then admit the next tensor before waiting again
+                continue
             if not live:
                 return
-            if live[0].done:
-                yield live.popleft().value  # then admit the next tensor before waiting again
-                continue
             item = ready.get()
             item.advance(pool, ready, [f.result() for f in item.futures])
+            if item.done:
+                done.append(item)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(before)
@@ -584,8 +596,8 @@ def pipeline(works: Iterator[Stages[torch.Tensor]], threads: int) -> Iterator[to
 class _Live:
     """One tensor in flight: its stage generator and the futures of its current stage."""
 
-    def __init__(self, work: Stages[torch.Tensor]):
-        self.work, self.futures, self.done, self.value = work, [], False, None
+    def __init__(self, index: int, work: Stages[torch.Tensor]):
+        self.index, self.work, self.futures, self.done, self.value = index, work, [], False, None
         self.left, self.lock = 0, threading.Lock()
 
     def advance(self, pool: ThreadPoolExecutor, ready: queue.SimpleQueue, results) -> None:
@@ -653,7 +665,8 @@ def run_merge(
             merged = pipeline(works, threads if device == "cpu" else 1)
             if progress:
                 progress(0, len(plan.names), "")
-            for i, (name, t) in enumerate(zip(plan.names, merged)):
+            for i, (k, t) in enumerate(merged):
+                name = plan.names[k]
                 writer.write(name, t.to(plan.out_specs[name][1]))
                 if progress:
                     progress(i + 1, len(plan.names), name)
