@@ -31,7 +31,7 @@ from .checkpoint import (
     specs_nbytes,
 )
 from .errors import UserError, resolve
-from .hashing import file_stamps, hash_file, hash_model_dir
+from .hashing import cached_model_hash, file_stamps, hash_file
 from .layers import (
     block_counts,
     is_embedding,
@@ -274,7 +274,7 @@ def input_hash(plan: MergePlan, key: str) -> str:
     if key not in plan.hashes:
         path = plan.sources[key].path  # a folder listed twice (slerp's base) is hashed once
         done = [h for k, h in list(plan.hashes.items()) if plan.sources[k].path == path]
-        plan.hashes[key] = done[0] if done else hash_model_dir(path)
+        plan.hashes[key] = done[0] if done else cached_model_hash(path)
     return plan.hashes[key]
 
 
