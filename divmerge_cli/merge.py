@@ -544,10 +544,22 @@ class NotFinite(Exception):
 
 
 def _finite(t: torch.Tensor, name: str) -> torch.Tensor:
-    # numpy's isfinite is ~10x faster than torch's on CPU; upcast so half types check too
-    if t.dtype.is_floating_point and not np.isfinite(t.float().cpu().numpy()).all():
+    if t.dtype.is_floating_point and not all_finite(t):
         raise NotFinite(name)
     return t
+
+
+INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}  # exponent all ones: Inf or NaN
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in a floating tensor. Half types by their bits (a 16-bit integer max: 5x
+    faster than upcasting); others by numpy's isfinite (~10x faster than torch's on CPU)."""
+    inf = INF_BITS.get(t.dtype)
+    if inf is None:
+        return bool(np.isfinite(t.float().cpu().numpy()).all())
+    bits = t.detach().cpu().view(torch.int16).numpy()
+    return bits.size == 0 or int((bits & 0x7FFF).max()) < inf
 
 
 def pipeline(
@@ -580,7 +592,7 @@ def pipeline(
             if done:
                 item = done.popleft()
                 live.discard(item)
-                yield item.index, item.value  # then admit the next tensor before waiting again
+                yield item.take()  # then admit the next tensor before waiting again
                 continue
             if not live:
                 return
@@ -612,6 +624,11 @@ class _Live:
         self.futures = [pool.submit(j) for j in jobs]
         for f in self.futures:
             f.add_done_callback(lambda _, self=self: self._job_done(ready))
+
+    def take(self) -> tuple[int, torch.Tensor]:
+        """(index, tensor), no longer held here."""
+        value, self.value = self.value, None
+        return self.index, value
 
     def _job_done(self, ready: queue.SimpleQueue) -> None:
         with self.lock:
@@ -665,11 +682,16 @@ def run_merge(
             merged = pipeline(works, threads if device == "cpu" else 1)
             if progress:
                 progress(0, len(plan.names), "")
-            for i, (k, t) in enumerate(merged):
+            written = 0
+            # no enumerate or zip: they keep their last item, so the last tensor would live on
+            # while the next is merged
+            for k, t in merged:
                 name = plan.names[k]
                 writer.write(name, t.to(plan.out_specs[name][1]))
+                del t
+                written += 1
                 if progress:
-                    progress(i + 1, len(plan.names), name)
+                    progress(written, len(plan.names), name)
         except NotFinite as e:
             raise _not_finite(plan, e.args[0]) from None
         writer.close()
