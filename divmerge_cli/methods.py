@@ -370,24 +370,32 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
     w = torch.tensor([m["weight"] for m in p], dtype=torch.float32)
     if glob["normalize_weights"]:
         w = w / w.sum()
-    v = torch.stack([(x - base) if base is not None else x for x in xs]).reshape(len(xs), -1)
-    norms = torch.linalg.vector_norm(v, dim=1)
-    unit = v / (norms[:, None] + eps)
-    mean = w @ unit  # products with w, never a stack-sized temporary: the peak stays 2 stacks
+    # the (task) vectors written straight into one stack, then scaled to units in place: one
+    # stack of memory, and the same float32 values as stacking copies
+    unit = torch.empty((len(xs), xs[0].numel()), dtype=xs[0].dtype, device=xs[0].device)
+    for x, row in zip(xs, unit):
+        if base is None:
+            row.copy_(x.reshape(-1))
+        else:
+            torch.sub(x.reshape(-1), base.reshape(-1), out=row)
+    norms = torch.linalg.vector_norm(unit, dim=1)
+    unit.div_(norms[:, None] + eps)
+    raw = w @ unit  # products with w, never a stack-sized temporary
     if not norms.any():  # a tensor no model changed: the weighted mean norm, so the merge, is 0
-        out = torch.zeros_like(v[0])
-    elif torch.linalg.vector_norm(mean) < eps:
+        out = torch.zeros_like(unit[0])
+    elif torch.linalg.vector_norm(raw) < eps:
         if len(xs) != 2:
             raise UserError(
                 "multislerp: the task vectors cancel out (their weighted mean direction is zero), "
                 "so the merge is undefined; change the models' weights or use task_arithmetic"
             )
+        v = [(x - base if base is not None else x).reshape(-1) for x in xs]  # rows, once more
         out = w[0] * v[0] + w[1] * v[1]
     else:
-        del v
-        mean = mean / torch.linalg.vector_norm(mean)
+        mean = raw / torch.linalg.vector_norm(raw)
         # r = sum_t w_t (unit_t - (unit_t . mean) mean), the weighted tangent at the mean direction
-        r = (w @ unit).sub_(mean * float(w @ (unit @ mean)))
+        # (sum_t w_t unit_t is raw: the same product, so reused)
+        r = raw.sub_(mean * float(w @ (unit @ mean)))
         s = torch.linalg.vector_norm(r) + eps
         out = (mean * torch.cos(s)).add_(r * (torch.sin(s) / s)).mul_((norms * w).sum())
     out = out.reshape(xs[0].shape)
