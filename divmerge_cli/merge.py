@@ -518,7 +518,7 @@ def tensor_stages(
         def whole() -> torch.Tensor:
             b = base.whole().to(device, f32) if base is not None else None
             try:
-                merged = m.fn(b, [x.whole().to(device, f32) for x in xs], p, glob, rng)
+                merged = m.fn(b, [_model_tensor(x, m, device) for x in xs], p, glob, rng)
             except UserError as e:  # a method's refusal: say which tensor
                 raise UserError(f"tensor {name}: {e}") from None
             return _finite(merged.to(dtype), name)
@@ -537,6 +537,14 @@ def tensor_stages(
 
     yield [partial(chunk, i) for i in range(0, shape[0], rows)]
     return out
+
+
+def _model_tensor(x: Rows, m: Method, device: str) -> torch.Tensor:
+    """A model's whole tensor as a method takes it: float32, or 16-bit as stored for a method
+    that upcasts as it computes (float32 arithmetic on them is exact upcasting, so the result is
+    the same; a float32 copy of each is spared)."""
+    t = x.whole()
+    return t.to(device, None if m.upcasts and t.dtype in INF_BITS else torch.float32)
 
 
 class NotFinite(Exception):

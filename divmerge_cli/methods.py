@@ -365,14 +365,15 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
     moved along the weighted mean of their tangent components at it, scaled to the weighted mean
     norm. Task vectors when a base is given."""
     if len(xs) == 1:
-        return xs[0]
+        return xs[0].to(torch.float32, copy=True)
     eps = glob["eps"]
     w = torch.tensor([m["weight"] for m in p], dtype=torch.float32)
     if glob["normalize_weights"]:
         w = w / w.sum()
     # the (task) vectors written straight into one stack, then scaled to units in place: one
     # stack of memory, and the same float32 values as stacking copies
-    unit = torch.empty((len(xs), xs[0].numel()), dtype=xs[0].dtype, device=xs[0].device)
+    # (upcast on the way: the models may come in their stored dtype, the base is float32)
+    unit = torch.empty((len(xs), xs[0].numel()), dtype=torch.float32, device=xs[0].device)
     for x, row in zip(xs, unit):
         if base is None:
             row.copy_(x.reshape(-1))
@@ -389,7 +390,7 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
                 "multislerp: the task vectors cancel out (their weighted mean direction is zero), "
                 "so the merge is undefined; change the models' weights or use task_arithmetic"
             )
-        v = [(x - base if base is not None else x).reshape(-1) for x in xs]  # rows, once more
+        v = [(x - base if base is not None else x.float()).reshape(-1) for x in xs]  # again
         out = w[0] * v[0] + w[1] * v[1]
     else:
         mean = raw / torch.linalg.vector_norm(raw)
@@ -581,9 +582,10 @@ def model_stock(base, xs, p, glob, rng, prep=None) -> Tensor:
 
 
 def _sum_list(xs: list[Tensor]) -> Tensor:
-    """xs[0] + xs[1] + ... in that order, into one fresh tensor."""
-    out = xs[0].clone() if len(xs) == 1 else xs[0] + xs[1]
-    for x in xs[2:]:
+    """xs[0] + xs[1] + ... in that order, into one fresh float32 tensor (the models may come in
+    their stored dtype: each is upcast as it is added, so the sums are float32's)."""
+    out = xs[0].to(torch.float32, copy=True)
+    for x in xs[1:]:
         out += x
     return out
 
@@ -626,17 +628,20 @@ def karcher(base, xs, p, glob, rng, prep=None) -> Tensor:
     """The Karcher (Riemannian) mean of the models' directions on the unit sphere, by at most
     max_iter steps of gradient descent (stopping below tol), scaled to their mean norm; equal
     weights, as mergekit 0.1.5. Its float32 steps, rounded as mergekit rounds them (each product
-    and sum in its order), written into two buffers instead of ~5 fresh tensors per model and
+    and sum in its order), written into reused buffers instead of ~5 fresh tensors per model and
     step. (Fine-tunes of one base are nearly parallel, and float32 arccos is coarse there: on
-    SmolLM2 with 1% noise experts these steps end 3.7e-4 from the float64 mean.)"""
+    SmolLM2 with 1% noise experts these steps end 3.7e-4 from the float64 mean.) The models may
+    come in their stored dtype: each is upcast once, into the buffer its unit vector becomes."""
     if len(xs) == 1:
-        return xs[0].clone()
+        return xs[0].to(torch.float32, copy=True)
     tol = glob["tol"]
-    norms = [torch.linalg.vector_norm(x) for x in xs]
-    units = [x.reshape(-1) / nrm for x, nrm in zip(xs, norms) if float(nrm) > tol]
+    flat = [x.reshape(-1).to(torch.float32, copy=True) for x in xs]
+    norms = [torch.linalg.vector_norm(f) for f in flat]
+    units = [f.div_(nrm) for f, nrm in zip(flat, norms) if float(nrm) > tol]
+    del flat
     scale = sum(norms) / len(xs)
     if not units:
-        return torch.zeros_like(xs[0])
+        return torch.zeros(xs[0].shape, dtype=torch.float32, device=xs[0].device)
     a = 1 / len(units)
     buf = torch.empty_like(units[0])
     mean = torch.mul(units[0], a)
@@ -644,16 +649,23 @@ def karcher(base, xs, p, glob, rng, prep=None) -> Tensor:
         mean += torch.mul(u, a, out=buf)
     mnorm = torch.linalg.vector_norm(mean)
     mean = units[0].clone() if float(mnorm) < tol else mean.div_(mnorm)
-    tangent = torch.empty_like(mean)
+    tangent = None
     for _ in range(int(glob["max_iter"])):
-        tangent.zero_()
+        pulls = []  # (unit, dot, a * theta / sin theta) of the units away from the mean
         for u in units:
             dot = torch.dot(mean, u).clamp(-1.0, 1.0)
             theta = torch.arccos(dot)
             if float(theta) >= tol:  # a unit at the mean pulls nowhere
-                # a * (theta / sin theta) * (u - dot * mean), rounded step by step
-                torch.sub(u, torch.mul(mean, dot, out=buf), out=buf)
-                tangent += buf.mul_(a * (theta / torch.sin(theta)))
+                pulls.append((u, dot, a * (theta / torch.sin(theta))))
+        if not pulls:  # a zero tangent: below tol, the descent stops
+            break
+        if tangent is None:
+            tangent = torch.empty_like(mean)
+        tangent.zero_()
+        for u, dot, c in pulls:
+            # a * (theta / sin theta) * (u - dot * mean), rounded step by step
+            torch.sub(u, torch.mul(mean, dot, out=buf), out=buf)
+            tangent += buf.mul_(c)
         tn = torch.linalg.vector_norm(tangent)
         if float(tn) < tol:
             break
@@ -822,7 +834,9 @@ class Method:
     check: Callable[[Recipe], None] = _ok
     uses_base: bool = True  # the base tensor is read (and passed as `base`)
     base_as_input: bool = False  # linear: a base_model not listed in models joins them (mergekit)
-    elementwise: bool = True  # may be applied to row-chunks
+    elementwise: bool = True  # may be applied to row-chunks (and gets the models' rows in their
+    # stored dtype, upcasting them as it computes)
+    upcasts: bool = False  # whole tensors too: fn takes the models in their stored dtype
     prepare: Callable | None = None  # stages of whole-tensor statistics for chunked runs
     # (model index, problem) for parameter values resolved for one tensor that do not go together
     check_values: Callable[[list[dict], dict], list[tuple[int, str]]] | None = None
@@ -905,6 +919,7 @@ METHODS: dict[str, Method] = {
         model_params={"weight": 1.0},
         global_params={"normalize_weights": True, "eps": 1e-8},
         elementwise=False,
+        upcasts=True,
     ),
     "breadcrumbs": _sparse(
         breadcrumbs,
@@ -939,6 +954,7 @@ METHODS: dict[str, Method] = {
         global_params={"filter_wise": False},
         check=_inputs("model_stock", True, 2),
         elementwise=False,
+        upcasts=True,
     ),
     "nuslerp": Method(
         fn=nuslerp,
@@ -955,6 +971,7 @@ METHODS: dict[str, Method] = {
         uses_base=False,
         base_as_input=True,
         elementwise=False,
+        upcasts=True,
     ),
     "arcee_fusion": Method(
         fn=arcee_fusion,
