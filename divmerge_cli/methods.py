@@ -395,12 +395,14 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
     else:
         mean = raw / torch.linalg.vector_norm(raw)
         # r = sum_t w_t (unit_t - (unit_t . mean) mean), the weighted tangent at the mean direction
-        # (sum_t w_t unit_t is raw: the same product, so reused)
-        r = raw.sub_(mean * float(w @ (unit @ mean)))
+        # (sum_t w_t unit_t is raw: the same product, so reused); unit's rows are free after its
+        # products with mean, so the temporaries go there and the steps work in place
+        along = float(w @ (unit @ mean))
+        r = raw.sub_(torch.mul(mean, along, out=unit[0]))
         s = torch.linalg.vector_norm(r) + eps
-        out = (mean * torch.cos(s)).add_(r * (torch.sin(s) / s)).mul_((norms * w).sum())
+        out = mean.mul_(torch.cos(s)).add_(r.mul_(torch.sin(s) / s)).mul_((norms * w).sum())
     out = out.reshape(xs[0].shape)
-    return out + base if base is not None else out
+    return out.add_(base) if base is not None else out
 
 
 # --- mergekit's other methods -----------------------------------------------------------------
@@ -572,22 +574,17 @@ def model_stock(base, xs, p, glob, rng, prep=None) -> Tensor:
         for i in range(n)
         for j in range(i + 1, n)
     ]
-    del t, buf
     c = torch.stack(cos).mean(0).unsqueeze(-1)
     den = 1 + (n - 1) * c
     w = torch.where(den.abs() < 1e-6, 0.0, n * c / torch.where(den.abs() < 1e-6, 1.0, den))
-    out = _sum_list(xs).div_(n).view(w.shape[0], -1)  # the models' average, as mergekit sums it
-    out.mul_(w).add_(base.reshape(out.shape) * (1 - w))
-    return out.view(base.shape)
-
-
-def _sum_list(xs: list[Tensor]) -> Tensor:
-    """xs[0] + xs[1] + ... in that order, into one fresh float32 tensor (the models may come in
-    their stored dtype: each is upcast as it is added, so the sums are float32's)."""
-    out = xs[0].to(torch.float32, copy=True)
+    # the models' average, as mergekit sums it (upcast as added), into buf; the base's share into
+    # t[0]: both free now, so no fresh tensor besides the task vectors and buf
+    out = buf.copy_(xs[0].reshape(buf.shape))
     for x in xs[1:]:
-        out += x
-    return out
+        out += x.reshape(buf.shape)
+    share = torch.mul(base.reshape(buf.shape), 1 - w, out=t[0])
+    out.div_(n).mul_(w).add_(share)
+    return out.view(base.shape)
 
 
 def nuslerp(base, xs, p, glob, rng, prep=None) -> Tensor:
