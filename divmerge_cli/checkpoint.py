@@ -255,14 +255,14 @@ class Checkpoint:
             start, stop = max(0, start), min(shape[0], stop if stop is not None else shape[0])
             begin, end = begin + start * row, begin + max(start, stop) * row
             shape[0] = max(0, stop - start)
-        buf = bytearray(end - begin)
+        buf = torch.empty(end - begin, dtype=torch.uint8)  # unlike a bytearray, not zeroed first
         with open(f, "rb") as fh:
             fh.seek(info["start"] + begin - info["data_offsets"][0])
-            if fh.readinto(buf) != len(buf):
+            if fh.readinto(buf.numpy()) != len(buf):
                 raise UserError(f"{self.where}: {f} is truncated (tensor {name})")
-        if not buf:
+        if not len(buf):
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        return buf.view(dtype).reshape(shape)
 
     def tau_is_dense(self, name: str) -> bool | None:
         """Whether tau(name) is a dense tensor, told from headers (None: only reading tells)."""
