@@ -77,8 +77,17 @@ def _taus(base: Tensor, xs: list[Tensor]) -> Tensor:
     place); the models may arrive in their storage dtype, upcast on the way."""
     t = torch.empty((len(xs), *base.shape), dtype=torch.float32, device=base.device)
     for i, x in enumerate(xs):
-        torch.sub(x, base, out=t[i])
+        sub_upcast(x, base, t[i])
     return t
+
+
+def sub_upcast(x: Tensor, base: Tensor, out: Tensor) -> Tensor:
+    """out = x - base in float32 (out and base float32, x as stored). A 16-bit x is converted into
+    out first, then base subtracted in place: the same values as torch's mixed-dtype subtraction
+    (the upcast is exact), ~3x faster on CPU."""
+    if x.dtype in (torch.bfloat16, torch.float16) and base.dtype == out.dtype == torch.float32:
+        return out.copy_(x).sub_(base)
+    return torch.sub(x, base, out=out)
 
 
 def _sum0(t: Tensor) -> Tensor:
@@ -378,7 +387,7 @@ def multislerp(base, xs, p, glob, rng, prep=None) -> Tensor:
         if base is None:
             row.copy_(x.reshape(-1))
         else:
-            torch.sub(x.reshape(-1), base.reshape(-1), out=row)
+            sub_upcast(x.reshape(-1), base.reshape(-1), row)
     norms = torch.linalg.vector_norm(unit, dim=1)
     unit.div_(norms[:, None] + eps)
     raw = w @ unit  # products with w, never a stack-sized temporary
@@ -580,8 +589,8 @@ def model_stock(base, xs, p, glob, rng, prep=None) -> Tensor:
     # the models' average, as mergekit sums it (upcast as added), into buf; the base's share into
     # t[0]: both free now, so no fresh tensor besides the task vectors and buf
     out = buf.copy_(xs[0].reshape(buf.shape))
-    for x in xs[1:]:
-        out += x.reshape(buf.shape)
+    for x in xs[1:]:  # each upcast into t[0] first: faster than a mixed-dtype sum, same values
+        out += t[0].copy_(x.reshape(buf.shape))
     share = torch.mul(base.reshape(buf.shape), 1 - w, out=t[0])
     out.div_(n).mul_(w).add_(share)
     return out.view(base.shape)
