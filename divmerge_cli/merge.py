@@ -512,6 +512,8 @@ def tensor_stages(
     shape = plan.out_specs[name][0]
     if not ref.ckpt.dtype(ref.name).is_floating_point:
         return (yield [ref.whole])[0]  # integer buffers are copied from the base
+    if m.copies and isinstance(xs[0], Rows) and m.copies(p, glob):
+        return (yield [partial(_copied, xs[0], dtype, name)])[0]
     numel = ref.numel()
     if not m.elementwise or numel <= CHUNK_ELEMENTS or len(shape) < 2:
 
@@ -537,6 +539,13 @@ def tensor_stages(
 
     yield [partial(chunk, i) for i in range(0, shape[0], rows)]
     return out
+
+
+def _copied(x: Rows, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """A model's tensor as stored (through float32 when the output's dtype differs, as a method
+    would round it), for a method whose merge is that tensor."""
+    t = x.whole()
+    return _finite(t if t.dtype == dtype else t.float().to(dtype), name)
 
 
 def _model_tensor(x: Rows, m: Method, device: str) -> torch.Tensor:

@@ -843,6 +843,9 @@ class Method:
     elementwise: bool = True  # may be applied to row-chunks (and gets the models' rows in their
     # stored dtype, upcasting them as it computes)
     upcasts: bool = False  # whole tensors too: fn takes the models in their stored dtype
+    # (per-model, global parameters) -> whether the merge is the one model's tensor unchanged, so
+    # that the merge copies it as stored instead of calling fn (passthrough at scale 1)
+    copies: Callable[[list[dict], dict], bool] | None = None
     prepare: Callable | None = None  # stages of whole-tensor statistics for chunked runs
     # (model index, problem) for parameter values resolved for one tensor that do not go together
     check_values: Callable[[list[dict], dict], list[tuple[int, str]]] | None = None
@@ -1026,6 +1029,7 @@ METHODS: dict[str, Method] = {
         check=_passthrough_check,
         uses_base=False,
         base_as_input=True,
+        copies=lambda p, glob: p[0]["scale"] == 1,
     ),
 }
 
