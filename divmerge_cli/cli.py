@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import random
 import shlex
 import signal
 import sys
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -910,8 +912,30 @@ def _interrupted() -> None:
 
 
 def main() -> None:
-    """Entry point: user errors exit 2 with one line, failed quality gates 3, unexpected failures
-    1, Ctrl-C 130, SIGTERM 143."""
+    """The `divmerge` command: `command()`, then the process ends without the interpreter's
+    teardown (freeing torch's and every module's objects one by one: ~0.6 s of CPU after the
+    work is done). Exit handlers run and stdout and stderr are flushed first; while a non-daemon
+    thread runs, the ordinary exit, which waits for it."""
+    try:
+        command()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):  # a message: the ordinary exit prints it
+        sys.exit(code)
+    me = threading.main_thread()
+    if any(t.is_alive() and not t.daemon and t is not me for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what the ordinary exit runs before its teardown
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
+
+
+def command() -> None:
+    """The command line, in this process (tests call it): user errors exit 2 with one line,
+    failed quality gates 3, unexpected failures 1, Ctrl-C 130, SIGTERM 143 (SystemExit)."""
     _signals.reset()
     _ui["quiet"] = False
     out.stderr = False
