@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import gc
 import os
 import random
 import shlex
@@ -98,6 +99,19 @@ class _Bars(Progress):
         super().update(task_id, **kw, **({} if info is None else {"info": info[-60:]}))
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Imports (torch's) without the cyclic garbage collector, whose passes over the objects they
+    create free nothing and cost ~0.25 s of CPU (15% of importing the merge)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _device(choice: str) -> str:
     import torch
 
@@ -157,9 +171,10 @@ def run(
 ) -> None:
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
     _ui["quiet"] = quiet
-    from .checkpoint import check_out, parse_size
-    from .merge import plan_merge, run_merge
-    from .recipe import load_recipe
+    with _collector_paused():
+        from .checkpoint import check_out, parse_size
+        from .merge import plan_merge, run_merge
+        from .recipe import load_recipe
 
     shard = parse_size(out_shard_size)
     _check_seed(seed)
