@@ -553,7 +553,8 @@ def _model_tensor(x: Rows, m: Method, device: str) -> torch.Tensor:
     that upcasts as it computes (float32 arithmetic on them is exact upcasting, so the result is
     the same; a float32 copy of each is spared)."""
     t = x.whole()
-    return t.to(device, None if m.upcasts and t.dtype in INF_BITS else torch.float32)
+    half = t.dtype in INF_BITS  # the 16-bit floats
+    return t.to(device, None if m.upcasts and half else torch.float32)
 
 
 class NotFinite(Exception):
