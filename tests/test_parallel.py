@@ -103,7 +103,7 @@ def test_threads_write_bit_identical_checkpoints(tmp_path, llama_zoo, monkeypatc
     assert (unchunked / "model.safetensors").read_bytes() == ref
 
 
-def test_pipeline_keeps_order_and_bounds_the_tensors_in_flight():
+def test_pipeline_yields_each_tensor_with_its_index_and_bounds_the_tensors_in_flight():
     started, live, most = [], [0], [0]
 
     def work(i: int):
