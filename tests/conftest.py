@@ -69,14 +69,14 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """Run `divmerge ARGS...` in-process; returns (exit code, stdout, stderr)."""
-    from divmerge_cli.cli import main
+    from divmerge_cli.cli import command
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()  # drop what fixtures printed
         monkeypatch.setattr(sys, "argv", ["divmerge", *map(str, args)])
         code = 0
         try:
-            main()
+            command()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         captured = capsys.readouterr()

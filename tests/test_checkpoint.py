@@ -61,9 +61,22 @@ def test_shard_writer_output_reads_back_with_safetensors(tmp_path):
     for f in set(index["weight_map"].values()):
         got.update(load_file(str(tmp_path / f)))
     assert all(torch.equal(got[n], t) and got[n].dtype == t.dtype for n, t in tensors.items())
-    (tmp_path / "x").mkdir()
-    with pytest.raises(RuntimeError, match="writer expected a"):  # out of order
-        ShardWriter(tmp_path / "x", specs, 10**6).write("b", tensors["b"])
+    (tmp_path / "x").mkdir()  # in any order: each at its place in its shard
+    w = ShardWriter(tmp_path / "x", specs, max_bytes=70)
+    for n in reversed(tensors):
+        w.write(n, tensors[n])
+    w.close()
+    for f in index["weight_map"].values():
+        assert (tmp_path / "x" / f).read_bytes() == (tmp_path / f).read_bytes()
+    (tmp_path / "y").mkdir()
+    w = ShardWriter(tmp_path / "y", specs, 10**6)
+    with pytest.raises(RuntimeError, match="writer expected a"):
+        w.write("a", tensors["a"].double())
+    w.write("b", tensors["b"])
+    with pytest.raises(RuntimeError, match="writer got b, which is not a tensor it still expects"):
+        w.write("b", tensors["b"])
+    with pytest.raises(RuntimeError, match="writer closed before a was written"):
+        w.close()
 
 
 def test_plan_shards_keeps_order_and_gives_a_big_tensor_its_own_shard():

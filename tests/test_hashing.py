@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 
+from divmerge_cli import hashing
 from divmerge_cli.checkpoint import TOKENIZER_FILES, model_files
-from divmerge_cli.hashing import hash_json, hash_model_dir
+from divmerge_cli.hashing import cached_model_hash, hash_json, hash_model_dir
 
 
 def _copy(src, dst):
@@ -59,3 +62,28 @@ def test_an_adapters_config_changes_its_hash(tmp_path):
     before = hash_model_dir(d)
     (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 16}')
     assert hash_model_dir(d) != before
+
+
+def test_cached_hash_is_remembered_by_the_files_stamps(tmp_path, llama_zoo, monkeypatch):
+    d = _copy(llama_zoo["base"], tmp_path / "m")
+    cache = tmp_path / "cache" / "hashes.json"
+    want = hash_model_dir(d)
+    reads = []
+    monkeypatch.setattr(hashing, "hash_model_dir", lambda p: reads.append(p) or hash_model_dir(p))
+    assert cached_model_hash(d, cache) == want
+    assert not cache.exists()  # files written this second: not remembered yet
+    monkeypatch.setattr(hashing, "SETTLED_NS", 0)
+    assert cached_model_hash(d, cache) == want
+    assert json.loads(cache.read_text())[str(d.resolve())]["sha256"] == want
+    assert cached_model_hash(d, cache) == want and len(reads) == 2  # from the cache: not read
+    time.sleep(0.05)  # past the clock tick of the stamps
+    weights = next(d.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))  # same size, rewritten in place: a new ctime
+    changed = cached_model_hash(d, cache)
+    assert changed == hash_model_dir(d) != want and len(reads) == 3
+    cache.write_text("not json")  # a damaged cache is ignored, then replaced
+    assert cached_model_hash(d, cache) == changed and len(reads) == 4
+    assert cached_model_hash(d, cache) == changed and len(reads) == 4
+    assert cached_model_hash(d, None) == changed and len(reads) == 5

@@ -190,7 +190,7 @@ def test_run_without_eval_imports_no_scorer(tmp_path, toy):
     )
     code = (
         "import sys, runpy; sys.argv = ['divmerge', 'run', sys.argv[1], '-o', sys.argv[2], '-q'];"
-        "import divmerge_cli.cli as c\ntry:\n    c.main()\nexcept SystemExit as e:\n    assert not e.code, e\n"
+        "import divmerge_cli.cli as c\ntry:\n    c.command()\nexcept SystemExit as e:\n    assert not e.code, e\n"
         "print(sorted(m for m in ('transformers', 'rouge_score', 'nltk', 'divmerge_cli.evaluate',"
         " 'divmerge_cli.report', 'divmerge_cli.hf') if m in sys.modules))"
     )

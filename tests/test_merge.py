@@ -130,3 +130,38 @@ def test_a_0_dim_tensor_merges_with_every_method(tmp_path, llama_zoo, cli, metho
     out = merge.run_merge(p, tmp_path / "out")
     got = load_file(out / "model.safetensors")["model.logit_scale"]
     assert got.shape == () and (want is None or abs(float(got) - want) < 1e-6), float(got)
+
+
+def test_passthrough_at_scale_1_copies_the_stored_tensors_and_still_refuses_nan(
+    tmp_path, llama_zoo
+):
+    from safetensors.torch import load_file, save_file
+
+    src = llama_zoo["e0"]
+    half = tmp_path / "half"
+    half.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (half / f.name).write_bytes(f.read_bytes())
+    stored = {k: v.bfloat16() for k, v in load_file(str(src / "model.safetensors")).items()}
+    save_file(stored, str(half / "model.safetensors"))
+    for scale, dtype, want in [
+        (1.0, None, lambda v: v),
+        (1.0, "float16", lambda v: v.float().half()),
+        (0.5, None, lambda v: (v.float() * 0.5).bfloat16()),
+    ]:
+        r = {"merge_method": "passthrough", "models": [{"model": str(half)}]}
+        r["models"][0]["parameters"] = {"scale": scale}
+        r |= {"dtype": dtype} if dtype else {}
+        p = merge.plan_merge(load_recipe(write_recipe(tmp_path / "r.yaml", r)))
+        out = merge.run_merge(p, tmp_path / "out", force=True, threads=2)
+        got = load_file(str(out / "model.safetensors"))
+        assert got.keys() == stored.keys()
+        assert all(torch.equal(got[k], want(v)) for k, v in stored.items()), (scale, dtype)
+    name = next(k for k, v in stored.items() if v.dim() == 2)
+    stored[name][1, 2] = float("nan")
+    save_file(stored, str(half / "model.safetensors"))
+    r = {"merge_method": "passthrough", "models": [{"model": str(half)}]}
+    p = merge.plan_merge(load_recipe(write_recipe(tmp_path / "r.yaml", r)))
+    with pytest.raises(UserError, match=f"tensor {name} in .* holds NaN or Inf"):
+        merge.run_merge(p, tmp_path / "nan")

@@ -232,6 +232,17 @@ def test_every_method_returns_a_new_float32_tensor_and_chunks_as_it_declares(nam
         assert torch.equal(torch.cat(parts), whole)
 
 
+@pytest.mark.parametrize("name", [n for n, m in M.METHODS.items() if m.upcasts])
+def test_a_method_that_upcasts_gives_on_16_bit_models_what_it_gives_on_their_float32(name):
+    m = M.METHODS[name]
+    base, xs, p, glob = _inputs_for(name)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = [x.to(dtype) for x in xs]
+        got = m.fn(base, half, p, glob, torch.Generator().manual_seed(0))
+        want = m.fn(base, [h.float() for h in half], p, glob, torch.Generator().manual_seed(0))
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_every_mergekit_method_is_a_divmerge_method():
     assert set(MERGEKIT_METHODS[:20]) <= set(M.METHODS)
 

@@ -4,6 +4,7 @@ sampled bracket (exactly the k-th magnitude torch.kthvalue finds)."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ def test_threads_write_bit_identical_checkpoints(tmp_path, llama_zoo, monkeypatc
     assert (unchunked / "model.safetensors").read_bytes() == ref
 
 
-def test_pipeline_keeps_order_and_bounds_the_tensors_in_flight():
+def test_pipeline_yields_each_tensor_with_its_index_and_bounds_the_tensors_in_flight():
     started, live, most = [], [0], [0]
 
     def work(i: int):
@@ -116,8 +117,29 @@ def test_pipeline_keeps_order_and_bounds_the_tensors_in_flight():
         return (i, total)
 
     out = list(merge.pipeline((work(i) for i in range(20)), threads=3))
-    assert out == [(i, 3) for i in range(20)]
+    assert sorted(out) == [(i, (i, 3)) for i in range(20)]
     assert most[0] <= merge.WINDOW_PER_THREAD * 3
+    assert list(merge.pipeline((work(i) for i in range(5)), threads=1)) == [
+        (i, (i, 3)) for i in range(5)
+    ]
+
+
+def test_a_slow_tensor_does_not_hold_up_the_tensors_behind_it():
+    # tensor 0 finishes only once a tensor beyond the window has run: the tensors behind it were
+    # handed out (and their places freed) while it was still working
+    late = threading.Event()
+    window = merge.WINDOW_PER_THREAD * 2
+
+    def work(i: int):
+        if i == 0:
+            (ok,) = yield [lambda: late.wait(timeout=30)]
+            return ok
+        (x,) = yield [lambda: late.set() if i == window + 1 else None]
+        return x
+
+    out = list(merge.pipeline((work(i) for i in range(window + 3)), threads=2))
+    # True: tensor window + 1 ran while tensor 0 was still working (in order, it never could)
+    assert sorted(i for i, _ in out) == list(range(window + 3)) and dict(out)[0] is True
 
 
 def test_threads_option_env_and_affinity(monkeypatch, tmp_path, llama_zoo, cli):

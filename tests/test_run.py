@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from conftest import write_recipe
-from divmerge_cli import merge, tiny
+from divmerge_cli import __version__, merge, tiny
 from divmerge_cli.recipe import load_recipe
 
 
@@ -381,3 +383,17 @@ def test_model_card_names_the_inputs_as_read_not_as_variables(
     front = yaml.safe_load(card.split("---\n")[1])
     assert front == {"tags": ["merge", "divmerge"], "base_model": str(base.resolve())}
     assert "$DIVMERGE_TEST_ZOO" not in card and f"- `{llama_zoo['e0'].resolve()}`" in card
+
+
+def test_the_command_ends_with_its_exit_code_its_exit_handlers_run_and_its_output_flushed(
+    tmp_path,
+):
+    # main() ends the process without the interpreter's teardown: what the teardown would have
+    # done that matters (exit handlers, flushed pipes, the exit code) still happens
+    code = "import atexit; atexit.register(print, 'bye'); from divmerge_cli.cli import main; main()"
+    ok = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.split() == ["divmerge", __version__, "bye"], ok
+    args = ["run", str(tmp_path / "none.yaml"), "-o", str(tmp_path / "o")]
+    bad = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert bad.returncode == 2 and "recipe file not found" in bad.stderr, bad
+    assert bad.stdout.split() == ["bye"]
