@@ -22,6 +22,7 @@ from .lora import PREFIX, LoraExpert, module_kinds
 from .merge import merge_tensor, model_card, tensor_generator, tensor_params
 from .models import combine, open_model, tau_of
 from .recipe import dump_recipe
+from .svd_methods import thin_svd
 from .taskvectors import LowRank
 
 
@@ -35,12 +36,12 @@ def factor(delta: Tensor | LowRank, rank: int | None) -> tuple[Tensor, Tensor, f
             return (b, a, 0.0) if b.abs().sum() and a.abs().sum() else None
         qb, rb = torch.linalg.qr(b)
         qa, ra = torch.linalg.qr(a.T)
-        u, s, vh = torch.linalg.svd(rb @ ra.T)
+        u, s, vh = thin_svd(rb @ ra.T)
         u, vh = qb @ u, vh @ qa.T
     else:
         if rank is None:
             raise ValueError("a dense task vector needs a rank")
-        u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+        u, s, vh = thin_svd(delta.float())
     total = float(s.square().sum())
     if total == 0:
         return None

@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .errors import UserError
+
 EPS = torch.finfo(torch.float32).eps
 ADAM = (0.9, 0.999, 1e-8)  # torch.optim.Adam's defaults, as WUDI's code uses them
 
@@ -38,10 +40,29 @@ def _tol(s_max: float, shape) -> float:
     return s_max * max(shape) * EPS
 
 
+def thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """torch.linalg.svd(a, full_matrices=False), in a's dtype. LAPACK's gesdd (torch's CPU driver)
+    fails to converge in float32 on some matrices with many (near-)repeated singular values, such
+    as Iso-CTS's stack of singular vectors of SmolLM2's o_proj (574 x 576, all ~1); float64
+    converges on those, so a failure is retried there. A matrix that fails in both is a UserError
+    (the merge names its tensor)."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        raise UserError(
+            f"the SVD of a {tuple(a.shape)} matrix did not converge, in float32 or float64"
+        ) from None
+    return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
 def _svd(a: Tensor, tol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """a = u diag(s) vh, keeping the singular values above `tol` (default: a's own matrix-rank
     tolerance)."""
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = thin_svd(a)
     if tol is None:
         tol = _tol(float(s[0]), a.shape) if len(s) else 0.0
     k = int((s > tol).sum())
@@ -51,7 +72,7 @@ def _svd(a: Tensor, tol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
 def _polar(a: Tensor) -> Tensor:
     """The orthogonal matrix nearest to a (orthonormal columns, or rows when a is wide): u vh of
     its SVD, as TSV-M and Iso-CTS orthogonalise the stacked singular vectors."""
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    u, _, vh = thin_svd(a)
     return u @ vh
 
 
@@ -84,7 +105,7 @@ def tsv_factors(t: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]] | None:
     k = min(shape) // n
     if k == 0:
         return None
-    svds = [torch.linalg.svd(tau, full_matrices=False) for tau in t]
+    svds = [thin_svd(tau) for tau in t]
     tol = _tol(max(float(s[0]) for _, s, _ in svds), shape)
     us, ss, vs, sizes = [], [], [], []
     for u, s, vh in svds:

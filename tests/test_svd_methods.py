@@ -230,6 +230,50 @@ def test_each_method_runs_and_validate_says_what_the_svds_cost(name, llama_zoo, 
     assert torch.allclose(got[n], base[n] + 0.9 * mean, atol=1e-6)
 
 
+def _gesdd_fails(dtypes):
+    """torch.linalg.svd raising as LAPACK's gesdd does when it does not converge, on `dtypes`."""
+    svd = torch.linalg.svd
+
+    def fake(a, *args, **kw):
+        if a.dtype in dtypes:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return svd(a, *args, **kw)
+
+    return fake
+
+
+def test_an_svd_that_does_not_converge_in_float32_is_done_in_float64(monkeypatch):
+    a = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    want = torch.linalg.svd(a.double(), full_matrices=False)
+    monkeypatch.setattr(torch.linalg, "svd", _gesdd_fails({torch.float32}))
+    u, s, vh = S.thin_svd(a)
+    assert (u.dtype, s.dtype, vh.dtype) == (torch.float32,) * 3
+    for got, w in zip((u, s, vh), want):
+        assert torch.equal(got, w.float())
+    assert torch.allclose(u * s @ vh, a, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tsv", "iso_cts"])
+def test_a_merge_whose_svd_fails_in_float32_runs_and_one_failing_in_both_names_the_tensor(
+    name, llama_zoo, tmp_path, cli, monkeypatch
+):
+    experts = [llama_zoo[e] for e in ("e0", "e1", "e2")]
+    r = _recipe(tmp_path, llama_zoo, name, experts)
+    code, _, err = cli("run", r, "-o", tmp_path / "ok")
+    assert code == 0, err
+    monkeypatch.setattr(torch.linalg, "svd", _gesdd_fails({torch.float32}))
+    code, _, err = cli("run", r, "-o", tmp_path / "f64")
+    assert code == 0, err
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("ok", "f64"))
+    for n in a:  # the same merge, to float32 rounding of the decompositions
+        assert torch.allclose(a[n], b[n], atol=1e-5), n
+    monkeypatch.setattr(torch.linalg, "svd", _gesdd_fails({torch.float32, torch.float64}))
+    code, _, err = cli("run", r, "-o", tmp_path / "bad")
+    assert code == 2 and "Traceback" not in err
+    assert re.search(r"tensor \S+: the SVD of a \(\d+, \d+\) matrix did not converge", err), err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("name", SVD)
 def test_lora_experts_merge_as_their_dense_models(name, lora_zoo, tmp_path, cli):  # noqa: F811
     """Adapters are densified per tensor: the merge equals the one of their merge_and_unload()
