@@ -734,9 +734,7 @@ def _ram_terms(base, xs, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 def passthrough(base, xs, p, glob, rng, prep=None) -> Tensor:
     """One model's tensors, each times its `scale` (mergekit's passthrough; with `slices:` it
     copies each slice's layers, stacking them into a deeper model)."""
-    scale = p[0]["scale"]
-    # at scale 1 a copy: the product would be the same values, one pass later
-    return xs[0].to(torch.float32, copy=True) if scale == 1 else xs[0].float() * scale
+    return xs[0].float() * p[0]["scale"]  # at scale 1 the merge copies instead (Method.copies)
 
 
 # --- the table ------------------------------------------------------------------------------

@@ -419,6 +419,15 @@ def placeholder(text: str, zoo: str) -> str:
     return re.sub(re.escape(zoo) + r"(?![\w.-])", "$ZOO", text)
 
 
+def copy_results(files: list[Path], out: Path, zoo: Path) -> list[Path]:
+    """The results files copied into `out`, the zoo's folder written $ZOO (committed results name
+    no one machine's folder); returns the copies."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (out / f.name).write_text(placeholder(f.read_text(), str(zoo.resolve())))
+    return [out / f.name for f in files]
+
+
 def zoo_hashes(zoo: Path) -> dict[str, str]:
     import hashlib
 
@@ -517,10 +526,7 @@ def lora_report(zoo: Path, out: Path, full_dir: Path) -> list[Path]:
     from divmerge_cli.sweep import write_reports
 
     files = _require(_ordered([p for p in (zoo / "results").glob(f"{LORA}*.jsonl")]), zoo)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        (out / f.name).write_text(placeholder(f.read_text(), str(zoo.resolve())))
-    rows = collect([out / f.name for f in files])
+    rows = collect(copy_results(files, out, zoo))
     full_files = [p for p in full_dir.glob("*.jsonl") if not p.name.startswith(LORA)]
     full = collect(_ordered(full_files))
     written = write_reports(rows, out)
@@ -541,11 +547,9 @@ def svd2025_report(zoo: Path, out: Path) -> list[Path]:
     """Issue 27's results on their own: the raw svd2025_*.jsonl, svd2025.md, the experts' scores and
     zoo.json (this zoo's hashes: its experts need not be the ones the older results came from)."""
     files = _require(sorted((zoo / "results").glob(f"{SVD2025}*.jsonl")), zoo)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        (out / f.name).write_text(placeholder(f.read_text(), str(zoo.resolve())))
-    (out / "svd2025.md").write_text(svd2025_tables(collect([out / f.name for f in files])))
-    written = [out / f.name for f in files] + [out / "svd2025.md", out / "zoo.json"]
+    copied = copy_results(files, out, zoo)
+    (out / "svd2025.md").write_text(svd2025_tables(collect(copied)))
+    written = [*copied, out / "svd2025.md", out / "zoo.json"]
     scores = zoo / "scores.json"
     if scores.is_file():
         md, csv = experts_table(json.loads(scores.read_text()))
@@ -621,10 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     found = (a.zoo_dir / "results").glob("*.jsonl")
     mine = [p for p in found if not p.name.startswith((LORA, SVD2025))]
     files = _require(_ordered(mine), a.zoo_dir)
-    a.out.mkdir(parents=True, exist_ok=True)
-    zoo = str(a.zoo_dir.resolve())
-    for f in files:  # committed results name the zoo as $ZOO, not the folder of one machine
-        (a.out / f.name).write_text(placeholder(f.read_text(), zoo))
+    copy_results(files, a.out, a.zoo_dir)
     rows = collect([a.out / f.name for f in files if not f.name.startswith(STABILITY)])
     stable = collect([a.out / f.name for f in files if f.name.startswith(STABILITY)])
     written = write_reports(rows, a.out)
