@@ -8,7 +8,6 @@ would grow to n whole models. With reads, peak memory is the tensors we hold.
 from __future__ import annotations
 
 import errno
-import fnmatch
 import glob
 import json
 import math
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, resolve
+from .hashing import TOKENIZER_FILES, is_model_file
 
 ST_DTYPES = {
     "F64": torch.float64,
@@ -40,41 +40,6 @@ ST_DTYPES = {
 }
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-)
-
-
-# Files whose bytes decide what a model folder computes; README, recipes, cards do not. The
-# tokenizer files are the ones a merge copies (one list: a file copied but not hashed, as
-# added_tokens.json once was, would let a cache entry outlive a tokenizer change).
-_MODEL_GLOBS = (
-    "*.safetensors",
-    "*.bin",
-    "*.safetensors.index.json",
-    "config.json",
-    "adapter_config.json",
-)
-
-
-def is_model_file(name: str) -> bool:
-    """Whether a file of this name in a model folder is part of the model (model_files)."""
-    return name in TOKENIZER_FILES or any(fnmatch.fnmatchcase(name, g) for g in _MODEL_GLOBS)
-
-
-def model_files(model_dir: str | Path) -> list[Path]:
-    d = Path(model_dir)
-    files = {p for pattern in _MODEL_GLOBS for p in d.glob(pattern)}
-    files |= {d / n for n in TOKENIZER_FILES if (d / n).is_file()}
-    return sorted(files)
 
 
 def read_header(path: Path) -> dict:

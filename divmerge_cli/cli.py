@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -31,6 +32,7 @@ from rich.table import Table
 
 from . import __version__, bars
 from .errors import GateFailed, UserError
+from .hashing import prehash
 from .interrupts import Interrupts
 from .progress import INTERVAL_ENV, ProgressLog, interval_from
 
@@ -171,6 +173,9 @@ def run(
 ) -> None:
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
     _ui["quiet"] = quiet
+    n_threads = _threads(threads)
+    if n_threads > 1:  # a spare core hashes the inputs while torch imports
+        prehash(_recipe_folders(recipe))
     with _collector_paused():
         from .checkpoint import check_out, parse_size
         from .merge import plan_merge, run_merge
@@ -182,7 +187,6 @@ def run(
     dev = _device(device)
     if adapter_rank is not None and (not as_adapter or adapter_rank < 1):
         raise UserError("--adapter-rank: needs --as-adapter and a rank of at least 1")
-    n_threads = _threads(threads)
     if eval_ and as_adapter:
         raise UserError("--eval scores a full model folder; it does not go with --as-adapter")
     gated = _run_eval_plan(r, recipe, eval_, fail_under_anp, fail_under, seed)
@@ -259,6 +263,26 @@ def _run_eval(plan, output: Path, seed: int, cache_dir: Path | None) -> None:
         [output], plan.tasks, plan.references, None, EvalOptions(seed=seed), cache
     )
     _report_and_gate(report, plan.gates, output / "eval.json")
+
+
+def _recipe_folders(recipe: Path) -> list[Path]:
+    """The local model folders a recipe names (base_model, models, slices' sources), read from
+    its YAML without validating it: a head start for hashing, so anything odd is skipped here
+    and reported by load_recipe."""
+    try:
+        data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+
+    def items(d: object, key: str) -> list[dict]:
+        v = d.get(key) if isinstance(d, dict) else None
+        return [x for x in v if isinstance(x, dict)] if isinstance(v, list) else []
+
+    refs = [data.get("base_model") if isinstance(data, dict) else None]
+    refs += [m.get("model") for m in items(data, "models")]
+    for sl in items(data, "slices"):
+        refs += [sl.get("base_model")] + [s.get("model") for s in items(sl, "sources")]
+    return [recipe.parent / os.path.expanduser(r) for r in refs if isinstance(r, str)]
 
 
 def _threads(option: int | None) -> int:

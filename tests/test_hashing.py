@@ -7,8 +7,14 @@ import shutil
 import time
 
 from divmerge_cli import hashing
-from divmerge_cli.checkpoint import TOKENIZER_FILES, model_files
-from divmerge_cli.hashing import cached_model_hash, hash_json, hash_model_dir
+from divmerge_cli.hashing import (
+    TOKENIZER_FILES,
+    cached_model_hash,
+    hash_json,
+    hash_model_dir,
+    model_files,
+    prehash,
+)
 
 
 def _copy(src, dst):
@@ -87,3 +93,23 @@ def test_cached_hash_is_remembered_by_the_files_stamps(tmp_path, llama_zoo, monk
     assert cached_model_hash(d, cache) == changed and len(reads) == 4
     assert cached_model_hash(d, cache) == changed and len(reads) == 4
     assert cached_model_hash(d, None) == changed and len(reads) == 5
+
+
+def test_prehash_is_used_once_and_only_while_the_files_are_unchanged(
+    tmp_path, llama_zoo, monkeypatch
+):
+    d = _copy(llama_zoo["base"], tmp_path / "m")
+    want = hash_model_dir(d)
+    reads = []
+    monkeypatch.setattr(hashing, "hash_model_dir", lambda p: reads.append(p) or hash_model_dir(p))
+    prehash([d, tmp_path / "missing"], None)  # a folder that does not exist is skipped
+    assert cached_model_hash(d, None) == want and len(reads) == 1  # the early hash, not a second
+    assert cached_model_hash(d, None) == want and len(reads) == 2  # taken once
+    prehash([d], None)
+    hashing._EARLY[(str(d.resolve()), None)].result()  # done under the old bytes
+    time.sleep(0.05)
+    weights = next(d.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert cached_model_hash(d, None) == hash_model_dir(d) != want and len(reads) == 4

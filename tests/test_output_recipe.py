@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import write_recipe
+from divmerge_cli import cli as cli_module
 from divmerge_cli.hashing import hash_file, hash_model_dir
 from divmerge_cli.merge import plan_merge, reproducible_recipe
 from divmerge_cli.recipe import load_recipe
@@ -41,7 +42,7 @@ def _project(tmp: Path, zoo: dict, **links: str) -> Path:
 def test_output_recipe_reproduces_the_merge_from_any_folder(tmp_path, llama_zoo, cli, monkeypatch):
     proj = _project(tmp_path, llama_zoo, base="base", a="e0", b="e1")
     monkeypatch.chdir(proj)
-    code, _, err = cli("run", "r.yaml", "-o", "out")
+    code, _, err = cli("run", "r.yaml", "-o", "out", "--threads", "2")  # hashed while importing
     assert code == 0, err
     saved = yaml.safe_load((proj / "out" / "divmerge_recipe.yaml").read_text())
     assert saved["base_model"] == str((proj / "base").resolve())
@@ -73,7 +74,7 @@ def test_a_changed_input_is_named_by_validate_and_run(tmp_path, llama_zoo, cli, 
     pinned = proj / "out" / "divmerge_recipe.yaml"
     config = json.loads((proj / "b" / "config.json").read_text())
     (proj / "b" / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))
-    for args in (["validate", pinned], ["run", pinned, "-o", tmp_path / "o2"]):
+    for args in (["validate", pinned], ["run", pinned, "-o", tmp_path / "o2", "--threads", "2"]):
         code, _, err = cli(*args)
         assert code == 2 and "models[1].sha256: " in err and "changed since" in err, err
         assert len(err.strip().splitlines()) == 1
@@ -82,6 +83,25 @@ def test_a_changed_input_is_named_by_validate_and_run(tmp_path, llama_zoo, cli, 
     shutil.copytree(llama_zoo["e2"], proj / "base")  # another model under the same name
     code, _, err = cli("validate", pinned)
     assert code == 2 and "base_model_sha256: " in err, err
+
+
+def test_the_early_hash_starts_on_every_folder_the_recipe_names(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": "base",
+                "models": [{"model": "/abs/a"}, "b", {"model": 3}],
+                "slices": [{"sources": [{"model": "c", "layer_range": [0, 2]}], "base_model": "d"}],
+            }
+        )
+    )
+    want = [tmp_path / "base", Path("/abs/a"), tmp_path / "d", tmp_path / "c"]
+    assert sorted(cli_module._recipe_folders(r)) == sorted(want)
+    for text in ("- a list", "models: 3", "{{{ not yaml"):
+        r.write_text(text)
+        assert cli_module._recipe_folders(r) == []  # load_recipe reports these
+    assert cli_module._recipe_folders(tmp_path / "missing.yaml") == []
 
 
 def test_a_hash_that_is_not_a_digest_is_refused(tmp_path, llama_zoo, cli):
