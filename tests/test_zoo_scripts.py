@@ -704,3 +704,39 @@ def test_svd2025_results_are_reported_apart_from_the_older_zoo_build(tmp_path):
     main_out = tmp_path / "main"  # the main report leaves issue 27's files out
     rep.main([str(zoo), "--out", str(main_out)])
     assert not list(main_out.glob("svd2025*"))
+
+
+def test_svd2025_lora_results_get_their_own_tables_and_restore_needs_the_adapters(tmp_path):
+    from safetensors.torch import save_file
+
+    rep = _load("report")
+    zoo, out = tmp_path / "zoo", tmp_path / "svd"
+    for d in ("base", "experts/a", "lora/a", "data", "results"):
+        (zoo / d).mkdir(parents=True)
+    for d in ("base", "experts/a"):
+        save_file({"w": torch.ones(2)}, zoo / d / "model.safetensors")
+    save_file({"w": torch.ones(2)}, zoo / "lora/a/adapter_model.safetensors")
+    (zoo / "lora/a/expert.json").write_text("{}")
+    (zoo / "data" / "manifest.json").write_text("{}")
+    head = f'{{"type": "sweep", "base_model": "{zoo}/base"}}\n'
+    for name, anp in (("svd2025_k2", 0.5), ("svd2025_lora_k2", 0.9)):
+        cell = json.dumps({**_cell("tsv", "a+b", anp), "scores": {}})
+        (zoo / "results" / f"{name}.jsonl").write_text(head + cell + "\n")
+    assert rep.main([str(zoo), "--svd2025", "--out", str(out)]) == 0
+    md = (out / "svd2025.md").read_text()
+    full, lora = md.split("## LoRA adapters (rank 16)")
+    assert "## Full fine-tunes" in full and "| tsv | 50.0 (1) |" in full and "90.0" not in full
+    assert "| tsv | 90.0 (1) |" in lora and "50.0" not in lora  # never pooled across zoos
+    hashes = json.loads((out / "zoo.json").read_text())
+    assert hashes["weights:lora/a"] == rep.hash_weights(zoo / "lora" / "a")
+
+    fresh = tmp_path / "fresh"  # the next machine: the same weights, adapters not built yet
+    for d in ("base", "experts/a"):
+        (fresh / d).mkdir(parents=True)
+        save_file({"w": torch.ones(2)}, fresh / d / "model.safetensors")
+    assert rep.restore(fresh, out) == ["svd2025_k2.jsonl"]
+    (fresh / "lora/a").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, fresh / "lora/a/adapter_model.safetensors")  # other adapter
+    assert rep.restore(fresh, out) == []
+    save_file({"w": torch.ones(2)}, fresh / "lora/a/adapter_model.safetensors")
+    assert rep.restore(fresh, out) == ["svd2025_lora_k2.jsonl"]

@@ -10,10 +10,13 @@ of the zoo than the other results: its experts differ from theirs in the last di
 zoo.json) and writes to --out the raw files, svd2025.md (mean ANP of the SVD merges, task
 arithmetic, TIES and DivMerge's variants by k; each DivMerge variant against the best data-free
 method of that k on the same subsets; `epochs: auto` against one epoch; merge seconds, peak
-memory and Adam steps per method), experts.md and zoo.json. The other modes leave those files out.
+memory and Adam steps per method; the LoRA zoo's svd2025_lora_* in tables of their own),
+experts.md and zoo.json (LoRA adapters included when built). The other modes leave those files
+out.
 
 With --restore it copies the committed results back into ZOO_DIR/results/ (files it lacks), after
-checking that the zoo's weights are the ones they came from, so sweeps resume on a rebuilt zoo.
+checking that the zoo's weights are the ones they came from, so sweeps resume on a rebuilt zoo
+(LoRA results only when the adapters match too).
 
 With --lora it reads only the LoRA zoo's results (ZOO_DIR/results/lora_*.jsonl, PEFT's rows
 included) and writes to --out the raw files, tables.md / CSV / plots, lora.md (each method's
@@ -438,6 +441,9 @@ def zoo_hashes(zoo: Path) -> dict[str, str]:
     }
     dirs = {"base": zoo / "base"}
     dirs |= {f"experts/{d.name}": d for d in sorted((zoo / "experts").iterdir())}
+    if (zoo / "lora").is_dir():  # finished adapters only
+        lora = sorted((zoo / "lora").iterdir())
+        dirs |= {f"lora/{d.name}": d for d in lora if (d / "expert.json").is_file()}
     for key, d in dirs.items():
         if not d.name.startswith("."):
             out[key] = hash_model_dir(d)
@@ -471,6 +477,7 @@ ORDER += ["lora_pairwise_adamerging"]
 LORA = "lora_"
 STABILITY = "stability_"  # every subset of one k: kept out of the seeded per-k tables
 SVD2025 = "svd2025_"  # issue 27's sweeps: their own report (--svd2025), on a later zoo build
+SVD2025_LORA = "svd2025_lora_"  # the same on the LoRA zoo (ZOO_DIR/lora/)
 
 
 def lora_table(lora: list[dict], full: list[dict]) -> str:
@@ -548,7 +555,14 @@ def svd2025_report(zoo: Path, out: Path) -> list[Path]:
     zoo.json (this zoo's hashes: its experts need not be the ones the older results came from)."""
     files = _require(sorted((zoo / "results").glob(f"{SVD2025}*.jsonl")), zoo)
     copied = copy_results(files, out, zoo)
-    (out / "svd2025.md").write_text(svd2025_tables(collect(copied)))
+    parts = []
+    for title, group in (
+        ("Full fine-tunes", [p for p in copied if not p.name.startswith(SVD2025_LORA)]),
+        ("LoRA adapters (rank 16)", [p for p in copied if p.name.startswith(SVD2025_LORA)]),
+    ):
+        if group:  # each zoo's methods are compared among themselves only
+            parts += [f"## {title}", "", svd2025_tables(collect(group))]
+    (out / "svd2025.md").write_text("\n".join(parts))
     written = [*copied, out / "svd2025.md", out / "zoo.json"]
     scores = zoo / "scores.json"
     if scores.is_file():
@@ -562,13 +576,18 @@ def svd2025_report(zoo: Path, out: Path) -> list[Path]:
 def restore(zoo: Path, committed: Path) -> list[str]:
     """Copy the committed results (committed/*.jsonl, the zoo written $ZOO) into zoo/results/ where
     the zoo has none of that name, so sweeps resume on a rebuilt zoo; only if the zoo's weights are
-    the ones they were computed with (committed/zoo.json). Returns the names copied."""
+    the ones they were computed with (committed/zoo.json). LoRA results (lora_*, svd2025_lora_*)
+    need the adapters too: without them (not built yet, or other weights) they are left out and
+    the rest is copied. Returns the names copied."""
     want = json.loads((committed / "zoo.json").read_text())
+    adapters_match = True
     for key, digest in want.items():
         if key.startswith("weights:"):
             folder = zoo / key.removeprefix("weights:")
             got = hash_weights(folder) if folder.is_dir() else "missing"
-            if got != digest:
+            if got != digest and key.startswith("weights:lora/"):
+                adapters_match = False
+            elif got != digest:
                 raise SystemExit(
                     f"{folder}: weights differ from {committed / 'zoo.json'} ({key}); the committed "
                     "results are not this zoo's, nothing was copied"
@@ -577,7 +596,8 @@ def restore(zoo: Path, committed: Path) -> list[str]:
     copied = []
     for f in sorted(committed.glob("*.jsonl")):
         target = zoo / "results" / f.name
-        if not target.exists():
+        lora = f.name.startswith((LORA, SVD2025_LORA))
+        if not target.exists() and (adapters_match or not lora):
             target.write_text(f.read_text().replace("$ZOO", str(zoo.resolve())))
             copied.append(f.name)
     return copied
