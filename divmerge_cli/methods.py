@@ -705,30 +705,41 @@ def nearswap(base, xs, p, glob, rng, prep=None) -> Tensor:
 def ram(base, xs, p, glob, rng, prep=None) -> Tensor:
     """RAM (Reinforced Agent Merging): each entry's task-vector values larger than epsilon in
     magnitude are averaged over the models that have them (one model's value is kept whole)."""
-    t, nz, count = _ram_terms(base, xs, glob["epsilon"])
-    return base + _sum0(t) / count.clamp(min=1)
+    t, _, count, _ = _ram_terms(base, xs, glob["epsilon"])
+    return base + _sum0(t) / count.clamp_(min=1)
 
 
 def ramplus_tl(base, xs, p, glob, rng, prep=None) -> Tensor:
     """RAM+ (tensor-local): as ram, with each model's unique entries scaled by
     1 + r min(alpha, rho), rho = its shared / unique entry counts in this tensor."""
-    t, nz, count = _ram_terms(base, xs, glob["epsilon"])
+    t, nz, count, buf = _ram_terms(base, xs, glob["epsilon"])
     unique = count == 1
+    count.clamp_(min=1)
     out = base.clone()
+    own = torch.empty_like(unique)
     for tau, z in zip(t, nz):
-        own = z & unique
-        rho = int((z & ~unique).sum()) / max(int(own.sum()), glob["epsilon"])
+        torch.logical_and(z, unique, out=own)
+        n_own = int(own.sum())
+        rho = (int(z.sum()) - n_own) / max(n_own, glob["epsilon"])
         lam = 1 + glob["r"] * min(max(rho, 0.0), glob["alpha"])
-        out += torch.where(own, tau * lam, tau / count.clamp(min=1))
+        # own entries tau * lam, shared ones tau / count, in tau's own memory
+        torch.where(own, torch.mul(tau, lam, out=buf), tau.div_(count), out=tau)
+        out += tau
     return out
 
 
-def _ram_terms(base, xs, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Task vectors zeroed where |tau| <= eps, the mask of the others, and their count per entry."""
+def _ram_terms(base, xs, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Task vectors zeroed where |tau| <= eps, the mask of the others, their count per entry (in
+    float32: exact, and what the division upcasts it to) and a free float32 buffer of tau's shape.
+    Buffers, not temporaries: a fresh tensor's pages fault in, which cost RAM+ more than its
+    arithmetic (2.2M page faults a SmolLM2 merge)."""
     t = _taus(base, xs)
-    nz = t.abs() > eps
+    nz = torch.empty(t.shape, dtype=torch.bool, device=t.device)
+    buf = torch.empty_like(t[0])
+    for tau, z in zip(t, nz):
+        torch.gt(torch.abs(tau, out=buf), eps, out=z)
     t.mul_(nz)
-    return t, nz, nz.sum(0)
+    return t, nz, nz.sum(0, dtype=torch.float32), buf
 
 
 def passthrough(base, xs, p, glob, rng, prep=None) -> Tensor:
