@@ -174,8 +174,8 @@ def run(
     """Merge the models of RECIPE into a Hugging Face checkpoint at OUTPUT."""
     _ui["quiet"] = quiet
     n_threads = _threads(threads)
-    if n_threads > 1:  # a spare core hashes the inputs while torch imports
-        prehash(_recipe_folders(recipe))
+    if n_threads > 1 and _distributed_rank() == 0:  # a spare core hashes while torch imports
+        prehash(_recipe_folders(recipe))  # (for divmerge_recipe.yaml, which rank 0 writes)
     with _collector_paused():
         from .checkpoint import check_out, parse_size
         from .merge import plan_merge, run_merge
