@@ -336,7 +336,7 @@ def svd2025_tables(rows: list[dict]) -> str:
     """Mean ANP per method and k over the subsets run so far; each DivMerge variant against the
     best data-free method of that k on the same subsets; `epochs: auto` against one epoch; what
     each method cost (merge seconds, peak memory, epochs run)."""
-    from divmerge_cli.sweep import cell_rows, stats, summarize
+    from divmerge_cli.sweep import cell_rows, summarize
 
     summary = summarize(rows)
     anp = _anp_by_cell(rows)
@@ -379,15 +379,16 @@ def svd2025_tables(rows: list[dict]) -> str:
     out += ["", "**Cost per cell (1 torch thread, another lane beside it): merge seconds "
             "(learned: teacher targets on first use, learning, writing), peak memory of the merge "
             "(RSS, MB), Adam steps and the epoch written**", ""]  # fmt: skip
-    out += ["| method | k | cells | merge s (mean) | whole cell s (mean) | peak RSS MB (max) | "
+    out += ["| method | k | cells | merge s (median) | whole cell s (median) | peak RSS MB (max) | "
             "steps (mean) | epoch written |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     by: dict[tuple[str, int], list[dict]] = {}
     for r in cell_rows(rows):
         if "merge_seconds" in r:  # cells reused from earlier sweeps did not record it
             by.setdefault((r["label"], int(r["k"])), []).append(r)
     for (label, k), rs in sorted(by.items(), key=lambda x: (x[0][1], x[0][0])):
-        merge = stats([r["merge_seconds"] for r in rs]).mean
-        whole = stats([r["seconds"] for r in rs]).mean
+        # medians: a cell that ran while the sweeps were stopped for a benchmark counts the pause
+        merge = statistics.median(r["merge_seconds"] for r in rs)
+        whole = statistics.median(r["seconds"] for r in rs)
         peak = max((r.get("merge_peak_rss_mb", 0) for r in rs), default=0) or "-"
         steps = [r["steps"] for r in rs if "steps" in r]
         mean_steps = f"{statistics.fmean(steps):.0f}" if steps else "-"
