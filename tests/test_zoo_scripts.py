@@ -631,6 +631,7 @@ def test_svd2025_report_pairs_divmerge_with_the_best_data_free_method_of_each_k(
         _cell("ties", "a+c", 0.70),
         _cell("tsv", "a+b", 0.80),  # the best data-free method at k = 2 (mean 75 against 65)
         _cell("tsv", "a+c", 0.70),
+        _cell("wudi", "a+b", 0.99),  # higher, but on one pair so far: not the one compared with
         _cell("divmerge_js_layer", "a+b", 0.90),
         _cell("divmerge_js_layer", "a+c", 0.75),
         _cell("divmerge_js_layer_auto", "a+b", 0.95),
