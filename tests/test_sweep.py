@@ -278,6 +278,7 @@ def test_sweep_end_to_end(tmp_path, small_zoo, experts):
         assert r["anp"] == pytest.approx(want)
         assert r["k"] == len(r["subset"]) and r["seconds"] > 0
         assert 0 < r["merge_seconds"] < r["seconds"]  # scoring comes after the merge
+        assert r["merge_cpu_seconds"] > 0
         if sys.platform == "linux":  # a merge reads at least the tiny experts it merges
             assert r["merge_peak_rss_mb"] > 0
     # one expert averaged alone, or added to theta0 with lambda 1, is that expert: ANP 1

@@ -636,9 +636,20 @@ def test_svd2025_report_pairs_divmerge_with_the_best_data_free_method_of_each_k(
         _cell("divmerge_js_layer", "a+c", 0.75),
         _cell("divmerge_js_layer_auto", "a+b", 0.95),
         {**_cell("wudi", "a+b+c", 0.5, 30.0), "merge_seconds": 20.0, "merge_peak_rss_mb": 900},
-        {**_cell("wudi", "a+b+d", 0.5, 31.0), "merge_seconds": 22.0, "merge_peak_rss_mb": 800},
+        # CPU seconds: recorded by newer cells only; the median is over those that have them
+        {
+            **_cell("wudi", "a+b+d", 0.5, 31.0),
+            "merge_seconds": 22.0,
+            "merge_cpu_seconds": 19.0,
+            "merge_peak_rss_mb": 800,
+        },
         # a cell that ran while the sweeps were stopped: the medians leave its seconds out
-        {**_cell("wudi", "b+c+d", 0.5, 2010.0), "merge_seconds": 2000.0, "merge_peak_rss_mb": 700},
+        {
+            **_cell("wudi", "b+c+d", 0.5, 2010.0),
+            "merge_seconds": 2000.0,
+            "merge_cpu_seconds": 21.0,
+            "merge_peak_rss_mb": 700,
+        },
         {
             **_cell("divmerge_js_layer", "a+b+c", 0.9, 50.0),
             "merge_seconds": 40.0,
@@ -653,8 +664,8 @@ def test_svd2025_report_pairs_divmerge_with_the_best_data_free_method_of_each_k(
     assert "| 2 | tsv (75.0) | divmerge_js_layer | 2 | +7.50 | +2.60 .. +12.40 | 2 / 0 / 0 |" in md
     assert "| 3 | wudi (50.0) | divmerge_js_layer | 1 | +40.00 | - | 1 / 0 / 0 |" in md
     assert "| divmerge_js_layer_auto - divmerge_js_layer | 2 | 1 | +5.00 | - | 1 / 0 / 0 |" in md
-    assert "| wudi | 3 | 3 | 22 | 31 | 900 | - | - |" in md
-    assert "| divmerge_js_layer | 3 | 1 | 40 | 50 | 1200 | 8 | 1 |" in md
+    assert "| wudi | 3 | 3 | 22 | 20 (2) | 31 | 900 | - | - |" in md
+    assert "| divmerge_js_layer | 3 | 1 | 40 | - | 50 | 1200 | 8 | 1 |" in md
 
 
 def test_restore_copies_committed_results_only_onto_the_same_weights(tmp_path):

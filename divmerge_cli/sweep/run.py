@@ -171,7 +171,7 @@ def run_cell(
     progress: SweepProgress | None = None,
 ) -> dict:
     """Merge one subset with one method, score it on the subset's tasks, and return its row."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     reset_peak_rss()
     work.mkdir(parents=True, exist_ok=True)
     if cfg.keep_merged:
@@ -196,6 +196,7 @@ def run_cell(
         else:
             run_merge(plan_merge(recipe), out, force=True, seed=cfg.seed, device=device)
         merged_at, merge_peak = time.perf_counter() - start, peak_rss_mb()
+        merge_cpu = time.process_time() - cpu_start  # unlike wall time, not counting a SIGSTOP
         e = cfg.eval
         specs = {t: cfg.tasks[t] for t in subset}
         scores = evaluate_model(out, specs, e.split, e.limit, e.batch_size, cfg.seed)
@@ -218,6 +219,7 @@ def run_cell(
         time.perf_counter() - start,
     )
     row["merge_seconds"] = round(merged_at, 3)
+    row["merge_cpu_seconds"] = round(merge_cpu, 3)
     if merge_peak is not None:
         row["merge_peak_rss_mb"] = merge_peak
     if optimized:

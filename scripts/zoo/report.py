@@ -381,8 +381,9 @@ def svd2025_tables(rows: list[dict]) -> str:
     out += ["", "**Cost per cell (1 torch thread, another lane beside it): merge seconds "
             "(learned: teacher targets on first use, learning, writing), peak memory of the merge "
             "(RSS, MB), Adam steps and the epoch written**", ""]  # fmt: skip
-    out += ["| method | k | cells | merge s (median) | whole cell s (median) | peak RSS MB (max) | "
-            "steps (mean) | epoch written |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out += ["| method | k | cells | merge s (median) | merge CPU s (median) | whole cell s (median) | "
+            "peak RSS MB (max) | steps (mean) | epoch written |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     by: dict[tuple[str, int], list[dict]] = {}
     for r in cell_rows(rows):
         if "merge_seconds" in r:  # cells reused from earlier sweeps did not record it
@@ -390,13 +391,17 @@ def svd2025_tables(rows: list[dict]) -> str:
     for (label, k), rs in sorted(by.items(), key=lambda x: (x[0][1], x[0][0])):
         # medians: a cell that ran while the sweeps were stopped for a benchmark counts the pause
         merge = statistics.median(r["merge_seconds"] for r in rs)
+        # CPU seconds (cells since 2026-12-07): one torch thread, so about the merge's own time
+        # without the other lane's contention or a pause
+        cpus = [r["merge_cpu_seconds"] for r in rs if "merge_cpu_seconds" in r]
+        cpu = f"{statistics.median(cpus):.0f} ({len(cpus)})" if cpus else "-"
         whole = statistics.median(r["seconds"] for r in rs)
         peak = max((r.get("merge_peak_rss_mb", 0) for r in rs), default=0) or "-"
         steps = [r["steps"] for r in rs if "steps" in r]
         mean_steps = f"{statistics.fmean(steps):.0f}" if steps else "-"
         chosen = [str(r["epochs"]["epoch"]) for r in rs if "epochs" in r]
         out.append(
-            f"| {label} | {k} | {len(rs)} | {merge:.0f} | {whole:.0f} | {peak} | {mean_steps} | "
+            f"| {label} | {k} | {len(rs)} | {merge:.0f} | {cpu} | {whole:.0f} | {peak} | {mean_steps} | "
             f"{', '.join(chosen) or '-'} |"
         )
     return "\n".join(out) + "\n"
