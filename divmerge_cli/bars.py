@@ -36,10 +36,19 @@ def learned_merge(prog: Bars, method: str) -> Callable[[str, int, int, str], Non
 
 def sweep(prog: Bars) -> Callable[[str, int, int, str], None]:
     """sweep.run_sweep's progress(phase, done, total, info): cells, experts, and the current
-    cell's teacher, optimization and write."""
+    cell's teacher, optimization and write. Cells found in the results file are counted, not
+    shown: the bar starts at the first cell that runs (a log's first record named a finished
+    cell, as if it ran again), and says how many were done before."""
     bars: dict[str, object] = {}
+    skipped = 0
 
     def report(phase: str, done: int, total: int, info: str) -> None:
+        nonlocal skipped
+        if phase == "skip" and done < total:
+            skipped += 1
+            return
+        if phase == "start" and skipped and "cells" not in bars:
+            info = f"{info} ({skipped} cells already in the results)"
         key = "cells" if phase in ("start", "cell", "skip") else phase
         label = {
             "cells": "cells",

@@ -8,6 +8,7 @@ import pytest
 from test_optimize import recipe as learned_recipe
 
 from conftest import TASKS
+from divmerge_cli import bars
 from divmerge_cli.progress import ProgressLog, interval_from
 
 
@@ -63,6 +64,27 @@ def test_a_reused_bar_starts_again_and_a_total_comes_with_the_first_update():
         "progress: divmerge: started, 50/100",
         "progress: divmerge: 60/100 (60%), elapsed 0:00:10, ETA 0:00:40",
     ]
+
+
+def test_a_resumed_sweep_starts_its_cells_at_the_first_that_runs():
+    """Cells found in the results file are not named as if they ran again (a resumed zoo sweep's
+    log read "started, 1/30 - <a finished cell>")."""
+    lines, clock = [], Clock()
+    report = bars.sweep(ProgressLog(lines.append, interval=10, clock=clock))
+    report("skip", 1, 3, "ta a+b")
+    report("skip", 2, 3, "ta a+c")
+    report("start", 2, 3, "ta b+c")
+    clock.now = 4.0
+    report("cell", 3, 3, "ta b+c: ANP 98.00")
+    assert lines == [
+        "progress: cells: started, 2/3 - ta b+c (2 cells already in the results)",
+        "progress: cells: done, 3/3 in 0:00:04 - ta b+c: ANP 98.00",
+    ]
+    lines.clear()  # a sweep found whole says so once
+    report = bars.sweep(ProgressLog(lines.append, interval=10, clock=clock))
+    for i, name in enumerate(("ta a+b", "ta a+c"), 1):
+        report("skip", i, 2, name)
+    assert lines == ["progress: cells: done, 2/2 in 0:00:00 - ta a+c"]
 
 
 def test_interval_from_the_environment():
