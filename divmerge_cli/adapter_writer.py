@@ -301,7 +301,7 @@ def merge_as_adapter(
 
     def delta(name: str) -> Tensor | None:
         d = (
-            merge_tensor(plan, name, tensor_generator(seed, name), device).float()
+            merge_tensor(plan, name, tensor_generator(seed, name), device).to("cpu", torch.float32)
             - base.get(name).float()
         )
         return d if d.any() else None

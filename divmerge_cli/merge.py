@@ -503,10 +503,12 @@ def tensor_stages(
 ) -> Stages[torch.Tensor]:
     """One merged tensor as stages of jobs (methods.Stages): elementwise methods run on row chunks
     (after their whole-tensor statistics), the others as one job. Chunk bounds depend only on the
-    tensor's shape, so the result is the same on any number of threads."""
+    tensor's shape, so the result is the same on any number of threads. A method that does not
+    run on a device (Method.on_device) runs on the CPU whatever `device` says."""
     p, glob = tensor_params(plan, name)
     dtype = plan.out_specs[name][1]
     m, f32 = plan.method, torch.float32
+    device = device if m.on_device else "cpu"
     base, xs = _readers(plan, name)
     ref = base or xs[0]
     shape = plan.out_specs[name][0]
@@ -697,7 +699,8 @@ def run_merge(
     with atomic_folder(out, need) as tmp:
         writer = ShardWriter(tmp, plan.out_specs, shard_bytes)
         try:
-            merged = pipeline(works, threads if device == "cpu" else 1)
+            on_cpu = device == "cpu" or not plan.method.on_device
+            merged = pipeline(works, threads if on_cpu else 1)
             if progress:
                 progress(0, len(plan.names), "")
             written = 0

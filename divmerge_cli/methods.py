@@ -858,6 +858,9 @@ class Method:
     prepare: Callable | None = None  # stages of whole-tensor statistics for chunked runs
     # (model index, problem) for parameter values resolved for one tensor that do not go together
     check_values: Callable[[list[dict], dict], list[tuple[int, str]]] | None = None
+    # fn computes on its inputs' device: the merge engine gives it tensors on --device. The others
+    # are memory-bound (and use numpy on CPU for speed): they run on the CPU whatever the device.
+    on_device: bool = False
     optimized: bool = False  # learns coefficients from data (divmerge, adamerging)
     # optimized methods: the objectives.OBJECTIVES entry minimized; None = `parameters.divergence`
     objective: str | None = None
@@ -893,6 +896,7 @@ def _svd_method(fn, paper: str, ranges: dict = RANGES, **params) -> Method:
         ranges=ranges,
         check=_needs_base(fn.__name__),
         elementwise=False,
+        on_device=True,
     )
 
 

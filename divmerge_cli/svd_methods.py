@@ -16,6 +16,8 @@ papers' code and FusionBench's implementations:
   the papers' rule; for LoRA experts (tau of rank r_t, densified per tensor) it keeps the updates'
   span instead of filling the null space with directions that are rounding noise.
 No method here draws random numbers: `rng` is unused.
+Every tensor they make is made on their inputs' device (`Method.on_device`: the merge engine
+hands them tensors on `--device`, where the SVDs and WUDI's steps are worth a GPU).
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def tsv_factors(t: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]] | None:
         vs.append(vh[:keep])
         sizes.append(keep)
     if not sum(sizes):
-        return torch.zeros(shape[0], 0), torch.zeros(0), torch.zeros(0, shape[1]), sizes
+        z = t.new_zeros
+        return z(shape[0], 0), z(0), z(0, shape[1]), sizes
     return _polar(torch.cat(us, 1)), torch.cat(ss), _polar(torch.cat(vs, 0)), sizes
 
 
@@ -153,7 +156,7 @@ def iso_c(t: Tensor, glob: dict) -> Tensor:
     """Iso-C: the summed task matrix with its spectrum made flat, every singular value replaced
     by their mean: theta0 + alpha * mean(s) U V^T, U diag(s) V^T = sum_t tau_t."""
     u, s, vh = _svd(t.sum(0))
-    return s.mean() * (u @ vh) if len(s) else torch.zeros(t.shape[1:])
+    return s.mean() * (u @ vh) if len(s) else t.new_zeros(t.shape[1:])
 
 
 def iso_cts_split(r: int, n: int, fraction: float) -> tuple[int, int]:
@@ -174,7 +177,7 @@ def iso_cts(t: Tensor, glob: dict) -> Tensor:
     singular values: theta0 + alpha * mean(S) U V^T."""
     u, s, vh = _svd(t.sum(0))
     if not len(s):
-        return torch.zeros(t.shape[1:])
+        return t.new_zeros(t.shape[1:])
     tol = _tol(float(s[0]), t.shape[1:])
     k, m = iso_cts_split(len(s), len(t), glob["common_space_fraction"])
     us, ss, vs = [u[:, :k]], [s[:k]], [vh[:k]]
@@ -195,7 +198,7 @@ def wudi_objective(merged: Tensor, t: Tensor) -> Tensor:
     """WUDI's interference: sum_t ||(tau_m - tau_t) tau_t^T||_F^2 / ||tau_t||_F^2; a task vector's
     rows span its layer's inputs (the paper's Theorem), so this is the output change each task's
     inputs see, weighted per task."""
-    total = torch.zeros(())
+    total = merged.new_zeros(())
     for tau in t:
         norm = tau.square().sum()
         if norm > 0:
@@ -211,7 +214,7 @@ def wudi(t: Tensor, glob: dict) -> Tensor:
     [R, C] x [C, C] product and R x R interference matrices are never formed (a vocabulary-sized
     embedding would need gigabytes). Deterministic: no randomness, a fixed number of steps."""
     cols = t.shape[2]
-    g, k = torch.zeros(cols, cols), torch.zeros(t.shape[1:])
+    g, k = t.new_zeros(cols, cols), t.new_zeros(t.shape[1:])
     for tau in t:
         norm = float(tau.square().sum())
         if norm > 0:  # a task that leaves this matrix alone adds no interference term

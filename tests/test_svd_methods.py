@@ -178,6 +178,64 @@ def test_on_low_rank_updates_the_merge_stays_in_their_span(name):
         assert torch.allclose(torch.linalg.svdvals(out)[:6], s.mean().expand(6), rtol=1e-4)
 
 
+# --- devices ----------------------------------------------------------------------------------
+
+
+def test_only_the_svd_methods_run_on_the_device():
+    assert {n for n, m in METHODS.items() if m.on_device} == set(SVD)
+
+
+@pytest.mark.parametrize("name", SVD)
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("random", lambda b: [rand(16, 12, seed=i) * 0.1 for i in range(3)]),
+        ("zero", lambda b: [torch.zeros_like(b)] * 3),  # the zero-rank branches
+        ("narrow", lambda b: [rand(16, 2, seed=i) * 0.1 for i in range(3)]),  # k = 2 // 3 = 0
+    ],
+    ids=lambda c: c[0],
+)
+def test_an_on_device_method_makes_every_tensor_on_its_inputs_device(name, case):
+    """With the default device set to meta, a tensor made without `device=` lands there and the
+    next operation with the (CPU) inputs fails: on a GPU, it would be a CPU tensor beside CUDA
+    ones (wudi's Gram matrices were)."""
+    base = rand(16, 12) if case[0] != "narrow" else rand(16, 2)
+    taus = case[1](base)
+    want = run(name, base, taus, iterations=5)
+    with torch.device("meta"):
+        got = run(name, base, taus, iterations=5)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+def test_a_method_that_does_not_run_on_the_device_runs_on_the_cpu(llama_zoo, tmp_path):
+    """The merge engine keeps the memory-bound methods on the CPU (their numpy selection would
+    fail on a GPU's tensors): asked for another device, TIES gives the CPU's tensors."""
+    from divmerge_cli.merge import merge_tensor, plan_merge, tensor_generator
+    from divmerge_cli.recipe import load_recipe
+
+    experts = [llama_zoo[e] for e in ("e0", "e1")]
+    plan = plan_merge(load_recipe(_recipe(tmp_path, llama_zoo, "ties", experts, density=0.5)))
+    for n in ("model.norm.weight", "model.layers.1.mlp.down_proj.weight"):
+        want = merge_tensor(plan, n, tensor_generator(0, n), "cpu")
+        got = merge_tensor(plan, n, tensor_generator(0, n), "meta")
+        assert got.device.type == "cpu" and torch.equal(got, want), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", [*SVD, "ties", "della"])
+def test_run_on_cuda_equals_run_on_the_cpu(name, llama_zoo, tmp_path, cli):
+    experts = [llama_zoo[e] for e in ("e0", "e1", "e2")]
+    params = {"iterations": 20} if name == "wudi" else {}
+    params = {"density": 0.5} if name in ("ties", "della") else params
+    r = _recipe(tmp_path, llama_zoo, name, experts, **params)
+    for dev in ("cpu", "cuda"):
+        code, _, err = cli("run", r, "-o", tmp_path / dev, "--device", dev)
+        assert code == 0, err
+    cpu, gpu = (load_file(tmp_path / d / "model.safetensors") for d in ("cpu", "cuda"))
+    for n in cpu:  # GPU kernels round otherwise; the random draws are the CPU's on both
+        assert torch.allclose(gpu[n], cpu[n], atol=1e-4), n
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 
