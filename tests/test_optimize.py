@@ -165,6 +165,28 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(toy, tmp_path, mo
     assert not optimize.state_dir_for(tmp_path / "part").exists()
 
 
+def test_the_state_of_a_run_on_a_gpu_resumes_without_one(toy, tmp_path, monkeypatch):
+    """A run on a GPU saves Adam's moments where they live, on the GPU. Re-saved here with every
+    tensor tagged cuda:0 as such a file is: without a GPU, torch.load refuses it unless told to
+    read onto the CPU, and --resume called it damaged. Read onto the CPU, Adam's
+    load_state_dict puts the moments beside Gamma, on whatever device the run resumes."""
+    r = plan_merge(load_recipe(recipe(toy, tmp_path, granularity="layer", epochs=2)))
+    full = optimize.run_optimized(r, tmp_path / "full", cache_dir=tmp_path / "cache")
+    run_interrupted(monkeypatch, r, tmp_path / "part", tmp_path / "cache", 4)
+    state = optimize.state_dir_for(tmp_path / "part") / "state.pt"
+    saved = torch.load(state, weights_only=True)
+    with monkeypatch.context() as m:  # the tag is dropped again after this save
+        m.setattr(
+            torch.serialization, "_package_registry", [*torch.serialization._package_registry]
+        )
+        torch.serialization.register_package(0, lambda _: "cuda:0", lambda obj, _: obj)
+        torch.save(saved, state)
+    resumed = optimize.run_optimized(
+        r, tmp_path / "part", cache_dir=tmp_path / "cache", resume=True
+    )
+    assert torch.allclose(torch.tensor(resumed["gamma"]), torch.tensor(full["gamma"]), atol=1e-7)
+
+
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_gamma(
     toy, tmp_path, monkeypatch
 ):
