@@ -549,7 +549,9 @@ def _restore(pb: Problem, seed: int, state_dir: Path, resume: bool, accelerator)
     )
     if resume and run.state_file.is_file():
         try:
-            st = torch.load(run.state_file, weights_only=True)
+            # onto the CPU: a run on a GPU saved Adam's moments there, and a machine without one
+            # cannot read them back; load_state_dict puts them beside Gamma
+            st = torch.load(run.state_file, weights_only=True, map_location="cpu")
             steps = int(st["step"])
         except Exception:  # noqa: BLE001 - any unreadable state is the same for the user
             raise UserError(

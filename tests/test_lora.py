@@ -470,6 +470,31 @@ def test_learned_loop_applies_adapters_low_rank_and_matches_the_dense_merge(
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_the_low_rank_hooks_make_every_tensor_on_their_inputs_device(lora_zoo):
+    """The Linear and Embedding hooks run with the default device set to meta: a tensor made in
+    them without `device=` would land there and fail beside the (CPU) activations and Gamma; on
+    a GPU it would be a CPU tensor beside CUDA ones."""
+    from divmerge_cli.taskvectors import MergedModel, TaskVectors
+
+    base = open_model(str(lora_zoo["base"]), "base_model")
+    experts = [open_model(str(lora_zoo[a]), a, base=base) for a in ADAPTERS]
+    model = _peft_model(lora_zoo["base"])
+    state = dict(model.state_dict(keep_vars=True))
+    names = base.names
+    tv = TaskVectors.load(experts, {n: state[n] for n in names}, base, names, [0] * len(names))
+    merged = MergedModel(model, tv)
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for device in ("cpu", "meta"):
+        gamma = torch.tensor([[0.7], [0.4], [1.1]], requires_grad=True)
+        with torch.device(device):
+            logits = merged.logits(gamma, {"input_ids": ids})
+            logits.square().mean().backward()
+        out[device] = (logits.detach(), gamma.grad)
+    assert out["meta"][0].device.type == "cpu"
+    assert all(map(torch.equal, out["meta"], out["cpu"]))
+
+
 # --- DivMerge / AdaMerging on adapters: low-rank τ in the loop, the teacher folded from the adapter
 
 

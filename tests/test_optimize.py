@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from conftest import TASKS, run_interrupted, write_recipe
 from divmerge_cli import optimize
-from divmerge_cli.checkpoint import human_size
+from divmerge_cli.checkpoint import Checkpoint, human_size
 from divmerge_cli.coefficients import groups_for, initial_gamma
 from divmerge_cli.errors import UserError
 from divmerge_cli.merge import plan_merge
@@ -161,6 +163,28 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(toy, tmp_path, mo
     )
     assert torch.allclose(torch.tensor(resumed["gamma"]), torch.tensor(full["gamma"]), atol=1e-7)
     assert not optimize.state_dir_for(tmp_path / "part").exists()
+
+
+def test_the_state_of_a_run_on_a_gpu_resumes_without_one(toy, tmp_path, monkeypatch):
+    """A run on a GPU saves Adam's moments where they live, on the GPU. Re-saved here with every
+    tensor tagged cuda:0 as such a file is: without a GPU, torch.load refuses it unless told to
+    read onto the CPU, and --resume called it damaged. Read onto the CPU, Adam's
+    load_state_dict puts the moments beside Gamma, on whatever device the run resumes."""
+    r = plan_merge(load_recipe(recipe(toy, tmp_path, granularity="layer", epochs=2)))
+    full = optimize.run_optimized(r, tmp_path / "full", cache_dir=tmp_path / "cache")
+    run_interrupted(monkeypatch, r, tmp_path / "part", tmp_path / "cache", 4)
+    state = optimize.state_dir_for(tmp_path / "part") / "state.pt"
+    saved = torch.load(state, weights_only=True)
+    with monkeypatch.context() as m:  # the tag is dropped again after this save
+        m.setattr(
+            torch.serialization, "_package_registry", [*torch.serialization._package_registry]
+        )
+        torch.serialization.register_package(0, lambda _: "cuda:0", lambda obj, _: obj)
+        torch.save(saved, state)
+    resumed = optimize.run_optimized(
+        r, tmp_path / "part", cache_dir=tmp_path / "cache", resume=True
+    )
+    assert torch.allclose(torch.tensor(resumed["gamma"]), torch.tensor(full["gamma"]), atol=1e-7)
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_gamma(
@@ -393,6 +417,44 @@ def test_gpu_estimate_covers_the_measured_device_peak(toy, tmp_path):
             plan, tmp_path / mode, cache_dir=tmp_path / "cache", device="cuda", mode=(mode, "test")
         )
         assert torch.cuda.max_memory_allocated() <= est.device_peak(mode)
+
+
+def _on_cpu(fn):
+    """fn with the CPU as the default device."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@pytest.mark.parametrize(("method", "mode"), [("divmerge", "stream"), ("adamerging", "memory")])
+def test_the_learning_loop_makes_every_tensor_on_its_inputs_device(
+    toy, tmp_path, monkeypatch, method, mode
+):
+    """No GPU here: with the default device set to meta, a tensor made without `device=` in the
+    loop lands there and the next operation with theta0, Gamma or a batch (on the CPU) fails; on a
+    GPU it would be a CPU tensor beside CUDA ones. What makes its tensors on the CPU by design
+    (the batch before it moves, the initial Gamma before it moves, the schedule, disk reads,
+    Adam's step counter) runs with the CPU as default device."""
+    r = recipe(toy, tmp_path, method, granularity="layer", epochs=2, holdout=0.25)
+    plan = plan_merge(load_recipe(r))
+    pb = optimize.prepare(plan, cache_dir=tmp_path / "cache", mode=mode)
+    acc = Accelerator(cpu=True)
+    want, _, _ = optimize.train(pb, 0, tmp_path / "cpu", False, acc)
+    for where, name in [
+        (optimize, "collate"),
+        (optimize, "initial_gamma"),
+        (optimize, "batches"),
+        (Checkpoint, "get"),
+        (torch.optim.Adam, "step"),
+    ]:
+        monkeypatch.setattr(where, name, _on_cpu(getattr(where, name)))
+    with torch.device("meta"):
+        got, _, _ = optimize.train(pb, 0, tmp_path / "meta", False, acc)
+    assert got.device.type == "cpu" and torch.equal(got, want)
 
 
 def test_default_teacher_batch_is_lowered_until_the_teacher_fits(toy, tmp_path, monkeypatch):
