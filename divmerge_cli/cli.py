@@ -215,7 +215,7 @@ def run(
             _run_optimized(
                 plan, output, force, seed, dev, cache_dir, resume, shard, adapter=adapter
             )
-            return _run_eval(gated, output, seed, cache_dir)
+            return _run_eval(gated, output, seed, cache_dir, dev)
         import torch
 
         # Parallelism comes from worker threads each running single-threaded ops: with OpenMP
@@ -236,7 +236,7 @@ def run(
                 threads=n_threads,
             )
     out.print(f"[green]merged[/] {len(plan.names)} tensors with {r.merge_method} -> {output}")
-    _run_eval(gated, output, seed, cache_dir)
+    _run_eval(gated, output, seed, cache_dir, dev)
 
 
 def _run_eval_plan(r, recipe: Path, enabled: bool, anp_min, task_mins, seed: int):
@@ -251,7 +251,7 @@ def _run_eval_plan(r, recipe: Path, enabled: bool, anp_min, task_mins, seed: int
     return eval_plan(r, recipe, anp_min, task_mins, seed)
 
 
-def _run_eval(plan, output: Path, seed: int, cache_dir: Path | None) -> None:
+def _run_eval(plan, output: Path, seed: int, cache_dir: Path | None, device: str) -> None:
     if plan is None or _distributed_rank() != 0:  # under accelerate, one process evaluates
         return
     from .report import EvalOptions  # only here: the scorers take seconds to import
@@ -260,7 +260,7 @@ def _run_eval(plan, output: Path, seed: int, cache_dir: Path | None) -> None:
     _signals.finish_once(output / "eval.json", f"{output} and its eval.json are complete")
     cache = cache_dir or _default_cache("eval")
     report = _eval_report(
-        [output], plan.tasks, plan.references, None, EvalOptions(seed=seed), cache
+        [output], plan.tasks, plan.references, None, EvalOptions(seed=seed, device=device), cache
     )
     _report_and_gate(report, plan.gates, output / "eval.json")
 
@@ -590,6 +590,7 @@ def eval_(
     ] = False,
     fail_under_anp: FailUnderAnp = None,
     fail_under: FailUnder = None,
+    device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Score MODELS on the tasks' labelled rows (accuracy / ROUGE-1) and their ANP vs the experts."""
@@ -602,6 +603,7 @@ def eval_(
     if limit is not None and limit < 1:
         raise UserError(f"--limit: {limit} is not valid; use an integer >= 1")
     _check_seed(seed)
+    dev = _device(device)
     _stdout_for_json(json_out)
     from .checkpoint import check_out_file
     from .report import EvalOptions, check_scored, eval_gates, eval_tasks, harness_tasks
@@ -626,7 +628,7 @@ def eval_(
     gates = eval_gates(fail_under_anp, fail_under, names, refs)
     for m in [*models, *refs.values()]:
         check_scored(m, allow_pickle)
-    opts = EvalOptions(split, limit, batch_size, seed)
+    opts = EvalOptions(split, limit, batch_size, seed, dev)
     report = _eval_report(models, specs, refs, lm_tasks, opts, cache_dir or _default_cache("eval"))
     if divergence:
         _add_divergences(report, models, refs, specs, opts, cache_dir)

@@ -193,6 +193,7 @@ def evaluate_model(
     seed: int = 0,
     cache_dir: Path | None = None,
     progress: ScoreProgress | None = None,
+    device: str = "cpu",
 ) -> dict[str, TaskScore]:
     """Score the checkpoint in `model_dir` (or a LoRA adapter: lora.scored_model) on every task's
     labelled `split` rows.
@@ -200,7 +201,8 @@ def evaluate_model(
     With `cache_dir`, each task's score is stored under a hash of (model files, task spec, rows,
     split, limit, seed); a rerun with the same inputs loads neither the model nor generates.
     `progress(task, done, total)` follows the generation batches (0 first); a cached task
-    reports 1 of 1.
+    reports 1 of 1. The model generates on `device`; the cache does not depend on it (greedy
+    generation is meant to give the same text anywhere).
     """
     expert = scored_model(model_dir, str(model_dir))
     rows = {t: labelled_rows(t, spec, split, limit, seed) for t, spec in tasks.items()}
@@ -220,7 +222,8 @@ def evaluate_model(
                 progress(task, 1, 1)
             continue
         if model is None:  # load lazily: a fully cached run never touches the weights
-            model, tokenizer = load_expert_model(expert), load_tokenizer(model_folder(expert))
+            model = load_expert_model(expert).to(device)
+            tokenizer = load_tokenizer(model_folder(expert))
         tick = (lambda d, n, t=task: progress(t, d, n)) if progress else None
         out[task] = score_task(model, tokenizer, task, spec, rows[task], batch_size, None, tick)
         fresh[keys[task]] = asdict(out[task])

@@ -282,12 +282,14 @@ def harness_scores(
     batch_size: int = 16,
     seed: int = 0,
     progress: HarnessProgress | None = None,
+    device: str = "cpu",
 ) -> dict[str, HarnessScore]:
     """Run the lm-eval tasks on the checkpoint in `model_dir` (or an adapter, folded in:
     lora.scored_model): {task: its first metric}."""
     from lm_eval import simple_evaluate
 
     model, tokenizer = load_scored(model_dir, str(model_dir))
+    model.to(device)  # HFLM runs on the model's device
     with _quiet():
         lm = _progress_lm(model, tokenizer, batch_size, progress)
         res = simple_evaluate(

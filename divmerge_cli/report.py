@@ -32,6 +32,7 @@ class EvalOptions:
     limit: int | None = None
     batch_size: int = 16
     seed: int = 0
+    device: str = "cpu"  # where the models generate
 
 
 @dataclass(frozen=True)
@@ -139,12 +140,13 @@ def score_model(
     out = {}
     if own:
         found = evaluate_model(
-            path, own, opts.split, opts.limit, opts.batch_size, opts.seed, cache, progress.batch
-        )
+            path, own, opts.split, opts.limit, opts.batch_size, opts.seed, cache,
+            progress.batch, opts.device,
+        )  # fmt: skip
         out = {t: {**vars(s), "source": "divmerge"} for t, s in found.items()}
     if lm_tasks is not None and lm_tasks.names:
         found = harness_scores(
-            path, lm_tasks, opts.limit, opts.batch_size, opts.seed, progress.harness
+            path, lm_tasks, opts.limit, opts.batch_size, opts.seed, progress.harness, opts.device
         )
         out.update({t: vars(s) for t, s in found.items()})
         progress.task_done(len(lm_tasks.names))

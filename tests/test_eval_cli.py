@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+import torch
+
 from conftest import TASKS, write_recipe
+from divmerge_cli import cli as cli_module
+from divmerge_cli import evaluate
 from divmerge_cli.evaluate import evaluate_model
 from divmerge_cli.tasks import load_tasks
 
@@ -69,6 +74,56 @@ def test_eval_errors(toy, tmp_path, cli):
     assert code == 2 and "file not found" in err
     code, _, err = cli("eval", toy / "base", "--tasks", r, "--split", "train")
     assert code == 2 and "--split" in err
+    code, _, err = cli("eval", toy / "base", "--tasks", r, "--device", "tpu")
+    assert code == 2 and "--device: 'tpu' is not valid; use auto, cpu or cuda" in err
+    if not torch.cuda.is_available():
+        code, _, err = cli("eval", toy / "base", "--tasks", r, "--device", "cuda")
+        assert code == 2 and "no CUDA device is available" in err
+
+
+def _spy_devices(monkeypatch) -> list:
+    """The devices evaluate_model moves its models to (each model then stays on the CPU)."""
+    seen, real = [], evaluate.load_expert_model
+
+    def load(expert):
+        model = real(expert)
+        to = model.to
+
+        def record(device, *a, **kw):
+            seen.append(device)
+            return to("cpu")
+
+        model.to = record  # the instance's attribute shadows nn.Module.to
+        return model
+
+    monkeypatch.setattr(evaluate, "load_expert_model", load)
+    monkeypatch.setattr(cli_module, "_device", lambda c: {"cuda": "cuda:7"}.get(c, "cpu"))
+    return seen
+
+
+def test_eval_and_run_eval_generate_on_the_device_asked_for(toy, tmp_path, cli, monkeypatch):
+    seen = _spy_devices(monkeypatch)
+    r = _recipe(toy, tmp_path)
+    code, _, err = cli("eval", toy / "sent", "--tasks", r, "--device", "cuda")
+    assert code == 0, err
+    assert seen == ["cuda:7"] * 3  # the model, then the two references
+    seen.clear()
+    code, _, err = cli("run", r, "-o", tmp_path / "m", "--eval", "--device", "cuda")
+    assert code == 0, err
+    assert seen == ["cuda:7"]  # the merged model (the references' scores are cached above)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eval_on_cuda_scores_as_on_the_cpu(toy, tmp_path, cli):
+    r = _recipe(toy, tmp_path)
+    scores = {}
+    for dev in ("cpu", "cuda"):
+        code, _, err = cli(
+            "eval", toy / "sent", "--tasks", r, "--device", dev, "--json", tmp_path / f"{dev}.json"
+        )
+        assert code == 0, err
+        scores[dev] = json.loads((tmp_path / f"{dev}.json").read_text())["models"]
+    assert scores["cuda"] == scores["cpu"]
 
 
 def _pickled(src, dst, zip_format: bool):

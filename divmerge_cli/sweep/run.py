@@ -44,6 +44,7 @@ def reference_scores(
     rows: list[dict],
     cache_dir: Path | None = None,
     progress: SweepProgress | None = None,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Each expert's score on its own task: read from the results file, else measured and appended."""
     known = {r["task"]: r for r in rows if r.get("type") == "reference"}
@@ -56,8 +57,9 @@ def reference_scores(
             # an adapter expert is scored on the sweep's base, not the one its config names
             model = f"{cfg.base_model}+{expert}" if is_adapter(expert) else expert
             s = evaluate_model(
-                model, {t: cfg.tasks[t]}, e.split, e.limit, e.batch_size, cfg.seed, cache_dir
-            )[t]
+                model, {t: cfg.tasks[t]}, e.split, e.limit, e.batch_size, cfg.seed, cache_dir,
+                device=device,
+            )[t]  # fmt: skip
             known[t] = {
                 "type": "reference",
                 "task": t,
@@ -117,7 +119,7 @@ def _run_cells(cfg, progress, cache_dir, work_dir, device, only) -> list[dict]:
     if not any(r.get("type") == "sweep" for r in rows):
         append_row(cfg.results, header_row(cfg))
     eval_cache = Path(cache_dir) / "eval" if cache_dir else None
-    refs = reference_scores(cfg, rows, eval_cache, progress)
+    refs = reference_scores(cfg, rows, eval_cache, progress, device)
     work = Path(work_dir) if work_dir else cfg.results.with_name(cfg.results.stem + "-merged")
     remove_orphans(work, "cell")  # merged models of cells a killed sweep was scoring
     done = {cell_id(r) for r in rows if r.get("type") == "cell"}
@@ -199,7 +201,7 @@ def run_cell(
         merge_cpu = time.process_time() - cpu_start  # unlike wall time, not counting a SIGSTOP
         e = cfg.eval
         specs = {t: cfg.tasks[t] for t in subset}
-        scores = evaluate_model(out, specs, e.split, e.limit, e.batch_size, cfg.seed)
+        scores = evaluate_model(out, specs, e.split, e.limit, e.batch_size, cfg.seed, device=device)
     except UserError as e:  # a merge that fails (NaN, a bad tensor) names its cell
         raise UserError(f"{cfg.source}: cell {label} {'+'.join(subset)}: {e}") from None
     finally:
