@@ -81,7 +81,7 @@ def test_eval_errors(toy, tmp_path, cli):
         assert code == 2 and "no CUDA device is available" in err
 
 
-def _spy_devices(monkeypatch) -> list:
+def spy_devices(monkeypatch) -> list:
     """The devices evaluate_model moves its models to (each model then stays on the CPU)."""
     seen, real = [], evaluate.load_expert_model
 
@@ -102,7 +102,7 @@ def _spy_devices(monkeypatch) -> list:
 
 
 def test_eval_and_run_eval_generate_on_the_device_asked_for(toy, tmp_path, cli, monkeypatch):
-    seen = _spy_devices(monkeypatch)
+    seen = spy_devices(monkeypatch)
     r = _recipe(toy, tmp_path)
     code, _, err = cli("eval", toy / "sent", "--tasks", r, "--device", "cuda")
     assert code == 0, err

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_eval_cli import spy_devices
 
 from divmerge_cli import sft, sweep, tiny
 from divmerge_cli.demo_zoo import TASKS as ZOO_TASKS
@@ -368,6 +369,20 @@ def test_sweep_method_option_runs_only_those_cells(tmp_path, small_zoo, experts,
         err.split()
     )
     assert len(lines_of(sweep.load_sweep(path).results, "cell")) == 3  # nothing ran
+
+
+def test_sweep_scores_on_its_device_and_merges_data_free_on_the_cpu(
+    tmp_path, small_zoo, experts, cli, monkeypatch
+):
+    """`sweep --device cuda` (a pretend device here): the experts and the merged cells are scored
+    there, and task arithmetic, a CPU method, still merges (it would fail beside a device)."""
+    seen = spy_devices(monkeypatch)
+    methods = {"ta": {"merge_method": "task_arithmetic", "parameters": {"lambda": 1.0}}}
+    path = write_sweep(tmp_path / "s", small_zoo, experts, methods=methods, k=[1])
+    code, _, err = cli("sweep", path, "--device", "cuda")
+    assert code == 0, err
+    assert seen == ["cuda:7"] * 6  # three references, three one-expert cells
+    assert [r["anp"] for r in lines_of(sweep.load_sweep(path).results, "cell")] == [1.0] * 3
 
 
 def test_reuse_cells_copies_shared_cells_so_the_sweep_skips_them(
