@@ -498,6 +498,12 @@ def merge_tensor(plan: MergePlan, name: str, rng: torch.Generator, device: str) 
     return run_stages(tensor_stages(plan, name, rng, device))
 
 
+def compute_device(m: Method, device: str) -> str:
+    """Where method m merges when `device` is asked for: there if it runs on a device
+    (Method.on_device), else on the CPU."""
+    return device if m.on_device else "cpu"
+
+
 def tensor_stages(
     plan: MergePlan, name: str, rng: torch.Generator, device: str
 ) -> Stages[torch.Tensor]:
@@ -508,7 +514,7 @@ def tensor_stages(
     p, glob = tensor_params(plan, name)
     dtype = plan.out_specs[name][1]
     m, f32 = plan.method, torch.float32
-    device = device if m.on_device else "cpu"
+    device = compute_device(m, device)
     base, xs = _readers(plan, name)
     ref = base or xs[0]
     shape = plan.out_specs[name][0]
@@ -699,7 +705,7 @@ def run_merge(
     with atomic_folder(out, need) as tmp:
         writer = ShardWriter(tmp, plan.out_specs, shard_bytes)
         try:
-            on_cpu = device == "cpu" or not plan.method.on_device
+            on_cpu = compute_device(plan.method, device) == "cpu"
             merged = pipeline(works, threads if on_cpu else 1)
             if progress:
                 progress(0, len(plan.names), "")

@@ -140,9 +140,16 @@ def score_model(
     out = {}
     if own:
         found = evaluate_model(
-            path, own, opts.split, opts.limit, opts.batch_size, opts.seed, cache,
-            progress.batch, opts.device,
-        )  # fmt: skip
+            path,
+            own,
+            opts.split,
+            opts.limit,
+            opts.batch_size,
+            opts.seed,
+            cache,
+            progress=progress.batch,
+            device=opts.device,
+        )
         out = {t: {**vars(s), "source": "divmerge"} for t, s in found.items()}
     if lm_tasks is not None and lm_tasks.names:
         found = harness_scores(

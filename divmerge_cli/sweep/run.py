@@ -57,9 +57,15 @@ def reference_scores(
             # an adapter expert is scored on the sweep's base, not the one its config names
             model = f"{cfg.base_model}+{expert}" if is_adapter(expert) else expert
             s = evaluate_model(
-                model, {t: cfg.tasks[t]}, e.split, e.limit, e.batch_size, cfg.seed, cache_dir,
+                model,
+                {t: cfg.tasks[t]},
+                e.split,
+                e.limit,
+                e.batch_size,
+                cfg.seed,
+                cache_dir,
                 device=device,
-            )[t]  # fmt: skip
+            )[t]
             known[t] = {
                 "type": "reference",
                 "task": t,
