@@ -285,8 +285,8 @@ class SvdEstimate:
         if self.method == "wudi":
             what = (
                 f"{self.steps} Adam steps on each of {self.matrices} matrices up to {r}x{c} (no "
-                f"SVD), a {r}x{c} by "
-                f"{c}x{c} product per step"
+                f"SVD), a product with the matrix's {c}x{c} Gram matrix (factored for low-rank "
+                "experts) per step"
             )
         else:
             what = f"{self.svds} SVDs of {self.matrices} matrices up to {r}x{c}" + (
@@ -312,6 +312,13 @@ def _largest_value(value, default: float) -> float:
     return float(value)
 
 
+def _rank_bound(models: list, name: str) -> int | None:
+    """The sum of the experts' task-matrix ranks on one tensor when every expert states one
+    (LoRA adapters on the base, lora.LoraExpert.tau_rank), else None."""
+    ranks = [getattr(m, "tau_rank", lambda _: None)(name) for m in models]
+    return None if None in ranks else sum(ranks)
+
+
 def estimate_svd(plan, method: str) -> SvdEstimate | None:
     """The SVD work of `method` (a data-free merge, or a learned merge's base_method) on `plan`'s
     tensors, from headers; None for a method that does none."""
@@ -329,7 +336,10 @@ def estimate_svd(plan, method: str) -> SvdEstimate | None:
         shape = tuple(ref.shape(name))
         if len(shape) != 2 or not ref.dtype(name).is_floating_point:
             continue
-        shapes, flops, held = work(method, shape, n, glob)
+        rank = _rank_bound(plan.models, name)
+        if rank == 0:
+            continue  # no expert changes it: merged without an SVD or a step
+        shapes, flops, held = work(method, shape, n, glob, rank)
         matrices += 1
         svds += len(shapes)
         seconds += sum(svd_flops(*s) for s in shapes) / SVD_FLOPS + flops / MATMUL_FLOPS

@@ -302,6 +302,16 @@ class LoraExpert:
         size = lambda n: torch.empty((), dtype=self.base.dtype(n)).element_size()  # noqa: E731
         return held + sum(math.prod(self.base.shape(n)) * size(n) for n in self.own)
 
+    def tau_rank(self, name: str) -> int | None:
+        """A bound on τ_t's rank on one tensor, from headers (validate's estimate): the adapter's
+        rank on a target, 0 where it changes nothing, None where τ_t may be dense (a saved
+        module, or an adapter on another model)."""
+        if not self.on_base or name in self.own:
+            return None
+        if name in self.factors:
+            return self._file.index[self.factors[name][1]][1]["shape"][0]
+        return 0
+
     def lowrank(self, name: str) -> LowRank:
         # row chunks of one tensor reuse it; one entry per worker thread, so threads working on
         # different tensors do not evict each other's factors

@@ -85,7 +85,8 @@ def _per_matrix(merge: Callable[[Tensor, dict], Tensor | None]) -> Callable[...,
 
     def fn(base, xs, p, glob, rng, prep=None) -> Tensor:
         t = _taus(base, xs)
-        merged = merge(t, glob) if t.dim() == 3 else None
+        # a matrix no task changes merges to zero under every method: no SVD, no step
+        merged = merge(t, glob) if t.dim() == 3 and t.any() else None
         merged = t.mean(0) if merged is None else merged
         return merged.mul_(glob["scaling_factor"]).add_(base)
 
@@ -206,13 +207,43 @@ def wudi_objective(merged: Tensor, t: Tensor) -> Tensor:
     return total
 
 
+def gram_factor(g: Tensor, max_rank: int) -> Tensor | None:
+    """L [C, r] with L L^T = g (a PSD Gram matrix [C, C]) to float32 rounding, or None when g's
+    rank exceeds max_rank. Pivoted Cholesky in float64; once every remaining diagonal entry is
+    below eps ||g||_F, each step checks the part left out, E = g - L L^T, and stops when
+    ||E||_F <= sqrt(C) eps ||g||_F (a float32 product with g rounds about as much). LoRA
+    experts' Gram matrices have rank sum_t r_t plus rounding noise (theta_t - theta0 in float32);
+    a full fine-tune's are full rank and give up after max_rank pivots."""
+    c = g.shape[0]
+    g64 = g.double()
+    size = float(torch.linalg.matrix_norm(g64))
+    d = g64.diagonal().clone()
+    lf = g64.new_zeros(c, max_rank)
+    for j in range(max_rank + 1):
+        p = int(d.argmax())
+        if float(d[p]) <= EPS * size:
+            rest = float(torch.linalg.matrix_norm(g64 - lf[:, :j] @ lf[:, :j].T))
+            if rest <= c**0.5 * EPS * size:
+                return lf[:, :j].to(g.dtype)
+        if j == max_rank or float(d[p]) <= 0:
+            return None
+        col = (g64[:, p] - lf[:, :j] @ lf[p, :j]) / float(d[p]) ** 0.5
+        lf[:, j] = col
+        d = (d - col.square()).clamp_(min=0)
+        d[p] = 0.0
+    return None  # not reached
+
+
 @_per_matrix
 def wudi(t: Tensor, glob: dict) -> Tensor:
     """WUDI: from tau_m = sum_t tau_t (task arithmetic), `iterations` steps of Adam (lr `lr`) on
     wudi_objective, in float32. Its gradient is 2 (tau_m G - K), G = sum_t w_t tau_t^T tau_t
     [C, C], K = sum_t w_t tau_t tau_t^T tau_t, w_t = 1 / ||tau_t||^2, so a step is one
     [R, C] x [C, C] product and R x R interference matrices are never formed (a vocabulary-sized
-    embedding would need gigabytes). Deterministic: no randomness, a fixed number of steps."""
+    embedding would need gigabytes). When G has rank r <= C / 4 (LoRA experts) it is used as
+    L L^T (gram_factor), two [R, C] x [C, r] products a step; a matrix no task changes (G = 0:
+    the gradient is 0 and Adam does not move) is returned at once. Deterministic: no randomness,
+    a fixed number of steps."""
     cols = t.shape[2]
     g, k = t.new_zeros(cols, cols), t.new_zeros(t.shape[1:])
     for tau in t:
@@ -222,11 +253,18 @@ def wudi(t: Tensor, glob: dict) -> Tensor:
             g += gt
             k += tau @ gt
     merged = t.sum(0)
+    if not g.any():
+        return merged
+    lf = gram_factor(g, cols // 4)
+    if lf is None:
+        gradient = lambda m: (m @ g).sub_(k).mul_(2)  # noqa: E731
+    else:
+        gradient = lambda m: ((m @ lf) @ lf.T).sub_(k).mul_(2)  # noqa: E731
     b1, b2, eps = ADAM
     lr = glob["lr"]
     m1, m2 = torch.zeros_like(merged), torch.zeros_like(merged)
     for step in range(1, int(glob["iterations"]) + 1):
-        grad = (merged @ g).sub_(k).mul_(2)
+        grad = gradient(merged)
         m1.mul_(b1).add_(grad, alpha=1 - b1)
         m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (m2.sqrt() / (1 - b2**step) ** 0.5).add_(eps)  # as torch.optim.Adam
@@ -237,11 +275,15 @@ def wudi(t: Tensor, glob: dict) -> Tensor:
 # --- what validate says they cost --------------------------------------------------------------
 
 # Calibrated on one core of these machines against the methods' measured times on SmolLM2's
-# matrix shapes (576x576 to 49152x576, 3 experts): the estimates were 0.9 to 2.3 times the
-# measured times (issue 27), mostly on the safe side.
+# matrix shapes (576x576 to 49152x576, 3 experts): the SVD estimates were 0.9 to 2.3 times the
+# measured times (issue 27), mostly on the safe side. WUDI's, recalibrated on one core (matmul
+# 87-99 GF/s, Adam 1.5-5.6 ns an entry), are 1.3-1.4 times its measured pairs: full fine-tunes
+# (dense steps, 760 s) and LoRA adapters (factored steps, 128 s).
 SVD_FLOPS = 1e10  # flop/s of torch.linalg.svd (13 GF/s on tall matrices, ~8 on wide ones)
-MATMUL_FLOPS = 5e10  # flop/s of a float32 matmul (67 GF/s measured)
-ADAM_ENTRY_FLOPS = 2000  # one entry's Adam update (~8 memory-bound passes), in matmul flops
+MATMUL_FLOPS = 7e10  # flop/s of a float32 matmul
+ADAM_ENTRY_FLOPS = (
+    250  # one entry's gradient and Adam update (~10 memory-bound passes), in matmul flops
+)
 
 
 def svd_flops(rows: int, cols: int) -> float:
@@ -250,11 +292,14 @@ def svd_flops(rows: int, cols: int) -> float:
     return 4.0 * m * n * n + 8.0 * n**3
 
 
-def work(method: str, shape: tuple[int, ...], n: int, glob: dict) -> tuple[list, float, int]:
+def work(
+    method: str, shape: tuple[int, ...], n: int, glob: dict, rank: int | None = None
+) -> tuple[list, float, int]:
     """One tensor's work for `method` over n experts: the shapes of the SVDs it computes, the
     flops of its other products, and the float32 matrices of its shape it holds beside the
-    inputs (the merge engine's own copies excluded)."""
-    if len(shape) != 2:
+    inputs (the merge engine's own copies excluded). `rank` bounds the sum of the task
+    matrices' ranks when known (LoRA experts: 0 where none changes the tensor)."""
+    if len(shape) != 2 or rank == 0:
         return [], 0.0, 0
     rows, cols = shape
     r = min(shape)
@@ -269,7 +314,9 @@ def work(method: str, shape: tuple[int, ...], n: int, glob: dict) -> tuple[list,
         return [shape] * (n + 1) + [(rows, r), (r, cols)], 0.0, 6
     if method == "wudi":
         steps = int(glob.get("iterations", 0))
-        per_step = 2.0 * rows * cols * cols + ADAM_ENTRY_FLOPS * rows * cols
+        low = rank is not None and rank <= cols // 4  # wudi's factored Gram matrix
+        product = 4.0 * rows * cols * rank if low else 2.0 * rows * cols * cols
+        per_step = product + ADAM_ENTRY_FLOPS * rows * cols
         return [], per_step * steps + 4.0 * n * rows * cols * cols, 5
     return [], 0.0, 0
 

@@ -6,7 +6,8 @@ Builds n random LoRA adapters (all linear layers, r = --rank, alpha = 2r, B ~ N(
 τ ≠ 0) on the base with peft, and each one's merge_and_unload() as a full checkpoint (WORKDIR is
 reused on a rerun). Then, each in a fresh process (its wall seconds and peak RSS by
 scripts/measure.py; seconds of the whole process, its start-up included):
-- `divmerge run` task_arithmetic and ties on the adapters, and on the dense experts;
+- `divmerge run` of each of --methods (task_arithmetic and ties by default; any data-free method,
+  at its defaults) on the adapters, and on the dense experts;
 - `divmerge run --as-adapter` (exact) for task_arithmetic;
 - one DivMerge-style step (forward + backward to Γ through taskvectors.MergedModel, 8 x 64 tokens,
   layer granularity) on the adapters (low rank, never densified) and on the dense experts, each
@@ -161,6 +162,11 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--parts", default="run,adapter,step", help="a subset of run,adapter,step")
+    ap.add_argument(
+        "--methods",
+        default="task_arithmetic,ties",
+        help="data-free methods `run` times (tsv, wudi...)",
+    )
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     adapters, dense = make_experts(a.base, a.work, a.n, a.rank)
@@ -172,7 +178,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     parts = a.parts.split(",")
-    for method in ("task_arithmetic", "ties") if "run" in parts else ():
+    for method in a.methods.split(",") if "run" in parts else ():
         for kind, models in (("lora", adapters), ("dense", dense)):
             out = a.work / f"out_{method}_{kind}"
             r = recipe(a.work, f"{method}_{kind}", method, a.base, models)

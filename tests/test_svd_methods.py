@@ -146,6 +146,35 @@ def test_wudi_first_step_moves_against_the_objectives_gradient():
     assert torch.allclose(step, -1e-3 * merged.grad.sign(), atol=1e-6)
 
 
+def test_gram_factor_finds_a_low_rank_gram_and_gives_up_on_a_full_one():
+    a = rand(6, 20)  # rank 6
+    g = a.T @ a
+    lf = S.gram_factor(g, 8)
+    assert lf.shape == (20, 6)
+    assert torch.allclose(lf @ lf.T, g, atol=1e-5 * float(g.abs().max()))
+    assert S.gram_factor(g, 5) is None  # rank 6 > 5
+    full = rand(30, 20)
+    assert S.gram_factor(full.T @ full, 5) is None
+
+
+def test_wudi_on_low_rank_updates_equals_its_dense_steps(monkeypatch):
+    """LoRA-like task matrices (rank 2 each, G of rank 6 <= 40 // 4): the factored steps give
+    the dense steps' merge; a matrix no task changes stays zero without a step."""
+    base = rand(24, 40)
+    taus = [rand(24, 2, seed=i) @ rand(2, 40, seed=i + 10) * 0.01 for i in range(3)]
+    seen = []
+    factor = S.gram_factor
+    monkeypatch.setattr(S, "gram_factor", lambda g, r: seen.append(factor(g, r)) or seen[-1])
+    low = run("wudi", base, taus, iterations=50, lr=1e-4) - base
+    assert seen[0] is not None and seen[0].shape[1] == 6
+    monkeypatch.setattr(S, "gram_factor", lambda g, r: None)
+    dense = run("wudi", base, taus, iterations=50, lr=1e-4) - base
+    assert not torch.allclose(dense, torch.stack(taus).sum(0), atol=1e-4)  # the steps moved it
+    assert torch.allclose(low, dense, atol=1e-7, rtol=1e-4)
+    zero = run("wudi", base, [torch.zeros_like(base)] * 3) - base
+    assert not zero.any()
+
+
 # --- every method: other tensors, the contract ------------------------------------------------
 
 
@@ -345,6 +374,30 @@ def test_lora_experts_merge_as_their_dense_models(name, lora_zoo, tmp_path, cli)
     a, b = (load_file(tmp_path / t / "model.safetensors") for t in ("lora", "dense"))
     for n in a:
         assert torch.allclose(a[n], b[n], atol=1e-5), n
+
+
+def test_validate_counts_only_the_matrices_lora_experts_change(lora_zoo, tmp_path, cli):  # noqa: F811
+    """From the adapters' headers: a matrix no adapter targets costs no SVD nor step, and WUDI's
+    steps on targets use the factored Gram matrix (ranks 2 + 3 or 4 <= hidden 32 // 4), so the
+    estimate is below the same merge's on the merge_and_unload() checkpoints."""
+    targets = ("q_proj", "v_proj", "down_proj", "k_proj", "o_proj", "up_proj")  # a0's and a1's
+    base = load_file(lora_zoo["base"] / "model.safetensors")
+    mats = [n for n, w in base.items() if w.dim() == 2]
+    est = {}
+    for name in ("tsv", "wudi"):
+        for tag, models in (("lora", ["a0", "a1"]), ("dense", ["a0_full", "a1_full"])):
+            r = _recipe(tmp_path, lora_zoo, name, [lora_zoo[m] for m in models], iterations=20)
+            code, _, err = cli("validate", r, "--json", tmp_path / "v.json")
+            assert code == 0, err
+            est[name, tag] = json.loads((tmp_path / "v.json").read_text())["svd_estimate"]
+        lora, dense = est[name, "lora"], est[name, "dense"]
+        assert lora["matrices"] == sum(any(t in n for t in targets) for n in mats)
+        assert dense["matrices"] == len(mats) > lora["matrices"]
+    assert est["tsv", "lora"]["svds"] == (2 + 2) * est["tsv", "lora"]["matrices"]
+    per_matrix = {
+        tag: est["wudi", tag]["seconds"] / est["wudi", tag]["matrices"] for tag in ("lora", "dense")
+    }
+    assert per_matrix["lora"] < per_matrix["dense"]
 
 
 @pytest.mark.parametrize("name", ("tsv", "iso_c", "iso_cts"))
