@@ -598,6 +598,23 @@ def test_task_vector_norms_and_cosines_by_hand():
     assert "| a | 0.2000 | 1 | 0.000 | 1.000 |" in md
 
 
+def test_subspace_overlap_by_hand():
+    """Rank-1 task matrices u v^T: a and b share the input direction v, a and c the output u."""
+    import torch
+
+    tv = _load("task_vectors")
+    e = torch.eye(3)
+    moves = {"a": (e[0], e[0]), "b": (e[1], 2 * e[0]), "c": (-e[0], e[2])}
+    experts = {n: _FakeCheckpoint({"w": torch.outer(u, v)}) for n, (u, v) in moves.items()}
+    got = tv.subspace_overlap(_FakeCheckpoint({"w": torch.zeros(3, 3)}), experts, ["w"], rank=1)
+    assert got == {
+        "a|b": pytest.approx({"output": 0.0, "input": 1.0}),
+        "a|c": pytest.approx({"output": 1.0, "input": 0.0}),
+        "b|c": pytest.approx({"output": 0.0, "input": 0.0}),
+    }
+    assert "| mean | 0.333 | 0.333 |" in tv.overlap_markdown(got)
+
+
 def test_weights_hash_ignores_the_header_and_sees_one_changed_value(tmp_path):
     import torch
     from safetensors.torch import save_file

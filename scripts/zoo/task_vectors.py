@@ -1,11 +1,17 @@
 """How far each expert moved from the base, and how the moves overlap: the task vectors τ_i = θ_i - θ_0.
 
     python scripts/zoo/task_vectors.py ZOO_DIR [--out docs/results/task_vectors]
+    python scripts/zoo/task_vectors.py ZOO_DIR --lora --overlap [--out ...]
 
 Streams the base's and experts' tensors one name at a time (divmerge_cli.checkpoint) and writes
 OUT.md / OUT.json: per expert ‖τ_i‖ / ‖θ_0‖ over all weights, and the cosine similarity of every
 pair of task vectors. Small, near-orthogonal task vectors interfere little when added, which is
-why pairwise merges of such experts all land near their experts' scores.
+why pairwise merges of such experts all land near their experts' scores. --lora reads the LoRA
+zoo (ZOO_DIR/lora/) instead of the full fine-tunes. --overlap adds, for every pair of experts,
+how much their matrices' top-16 singular subspaces share (the mean squared cosine of the principal
+angles, ‖U_aᵀU_b‖²_F / 16, on the output side U and the input side V; two random 16-dimensional
+subspaces of R^576 give 0.028), over the 2-D tensors of layers OVERLAP_LAYERS: TSV-M and Iso-CTS
+orthogonalise these singular vectors across tasks, which distorts subspaces that coincide.
 """
 
 from __future__ import annotations
@@ -39,6 +45,47 @@ def task_vector_stats(base, experts: dict) -> dict:
     }
 
 
+OVERLAP_LAYERS = (3, 15, 27)  # SmolLM2's 30 layers: early, middle, late
+OVERLAP_RANK = 16
+
+
+def subspace_overlap(base, experts: dict, tensors: list[str], rank: int = OVERLAP_RANK) -> dict:
+    """Per pair of experts, the mean over `tensors` of ‖U_aᵀU_b‖²_F / rank for the top-`rank` left
+    ("output") and right ("input") singular vectors of their task matrices."""
+    import torch
+
+    names = list(experts)
+    sums = {f"{a}|{b}": [0.0, 0.0] for i, a in enumerate(names) for b in names[i + 1 :]}
+    for tensor in tensors:
+        theta0 = base.get(tensor).double()
+        sub = {}
+        for n in names:
+            u, _, vh = torch.linalg.svd(
+                experts[n].get(tensor).double() - theta0, full_matrices=False
+            )
+            sub[n] = (u[:, :rank], vh[:rank].T)
+        for key, acc in sums.items():
+            a, b = key.split("|")
+            for side in (0, 1):
+                acc[side] += float((sub[a][side].T @ sub[b][side]).square().sum()) / rank
+    return {
+        k: {"output": o / len(tensors), "input": i / len(tensors)} for k, (o, i) in sums.items()
+    }
+
+
+def overlap_markdown(overlap: dict) -> str:
+    out = ["| pair | output-side overlap | input-side overlap |", "|---|---:|---:|"]
+    out += [
+        f"| {k.replace('|', ' + ')} | {v['output']:.3f} | {v['input']:.3f} |"
+        for k, v in overlap.items()
+    ]
+    mean = {
+        side: sum(v[side] for v in overlap.values()) / len(overlap) for side in ("output", "input")
+    }
+    out.append(f"| mean | {mean['output']:.3f} | {mean['input']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
 def to_markdown(s: dict, names: list[str]) -> str:
     out = ["| expert | ‖τ‖ / ‖θ_0‖ | " + " | ".join(f"cos with {n}" for n in names) + " |"]
     out.append("|---|---|" + "---|" * len(names))
@@ -55,20 +102,30 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("zoo_dir", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/results/task_vectors"))
+    ap.add_argument("--lora", action="store_true", help="the LoRA zoo (ZOO_DIR/lora/)")
+    ap.add_argument("--overlap", action="store_true", help="also the singular subspaces' overlap")
     a = ap.parse_args(argv)
 
     from divmerge_cli.models import open_model
 
     zoo = a.zoo_dir.resolve()
+    base = open_model(str(zoo / "base"), "base_model")
+    kind = "lora" if a.lora else "experts"
     experts = {
-        p.name: open_model(str(p), f"experts.{p.name}")
-        for p in sorted((zoo / "experts").iterdir())
+        p.name: open_model(str(p), f"{kind}.{p.name}", base=base)
+        for p in sorted((zoo / kind).iterdir())
         if p.is_dir() and not p.name.startswith(".")
     }
-    stats = task_vector_stats(open_model(str(zoo / "base"), "base_model"), experts)
+    stats = task_vector_stats(base, experts)
+    md = to_markdown(stats, list(experts))
+    if a.overlap:
+        layers = [f"layers.{i}." for i in OVERLAP_LAYERS]
+        tensors = [n for n in base.names if len(base.shape(n)) == 2 and any(x in n for x in layers)]
+        stats["overlap"] = subspace_overlap(base, experts, tensors)
+        stats["overlap_tensors"] = tensors
+        md += "\n" + overlap_markdown(stats["overlap"])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(stats, indent=1) + "\n")
-    md = to_markdown(stats, list(experts))
     a.out.with_suffix(".md").write_text(md)
     print(md)
     return 0
