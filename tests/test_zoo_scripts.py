@@ -754,7 +754,12 @@ def test_svd2025_lora_results_get_their_own_tables_and_restore_needs_the_adapter
     for name, anp in (("svd2025_k2", 0.5), ("svd2025_lora_k2", 0.9)):
         cell = json.dumps({**_cell("tsv", "a+b", anp), "scores": {}})
         (zoo / "results" / f"{name}.jsonl").write_text(head + cell + "\n")
+    e = {"metric": "accuracy", "n": 100, "base": 0.1, "expert": 0.8, "lora_expert": 0.9}
+    (zoo / "scores.json").write_text(json.dumps({"a": e}))
     assert rep.main([str(zoo), "--svd2025", "--out", str(out)]) == 0
+    experts = (out / "experts.md").read_text()  # the adapters beside the full experts
+    assert "| a | accuracy | 100 | 0.1000 | - | 0.8000 |" in experts
+    assert "| a | accuracy | 100 | 0.1000 | 0.9000 | 0.8000 |" in experts
     md = (out / "svd2025.md").read_text()
     full, lora = md.split("## LoRA adapters (rank 16)")
     assert "## Full fine-tunes" in full and "| tsv | 50.0 (1) |" in full and "90.0" not in full

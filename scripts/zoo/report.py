@@ -574,9 +574,13 @@ def svd2025_report(zoo: Path, out: Path) -> list[Path]:
     written = [*copied, out / "svd2025.md", out / "zoo.json"]
     scores = zoo / "scores.json"
     if scores.is_file():
-        md, csv = experts_table(json.loads(scores.read_text()))
+        table = json.loads(scores.read_text())
+        md, csv = experts_table(table)
+        (out / "experts.csv").write_text(csv)
+        if any("lora_expert" in e for e in table.values()):  # the LoRA zoo's, beside the full ones
+            md += "\n" + lora_experts_table(table, out / "experts.csv")
         (out / "experts.md").write_text(md)
-        written.append(out / "experts.md")
+        written += [out / "experts.md", out / "experts.csv"]
     (out / "zoo.json").write_text(json.dumps(zoo_hashes(zoo), indent=2) + "\n")
     return written
 
