@@ -226,12 +226,12 @@ def gram_factor(g: Tensor, max_rank: int) -> Tensor | None:
             if rest <= c**0.5 * EPS * size:
                 return lf[:, :j].to(g.dtype)
         if j == max_rank or float(d[p]) <= 0:
-            return None
+            break
         col = (g64[:, p] - lf[:, :j] @ lf[p, :j]) / float(d[p]) ** 0.5
         lf[:, j] = col
         d = (d - col.square()).clamp_(min=0)
         d[p] = 0.0
-    return None  # not reached
+    return None
 
 
 @_per_matrix
@@ -281,9 +281,8 @@ def wudi(t: Tensor, glob: dict) -> Tensor:
 # (dense steps, 760 s) and LoRA adapters (factored steps, 128 s).
 SVD_FLOPS = 1e10  # flop/s of torch.linalg.svd (13 GF/s on tall matrices, ~8 on wide ones)
 MATMUL_FLOPS = 7e10  # flop/s of a float32 matmul
-ADAM_ENTRY_FLOPS = (
-    250  # one entry's gradient and Adam update (~10 memory-bound passes), in matmul flops
-)
+# one entry's gradient and Adam update (~10 memory-bound passes), in matmul flops
+ADAM_ENTRY_FLOPS = 250
 
 
 def svd_flops(rows: int, cols: int) -> float:

@@ -562,7 +562,7 @@ def test_lora_table_puts_the_full_fine_tunes_beside_the_adapters(tmp_path):
         "a": {"metric": "accuracy", "n": 100, "base": 0.0, "lora_expert": 0.8},
         "b": {"metric": "rouge1", "n": 100, "base": 0.1, "expert": 0.3},  # no adapter: left out
     }
-    md = rep.lora_experts_table(scores, csv)
+    md = rep.lora_experts_table(scores, rep.csv_expert_scores(csv))
     assert "| a | accuracy | 100 | 0.0000 | 0.8000 | 0.8700 |" in md and "| b |" not in md
 
 

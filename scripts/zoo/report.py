@@ -515,14 +515,19 @@ def lora_table(lora: list[dict], full: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def lora_experts_table(scores: dict, full_csv: Path) -> str:
-    """Base, LoRA expert and (from the committed experts.csv) full expert on each task."""
+def csv_expert_scores(experts_csv: Path) -> dict[str, float]:
+    """{task: the full expert's score} from an experts.csv (experts_table's), {} when absent."""
     full = {}
-    if full_csv.is_file():
-        head, *lines = full_csv.read_text().splitlines()
+    if experts_csv.is_file():
+        head, *lines = experts_csv.read_text().splitlines()
         for line in lines:
             rec = dict(zip(head.split(","), line.split(",")))
             full[rec["task"]] = float(rec["expert"])
+    return full
+
+
+def lora_experts_table(scores: dict, full: dict[str, float]) -> str:
+    """Base, LoRA expert and full expert (`full`: {task: score}) on each task."""
     out = [
         "**Base and experts on each task's test split (n seeded rows, greedy)**",
         "",
@@ -550,7 +555,8 @@ def lora_report(zoo: Path, out: Path, full_dir: Path) -> list[Path]:
     parts.append(timing_table(rows))
     scores = zoo / "scores.json"
     if scores.is_file():
-        parts.append(lora_experts_table(json.loads(scores.read_text()), full_dir / "experts.csv"))
+        full_scores = csv_expert_scores(full_dir / "experts.csv")  # the committed full build's
+        parts.append(lora_experts_table(json.loads(scores.read_text()), full_scores))
     (out / "lora.md").write_text("\n".join(parts))
     adapters = [d for d in sorted((zoo / "lora").iterdir()) if (d / "expert.json").is_file()]
     hashes = {f"lora/{d.name}": hash_model_dir(d) for d in adapters}  # finished adapters only
@@ -575,12 +581,12 @@ def svd2025_report(zoo: Path, out: Path) -> list[Path]:
     scores = zoo / "scores.json"
     if scores.is_file():
         table = json.loads(scores.read_text())
-        md, csv = experts_table(table)
-        (out / "experts.csv").write_text(csv)
+        md, _ = experts_table(table)
         if any("lora_expert" in e for e in table.values()):  # the LoRA zoo's, beside the full ones
-            md += "\n" + lora_experts_table(table, out / "experts.csv")
+            full = {t: e["expert"] for t, e in table.items() if "expert" in e}
+            md += "\n" + lora_experts_table(table, full)
         (out / "experts.md").write_text(md)
-        written += [out / "experts.md", out / "experts.csv"]
+        written.append(out / "experts.md")
     (out / "zoo.json").write_text(json.dumps(zoo_hashes(zoo), indent=2) + "\n")
     return written
 
