@@ -236,7 +236,9 @@ def test_checkpoints_every_n_steps_but_not_at_the_end():
 
 
 def test_run_settings_leave_out_steps_so_a_run_can_grow():
-    args = argparse.Namespace(steps=150, batch_size=8, lr=1e-4, seed=0, save_every=50, lora_rank=0)
+    args = argparse.Namespace(
+        steps=150, batch_size=8, lr=1e-4, seed=0, save_every=50, lora_rank=0, distinct_init=False
+    )
     longer = argparse.Namespace(**{**vars(args), "steps": 300})
     assert build.run_settings(args, "abc") == build.run_settings(longer, "abc")
     assert build.run_settings(args, "abc") != build.run_settings(args, "abd")
@@ -244,6 +246,23 @@ def test_run_settings_leave_out_steps_so_a_run_can_grow():
     assert "lora_rank" not in build.run_settings(args, "abc")
     lora = argparse.Namespace(**{**vars(args), "lora_rank": 16, "lora_alpha": 32.0})
     assert build.run_settings(lora, "abc")["lora_rank"] == 16
+    distinct = argparse.Namespace(**{**vars(lora), "distinct_init": True})
+    assert build.run_settings(distinct, "abc") != build.run_settings(lora, "abc")
+
+
+def test_distinct_init_seeds_each_adapter_by_its_task_and_has_its_own_folder():
+    args = argparse.Namespace(seed=7, lora_rank=16, distinct_init=False)
+    tasks = ["a", "b", "c"]
+    assert [build.init_seed(args, t, tasks) for t in tasks] == [7, 7, 7]
+    assert build.zoo_kind(args) == "lora" and build.score_key("lora") == "lora_expert"
+    args.distinct_init = True
+    assert [build.init_seed(args, t, tasks) for t in tasks] == [7, 8, 9]
+    assert build.zoo_kind(args) == "lora_distinct"
+    assert build.score_key("lora_distinct") == "lora_distinct_expert"
+    assert build.zoo_kind(argparse.Namespace(lora_rank=0, distinct_init=False)) == "experts"
+    assert build.score_key("experts") == "expert"
+    with pytest.raises(SystemExit, match="--distinct-init: only with --lora-rank"):
+        build.main(["/nonexistent", "--distinct-init"])
 
 
 # ---------------------------------------------------------------------------------- real file
@@ -279,13 +298,16 @@ def _tiny_zoo(root: Path, llama_zoo) -> tuple[Path, dict]:
     return root, load_tasks(str(tasks), root, str(tasks))
 
 
-@pytest.mark.parametrize("kind", ["experts", "lora"])
+@pytest.mark.parametrize("kind", ["experts", "lora", "lora_distinct"])
 def test_an_interrupted_build_resumes_from_its_checkpoint(kind, tmp_path, llama_zoo, monkeypatch):
     import json
 
     zoo, specs = _tiny_zoo(tmp_path, llama_zoo)
-    rank = {"lora_rank": 4, "lora_alpha": 8.0} if kind == "lora" else {"lora_rank": 0}
-    args = argparse.Namespace(steps=4, batch_size=2, lr=1e-3, seed=0, save_every=2, **rank)
+    rank = {"lora_rank": 4, "lora_alpha": 8.0} if kind != "experts" else {"lora_rank": 0}
+    distinct = kind == "lora_distinct"
+    args = argparse.Namespace(
+        steps=4, batch_size=2, lr=1e-3, seed=0, save_every=2, distinct_init=distinct, **rank
+    )
     real_log = build.log_line
 
     def crash_after_checkpoint(path, text):
@@ -295,17 +317,17 @@ def test_an_interrupted_build_resumes_from_its_checkpoint(kind, tmp_path, llama_
 
     monkeypatch.setattr(build, "log_line", crash_after_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        build.build_expert(zoo, "rt", specs["rt"], args)
+        build.build_expert(zoo, "rt", specs["rt"], args, 0)
     state = json.loads((zoo / kind / ".work" / "rt" / "state.json").read_text())
     assert state["step"] == 2 and len(state["losses"]) == 2
     assert not (zoo / kind / "rt").exists()
 
     monkeypatch.setattr(build, "log_line", real_log)
-    build.build_expert(zoo, "rt", specs["rt"], args)
+    build.build_expert(zoo, "rt", specs["rt"], args, 0)
     info = json.loads((zoo / kind / "rt" / "expert.json").read_text())
     assert info["losses"][:2] == state["losses"] and len(info["losses"]) == 4
     assert not (zoo / kind / ".work" / "rt").exists()
-    log = (zoo / "logs" / ("lora-rt.log" if rank["lora_rank"] else "rt.log")).read_text()
+    log = (zoo / "logs" / (f"{kind}-rt.log" if rank["lora_rank"] else "rt.log")).read_text()
     assert f"start at step 2/4 from {zoo / kind / '.work' / 'rt'}" in log
     assert "step 4/4 loss" in log
     if rank["lora_rank"]:  # an adapter on every linear layer, trained (B moved from its zeros)
@@ -405,6 +427,7 @@ def test_zoo_sweep_files_validate(tmp_path, name):
             Path(path).write_text(row + "\n")
         (zoo / "experts" / task).mkdir(parents=True)
         (zoo / "lora" / task).mkdir(parents=True)
+        (zoo / "lora_distinct" / task).mkdir(parents=True)
     (zoo / "base").mkdir()
     (zoo / "sweeps" / name).write_text((ROOT / "docs/zoo/sweeps" / name).read_text())
     cfg = load_sweep(zoo / "sweeps" / name)
@@ -743,29 +766,39 @@ def test_svd2025_lora_results_get_their_own_tables_and_restore_needs_the_adapter
 
     rep = _load("report")
     zoo, out = tmp_path / "zoo", tmp_path / "svd"
-    for d in ("base", "experts/a", "lora/a", "data", "results"):
+    for d in ("base", "experts/a", "lora/a", "lora_distinct/a", "data", "results"):
         (zoo / d).mkdir(parents=True)
     for d in ("base", "experts/a"):
         save_file({"w": torch.ones(2)}, zoo / d / "model.safetensors")
-    save_file({"w": torch.ones(2)}, zoo / "lora/a/adapter_model.safetensors")
-    (zoo / "lora/a/expert.json").write_text("{}")
+    for d in ("lora/a", "lora_distinct/a"):
+        save_file({"w": torch.ones(2)}, zoo / d / "adapter_model.safetensors")
+        (zoo / d / "expert.json").write_text("{}")
     (zoo / "data" / "manifest.json").write_text("{}")
     head = f'{{"type": "sweep", "base_model": "{zoo}/base"}}\n'
-    for name, anp in (("svd2025_k2", 0.5), ("svd2025_lora_k2", 0.9)):
+    for name, anp in (
+        ("svd2025_k2", 0.5),
+        ("svd2025_lora_k2", 0.9),
+        ("svd2025_lora_distinct_k2", 0.7),
+    ):
         cell = json.dumps({**_cell("tsv", "a+b", anp), "scores": {}})
         (zoo / "results" / f"{name}.jsonl").write_text(head + cell + "\n")
     e = {"metric": "accuracy", "n": 100, "base": 0.1, "expert": 0.8, "lora_expert": 0.9}
-    (zoo / "scores.json").write_text(json.dumps({"a": e}))
+    b = {**e, "lora_expert": 0.6, "lora_distinct_expert": 0.7}
+    (zoo / "scores.json").write_text(json.dumps({"a": e, "b": b}))
     assert rep.main([str(zoo), "--svd2025", "--out", str(out)]) == 0
     experts = (out / "experts.md").read_text()  # the adapters beside the full experts
     assert "| a | accuracy | 100 | 0.1000 | - | 0.8000 |" in experts
-    assert "| a | accuracy | 100 | 0.1000 | 0.9000 | 0.8000 |" in experts
+    assert "| a | accuracy | 100 | 0.1000 | 0.9000 | - | 0.8000 |" in experts
+    assert "| b | accuracy | 100 | 0.1000 | 0.6000 | 0.7000 | 0.8000 |" in experts
     md = (out / "svd2025.md").read_text()
-    full, lora = md.split("## LoRA adapters (rank 16)")
+    full, lora = md.split("## LoRA adapters (rank 16)\n")
+    lora, distinct = lora.split("## LoRA adapters (rank 16), a distinct lora_A init per task")
     assert "## Full fine-tunes" in full and "| tsv | 50.0 (1) |" in full and "90.0" not in full
     assert "| tsv | 90.0 (1) |" in lora and "50.0" not in lora  # never pooled across zoos
+    assert "| tsv | 70.0 (1) |" in distinct and "90.0" not in distinct and "70.0" not in lora
     hashes = json.loads((out / "zoo.json").read_text())
     assert hashes["weights:lora/a"] == rep.hash_weights(zoo / "lora" / "a")
+    assert hashes["weights:lora_distinct/a"] == rep.hash_weights(zoo / "lora_distinct" / "a")
 
     fresh = tmp_path / "fresh"  # the next machine: the same weights, adapters not built yet
     for d in ("base", "experts/a"):
@@ -776,4 +809,7 @@ def test_svd2025_lora_results_get_their_own_tables_and_restore_needs_the_adapter
     save_file({"w": torch.zeros(2)}, fresh / "lora/a/adapter_model.safetensors")  # other adapter
     assert rep.restore(fresh, out) == []
     save_file({"w": torch.ones(2)}, fresh / "lora/a/adapter_model.safetensors")
-    assert rep.restore(fresh, out) == ["svd2025_lora_k2.jsonl"]
+    assert rep.restore(fresh, out) == ["svd2025_lora_k2.jsonl"]  # not the other adapter zoo's
+    (fresh / "lora_distinct/a").mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, fresh / "lora_distinct/a/adapter_model.safetensors")
+    assert rep.restore(fresh, out) == ["svd2025_lora_distinct_k2.jsonl"]

@@ -81,6 +81,8 @@ def is_checkpoint(step: int, steps: int, every: int) -> bool:
 def run_settings(args: argparse.Namespace, train_sha256: str) -> dict:
     """What a checkpoint's weights depend on, besides the step count (--steps may grow)."""
     lora = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha} if args.lora_rank else {}
+    if args.distinct_init:
+        lora["distinct_init"] = True
     return {
         **lora,
         "batch_size": args.batch_size,
@@ -137,9 +139,22 @@ def log_line(path: Path, text: str) -> None:
     print(f"{stamp} {path.stem}: {text}", flush=True)
 
 
+def zoo_kind(args: argparse.Namespace) -> str:
+    """The folder under ZOO_DIR: experts, lora (--lora-rank) or lora_distinct (--distinct-init)."""
+    if not args.lora_rank:
+        return "experts"
+    return "lora_distinct" if args.distinct_init else "lora"
+
+
+def init_seed(args: argparse.Namespace, task: str, tasks: list[str]) -> int:
+    """lora_A's init seed: --seed for every adapter, or --seed + the task's position in tasks.yaml
+    with --distinct-init (the training data's order keeps --seed either way)."""
+    return args.seed + tasks.index(task) if args.distinct_init else args.seed
+
+
 def expert_dir(zoo: Path, task: str, args: argparse.Namespace) -> Path:
-    """ZOO_DIR/experts/<task>, or ZOO_DIR/lora/<task> for a LoRA adapter (--lora-rank)."""
-    return zoo / ("lora" if args.lora_rank else "experts") / task
+    """ZOO_DIR/<zoo_kind>/<task>."""
+    return zoo / zoo_kind(args) / task
 
 
 def is_built(folder: Path) -> bool:
@@ -148,10 +163,10 @@ def is_built(folder: Path) -> bool:
     return has_weights(folder) or (folder / "adapter_model.safetensors").is_file()
 
 
-def trainable(source: Path, base: Path, args: argparse.Namespace):
+def trainable(source: Path, base: Path, args: argparse.Namespace, seed: int):
     """The model to fine-tune from `source`: the base (or a checkpoint) for a full fine-tune; for
     LoRA, the base with a fresh seeded adapter (r, alpha, every linear layer) or the adapter
-    checkpointed in `source`."""
+    checkpointed in `source`; `seed` seeds lora_A's random init."""
     import torch
 
     from divmerge_cli.hf import load_model
@@ -163,7 +178,7 @@ def trainable(source: Path, base: Path, args: argparse.Namespace):
     model = load_model(base)
     if source != base:
         return PeftModel.from_pretrained(model, str(source), is_trainable=True)
-    torch.manual_seed(args.seed)  # lora_A's random init
+    torch.manual_seed(seed)
     config = LoraConfig(
         r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules="all-linear",
         lora_dropout=0.0,
@@ -171,9 +186,9 @@ def trainable(source: Path, base: Path, args: argparse.Namespace):
     return get_peft_model(model, config)
 
 
-def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace) -> None:
+def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace, seed: int) -> None:
     """Fine-tune (or resume) the expert ZOO_DIR/experts/<task> (or the LoRA adapter
-    ZOO_DIR/lora/<task>); nothing to do when it exists."""
+    ZOO_DIR/lora*/<task>, lora_A seeded with `seed`); nothing to do when it exists."""
     from divmerge_cli import sft
     from divmerge_cli.hf import load_tokenizer
 
@@ -200,7 +215,7 @@ def build_expert(zoo: Path, task: str, spec, args: argparse.Namespace) -> None:
     start = min(state["step"], args.steps) if state else 0
     losses: list[float] = state["losses"][:start] if state else []
     source = work if start else zoo / "base"
-    model, tok = trainable(source, zoo / "base", args), load_tokenizer(zoo / "base")
+    model, tok = trainable(source, zoo / "base", args, seed), load_tokenizer(zoo / "base")
     log_line(log, f"start at step {start}/{args.steps} from {source} ({len(examples)} examples)")
 
     # One finetune call for the remaining steps: AdamW keeps its moments throughout. The
@@ -239,18 +254,24 @@ def _mean(xs: list[float]) -> float:
 # ---------------------------------------------------------------------------------- scoring
 
 
-def score_expert(zoo: Path, task: str, spec, limit: int, batch_size: int, lora: bool) -> dict:
-    """Base and expert (or LoRA expert) on the task's test split; into ZOO_DIR/scores.json."""
+def score_expert(zoo: Path, task: str, spec, limit: int, batch_size: int, kind: str) -> dict:
+    """Base and the expert ZOO_DIR/<kind>/<task> on the task's test split; into
+    ZOO_DIR/scores.json as base and expert (full fine-tune) or <kind>_expert (LoRA)."""
     from divmerge_cli.evaluate import evaluate_model
 
     cache = zoo / "cache" / "eval"
-    name = "lora_expert" if lora else "expert"
-    expert = zoo / "lora" / task if lora else zoo / "experts" / task
+    name = score_key(kind)
+    expert = zoo / kind / task
     scores = {}
     for key, model_dir in (("base", zoo / "base"), (name, expert)):
         s = evaluate_model(model_dir, {task: spec}, "test", limit, batch_size, 0, cache)[task]
         scores[key] = s.score
     return merge_scores(zoo, task, {"metric": spec.metric, "n": s.n, "split": "test", **scores})
+
+
+def score_key(kind: str) -> str:
+    """scores.json's field for an expert of ZOO_DIR/<kind>/: expert, lora_expert, ..."""
+    return "expert" if kind == "experts" else f"{kind}_expert"
 
 
 def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
@@ -322,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument(
+        "--distinct-init", action="store_true",
+        help="with --lora-rank: seed each adapter's lora_A init with --seed + the task's position "
+        "(default: every adapter starts from the same A); into ZOO_DIR/lora_distinct/TASK",
+    )  # fmt: skip
     ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--only", action="append", help="build only this task (repeatable)")
@@ -335,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.lora_alpha is None:
         a.lora_alpha = 2.0 * a.lora_rank
+    if a.distinct_init and not a.lora_rank:
+        raise SystemExit("--distinct-init: only with --lora-rank (it seeds each adapter's lora_A)")
 
     import torch
 
@@ -359,11 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     for task, spec in specs.items():
         if a.only and task not in a.only:
             continue
-        build_expert(zoo, task, spec, a)
+        build_expert(zoo, task, spec, a, init_seed(a, task, list(specs)))
         if a.eval_limit > 0:
-            lora = bool(a.lora_rank)
-            e = score_expert(zoo, task, spec, a.eval_limit, a.eval_batch_size, lora)
-            name = "lora_expert" if lora else "expert"
+            kind = zoo_kind(a)
+            e = score_expert(zoo, task, spec, a.eval_limit, a.eval_batch_size, kind)
+            name = score_key(kind)
             print(
                 f"{task}: {e['metric']} base {e['base']:.4f} {name} {e[name]:.4f} (n={e['n']})",
                 flush=True,

@@ -449,9 +449,10 @@ def zoo_hashes(zoo: Path) -> dict[str, str]:
     }
     dirs = {"base": zoo / "base"}
     dirs |= {f"experts/{d.name}": d for d in sorted((zoo / "experts").iterdir())}
-    if (zoo / "lora").is_dir():  # finished adapters only
-        lora = sorted((zoo / "lora").iterdir())
-        dirs |= {f"lora/{d.name}": d for d in lora if (d / "expert.json").is_file()}
+    for kind in ADAPTER_ZOOS:
+        if (zoo / kind).is_dir():  # finished adapters only
+            lora = sorted((zoo / kind).iterdir())
+            dirs |= {f"{kind}/{d.name}": d for d in lora if (d / "expert.json").is_file()}
     for key, d in dirs.items():
         if not d.name.startswith("."):
             out[key] = hash_model_dir(d)
@@ -486,6 +487,23 @@ LORA = "lora_"
 STABILITY = "stability_"  # every subset of one k: kept out of the seeded per-k tables
 SVD2025 = "svd2025_"  # issue 27's sweeps: their own report (--svd2025), on a later zoo build
 SVD2025_LORA = "svd2025_lora_"  # the same on the LoRA zoo (ZOO_DIR/lora/)
+SVD2025_DISTINCT = "svd2025_lora_distinct_"  # adapters with a lora_A init per task (lora_distinct/)
+# the adapter zoos, each reported apart: folder under ZOO_DIR -> (its field in scores.json, its
+# column in the experts' table, its section title)
+ADAPTER_ZOOS = {
+    "lora": ("lora_expert", "LoRA expert", "LoRA adapters (rank 16)"),
+    "lora_distinct": (
+        "lora_distinct_expert", "LoRA expert, distinct A init",
+        "LoRA adapters (rank 16), a distinct lora_A init per task",
+    ),
+}  # fmt: skip
+
+
+def adapter_zoo(results_name: str) -> str | None:
+    """The adapter zoo a results file ran on (a key of ADAPTER_ZOOS), None for the full one."""
+    if results_name.startswith(SVD2025_DISTINCT):
+        return "lora_distinct"
+    return "lora" if results_name.startswith((LORA, SVD2025_LORA)) else None
 
 
 def lora_table(lora: list[dict], full: list[dict]) -> str:
@@ -527,17 +545,22 @@ def csv_expert_scores(experts_csv: Path) -> dict[str, float]:
 
 
 def lora_experts_table(scores: dict, full: dict[str, float]) -> str:
-    """Base, LoRA expert and full expert (`full`: {task: score}) on each task."""
+    """Base, the LoRA experts of each adapter zoo scored and the full expert (`full`: {task:
+    score}) on each task."""
+    zoos = [
+        (k, head) for k, head, _ in ADAPTER_ZOOS.values() if any(k in e for e in scores.values())
+    ]
     out = [
         "**Base and experts on each task's test split (n seeded rows, greedy)**",
         "",
-        "| task | metric | n | base | LoRA expert | full-FT expert |",
-        "|---|---|---|---|---|---|",
+        "| task | metric | n | base | " + " | ".join(h for _, h in zoos) + " | full-FT expert |",
+        "|---|---|---|---|" + "---|" * len(zoos) + "---|",
     ]
     for t, e in scores.items():
-        if "lora_expert" in e:
-            row = f"| {t} | {e['metric']} | {e['n']} | {e['base']:.4f} | {e['lora_expert']:.4f} |"
-            out.append(f"{row} {_f(full.get(t), 4)} |")
+        if any(k in e for k, _ in zoos):
+            row = f"| {t} | {e['metric']} | {e['n']} | {e['base']:.4f} | "
+            row += " | ".join(_f(e.get(k), 4) for k, _ in zoos)
+            out.append(f"{row} | {_f(full.get(t), 4)} |")
     return "\n".join(out) + "\n"
 
 
@@ -570,10 +593,9 @@ def svd2025_report(zoo: Path, out: Path) -> list[Path]:
     files = _require(sorted((zoo / "results").glob(f"{SVD2025}*.jsonl")), zoo)
     copied = copy_results(files, out, zoo)
     parts = []
-    for title, group in (
-        ("Full fine-tunes", [p for p in copied if not p.name.startswith(SVD2025_LORA)]),
-        ("LoRA adapters (rank 16)", [p for p in copied if p.name.startswith(SVD2025_LORA)]),
-    ):
+    titles = {None: "Full fine-tunes"} | {kind: z[2] for kind, z in ADAPTER_ZOOS.items()}
+    for kind, title in titles.items():
+        group = [p for p in copied if adapter_zoo(p.name) == kind]
         if group:  # each zoo's methods are compared among themselves only
             parts += [f"## {title}", "", svd2025_tables(collect(group))]
     (out / "svd2025.md").write_text("\n".join(parts))
@@ -582,7 +604,8 @@ def svd2025_report(zoo: Path, out: Path) -> list[Path]:
     if scores.is_file():
         table = json.loads(scores.read_text())
         md, _ = experts_table(table)
-        if any("lora_expert" in e for e in table.values()):  # the LoRA zoo's, beside the full ones
+        keys = [z[0] for z in ADAPTER_ZOOS.values()]
+        if any(k in e for e in table.values() for k in keys):  # the adapters beside the full ones
             full = {t: e["expert"] for t, e in table.items() if "expert" in e}
             md += "\n" + lora_experts_table(table, full)
         (out / "experts.md").write_text(md)
@@ -594,17 +617,17 @@ def svd2025_report(zoo: Path, out: Path) -> list[Path]:
 def restore(zoo: Path, committed: Path) -> list[str]:
     """Copy the committed results (committed/*.jsonl, the zoo written $ZOO) into zoo/results/ where
     the zoo has none of that name, so sweeps resume on a rebuilt zoo; only if the zoo's weights are
-    the ones they were computed with (committed/zoo.json). LoRA results (lora_*, svd2025_lora_*)
-    need the adapters too: without them (not built yet, or other weights) they are left out and
-    the rest is copied. Returns the names copied."""
+    the ones they were computed with (committed/zoo.json). Results on adapters (lora_*,
+    svd2025_lora_*) need that adapter zoo too: without it (not built yet, or other weights) they
+    are left out and the rest is copied. Returns the names copied."""
     want = json.loads((committed / "zoo.json").read_text())
-    adapters_match = True
+    unmatched = set()  # adapter zoos whose weights are missing or differ
     for key, digest in want.items():
         if key.startswith("weights:"):
             folder = zoo / key.removeprefix("weights:")
             got = hash_weights(folder) if folder.is_dir() else "missing"
-            if got != digest and key.startswith("weights:lora/"):
-                adapters_match = False
+            if got != digest and folder.parent.name in ADAPTER_ZOOS:
+                unmatched.add(folder.parent.name)
             elif got != digest:
                 raise SystemExit(
                     f"{folder}: weights differ from {committed / 'zoo.json'} ({key}); the committed "
@@ -614,8 +637,7 @@ def restore(zoo: Path, committed: Path) -> list[str]:
     copied = []
     for f in sorted(committed.glob("*.jsonl")):
         target = zoo / "results" / f.name
-        lora = f.name.startswith((LORA, SVD2025_LORA))
-        if not target.exists() and (adapters_match or not lora):
+        if not target.exists() and adapter_zoo(f.name) not in unmatched:
             target.write_text(f.read_text().replace("$ZOO", str(zoo.resolve())))
             copied.append(f.name)
     return copied

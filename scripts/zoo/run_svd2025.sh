@@ -7,7 +7,8 @@
 # cells are skipped. The one k = 5 subset first, then pairs, then k = 3 and 4; WUDI (300 Adam steps
 # over every matrix, 20-30 min a cell on one core) runs in lane B beside the rest.
 # With --lora the same grid on the LoRA zoo (ZOO_DIR/lora/, built with
-# scripts/zoo/build_experts.py ZOO_DIR --lora-rank 16 --lr 1e-3 --steps 100): svd2025_lora_*.
+# scripts/zoo/build_experts.py ZOO_DIR --lora-rank 16 --lr 1e-3 --steps 100): svd2025_lora_*;
+# and, when ZOO_DIR/lora_distinct/ is built (the same with --distinct-init), its k = 5 control.
 #   scripts/zoo/run_svd2025.sh ZOO_DIR [--lora]
 set -euo pipefail
 . "$(dirname "$0")/lanes.sh" "$1"
@@ -43,6 +44,7 @@ A=$!
   sweep ${Z}_auto_k4
   sweep ${Z}_wudi_k3
   sweep ${Z}_wudi_k4
+  if [ "$Z" = svd2025_lora ] && [ -d "$ZOO/lora_distinct" ]; then sweep svd2025_lora_distinct_k5; fi
 ) &
 B=$!
 wait_lanes "$A" "$B"

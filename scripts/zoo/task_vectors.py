@@ -1,13 +1,13 @@
 """How far each expert moved from the base, and how the moves overlap: the task vectors τ_i = θ_i - θ_0.
 
     python scripts/zoo/task_vectors.py ZOO_DIR [--out docs/results/task_vectors]
-    python scripts/zoo/task_vectors.py ZOO_DIR --lora --overlap [--out ...]
+    python scripts/zoo/task_vectors.py ZOO_DIR --lora [lora_distinct] --overlap [--out ...]
 
 Streams the base's and experts' tensors one name at a time (divmerge_cli.checkpoint) and writes
 OUT.md / OUT.json: per expert ‖τ_i‖ / ‖θ_0‖ over all weights, and the cosine similarity of every
 pair of task vectors. Small, near-orthogonal task vectors interfere little when added, which is
 why pairwise merges of such experts all land near their experts' scores. --lora reads the LoRA
-zoo (ZOO_DIR/lora/) instead of the full fine-tunes. --overlap adds, for every pair of experts,
+zoo (ZOO_DIR/lora/, or the folder it names, e.g. lora_distinct) instead of the full fine-tunes. --overlap adds, for every pair of experts,
 how much their matrices' top-16 singular subspaces share (the mean squared cosine of the principal
 angles, ‖U_aᵀU_b‖²_F / 16, on the output side U and the input side V; two random 16-dimensional
 subspaces of R^576 give 0.028), over the 2-D tensors of layers OVERLAP_LAYERS: TSV-M and Iso-CTS
@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("zoo_dir", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/results/task_vectors"))
-    ap.add_argument("--lora", action="store_true", help="the LoRA zoo (ZOO_DIR/lora/)")
+    ap.add_argument(
+        "--lora", nargs="?", const="lora", default=None, metavar="FOLDER",
+        help="a LoRA zoo: ZOO_DIR/lora/, or ZOO_DIR/FOLDER/",
+    )  # fmt: skip
     ap.add_argument("--overlap", action="store_true", help="also the singular subspaces' overlap")
     a = ap.parse_args(argv)
 
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     zoo = a.zoo_dir.resolve()
     base = open_model(str(zoo / "base"), "base_model")
-    kind = "lora" if a.lora else "experts"
+    kind = a.lora or "experts"
     experts = {
         p.name: open_model(str(p), f"{kind}.{p.name}", base=base)
         for p in sorted((zoo / kind).iterdir())
