@@ -319,9 +319,10 @@ def _rank_bound(models: list, name: str) -> int | None:
     return None if None in ranks else sum(ranks)
 
 
-def estimate_svd(plan, method: str) -> SvdEstimate | None:
+def estimate_svd(plan, method: str, factored: bool = True) -> SvdEstimate | None:
     """The SVD work of `method` (a data-free merge, or a learned merge's base_method) on `plan`'s
-    tensors, from headers; None for a method that does none."""
+    tensors, from headers; None for a method that does none. `factored`: the method works on
+    LoRA experts' factors (data-free merges; a base_method gets dense task vectors)."""
     if method not in SVD_METHODS:
         return None
     ref = plan.base or plan.models[0]
@@ -339,7 +340,7 @@ def estimate_svd(plan, method: str) -> SvdEstimate | None:
         rank = _rank_bound(plan.models, name)
         if rank == 0:
             continue  # no expert changes it: merged without an SVD or a step
-        shapes, flops, held = work(method, shape, n, glob, rank)
+        shapes, flops, held = work(method, shape, n, glob, rank, factored)
         matrices += 1
         svds += len(shapes)
         seconds += sum(svd_flops(*s) for s in shapes) / SVD_FLOPS + flops / MATMUL_FLOPS

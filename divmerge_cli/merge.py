@@ -45,6 +45,7 @@ from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe, re
 from .slices import check_routes, slice_routes, whole_routes
 from .slices import out_config as sliced_config
 from .tasks import TaskSpec, load_tasks
+from .taskvectors import LowRank
 from .vocab import (
     build_vocabulary,
     chat_template,
@@ -528,7 +529,11 @@ def tensor_stages(
         def whole() -> torch.Tensor:
             b = base.whole().to(device, f32) if base is not None else None
             try:
-                merged = m.fn(b, [_model_tensor(x, m, device) for x in xs], p, glob, rng)
+                taus = _lowrank_taus(base, xs, device) if hasattr(m.fn, "lowrank") else None
+                if taus is not None:  # LoRA experts: the method works on their factors
+                    merged = m.fn.lowrank(b, taus, glob)
+                else:
+                    merged = m.fn(b, [_model_tensor(x, m, device) for x in xs], p, glob, rng)
             except UserError as e:  # a method's refusal: say which tensor
                 raise UserError(f"tensor {name}: {e}") from None
             return _finite(merged.to(dtype), name)
@@ -547,6 +552,20 @@ def tensor_stages(
 
     yield [partial(chunk, i) for i in range(0, shape[0], rows)]
     return out
+
+
+def _lowrank_taus(base: Rows | None, xs: list[Rows], device: str) -> list | None:
+    """Each input's task vector on this tensor as its LoRA factors (LowRank on the device, None
+    where the adapter leaves it alone), when every input is a LoRA adapter on the merge's base
+    and at least one adapts this tensor; else None (the inputs are merged dense)."""
+    if base is None or not all(
+        isinstance(x.ckpt, LoraExpert) and x.ckpt.on_base and x.ckpt.base is base.ckpt for x in xs
+    ):
+        return None
+    taus = [x.ckpt.tau(x.name, base.ckpt) if x.name == base.name else False for x in xs]
+    if not all(t is None or isinstance(t, LowRank) for t in taus) or all(t is None for t in taus):
+        return None
+    return [None if t is None else LowRank(t.B.to(device), t.A.to(device), t.scale) for t in taus]
 
 
 def _copied(x: Rows, dtype: torch.dtype, name: str) -> torch.Tensor:

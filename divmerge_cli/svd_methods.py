@@ -13,8 +13,9 @@ papers' code and FusionBench's implementations:
   task vector; TSV's paper calls the factor alpha).
 - An SVD keeps the directions whose singular value is above torch.linalg.matrix_rank's tolerance
   (sigma_max * max(R, C) * float32 eps). A full fine-tune's task matrices are full rank, so this is
-  the papers' rule; for LoRA experts (tau of rank r_t, densified per tensor) it keeps the updates'
-  span instead of filling the null space with directions that are rounding noise.
+  the papers' rule; for LoRA experts (tau of rank r_t) it keeps the updates' span instead of
+  filling the null space with directions that are rounding noise. TSV-M, Iso-C and Iso-CTS take
+  LoRA updates as their factors (`fn.lowrank`, _factored): the same merge without a dense SVD.
 No method here draws random numbers: `rng` is unused.
 Every tensor they make is made on their inputs' device (`Method.on_device`: the merge engine
 hands them tensors on `--device`, where the SVDs and WUDI's steps are worth a GPU).
@@ -94,22 +95,81 @@ def _per_matrix(merge: Callable[[Tensor, dict], Tensor | None]) -> Callable[...,
     return fn
 
 
+# A task matrix tau = left @ right: right is None for a dense tau (left is tau itself); LoRA
+# updates stay as their factors (left = scale * B [R, r], right = A [r, C]) and are never densified.
+Factors = tuple[Tensor, Tensor | None]
+FactoredMerge = Callable[[list[Factors], tuple[int, int], dict], Tensor | None]
+
+
+def _dense(f: Factors) -> Tensor:
+    return f[0] if f[1] is None else f[0] @ f[1]
+
+
+def _mat_svd(f: Factors, shape: tuple[int, int], tol: float | None = None):
+    """_svd of tau = left @ right; from the factors by two thin QRs and the SVD of an r x r core
+    (B = Q_b R_b, A^T = Q_a R_a, tau = Q_b (R_b R_a^T) Q_a^T): the same singular triplets as
+    the dense SVD, for O((R + C) r^2) instead of O(R C min(R, C))."""
+    left, right = f
+    if right is None:
+        return _svd(left, tol)
+    if not left.shape[1]:
+        return left.new_zeros(shape[0], 0), left.new_zeros(0), left.new_zeros(0, shape[1])
+    qb, rb = torch.linalg.qr(left)
+    qa, ra = torch.linalg.qr(right.T)
+    w, s, zh = thin_svd(rb @ ra.T)
+    if tol is None:
+        tol = _tol(float(s[0]), shape) if len(s) else 0.0
+    k = int((s > tol).sum())
+    return qb @ w[:, :k], s[:k], zh[:k] @ qa.T
+
+
+def _sum(fs: list[Factors]) -> Factors:
+    """sum_t tau_t: dense, or the factors side by side (rank at most sum_t r_t)."""
+    if any(r is None for _, r in fs):
+        return sum(_dense(f) for f in fs), None
+    return torch.cat([left for left, _ in fs], 1), torch.cat([r for _, r in fs], 0)
+
+
+def _factored(merge: FactoredMerge) -> Callable[..., Tensor]:
+    """_per_matrix's merge function from `merge(fs, shape, glob)` over the n task matrices as
+    Factors (dense here). Its `.lowrank(base, taus, glob)` merges LoRA updates (taskvectors.
+    LowRank, or None where a task leaves the matrix alone) from their factors: the same merge to
+    float32 rounding, no dense SVD (the merge engine calls it for LoRA experts)."""
+    fn = _per_matrix(lambda t, glob: merge([(tau, None) for tau in t], t.shape[1:], glob))
+
+    def lowrank(base: Tensor, taus: list, glob: dict) -> Tensor:
+        shape = tuple(base.shape)
+        z = base.new_zeros
+        fs = [
+            (z(shape[0], 0), z(0, shape[1])) if tau is None else (tau.B * tau.scale, tau.A)
+            for tau in taus
+        ]
+        merged = merge(fs, shape, glob) if any(f[0].any() for f in fs) else None
+        if merged is None:  # as _per_matrix: the mean
+            merged = _dense(_sum(fs)) / len(fs)
+        return merged.mul_(glob["scaling_factor"]).add_(base)
+
+    fn.lowrank = lowrank
+    fn.__name__, fn.__qualname__, fn.__doc__ = merge.__name__, merge.__qualname__, merge.__doc__
+    return fn
+
+
 # --- TSV-M ----------------------------------------------------------------------------------
 
 
-def tsv_factors(t: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]] | None:
-    """TSV-M on one stack of task matrices t [n, R, C]: each tau_t's top k = min(R, C) // n
-    singular triplets, the left vectors side by side and the right ones stacked, each set
-    orthogonalised (Procrustes: the nearest orthogonal matrix), so that the tasks' components
-    no longer interfere. Returns (U, S, V, sizes): task t owns `sizes[t]` consecutive columns of
-    U, entries of S and rows of V. None when the matrix has fewer than n singular directions
-    (k = 0, FusionBench would zero it): it is merged as the other tensors are."""
-    n, shape = len(t), t.shape[1:]
+def tsv_factors(fs: list[Factors], shape) -> tuple[Tensor, Tensor, Tensor, list[int]] | None:
+    """TSV-M on one matrix's n task matrices (Factors) of `shape` [R, C]: each tau_t's top
+    k = min(R, C) // n singular triplets, the left vectors side by side and the right ones
+    stacked, each set orthogonalised (Procrustes: the nearest orthogonal matrix), so that the
+    tasks' components no longer interfere. Returns (U, S, V, sizes): task t owns `sizes[t]`
+    consecutive columns of U, entries of S and rows of V. None when the matrix has fewer than n
+    singular directions (k = 0, FusionBench would zero it): it is merged as the other tensors are."""
+    n = len(fs)
     k = min(shape) // n
     if k == 0:
         return None
-    svds = [thin_svd(tau) for tau in t]
-    tol = _tol(max(float(s[0]) for _, s, _ in svds), shape)
+    svds = [_mat_svd(f, shape, 0.0) for f in fs]
+    tol = _tol(max((float(s[0]) for _, s, _ in svds if len(s)), default=0.0), shape)
     us, ss, vs, sizes = [], [], [], []
     for u, s, vh in svds:
         keep = min(k, int((s > tol).sum()))  # a LoRA tau of rank r_t < k has r_t components
@@ -118,7 +178,7 @@ def tsv_factors(t: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]] | None:
         vs.append(vh[:keep])
         sizes.append(keep)
     if not sum(sizes):
-        z = t.new_zeros
+        z = fs[0][0].new_zeros
         return z(shape[0], 0), z(0), z(0, shape[1]), sizes
     return _polar(torch.cat(us, 1)), torch.cat(ss), _polar(torch.cat(vs, 0)), sizes
 
@@ -127,7 +187,7 @@ def tsv_components(t: Tensor) -> Tensor:
     """Each task's orthogonalised component U_t diag(S_t) V_t [n, R, C] (they sum to TSV-M's
     merged matrix); outside 2-D matrices, tau_t / n (they sum to the mean, TSV-M's rule there).
     The processed task vectors DivMerge weighs with base_method: tsv (processed.py)."""
-    f = tsv_factors(t) if t.dim() == 3 else None
+    f = tsv_factors([(tau, None) for tau in t], t.shape[1:]) if t.dim() == 3 else None
     if f is None:
         return t / len(t)
     u, s, v, sizes = f
@@ -139,10 +199,10 @@ def tsv_components(t: Tensor) -> Tensor:
     return out
 
 
-@_per_matrix
-def tsv(t: Tensor, glob: dict) -> Tensor | None:
+@_factored
+def tsv(fs: list[Factors], shape, glob: dict) -> Tensor | None:
     """TSV-M: theta0 + alpha * U diag(S) V from the tasks' orthogonalised top singular vectors."""
-    f = tsv_factors(t)
+    f = tsv_factors(fs, shape)
     if f is None:
         return None
     u, s, v, _ = f
@@ -152,12 +212,12 @@ def tsv(t: Tensor, glob: dict) -> Tensor | None:
 # --- Iso-C and Iso-CTS ----------------------------------------------------------------------
 
 
-@_per_matrix
-def iso_c(t: Tensor, glob: dict) -> Tensor:
+@_factored
+def iso_c(fs: list[Factors], shape, glob: dict) -> Tensor:
     """Iso-C: the summed task matrix with its spectrum made flat, every singular value replaced
     by their mean: theta0 + alpha * mean(s) U V^T, U diag(s) V^T = sum_t tau_t."""
-    u, s, vh = _svd(t.sum(0))
-    return s.mean() * (u @ vh) if len(s) else t.new_zeros(t.shape[1:])
+    u, s, vh = _mat_svd(_sum(fs), shape)
+    return s.mean() * (u @ vh) if len(s) else fs[0][0].new_zeros(shape)
 
 
 def iso_cts_split(r: int, n: int, fraction: float) -> tuple[int, int]:
@@ -170,21 +230,21 @@ def iso_cts_split(r: int, n: int, fraction: float) -> tuple[int, int]:
     return r - n * m, m
 
 
-@_per_matrix
-def iso_cts(t: Tensor, glob: dict) -> Tensor:
+@_factored
+def iso_cts(fs: list[Factors], shape, glob: dict) -> Tensor:
     """Iso-CTS: the summed matrix's top singular directions (the common subspace), plus, for each
     task, the top directions of its task matrix with the common subspace projected out; both sets
     of singular vectors orthogonalised, and the spectrum made flat at the mean of the kept
     singular values: theta0 + alpha * mean(S) U V^T."""
-    u, s, vh = _svd(t.sum(0))
+    u, s, vh = _mat_svd(_sum(fs), shape)
     if not len(s):
-        return t.new_zeros(t.shape[1:])
-    tol = _tol(float(s[0]), t.shape[1:])
-    k, m = iso_cts_split(len(s), len(t), glob["common_space_fraction"])
+        return fs[0][0].new_zeros(shape)
+    tol = _tol(float(s[0]), shape)
+    k, m = iso_cts_split(len(s), len(fs), glob["common_space_fraction"])
     us, ss, vs = [u[:, :k]], [s[:k]], [vh[:k]]
     if m:
-        for tau in t:  # the task's own directions, outside the common subspace
-            ut, st, vt = _svd(tau - us[0] @ (us[0].T @ tau), tol)
+        for left, right in fs:  # the task's own directions, outside the common subspace
+            ut, st, vt = _mat_svd((left - us[0] @ (us[0].T @ left), right), shape, tol)
             us.append(ut[:, :m])
             ss.append(st[:m])
             vs.append(vt[:m])
@@ -292,16 +352,24 @@ def svd_flops(rows: int, cols: int) -> float:
 
 
 def work(
-    method: str, shape: tuple[int, ...], n: int, glob: dict, rank: int | None = None
+    method: str,
+    shape: tuple[int, ...],
+    n: int,
+    glob: dict,
+    rank: int | None = None,
+    factored: bool = False,
 ) -> tuple[list, float, int]:
     """One tensor's work for `method` over n experts: the shapes of the SVDs it computes, the
     flops of its other products, and the float32 matrices of its shape it holds beside the
     inputs (the merge engine's own copies excluded). `rank` bounds the sum of the task
-    matrices' ranks when known (LoRA experts: 0 where none changes the tensor)."""
+    matrices' ranks when known (LoRA experts: 0 where none changes the tensor); `factored`: the
+    method gets those experts' factors (a data-free merge, _factored), not dense matrices."""
     if len(shape) != 2 or rank == 0:
         return [], 0.0, 0
     rows, cols = shape
     r = min(shape)
+    if factored and rank is not None and method in ("tsv", "iso_c", "iso_cts"):
+        return _factored_work(method, shape, n, rank)
     if method == "tsv":
         k = r // n
         if not k:
@@ -318,6 +386,23 @@ def work(
         per_step = product + ADAM_ENTRY_FLOPS * rows * cols
         return [], per_step * steps + 4.0 * n * rows * cols * cols, 5
     return [], 0.0, 0
+
+
+def _factored_work(method: str, shape: tuple[int, int], n: int, rank: int):
+    """work() from the factors of n updates of total rank K (_mat_svd): thin QRs of [R, r] and
+    [C, r] and an r x r core SVD per decomposition, the orthogonalising SVDs of [R, K] and
+    [K, C], and the merged matrix as a rank-K product."""
+    rows, cols = shape
+    q = max(1, rank // n)  # about one expert's rank
+    qr = lambda k: 4.0 * (rows + cols) * k * k  # noqa: E731
+    product = 2.0 * rows * cols * rank
+    polar = [(rows, rank), (rank, cols)]
+    if method == "tsv":
+        return [(q, q)] * n + polar, n * qr(q) + product, 2
+    if method == "iso_c":
+        return [(rank, rank)], qr(rank) + product, 2
+    projections = n * (qr(q) + 4.0 * rows * rank * q)  # iso_cts: each task outside the common part
+    return [(rank, rank)] + [(q, q)] * n + polar, qr(rank) + projections + product, 2
 
 
 SVD_METHODS = ("tsv", "iso_c", "iso_cts", "wudi")

@@ -93,6 +93,6 @@ def svd_estimate(plan: MergePlan) -> SvdEstimate | None:
     """What a singular-value method's SVDs cost, for the recipe's method or, in a learned merge,
     its base_method; None for any other method."""
     r = plan.recipe
-    return estimate_svd(
-        plan, optimize_params(r).base_method if plan.method.optimized else r.merge_method
-    )
+    if plan.method.optimized:
+        return estimate_svd(plan, optimize_params(r).base_method, factored=False)
+    return estimate_svd(plan, r.merge_method)

@@ -207,6 +207,34 @@ def test_on_low_rank_updates_the_merge_stays_in_their_span(name):
         assert torch.allclose(torch.linalg.svdvals(out)[:6], s.mean().expand(6), rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ("tsv", "iso_c", "iso_cts"))
+def test_lora_factors_give_the_dense_merge_from_small_svds(name, monkeypatch):
+    """fn.lowrank on LoRA updates (scale B A, ranks 2, 3 and a task that leaves the matrix
+    alone) equals the merge of their dense task matrices, and decomposes nothing wider than the
+    total rank 5 (the dense merge: the 24 x 40 task matrices themselves)."""
+    from divmerge_cli.taskvectors import LowRank
+
+    base = rand(24, 40)
+    lows = [LowRank(rand(24, 2, seed=1), rand(2, 40, seed=2), 0.05), None]
+    lows.append(LowRank(rand(24, 3, seed=3), rand(3, 40, seed=4), 0.02))
+    dense = [torch.zeros_like(base) if t is None else t.dense() for t in lows]
+    sides = []
+    svd = S.thin_svd
+    monkeypatch.setattr(S, "thin_svd", lambda a: sides.append(min(a.shape)) or svd(a))
+    want = run(name, base, dense)
+    assert max(sides) == 24
+    sides.clear()
+    m = METHODS[name]
+    got = m.fn.lowrank(base.clone(), lows, dict(m.global_params))
+    assert sides and max(sides) <= 5
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    assert not torch.allclose(want, base + sum(dense) / 3, atol=1e-3)  # not the fallback mean
+    zero = m.fn.lowrank(
+        base.clone(), [None, LowRank(torch.zeros(24, 2), rand(2, 40), 1.0)], {**m.global_params}
+    )
+    assert torch.equal(zero, base)
+
+
 # --- devices ----------------------------------------------------------------------------------
 
 
@@ -233,6 +261,19 @@ def test_an_on_device_method_makes_every_tensor_on_its_inputs_device(name, case)
     want = run(name, base, taus, iterations=5)
     with torch.device("meta"):
         got = run(name, base, taus, iterations=5)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ("tsv", "iso_c", "iso_cts"))
+def test_a_merge_from_lora_factors_makes_every_tensor_on_their_device(name):
+    from divmerge_cli.taskvectors import LowRank
+
+    base = rand(16, 12)
+    lows = [LowRank(rand(16, 2, seed=i), rand(2, 12, seed=i + 5), 0.1) for i in range(2)] + [None]
+    glob = dict(METHODS[name].global_params)
+    want = METHODS[name].fn.lowrank(base.clone(), lows, glob)
+    with torch.device("meta"):
+        got = METHODS[name].fn.lowrank(base.clone(), lows, glob)
     assert got.device.type == "cpu" and torch.equal(got, want)
 
 
@@ -361,16 +402,32 @@ def test_a_merge_whose_svd_fails_in_float32_runs_and_one_failing_in_both_names_t
     assert not (tmp_path / "bad").exists()
 
 
+def _adapted(name: str) -> bool:
+    """A tensor some fixture adapter (ADAPTERS) adapts with factors."""
+    targets = {t for cfg in ADAPTERS.values() for t in cfg["target_modules"]}
+    return name.endswith(".weight") and any(f".{t}." in f".{name}" for t in targets)
+
+
 @pytest.mark.parametrize("name", SVD)
-def test_lora_experts_merge_as_their_dense_models(name, lora_zoo, tmp_path, cli):  # noqa: F811
-    """Adapters are densified per tensor: the merge equals the one of their merge_and_unload()
-    checkpoints."""
+def test_lora_experts_merge_as_their_dense_models(name, lora_zoo, tmp_path, cli, monkeypatch):  # noqa: F811
+    """The merge of adapters equals the one of their merge_and_unload() checkpoints: TSV and Iso
+    merge the matrices every adapter adapts from the factors (fn.lowrank), the others (a2's saved
+    lm_head) densely as WUDI does everything."""
     params = {"iterations": 10} if name == "wudi" else {}
     dense = [lora_zoo[f"{a}_full"] for a in ADAPTERS]
+    fn = METHODS[name].fn
+    factored = []
+    if name != "wudi":
+        low = fn.lowrank
+        monkeypatch.setattr(fn, "lowrank", lambda b, t, g: factored.append(b.shape) or low(b, t, g))
     for tag, models in (("lora", [lora_zoo[a] for a in ADAPTERS]), ("dense", dense)):
         r = _recipe(tmp_path, lora_zoo, name, models, **params)
         code, _, err = cli("run", r, "-o", tmp_path / tag)
         assert code == 0, err
+        if tag == "lora" and name != "wudi":  # a matrix adapted by a0, a1 or a2 (not lm_head)
+            assert len(factored) == len(
+                [n for n in load_file(lora_zoo["base"] / "model.safetensors") if _adapted(n)]
+            ), factored
     a, b = (load_file(tmp_path / t / "model.safetensors") for t in ("lora", "dense"))
     for n in a:
         assert torch.allclose(a[n], b[n], atol=1e-5), n
@@ -396,6 +453,15 @@ def test_validate_counts_only_the_matrices_lora_experts_change(lora_zoo, tmp_pat
         assert dense["matrices"] == len(mats) > lora["matrices"]
     assert est["tsv", "lora"]["svds"] == (2 + 2) * est["tsv", "lora"]["matrices"]
     assert est["wudi", "lora"]["seconds"] < est["wudi", "dense"]["seconds"]
+    # TSV from the factors: its SVDs are of rank-sized matrices, so the estimate is far lower
+    assert est["tsv", "lora"]["seconds"] < est["tsv", "dense"]["seconds"] / 10
+    for method in ("tsv", "iso_c", "iso_cts"):
+        svds = S.work(method, (4096, 11008), 4, {}, rank=64, factored=True)[0]
+        assert max(min(s) for s in svds) == 64, method  # the dense ones: 4096
+        assert (
+            S.work(method, (4096, 11008), 4, {}, rank=64)[0]
+            == S.work(method, (4096, 11008), 4, {})[0]
+        )  # a base_method gets dense task vectors
     glob = {"iterations": 300}  # a step's flops: factored up to rank C // 4 = 8, dense above
     dense = S.work("wudi", (64, 32), 2, glob)[1]
     assert S.work("wudi", (64, 32), 2, glob, rank=9)[1] == dense
