@@ -306,6 +306,18 @@ def test_run_on_cuda_equals_run_on_the_cpu(name, llama_zoo, tmp_path, cli):
         assert torch.allclose(gpu[n], cpu[n], atol=1e-4), n
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ("tsv", "iso_c", "iso_cts"))
+def test_a_merge_of_lora_factors_on_cuda_equals_the_cpu_one(name, lora_zoo, tmp_path, cli):  # noqa: F811
+    r = _recipe(tmp_path, lora_zoo, name, [lora_zoo[a] for a in ADAPTERS])
+    for dev in ("cpu", "cuda"):
+        code, _, err = cli("run", r, "-o", tmp_path / dev, "--device", dev)
+        assert code == 0, err
+    cpu, gpu = (load_file(tmp_path / d / "model.safetensors") for d in ("cpu", "cuda"))
+    for n in cpu:
+        assert torch.allclose(gpu[n], cpu[n], atol=1e-4), n
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 
