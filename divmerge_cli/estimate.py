@@ -24,7 +24,7 @@ from .checkpoint import human_size, parse_size
 from .layers import block_of
 from .methods import METHODS
 from .objectives import DIVERGENCES
-from .svd_methods import MATMUL_FLOPS, SVD_FLOPS, SVD_METHODS, svd_flops, work
+from .svd_methods import FACTORED, MATMUL_FLOPS, SVD_FLOPS, SVD_METHODS, svd_flops, work
 from .taskvectors import KEEP_BYTES, fsdp_launch
 
 RUNTIME_BYTES = 600 * 10**6  # python + torch + transformers + accelerate, imported (RSS)
@@ -337,7 +337,8 @@ def estimate_svd(plan, method: str, factored: bool = True) -> SvdEstimate | None
         shape = tuple(ref.shape(name))
         if len(shape) != 2 or not ref.dtype(name).is_floating_point:
             continue
-        rank = _rank_bound(plan.models, name)
+        # a rebuilt vocabulary's tensors are merged densely (merge._lowrank_taus)
+        rank = None if name in plan.vocab_names else _rank_bound(plan.models, name)
         if rank == 0:
             continue  # no expert changes it: merged without an SVD or a step
         shapes, flops, held = work(method, shape, n, glob, rank, factored)
@@ -346,8 +347,11 @@ def estimate_svd(plan, method: str, factored: bool = True) -> SvdEstimate | None
         seconds += sum(svd_flops(*s) for s in shapes) / SVD_FLOPS + flops / MATMUL_FLOPS
         if _numel(shape) > _numel(largest):
             largest = shape
-            # base, n inputs and n task vectors in float32, and the method's own matrices
-            peak = 4 * _numel(shape) * (2 * n + 1 + held) + 4 * shape[1] ** 2
+            # base, n inputs and n task vectors in float32 (from factors: the base alone), and
+            # the method's own matrices
+            dense_in = not (factored and rank is not None and method in FACTORED)
+            peak = 4 * _numel(shape) * ((2 * n if dense_in else 0) + 1 + held)
+            peak += 4 * shape[1] ** 2
     if not matrices:
         return None
     steps = int(glob.get("iterations", 0))

@@ -554,15 +554,22 @@ def tensor_stages(
     return out
 
 
-def _lowrank_taus(base: Rows | None, xs: list[Rows], device: str) -> list | None:
+def _lowrank_taus(base: Rows | None, xs: list, device: str) -> list | None:
     """Each input's task vector on this tensor as its LoRA factors (LowRank on the device, None
     where the adapter leaves it alone), when every input is a LoRA adapter on the merge's base
-    and at least one adapts this tensor; else None (the inputs are merged dense)."""
-    if base is None or not all(
-        isinstance(x.ckpt, LoraExpert) and x.ckpt.on_base and x.ckpt.base is base.ckpt for x in xs
+    and at least one adapts this tensor; else None (the inputs are merged dense, as a saved
+    module is). Stored rows only: a tensor of a rebuilt vocabulary (vocab.VocabRows) has other
+    rows than the adapter's factors."""
+    if type(base) is not Rows or not all(
+        type(x) is Rows
+        and isinstance(x.ckpt, LoraExpert)
+        and x.ckpt.on_base
+        and x.ckpt.base is base.ckpt
+        and x.name == base.name
+        for x in xs
     ):
         return None
-    taus = [x.ckpt.tau(x.name, base.ckpt) if x.name == base.name else False for x in xs]
+    taus = [x.ckpt.tau(x.name, base.ckpt) for x in xs]
     if not all(t is None or isinstance(t, LowRank) for t in taus) or all(t is None for t in taus):
         return None
     return [None if t is None else LowRank(t.B.to(device), t.A.to(device), t.scale) for t in taus]

@@ -368,7 +368,7 @@ def work(
         return [], 0.0, 0
     rows, cols = shape
     r = min(shape)
-    if factored and rank is not None and method in ("tsv", "iso_c", "iso_cts"):
+    if factored and rank is not None and method in FACTORED:
         return _factored_work(method, shape, n, rank)
     if method == "tsv":
         k = r // n
@@ -406,3 +406,4 @@ def _factored_work(method: str, shape: tuple[int, int], n: int, rank: int):
 
 
 SVD_METHODS = ("tsv", "iso_c", "iso_cts", "wudi")
+FACTORED = ("tsv", "iso_c", "iso_cts")  # _factored: LoRA experts' factors, never densified

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from test_lora import ADAPTERS, lora_zoo  # noqa: F401 - the fixture, shared
 
@@ -215,8 +216,10 @@ def test_lora_factors_give_the_dense_merge_from_small_svds(name, monkeypatch):
     from divmerge_cli.taskvectors import LowRank
 
     base = rand(24, 40)
-    lows = [LowRank(rand(24, 2, seed=1), rand(2, 40, seed=2), 0.05), None]
-    lows.append(LowRank(rand(24, 3, seed=3), rand(3, 40, seed=4), 0.02))
+    lows = [LowRank(rand(24, 4, seed=1), rand(4, 40, seed=2), 0.05), None]
+    lows.append(LowRank(rand(24, 5, seed=3), rand(5, 40, seed=4), 0.02))
+    lows.append(LowRank(rand(24, 4, seed=5), rand(4, 40, seed=6), -0.03))
+    assert S.iso_cts_split(13, 4, 0.8) == (9, 1)  # Iso-CTS: each task adds a direction of its own
     dense = [torch.zeros_like(base) if t is None else t.dense() for t in lows]
     sides = []
     svd = S.thin_svd
@@ -226,13 +229,27 @@ def test_lora_factors_give_the_dense_merge_from_small_svds(name, monkeypatch):
     sides.clear()
     m = METHODS[name]
     got = m.fn.lowrank(base.clone(), lows, dict(m.global_params))
-    assert sides and max(sides) <= 5
-    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
-    assert not torch.allclose(want, base + sum(dense) / 3, atol=1e-3)  # not the fallback mean
+    assert sides and max(sides) <= 13
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()  # updates ~0.1
+    assert not torch.allclose(want, base + sum(dense) / 4, atol=1e-3)  # not the fallback mean
     zero = m.fn.lowrank(
         base.clone(), [None, LowRank(torch.zeros(24, 2), rand(2, 40), 1.0)], {**m.global_params}
     )
     assert torch.equal(zero, base)
+
+
+@pytest.mark.parametrize("name", ("tsv", "iso_c", "iso_cts"))
+def test_lora_factors_of_a_rank_above_the_matrix_or_tsvs_share_give_the_dense_merge(name):
+    """Ranks 6 on a 5 x 8 matrix (above its rank) and three tasks (TSV keeps 5 // 3 = 1 of each
+    task's directions): the factored merge is still the dense one."""
+    from divmerge_cli.taskvectors import LowRank
+
+    base = rand(5, 8)
+    lows = [LowRank(rand(5, 6, seed=i), rand(6, 8, seed=i + 3), 0.1) for i in range(3)]
+    m = METHODS[name]
+    got = m.fn.lowrank(base.clone(), lows, dict(m.global_params))
+    want = run(name, base, [t.dense() for t in lows])
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
 # --- devices ----------------------------------------------------------------------------------
@@ -420,6 +437,27 @@ def _adapted(name: str) -> bool:
     return name.endswith(".weight") and any(f".{t}." in f".{name}" for t in targets)
 
 
+@pytest.mark.parametrize("tokens", ["forced", "padded"])
+def test_lora_vocabulary_rebuilt_merges_as_dense(tokens, lora_zoo, tmp_path, cli, tok):  # noqa: F811
+    """A tokenizer block that forces a token's row or pads the vocabulary re-indexes the
+    embedding's rows: it is merged densely (the adapters' factors keep the old rows)."""
+    first = sorted(tok.get_vocab(), key=tok.get_vocab().get)[50]
+    block = (
+        {"source": "base", "tokens": {first: {"source": {"kind": "zero"}, "force": True}}}
+        if tokens == "forced"
+        else {"source": "base", "pad_to_multiple_of": 64}
+    )
+    for tag, models in (("lora", ["a0", "a2"]), ("dense", ["a0_full", "a2_full"])):
+        r = _recipe(tmp_path, lora_zoo, "tsv", [lora_zoo[m] for m in models])
+        recipe = yaml.safe_load(r.read_text()) | {"tokenizer": block}
+        r.write_text(yaml.safe_dump(recipe))
+        code, _, err = cli("run", r, "-o", tmp_path / tag)
+        assert code == 0, err
+    a, b = (load_file(tmp_path / t / "model.safetensors") for t in ("lora", "dense"))
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=1e-5), n
+
+
 @pytest.mark.parametrize("name", SVD)
 def test_lora_experts_merge_as_their_dense_models(name, lora_zoo, tmp_path, cli, monkeypatch):  # noqa: F811
     """The merge of adapters equals the one of their merge_and_unload() checkpoints: TSV and Iso
@@ -467,6 +505,7 @@ def test_validate_counts_only_the_matrices_lora_experts_change(lora_zoo, tmp_pat
     assert est["wudi", "lora"]["seconds"] < est["wudi", "dense"]["seconds"]
     # TSV from the factors: its SVDs are of rank-sized matrices, so the estimate is far lower
     assert est["tsv", "lora"]["seconds"] < est["tsv", "dense"]["seconds"] / 10
+    assert est["tsv", "lora"]["peak_bytes"] < est["tsv", "dense"]["peak_bytes"]  # no dense inputs
     for method in ("tsv", "iso_c", "iso_cts"):
         svds = S.work(method, (4096, 11008), 4, {}, rank=64, factored=True)[0]
         assert max(min(s) for s in svds) == 64, method  # the dense ones: 4096
