@@ -638,6 +638,27 @@ def test_subspace_overlap_by_hand():
     assert "| mean | 0.333 | 0.333 |" in tv.overlap_markdown(got)
 
 
+def test_stack_conditioning_by_hand():
+    """Rank-1 task matrices: a and b share their input direction, so TSV-M's stack of input
+    vectors is singular (0) while the output vectors are orthonormal (1); with c's orthogonal
+    input direction instead of b's, both stacks are orthonormal."""
+    import torch
+
+    tv = _load("task_vectors")
+    e = torch.eye(4)
+    base = _FakeCheckpoint({"w": torch.zeros(4, 4)})
+    mats = {"a": torch.outer(e[0], e[0]), "b": torch.outer(e[1], 3 * e[0])}
+    mats["c"] = torch.outer(e[1], e[2])
+    shared = {n: _FakeCheckpoint({"w": mats[n]}) for n in ("a", "b")}
+    got = tv.stack_conditioning(base, shared, ["w"])
+    assert got["output"] == pytest.approx({"min": 1.0, "median": 1.0})
+    assert got["input"]["min"] == pytest.approx(0.0, abs=1e-12)
+    apart = {n: _FakeCheckpoint({"w": mats[n]}) for n in ("a", "c")}
+    assert tv.stack_conditioning(base, apart, ["w"])["input"] == pytest.approx(
+        {"min": 1.0, "median": 1.0}
+    )
+
+
 def test_weights_hash_ignores_the_header_and_sees_one_changed_value(tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -11,7 +11,8 @@ zoo (ZOO_DIR/lora/, or the folder it names, e.g. lora_distinct) instead of the f
 how much their matrices' top-16 singular subspaces share (the mean squared cosine of the principal
 angles, ‖U_aᵀU_b‖²_F / 16, on the output side U and the input side V; two random 16-dimensional
 subspaces of R^576 give 0.028), over the 2-D tensors of layers OVERLAP_LAYERS: TSV-M and Iso-CTS
-orthogonalise these singular vectors across tasks, which distorts subspaces that coincide.
+orthogonalise these singular vectors across tasks, which distorts subspaces that coincide; it
+also gives the smallest singular value of TSV-M's stacks of singular vectors (stack_conditioning).
 """
 
 from __future__ import annotations
@@ -73,6 +74,35 @@ def subspace_overlap(base, experts: dict, tensors: list[str], rank: int = OVERLA
     }
 
 
+def stack_conditioning(base, experts: dict, tensors: list[str]) -> dict:
+    """The smallest singular value of the stacks TSV-M orthogonalises on each of `tensors`: every
+    expert's top ⌊min(R, C)/n⌋ left ("output", side by side) and right ("input", stacked)
+    singular vectors, those above the rank tolerance (svd_methods._tol). 1 when the experts'
+    directions are orthogonal, near 0 when some coincide (the nearest orthogonal matrix then
+    moves them far and is sensitive to rounding). Min and median over the tensors."""
+    import statistics
+
+    import torch
+
+    from divmerge_cli.svd_methods import _tol
+
+    sides = {"output": [], "input": []}
+    for tensor in tensors:
+        theta0 = base.get(tensor).double()
+        svds = [
+            torch.linalg.svd(e.get(tensor).double() - theta0, full_matrices=False)
+            for e in experts.values()
+        ]
+        k = min(theta0.shape) // len(svds)
+        tol = _tol(max(float(s[0]) for _, s, _ in svds), theta0.shape)
+        keep = [min(k, int((s > tol).sum())) for _, s, _ in svds]
+        u = torch.cat([u[:, :n] for (u, _, _), n in zip(svds, keep)], 1)
+        v = torch.cat([vh[:n] for (_, _, vh), n in zip(svds, keep)], 0)
+        sides["output"].append(float(torch.linalg.svdvals(u)[-1]))
+        sides["input"].append(float(torch.linalg.svdvals(v)[-1]))
+    return {side: {"min": min(xs), "median": statistics.median(xs)} for side, xs in sides.items()}
+
+
 def overlap_markdown(overlap: dict) -> str:
     out = ["| pair | output-side overlap | input-side overlap |", "|---|---:|---:|"]
     out += [
@@ -127,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         stats["overlap"] = subspace_overlap(base, experts, tensors)
         stats["overlap_tensors"] = tensors
         md += "\n" + overlap_markdown(stats["overlap"])
+        c = stats["tsv_stacks"] = stack_conditioning(base, experts, tensors)
+        md += (
+            "\nSmallest singular value of the stacks TSV-M orthogonalises (min / median over the "
+            f"same tensors): output side {c['output']['min']:.3g} / {c['output']['median']:.3g}, "
+            f"input side {c['input']['min']:.3g} / {c['input']['median']:.3g}\n"
+        )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(stats, indent=1) + "\n")
     a.out.with_suffix(".md").write_text(md)
