@@ -362,6 +362,26 @@ def test_score_base_chat_wraps_prompts_and_keeps_other_scores(tmp_path, llama_zo
     assert 0.0 <= entry["base_chat"] <= 1.0
 
 
+def test_scoring_on_other_rows_than_scores_json_has_is_refused(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    import divmerge_cli.evaluate as evaluate
+
+    spec = SimpleNamespace(metric="accuracy")
+    old = {"rt": {"metric": "accuracy", "n": 100, "split": "test", "base": 0.1, "expert": 0.8}}
+    (tmp_path / "scores.json").write_text(json.dumps(old))
+    fake = {"rt": SimpleNamespace(score=0.5, n=50)}
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **kw: fake)
+    with pytest.raises(SystemExit, match="rt was scored on 100 test rows, this run on 50; pass "
+                       "--eval-limit 100"):  # fmt: skip
+        build.score_expert(tmp_path, "rt", spec, 50, 16, "lora_distinct")
+    assert json.loads((tmp_path / "scores.json").read_text()) == old
+    fake["rt"].n = 100
+    got = build.score_expert(tmp_path, "rt", spec, 100, 16, "lora_distinct")
+    assert got == {**old["rt"], "base": 0.5, "lora_distinct_expert": 0.5}
+
+
 def _load_st(folder):
     from safetensors.torch import load_file
 

@@ -266,6 +266,13 @@ def score_expert(zoo: Path, task: str, spec, limit: int, batch_size: int, kind: 
     for key, model_dir in (("base", zoo / "base"), (name, expert)):
         s = evaluate_model(model_dir, {task: spec}, "test", limit, batch_size, 0, cache)[task]
         scores[key] = s.score
+    path = zoo / "scores.json"
+    n = (json.loads(path.read_text()) if path.is_file() else {}).get(task, {}).get("n", s.n)
+    if n != s.n:  # the other experts' scores (and base) are on those rows: keep the table one
+        raise SystemExit(
+            f"{path}: {task} was scored on {n} test rows, this run on {s.n}; pass --eval-limit {n}"
+            " (the expert is saved; nothing was written to scores.json)"
+        )
     return merge_scores(zoo, task, {"metric": spec.metric, "n": s.n, "split": "test", **scores})
 
 
