@@ -7,10 +7,10 @@ Streams the base's and experts' tensors one name at a time (divmerge_cli.checkpo
 OUT.md / OUT.json: per expert ‖τ_i‖ / ‖θ_0‖ over all weights, and the cosine similarity of every
 pair of task vectors. Small, near-orthogonal task vectors interfere little when added, which is
 why pairwise merges of such experts all land near their experts' scores. --lora reads the LoRA
-zoo (ZOO_DIR/lora/, or the folder it names, e.g. lora_distinct) instead of the full fine-tunes. --overlap adds, for every pair of experts,
-how much their matrices' top-16 singular subspaces share (the mean squared cosine of the principal
-angles, ‖U_aᵀU_b‖²_F / 16, on the output side U and the input side V; two random 16-dimensional
-subspaces of R^576 give 0.028), over the 2-D tensors of layers OVERLAP_LAYERS: TSV-M and Iso-CTS
+zoo (ZOO_DIR/lora/, or the folder it names, e.g. lora_distinct) instead of the full fine-tunes.
+--overlap adds, for every pair of experts, how much their matrices' top-16 singular subspaces
+share (the mean squared cosine of the principal angles, ‖U_aᵀU_b‖²_F / 16, on the output side U
+and the input side V; two random 16-dimensional subspaces of R^576 give 0.028), over the 2-D tensors of layers OVERLAP_LAYERS: TSV-M and Iso-CTS
 orthogonalise these singular vectors across tasks, which distorts subspaces that coincide; it
 also gives the smallest singular value of TSV-M's stacks of singular vectors (stack_conditioning).
 """
@@ -79,7 +79,8 @@ def stack_conditioning(base, experts: dict, tensors: list[str]) -> dict:
     expert's top ⌊min(R, C)/n⌋ left ("output", side by side) and right ("input", stacked)
     singular vectors, those above the rank tolerance (svd_methods._tol). 1 when the experts'
     directions are orthogonal, near 0 when some coincide (the nearest orthogonal matrix then
-    moves them far and is sensitive to rounding). Min and median over the tensors."""
+    moves them far and is sensitive to rounding); compare stacks of one shape only (a nearly
+    square stack is small even for random directions). Min and median over the tensors."""
     import statistics
 
     import torch
