@@ -10,9 +10,10 @@ why pairwise merges of such experts all land near their experts' scores. --lora 
 zoo (ZOO_DIR/lora/, or the folder it names, e.g. lora_distinct) instead of the full fine-tunes.
 --overlap adds, for every pair of experts, how much their matrices' top-16 singular subspaces
 share (the mean squared cosine of the principal angles, ‖U_aᵀU_b‖²_F / 16, on the output side U
-and the input side V; two random 16-dimensional subspaces of R^576 give 0.028), over the 2-D tensors of layers OVERLAP_LAYERS: TSV-M and Iso-CTS
-orthogonalise these singular vectors across tasks, which distorts subspaces that coincide; it
-also gives the smallest singular value of TSV-M's stacks of singular vectors (stack_conditioning).
+and the input side V; two random 16-dimensional subspaces of R^576 give 0.028), over the 2-D
+tensors of layers OVERLAP_LAYERS: TSV-M and Iso-CTS orthogonalise these singular vectors across
+tasks, which distorts subspaces that coincide; it also gives the smallest singular value of
+TSV-M's stacks of singular vectors (stack_conditioning).
 """
 
 from __future__ import annotations
