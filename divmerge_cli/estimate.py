@@ -24,7 +24,14 @@ from .checkpoint import human_size, parse_size
 from .layers import block_of
 from .methods import METHODS
 from .objectives import DIVERGENCES
-from .svd_methods import FACTORED, MATMUL_FLOPS, SVD_FLOPS, SVD_METHODS, svd_flops, work
+from .svd_methods import (
+    MATMUL_FLOPS,
+    SVD_FLOPS,
+    SVD_METHODS,
+    from_factors,
+    svd_flops,
+    work,
+)
 from .taskvectors import KEEP_BYTES, fsdp_launch
 
 RUNTIME_BYTES = 600 * 10**6  # python + torch + transformers + accelerate, imported (RSS)
@@ -349,8 +356,8 @@ def estimate_svd(plan, method: str, factored: bool = True) -> SvdEstimate | None
             largest = shape
             # base, n inputs and n task vectors in float32 (from factors: the base alone), and
             # the method's own matrices
-            dense_in = not (factored and rank is not None and method in FACTORED)
-            peak = 4 * _numel(shape) * ((2 * n if dense_in else 0) + 1 + held)
+            dense_in = 0 if from_factors(method, rank, factored) else 2 * n
+            peak = 4 * _numel(shape) * (dense_in + 1 + held)
             peak += 4 * shape[1] ** 2
     if not matrices:
         return None

@@ -368,7 +368,7 @@ def work(
         return [], 0.0, 0
     rows, cols = shape
     r = min(shape)
-    if factored and rank is not None and method in FACTORED:
+    if from_factors(method, rank, factored):
         return _factored_work(method, shape, n, rank)
     if method == "tsv":
         k = r // n
@@ -386,6 +386,12 @@ def work(
         per_step = product + ADAM_ENTRY_FLOPS * rows * cols
         return [], per_step * steps + 4.0 * n * rows * cols * cols, 5
     return [], 0.0, 0
+
+
+def from_factors(method: str, rank: int | None, factored: bool) -> bool:
+    """Whether `method` decomposes the experts' factors (work()'s rank and factored), not dense
+    task matrices read whole."""
+    return factored and rank is not None and method in FACTORED
 
 
 def _factored_work(method: str, shape: tuple[int, int], n: int, rank: int):

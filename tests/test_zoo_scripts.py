@@ -649,7 +649,8 @@ def test_subspace_overlap_by_hand():
     e = torch.eye(3)
     moves = {"a": (e[0], e[0]), "b": (e[1], 2 * e[0]), "c": (-e[0], e[2])}
     experts = {n: _FakeCheckpoint({"w": torch.outer(u, v)}) for n, (u, v) in moves.items()}
-    got = tv.subspace_overlap(_FakeCheckpoint({"w": torch.zeros(3, 3)}), experts, ["w"], rank=1)
+    svds = tv.task_svds(_FakeCheckpoint({"w": torch.zeros(3, 3)}), experts, ["w"])
+    got = tv.subspace_overlap(svds, rank=1)
     assert got == {
         "a|b": pytest.approx({"output": 0.0, "input": 1.0}),
         "a|c": pytest.approx({"output": 1.0, "input": 0.0}),
@@ -670,11 +671,11 @@ def test_stack_conditioning_by_hand():
     mats = {"a": torch.outer(e[0], e[0]), "b": torch.outer(e[1], 3 * e[0])}
     mats["c"] = torch.outer(e[1], e[2])
     shared = {n: _FakeCheckpoint({"w": mats[n]}) for n in ("a", "b")}
-    got = tv.stack_conditioning(base, shared, ["w"])
+    got = tv.stack_conditioning(tv.task_svds(base, shared, ["w"]))
     assert got["output"] == pytest.approx({"min": 1.0, "median": 1.0})
     assert got["input"]["min"] == pytest.approx(0.0, abs=1e-12)
     apart = {n: _FakeCheckpoint({"w": mats[n]}) for n in ("a", "c")}
-    assert tv.stack_conditioning(base, apart, ["w"])["input"] == pytest.approx(
+    assert tv.stack_conditioning(tv.task_svds(base, apart, ["w"]))["input"] == pytest.approx(
         {"min": 1.0, "median": 1.0}
     )
 

@@ -51,37 +51,43 @@ OVERLAP_LAYERS = (3, 15, 27)  # SmolLM2's 30 layers: early, middle, late
 OVERLAP_RANK = 16
 
 
-def subspace_overlap(base, experts: dict, tensors: list[str], rank: int = OVERLAP_RANK) -> dict:
-    """Per pair of experts, the mean over `tensors` of ‖U_aᵀU_b‖²_F / rank for the top-`rank` left
-    ("output") and right ("input") singular vectors of their task matrices."""
+def task_svds(base, experts: dict, tensors: list[str]) -> dict[str, dict]:
+    """{tensor: {expert: (U, S, Vh)}}: the thin SVD of each expert's task matrix, in float64,
+    computed once for subspace_overlap and stack_conditioning."""
     import torch
 
-    names = list(experts)
-    sums = {f"{a}|{b}": [0.0, 0.0] for i, a in enumerate(names) for b in names[i + 1 :]}
+    out = {}
     for tensor in tensors:
         theta0 = base.get(tensor).double()
-        sub = {}
-        for n in names:
-            u, _, vh = torch.linalg.svd(
-                experts[n].get(tensor).double() - theta0, full_matrices=False
-            )
-            sub[n] = (u[:, :rank], vh[:rank].T)
+        out[tensor] = {
+            n: torch.linalg.svd(e.get(tensor).double() - theta0, full_matrices=False)
+            for n, e in experts.items()
+        }
+    return out
+
+
+def subspace_overlap(svds: dict[str, dict], rank: int = OVERLAP_RANK) -> dict:
+    """Per pair of experts, the mean over the tensors of `svds` (task_svds) of ‖U_aᵀU_b‖²_F / rank
+    for the top-`rank` left ("output") and right ("input") singular vectors of their task
+    matrices."""
+    names = list(next(iter(svds.values())))
+    sums = {f"{a}|{b}": [0.0, 0.0] for i, a in enumerate(names) for b in names[i + 1 :]}
+    for by_expert in svds.values():
+        sub = {n: (u[:, :rank], vh[:rank].T) for n, (u, _, vh) in by_expert.items()}
         for key, acc in sums.items():
             a, b = key.split("|")
             for side in (0, 1):
                 acc[side] += float((sub[a][side].T @ sub[b][side]).square().sum()) / rank
-    return {
-        k: {"output": o / len(tensors), "input": i / len(tensors)} for k, (o, i) in sums.items()
-    }
+    return {k: {"output": o / len(svds), "input": i / len(svds)} for k, (o, i) in sums.items()}
 
 
-def stack_conditioning(base, experts: dict, tensors: list[str]) -> dict:
-    """The smallest singular value of the stacks TSV-M orthogonalises on each of `tensors`: every
-    expert's top ⌊min(R, C)/n⌋ left ("output", side by side) and right ("input", stacked)
-    singular vectors, those above the rank tolerance (svd_methods._tol). 1 when the experts'
-    directions are orthogonal, near 0 when some coincide (the nearest orthogonal matrix then
-    moves them far and is sensitive to rounding); compare stacks of one shape only (a nearly
-    square stack is small even for random directions). Min and median over the tensors."""
+def stack_conditioning(svds: dict[str, dict]) -> dict:
+    """The smallest singular value of the stacks TSV-M orthogonalises on each tensor of `svds`
+    (task_svds): every expert's top ⌊min(R, C)/n⌋ left ("output", side by side) and right
+    ("input", stacked) singular vectors, those above the rank tolerance (svd_methods._tol). 1 when
+    the experts' directions are orthogonal, near 0 when some coincide (the nearest orthogonal
+    matrix then moves them far and is sensitive to rounding); compare stacks of one shape only (a
+    nearly square stack is small even for random directions). Min and median over the tensors."""
     import statistics
 
     import torch
@@ -89,17 +95,14 @@ def stack_conditioning(base, experts: dict, tensors: list[str]) -> dict:
     from divmerge_cli.svd_methods import _tol
 
     sides = {"output": [], "input": []}
-    for tensor in tensors:
-        theta0 = base.get(tensor).double()
-        svds = [
-            torch.linalg.svd(e.get(tensor).double() - theta0, full_matrices=False)
-            for e in experts.values()
-        ]
-        k = min(theta0.shape) // len(svds)
-        tol = _tol(max(float(s[0]) for _, s, _ in svds), theta0.shape)
-        keep = [min(k, int((s > tol).sum())) for _, s, _ in svds]
-        u = torch.cat([u[:, :n] for (u, _, _), n in zip(svds, keep)], 1)
-        v = torch.cat([vh[:n] for (_, _, vh), n in zip(svds, keep)], 0)
+    for by_expert in svds.values():
+        triples = list(by_expert.values())
+        shape = (triples[0][0].shape[0], triples[0][2].shape[1])
+        k = min(shape) // len(triples)
+        tol = _tol(max(float(s[0]) for _, s, _ in triples), shape)
+        keep = [min(k, int((s > tol).sum())) for _, s, _ in triples]
+        u = torch.cat([u[:, :n] for (u, _, _), n in zip(triples, keep)], 1)
+        v = torch.cat([vh[:n] for (_, _, vh), n in zip(triples, keep)], 0)
         sides["output"].append(float(torch.linalg.svdvals(u)[-1]))
         sides["input"].append(float(torch.linalg.svdvals(v)[-1]))
     return {side: {"min": min(xs), "median": statistics.median(xs)} for side, xs in sides.items()}
@@ -156,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.overlap:
         layers = [f"layers.{i}." for i in OVERLAP_LAYERS]
         tensors = [n for n in base.names if len(base.shape(n)) == 2 and any(x in n for x in layers)]
-        stats["overlap"] = subspace_overlap(base, experts, tensors)
+        svds = task_svds(base, experts, tensors)
+        stats["overlap"] = subspace_overlap(svds)
         stats["overlap_tensors"] = tensors
         md += "\n" + overlap_markdown(stats["overlap"])
-        c = stats["tsv_stacks"] = stack_conditioning(base, experts, tensors)
+        c = stats["tsv_stacks"] = stack_conditioning(svds)
         md += (
             "\nSmallest singular value of the stacks TSV-M orthogonalises (min / median over the "
             f"same tensors): output side {c['output']['min']:.3g} / {c['output']['median']:.3g}, "
