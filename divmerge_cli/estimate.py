@@ -319,11 +319,20 @@ def _largest_value(value, default: float) -> float:
     return float(value)
 
 
-def _rank_bound(models: list, name: str) -> int | None:
-    """The sum of the experts' task-matrix ranks on one tensor when every expert states one
-    (LoRA adapters on the base, lora.LoraExpert.tau_rank), else None."""
-    ranks = [getattr(m, "tau_rank", lambda _: None)(name) for m in models]
+def _rank_bound(inputs: list[tuple]) -> int | None:
+    """The sum of the experts' task-matrix ranks on one tensor, from its (checkpoint, stored
+    name) inputs, when every expert states one (LoRA adapters on the base, lora.LoraExpert.
+    tau_rank), else None."""
+    ranks = [getattr(m, "tau_rank", lambda _: None)(name) for m, name in inputs]
     return None if None in ranks else sum(ranks)
+
+
+def _inputs(plan, name: str) -> list[tuple]:
+    """(checkpoint, stored name) of each merged input of one output tensor (a `slices:` route's
+    or the recipe's models)."""
+    if plan.routes:
+        return [(x.ckpt, x.name) for x in plan.routes[name].xs]
+    return [(m, name) for m in plan.models]
 
 
 def estimate_svd(plan, method: str, factored: bool = True) -> SvdEstimate | None:
@@ -332,8 +341,6 @@ def estimate_svd(plan, method: str, factored: bool = True) -> SvdEstimate | None
     LoRA experts' factors (data-free merges; a base_method gets dense task vectors)."""
     if method not in SVD_METHODS:
         return None
-    ref = plan.base or plan.models[0]
-    n = len(plan.models)
     glob = {
         k: _largest_value(plan.recipe.parameters.get(k), d)
         for k, d in METHODS[method].global_params.items()
@@ -341,11 +348,14 @@ def estimate_svd(plan, method: str, factored: bool = True) -> SvdEstimate | None
     matrices = svds = 0
     seconds, peak, largest = 0.0, 0, (0, 0)
     for name in plan.names:
-        shape = tuple(ref.shape(name))
-        if len(shape) != 2 or not ref.dtype(name).is_floating_point:
+        shape, dtype = plan.out_specs[name]
+        if len(shape) != 2 or not dtype.is_floating_point:
             continue
+        shape = shape[::-1] if name in plan.in_out else tuple(shape)  # as the method gets it
+        inputs = _inputs(plan, name)
+        n = len(inputs)
         # a rebuilt vocabulary's tensors are merged densely (merge._lowrank_taus)
-        rank = None if name in plan.vocab_names else _rank_bound(plan.models, name)
+        rank = None if name in plan.vocab_names else _rank_bound(inputs)
         if rank == 0:
             continue  # no expert changes it: merged without an SVD or a step
         shapes, flops, held = work(method, shape, n, glob, rank, factored)

@@ -358,6 +358,22 @@ def stored_names(ckpt) -> dict[str, str]:
     }
 
 
+def conv1d_weights(ckpt) -> frozenset[str]:
+    """Stored names of ckpt's Conv1D weights (GPT-2's layers), kept [in, out]: the transpose of
+    nn.Linear's [out, in]. Empty when transformers cannot build its architecture."""
+    layout = _unchecked(ckpt)
+    if layout is None:
+        return frozenset()
+    kinds = {n: type(m).__name__ for n, m in layout.model.named_modules()}
+    return frozenset(
+        u.stored[0]
+        for u in layout.units
+        if not u.converter
+        and u.params[0].endswith(".weight")
+        and kinds.get(u.params[0].rpartition(".")[0]) == "Conv1D"
+    )
+
+
 _LAYOUTS: dict[tuple, Layout | None] = {}
 
 

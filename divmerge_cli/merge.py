@@ -37,7 +37,7 @@ from .layers import (
     is_embedding,
     layer_position,
 )
-from .layout import module_names, plan_layout
+from .layout import conv1d_weights, module_names, plan_layout
 from .lora import LoraExpert, check_low_rank, home
 from .methods import METHODS, Method, Stages, run_stages
 from .models import open_model
@@ -135,6 +135,8 @@ class MergePlan:
     vocab: object | None = None  # vocab.Vocabulary when the recipe sets the output's tokenizer
     vocab_names: set[str] = field(default_factory=set)  # output tensors indexed by token
     out_config: dict | None = None  # the output's config.json when it is not the reference's
+    # output tensors an oriented method (Method.oriented) gets transposed: Conv1D weights
+    in_out: set[str] = field(default_factory=set)
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -221,6 +223,8 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     for n in plan.names:
         d, shape = _spec(plan, ref, n)
         plan.out_specs[n] = (shape, DTYPES[out_dtype] if out_dtype and d.is_floating_point else d)
+    if method.oriented:
+        plan.in_out = _in_out(plan)
     plan.stamps = file_stamps(plan.input_folders)
     _check_hashes(plan)
     if method.optimized:  # the module the learned merge runs, checked before any teacher works
@@ -237,6 +241,23 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
     plan.warnings = [w for c in adapters for w in c.warnings] + plan.warnings
     return plan
+
+
+def _in_out(plan: MergePlan) -> set[str]:
+    """The output tensors whose inputs are Conv1D weights, stored [in, out] (layout.conv1d_weights
+    of the model an input is or sits on; every input of a tensor has one architecture)."""
+    conv: dict[Path, frozenset[str]] = {}
+    out = set()
+    for name in plan.names:
+        if name in plan.vocab_names:
+            continue  # embeddings and heads: never Conv1D
+        x = plan.routes[name].inputs[0] if plan.routes else None
+        ckpt, stored = (home(x.ckpt), x.name) if x else (home(plan.base or plan.models[0]), name)
+        if ckpt.path not in conv:
+            conv[ckpt.path] = conv1d_weights(ckpt)
+        if stored in conv[ckpt.path]:
+            out.add(name)
+    return out
 
 
 def _has_filters(recipe: Recipe) -> bool:
@@ -528,14 +549,22 @@ def tensor_stages(
 
         def whole() -> torch.Tensor:
             b = base.whole().to(device, f32) if base is not None else None
+            flip = name in plan.in_out  # [in, out] as stored: the method gets [out, in]
+            b = b.T if flip else b
             try:
                 taus = _lowrank_taus(base, xs, device) if hasattr(m.fn, "lowrank") else None
                 if taus is not None:  # LoRA experts: the method works on their factors
+                    if flip:  # (s B A)^T = s A^T B^T
+                        taus = [None if t is None else LowRank(t.A.T, t.B.T, t.scale) for t in taus]
                     merged = m.fn.lowrank(b, taus, glob)
                 else:
-                    merged = m.fn(b, [_model_tensor(x, m, device) for x in xs], p, glob, rng)
+                    ins = [_model_tensor(x, m, device) for x in xs]
+                    merged = m.fn(b, [x.T for x in ins] if flip else ins, p, glob, rng)
             except UserError as e:  # a method's refusal: say which tensor
                 raise UserError(f"tensor {name}: {e}") from None
+            except FloatingPointError:  # an SVD of NaN or Inf inputs: run_merge names them
+                raise NotFinite(name) from None
+            merged = merged.T.contiguous() if flip else merged
             return _finite(merged.to(dtype), name)
 
         return (yield [whole])[0]
@@ -691,13 +720,18 @@ class _Live:
 
 
 def _not_finite(plan: MergePlan, name: str) -> UserError:
-    ins = plan.routes[name].inputs if plan.routes else [(c, name) for c in plan.inputs]
-    for c, n in ((i.ckpt, i.name) for i in ins) if plan.routes else ins:
-        if not torch.isfinite(c.get(n).float()).all():
-            return UserError(f"{c.where}: tensor {n} in {c.path} holds NaN or Inf values")
-    return UserError(
+    ins = [(i.ckpt, i.name) for i in plan.routes[name].inputs] if plan.routes else None
+    return not_finite_input(ins or [(c, name) for c in plan.inputs]) or UserError(
         f"tensor {name}: the merge produced NaN or Inf (check the method's parameters)"
     )
+
+
+def not_finite_input(tensors) -> UserError | None:
+    """The error naming the first of `tensors` ((checkpoint, name) pairs) that holds NaN or Inf."""
+    for c, n in tensors:
+        if c.dtype(n).is_floating_point and not torch.isfinite(c.get(n).float()).all():
+            return UserError(f"{c.where}: tensor {n} in {c.path} holds NaN or Inf values")
+    return None
 
 
 def run_merge(

@@ -862,6 +862,10 @@ class Method:
     # are memory-bound (and use numpy on CPU for speed): they run on the CPU whatever the device.
     on_device: bool = False
     optimized: bool = False  # learns coefficients from data (divmerge, adamerging)
+    # fn's merge of a weight matrix depends on which side is the layer's input (Iso-CTS's
+    # projections, WUDI's Gram matrix): the engine gives it Conv1D weights (GPT-2), stored
+    # [in, out], as nn.Linear's [out, in] (merge.MergePlan.in_out)
+    oriented: bool = False
     # optimized methods: the objectives.OBJECTIVES entry minimized; None = `parameters.divergence`
     objective: str | None = None
 
@@ -886,7 +890,7 @@ def _sparse(fn, paper: str, normalize: bool, rescale: bool, extra: dict | None =
 _eps = {"epsilon": 0.15}
 
 
-def _svd_method(fn, paper: str, ranges: dict = RANGES, **params) -> Method:
+def _svd_method(fn, paper: str, ranges: dict = RANGES, oriented: bool = False, **params) -> Method:
     """A singular-value method of svd_methods.py: whole 2-D tensors, scaling_factor 1 (the
     papers' and FusionBench's default), the paper's other defaults."""
     return Method(
@@ -897,6 +901,7 @@ def _svd_method(fn, paper: str, ranges: dict = RANGES, **params) -> Method:
         check=_needs_base(fn.__name__),
         elementwise=False,
         on_device=True,
+        oriented=oriented,
     )
 
 
@@ -1026,12 +1031,13 @@ METHODS: dict[str, Method] = {
     "tsv": _svd_method(tsv, "Gargiulo et al., 2025 (Task Singular Vectors: TSV-M, CVPR)"),
     "iso_c": _svd_method(iso_c, "Marczak et al., 2025 (Iso-C, ICML)"),
     "iso_cts": _svd_method(
-        iso_cts, "Marczak et al., 2025 (Iso-CTS, ICML)", common_space_fraction=0.8
+        iso_cts, "Marczak et al., 2025 (Iso-CTS, ICML)", oriented=True, common_space_fraction=0.8
     ),
     "wudi": _svd_method(
         wudi,
         "Cheng et al., 2025 (WUDI-Merging, ICML)",
         ranges={**RANGES, "lr": (lambda v: v > 0, lambda v: v <= 1, "(0, 1], e.g. 1e-5")},
+        oriented=True,
         iterations=300,
         lr=1e-5,
     ),

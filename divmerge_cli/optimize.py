@@ -39,7 +39,14 @@ from .errors import UserError
 from .estimate import Estimate, estimate_learned, teacher_top_k
 from .hashing import hash_json
 from .layout import ModuleView, StoredTheta0
-from .merge import MergePlan, model_card, run_merge, tensor_generator, tensor_params
+from .merge import (
+    MergePlan,
+    model_card,
+    not_finite_input,
+    run_merge,
+    tensor_generator,
+    tensor_params,
+)
 from .models import load_scored, mergekit_ref
 from .objectives import DIVERGENCES, OBJECTIVES, collate, sample_means
 from .processed import process
@@ -635,8 +642,9 @@ def _step(pb: Problem, run: _Run, step: int, accelerator) -> float:
 
 
 def _not_finite(pb: Problem, run: _Run, step: int, loss: float) -> UserError:
-    if step == 0:  # nothing learned yet: the starting point is at fault, not the step size
-        return UserError(
+    if step == 0:  # nothing learned yet: the starting point, or an expert holding NaN or Inf
+        bad = not_finite_input((c, n) for c in pb.plan.inputs for n in c.names)
+        return bad or UserError(
             f"step 1: the loss at the initial Gamma (parameters.init = {pb.params.init}) is not "
             f"finite ({loss}); nothing was kept; use a smaller init (the paper uses 0.5 or 1/n)"
         )

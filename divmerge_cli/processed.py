@@ -132,7 +132,15 @@ def process(
                     tau_t.copy_(tau)
                 del tau
             per_model, glob = params(mplan, name)
-            out = process_tensor(taus, base_method, per_model, glob, generator(seed, name))
+            try:
+                out = process_tensor(taus, base_method, per_model, glob, generator(seed, name))
+            except UserError as e:  # an SVD that does not converge: say which tensor
+                raise UserError(f"tensor {name}: {e}") from None
+            except FloatingPointError:  # an SVD of NaN or Inf: say whose
+                e = next(e for e, tau in zip(experts, taus) if not tau.isfinite().all())
+                raise UserError(
+                    f"{e.where}: tensor {name} in {e.path} holds NaN or Inf values"
+                ) from None
             for w, tau in zip(writers, out):
                 w.write(name, tau)
         for w in writers:

@@ -16,6 +16,8 @@ papers' code and FusionBench's implementations:
   the papers' rule; for LoRA experts (tau of rank r_t) it keeps the updates' span instead of
   filling the null space with directions that are rounding noise. TSV-M, Iso-C and Iso-CTS take
   LoRA updates as their factors (`fn.lowrank`, _factored): the same merge without a dense SVD.
+- a 2-D tensor is [out, in], as nn.Linear's: Iso-CTS and WUDI depend on it (Method.oriented),
+  and the merge engine hands them GPT-2's Conv1D weights, stored [in, out], transposed.
 No method here draws random numbers: `rng` is unused.
 Every tensor they make is made on their inputs' device (`Method.on_device`: the merge engine
 hands them tensors on `--device`, where the SVDs and WUDI's steps are worth a GPU).
@@ -48,7 +50,9 @@ def thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     fails to converge in float32 on some matrices with many (near-)repeated singular values, such
     as Iso-CTS's stack of singular vectors of SmolLM2's o_proj (574 x 576, all ~1); float64
     converges on those, so a failure is retried there. A matrix that fails in both is a UserError
-    (the merge names its tensor)."""
+    (the merge names its tensor); one that holds NaN or Inf, a FloatingPointError."""
+    if not torch.isfinite(a).all():  # LAPACK may return NaN for them, or fail to converge
+        raise FloatingPointError("NaN or Inf in an SVD's matrix")
     try:
         return torch.linalg.svd(a, full_matrices=False)
     except torch.linalg.LinAlgError:

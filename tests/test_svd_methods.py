@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_lora import ADAPTERS, lora_zoo  # noqa: F401 - the fixture, shared
 
 from conftest import TASKS, write_recipe
@@ -19,6 +20,7 @@ from divmerge_cli.methods import METHODS
 from divmerge_cli.processed import process_tensor
 
 SVD = ("tsv", "iso_c", "iso_cts", "wudi")
+TASKS_LIST = list(TASKS)
 G = torch.Generator()
 
 
@@ -429,6 +431,125 @@ def test_a_merge_whose_svd_fails_in_float32_runs_and_one_failing_in_both_names_t
     assert code == 2 and "Traceback" not in err
     assert re.search(r"tensor \S+: the SVD of a \(\d+, \d+\) matrix did not converge", err), err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name", ("tsv", "iso_c", "iso_cts"))
+def test_an_expert_holding_nan_is_named_not_an_svd_that_did_not_converge(
+    name, llama_zoo, tmp_path, cli
+):
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_zoo["e1"], bad)
+    w = load_file(bad / "model.safetensors")
+    w["model.layers.0.self_attn.q_proj.weight"][1, 2] = float("nan")
+    save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
+    r = _recipe(tmp_path, llama_zoo, name, [llama_zoo["e0"], bad])
+    code, _, err = cli("run", r, "-o", tmp_path / "out")
+    assert code == 2 and "Traceback" not in err, err
+    assert "models[1].model: tensor model.layers.0.self_attn.q_proj.weight in " in err, err
+    assert "holds NaN or Inf" in err and "converge" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("base_method", ["tsv", None])
+def test_a_learned_merge_names_an_expert_holding_inf(base_method, toy, tmp_path, cli):
+    """Not an SVD that fails, nor a loss at the initial Gamma that a smaller init would mend."""
+    bad = tmp_path / "bad"
+    shutil.copytree(toy / TASKS_LIST[1], bad)
+    w = load_file(bad / "model.safetensors")
+    w["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
+    r = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "divmerge",
+            "base_model": str(toy / "base"),
+            "models": [
+                {"model": str(toy / TASKS_LIST[0]), "task": TASKS_LIST[0]},
+                {"model": str(bad), "task": TASKS_LIST[1]},
+            ],
+            "tasks": str(toy / "tasks.yaml"),
+            "parameters": {
+                "epochs": 1,
+                "samples": 4,
+                **({"base_method": base_method} if base_method else {}),
+            },
+        },
+    )
+    code, _, err = cli("run", r, "-o", tmp_path / "out", "--cache-dir", tmp_path / "c")
+    assert code == 2 and "Traceback" not in err, err
+    assert "models[1]" in err and "model.layers.1.mlp.up_proj.weight" in err, err
+    assert "NaN or Inf" in err and "init" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", SVD)
+def test_gpt2_conv1d_weights_are_merged_as_the_linear_layers_they_are(name, tmp_path, cli):
+    """GPT-2 stores its Conv1D weights [in, out]. Iso-CTS's projections and WUDI's Gram matrix
+    depend on which side is the layer's input, so every method gets them as nn.Linear's
+    [out, in] (TSV-M and Iso-C are the same either way); embeddings stay as stored."""
+    from test_architectures import _build
+
+    zoo = _build("gpt2", tmp_path / "zoo")
+    params = {"iterations": 20, "lr": 1e-3} if name == "wudi" else {}
+    r = _recipe(tmp_path, zoo, name, [zoo["a"], zoo["b"]], **params)
+    code, out, err = cli("validate", r)
+    assert code == 0, err
+    if name == "wudi":  # c_fc [64, 256] as stored: its inputs are 64 wide
+        assert "Gram matrix" in out and "256x256 Gram" not in out, out
+    code, _, err = cli("run", r, "-o", tmp_path / "out")
+    assert code == 0, err
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(zoo["base"] / "model.safetensors")
+    xs = [load_file(zoo[t] / "model.safetensors") for t in ("a", "b")]
+    m = METHODS[name]
+    glob = {**m.global_params, **params}
+    conv = {n for n in got if re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", n)}
+    assert len(conv) == 8  # two blocks: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    for n, w in got.items():
+        if w.dim() != 2:
+            continue
+        flip = (lambda t: t.T) if n in conv else (lambda t: t)
+        want = flip(m.fn(flip(base[n]), [flip(x[n]) for x in xs], [{}] * 2, glob, G))
+        assert torch.allclose(w, want, atol=1e-5), n  # float32 rounding of the SVDs
+    if name in ("iso_cts", "wudi"):  # not the same merge as on the stored layout
+        n = "transformer.h.0.mlp.c_fc.weight"
+        stored = m.fn(base[n], [x[n] for x in xs], [{}] * 2, glob, G)
+        assert not torch.allclose(got[n], stored, atol=1e-4)
+
+
+def test_validate_estimates_a_sliced_svd_merge_with_more_layers_than_the_base(
+    llama_zoo, tmp_path, cli
+):
+    """Output tensors a `slices:` recipe adds (a third layer) are estimated from their inputs."""
+    base, e0, e1 = (str(llama_zoo[k]) for k in ("base", "e0", "e1"))
+    n_layers = json.loads((llama_zoo["base"] / "config.json").read_text())["num_hidden_layers"]
+    raw = {
+        "merge_method": "tsv",
+        "base_model": base,
+        "slices": [
+            {
+                "sources": [
+                    {"model": base, "layer_range": [0, n_layers]},
+                    {"model": e0, "layer_range": [0, n_layers]},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": base, "layer_range": [n_layers - 1, n_layers]},
+                    {"model": e1, "layer_range": [n_layers - 1, n_layers]},
+                ]
+            },
+        ],
+        "dtype": "float32",
+    }
+    r = write_recipe(tmp_path / "r.yaml", raw)
+    code, out, err = cli("validate", r, "--json", tmp_path / "v.json")
+    assert code == 0, err
+    est = json.loads((tmp_path / "v.json").read_text())["svd_estimate"]
+    code, _, err = cli("run", r, "-o", tmp_path / "out")
+    assert code == 0, err
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert f"model.layers.{n_layers}.mlp.up_proj.weight" in got
+    assert est["matrices"] == sum(w.dim() == 2 for w in got.values())
 
 
 def _adapted(name: str) -> bool:
