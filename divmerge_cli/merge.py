@@ -240,7 +240,27 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         _check_values(checked, n)
     adapters = [c for c in plan.inputs if isinstance(c, LoraExpert)]
     plan.warnings = [w for c in adapters for w in c.warnings] + plan.warnings
+    if "tsv" in (recipe.merge_method, recipe.parameters.get("base_method")):
+        plan.warnings += _shared_lora_a(plan)
     return plan
+
+
+def _shared_lora_a(plan: MergePlan) -> list[str]:
+    """Adapters trained with one frozen lora_A share their input side exactly: TSV-M's stack of
+    singular vectors is then rank-deficient and its orthogonalisation undefined (LAPACK picks the
+    missing directions, outside the updates), as in the paper's code; say so once."""
+    adapters = [(k, c) for k, c in plan.sources.items() if isinstance(c, LoraExpert)]
+    for i, (ka, a) in enumerate(adapters):
+        for kb, b in adapters[i + 1 :]:
+            both = sorted(set(a.factors) & set(b.factors))
+            same = [n for n in both if torch.equal(a.lowrank(n).A, b.lowrank(n).A)]
+            if same:
+                return [
+                    f"{ka} and {kb} share lora_A on {len(same)} of the {len(both)} matrices both "
+                    f"adapt (e.g. {same[0]}): TSV-M's orthogonalisation is undefined there and "
+                    "may leave the updates' span; Iso-C, Iso-CTS or TIES do not depend on it"
+                ]
+    return []
 
 
 def _in_out(plan: MergePlan) -> set[str]:

@@ -552,6 +552,28 @@ def test_validate_estimates_a_sliced_svd_merge_with_more_layers_than_the_base(
     assert est["matrices"] == sum(w.dim() == 2 for w in got.values())
 
 
+def test_tsv_warns_when_adapters_share_lora_a(lora_zoo, tmp_path, cli):  # noqa: F811
+    """Adapters trained with one frozen lora_A make TSV-M's orthogonalisation undefined: validate
+    and run say which two; adapters with their own A do not get the warning."""
+    twin = tmp_path / "twin"
+    shutil.copytree(lora_zoo["a0"], twin)
+    w = load_file(twin / "adapter_model.safetensors")
+    w = {k: v * 2 if "lora_B" in k else v for k, v in w.items()}  # same A, other B
+    save_file(w, twin / "adapter_model.safetensors", metadata={"format": "pt"})
+    r = _recipe(tmp_path, lora_zoo, "tsv", [lora_zoo["a0"], twin])
+    code, out, err = cli("validate", r)
+    assert code == 0, err
+    assert "models[0] and models[1] share lora_A on " in out + err, out + err
+    code, out, err = cli("run", r, "-o", tmp_path / "out")
+    assert code == 0 and "share lora_A" in out + err, err
+    code, out, err = cli(
+        "validate", _recipe(tmp_path, lora_zoo, "tsv", [lora_zoo["a0"], lora_zoo["a1"]])
+    )
+    assert code == 0 and "share lora_A" not in out + err, out + err
+    code, out, err = cli("validate", _recipe(tmp_path, lora_zoo, "iso_c", [lora_zoo["a0"], twin]))
+    assert code == 0 and "share lora_A" not in out + err, out + err
+
+
 def _adapted(name: str) -> bool:
     """A tensor some fixture adapter (ADAPTERS) adapts with factors."""
     targets = {t for cfg in ADAPTERS.values() for t in cfg["target_modules"]}
