@@ -754,3 +754,11 @@ def has_weights(folder: Path) -> bool:
     d = Path(folder)
     weights = (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()
     return (d / "config.json").is_file() and weights
+
+
+def not_finite_input(tensors) -> UserError | None:
+    """The error naming the first of `tensors` ((checkpoint, name) pairs) that holds NaN or Inf."""
+    for c, n in tensors:
+        if c.dtype(n).is_floating_point and not torch.isfinite(c.get(n).float()).all():
+            return UserError(f"{c.where}: tensor {n} in {c.path} holds NaN or Inf values")
+    return None

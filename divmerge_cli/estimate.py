@@ -24,6 +24,7 @@ from .checkpoint import human_size, parse_size
 from .layers import block_of
 from .methods import METHODS
 from .objectives import DIVERGENCES
+from .slices import tensor_inputs
 from .svd_methods import (
     MATMUL_FLOPS,
     SVD_FLOPS,
@@ -327,14 +328,6 @@ def _rank_bound(inputs: list[tuple]) -> int | None:
     return None if None in ranks else sum(ranks)
 
 
-def _inputs(plan, name: str) -> list[tuple]:
-    """(checkpoint, stored name) of each merged input of one output tensor (a `slices:` route's
-    or the recipe's models)."""
-    if plan.routes:
-        return [(x.ckpt, x.name) for x in plan.routes[name].xs]
-    return [(m, name) for m in plan.models]
-
-
 def estimate_svd(plan, method: str, factored: bool = True) -> SvdEstimate | None:
     """The SVD work of `method` (a data-free merge, or a learned merge's base_method) on `plan`'s
     tensors, from headers; None for a method that does none. `factored`: the method works on
@@ -352,7 +345,7 @@ def estimate_svd(plan, method: str, factored: bool = True) -> SvdEstimate | None
         if len(shape) != 2 or not dtype.is_floating_point:
             continue
         shape = shape[::-1] if name in plan.in_out else tuple(shape)  # as the method gets it
-        inputs = _inputs(plan, name)
+        inputs = tensor_inputs(plan, name, base=False)
         n = len(inputs)
         # a rebuilt vocabulary's tensors are merged densely (merge._lowrank_taus)
         rank = None if name in plan.vocab_names else _rank_bound(inputs)

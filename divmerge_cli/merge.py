@@ -27,6 +27,7 @@ from .checkpoint import (
     check_out,
     check_space,
     copy_side_files,
+    not_finite_input,
     side_files,
     specs_nbytes,
 )
@@ -42,7 +43,7 @@ from .lora import LoraExpert, check_low_rank, home
 from .methods import METHODS, Method, Stages, run_stages
 from .models import open_model
 from .recipe import FilterValue, ModelEntry, ParamValue, Recipe, dump_recipe, recipe_data
-from .slices import check_routes, slice_routes, whole_routes
+from .slices import check_routes, slice_routes, tensor_inputs, whole_routes
 from .slices import out_config as sliced_config
 from .tasks import TaskSpec, load_tasks
 from .taskvectors import LowRank
@@ -250,10 +251,12 @@ def _shared_lora_a(plan: MergePlan) -> list[str]:
     singular vectors is then rank-deficient and its orthogonalisation undefined (LAPACK picks the
     missing directions, outside the updates), as in the paper's code; say so once."""
     adapters = [(k, c) for k, c in plan.sources.items() if isinstance(c, LoraExpert)]
-    for i, (ka, a) in enumerate(adapters):
-        for kb, b in adapters[i + 1 :]:
-            both = sorted(set(a.factors) & set(b.factors))
-            same = [n for n in both if torch.equal(a.lowrank(n).A, b.lowrank(n).A)]
+    a_of = [{n: c.lowrank(n).A for n in c.factors} for _, c in adapters]  # each read once
+    for i, (ka, _) in enumerate(adapters):
+        for j in range(i + 1, len(adapters)):
+            kb, a, b = adapters[j][0], a_of[i], a_of[j]
+            both = sorted(a.keys() & b.keys())
+            same = [n for n in both if torch.equal(a[n], b[n])]
             if same:
                 return [
                     f"{ka} and {kb} share lora_A on {len(same)} of the {len(both)} matrices both "
@@ -271,8 +274,8 @@ def _in_out(plan: MergePlan) -> set[str]:
     for name in plan.names:
         if name in plan.vocab_names:
             continue  # embeddings and heads: never Conv1D
-        x = plan.routes[name].inputs[0] if plan.routes else None
-        ckpt, stored = (home(x.ckpt), x.name) if x else (home(plan.base or plan.models[0]), name)
+        x, stored = tensor_inputs(plan, name)[0]
+        ckpt = home(x)
         if ckpt.path not in conv:
             conv[ckpt.path] = conv1d_weights(ckpt)
         if stored in conv[ckpt.path]:
@@ -740,18 +743,9 @@ class _Live:
 
 
 def _not_finite(plan: MergePlan, name: str) -> UserError:
-    ins = [(i.ckpt, i.name) for i in plan.routes[name].inputs] if plan.routes else None
-    return not_finite_input(ins or [(c, name) for c in plan.inputs]) or UserError(
+    return not_finite_input(tensor_inputs(plan, name)) or UserError(
         f"tensor {name}: the merge produced NaN or Inf (check the method's parameters)"
     )
-
-
-def not_finite_input(tensors) -> UserError | None:
-    """The error naming the first of `tensors` ((checkpoint, name) pairs) that holds NaN or Inf."""
-    for c, n in tensors:
-        if c.dtype(n).is_floating_point and not torch.isfinite(c.get(n).float()).all():
-            return UserError(f"{c.where}: tensor {n} in {c.path} holds NaN or Inf values")
-    return None
 
 
 def run_merge(

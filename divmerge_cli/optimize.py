@@ -23,7 +23,7 @@ import yaml
 
 from . import hf
 from .adapter_writer import adapter_modules, require_low_rank, write_adapter
-from .checkpoint import DTYPES, disk_full_is_user_error, write_file
+from .checkpoint import DTYPES, disk_full_is_user_error, not_finite_input, write_file
 from .coefficients import groups_for, initial_gamma
 from .epochs import (
     Rule,
@@ -42,7 +42,6 @@ from .layout import ModuleView, StoredTheta0
 from .merge import (
     MergePlan,
     model_card,
-    not_finite_input,
     run_merge,
     tensor_generator,
     tensor_params,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, ShardWriter
+from .checkpoint import Checkpoint, ShardWriter, not_finite_input
 from .errors import UserError
 from .methods import (
     METHODS,
@@ -137,9 +137,8 @@ def process(
             except UserError as e:  # an SVD that does not converge: say which tensor
                 raise UserError(f"tensor {name}: {e}") from None
             except FloatingPointError:  # an SVD of NaN or Inf: say whose
-                e = next(e for e, tau in zip(experts, taus) if not tau.isfinite().all())
-                raise UserError(
-                    f"{e.where}: tensor {name} in {e.path} holds NaN or Inf values"
+                raise not_finite_input((e, name) for e in experts) or UserError(
+                    f"tensor {name}: NaN or Inf in the {base_method}-processed task vectors"
                 ) from None
             for w, tau in zip(writers, out):
                 w.write(name, tau)

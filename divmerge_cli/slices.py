@@ -53,6 +53,15 @@ class Route:
         return ((self.base,) if self.base else ()) + self.xs
 
 
+def tensor_inputs(plan, name: str, base: bool = True) -> list[tuple]:
+    """(checkpoint, stored name) of each input of one output tensor (its `slices:` route's, else
+    the plan's), the base first when it is read and `base` asks for it."""
+    if plan.routes:
+        route = plan.routes[name]
+        return [(i.ckpt, i.name) for i in (route.inputs if base else route.xs)]
+    return [(c, name) for c in (plan.inputs if base else plan.models)]
+
+
 def whole_routes(
     names: list[str],
     base: Checkpoint | None,
